@@ -1,0 +1,457 @@
+//! Turning documents into Kubernetes objects, collecting problems along the way.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use proxy_core::source::Objects;
+use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_saphyr::{MessageFormatter, Spanned};
+
+use crate::split::{split_documents, Document};
+use crate::ManifestProblem;
+
+/// Namespace given to namespaced objects that do not name one, as `kubectl apply` does.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Parser limits for one document. The defaults of serde-saphyr are already bounded; these
+/// are tightened where a manifest has no business coming close, so a hostile file costs
+/// little memory and time.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut alias_limits = serde_saphyr::options::AliasLimits::default();
+    alias_limits.max_total_replayed_events = 100_000;
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: 64,
+            max_nodes: 1_000_000,
+            max_events: 4_000_000,
+            max_aliases: 10_000,
+            max_anchors: 10_000,
+            max_documents: 1,
+            max_total_scalar_bytes: 64 * 1024 * 1024,
+        },
+        alias_limits: alias_limits,
+        // Our own problem messages carry the location; a snippet would be noise in logs.
+        with_snippet: false,
+    }
+}
+
+/// The two fields that say what a document is; everything else is ignored at this stage.
+#[derive(Debug, Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+    List,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+            Kind::List => "List",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Service | Kind::Node | Kind::List => "v1",
+        }
+    }
+}
+
+/// Which kind a document is: `Ok(None)` for kinds this source does not use.
+fn classify(meta: &TypeMeta, allow_list: bool) -> Result<Option<Kind>, String> {
+    let kind = meta.kind.as_deref().filter(|k| !k.is_empty());
+    let api_version = meta.api_version.as_deref().filter(|v| !v.is_empty());
+    let (kind, api_version) = match (kind, api_version) {
+        (Some(k), Some(v)) => (k, v),
+        (None, None) => return Err("missing apiVersion and kind".to_owned()),
+        (None, Some(_)) => return Err("missing kind".to_owned()),
+        (Some(_), None) => return Err("missing apiVersion".to_owned()),
+    };
+    let known = match kind {
+        "Service" => Kind::Service,
+        "EndpointSlice" => Kind::EndpointSlice,
+        "Node" => Kind::Node,
+        "List" if allow_list => Kind::List,
+        _ => return Ok(None),
+    };
+    if api_version != known.api_version() {
+        return Err(format!(
+            "{kind} has apiVersion {api_version:?}, expected {:?}",
+            known.api_version()
+        ));
+    }
+    Ok(Some(known))
+}
+
+/// Where an object was read, to name both places when a duplicate shows up.
+#[derive(Debug, Clone)]
+struct Place {
+    file: PathBuf,
+    document: usize,
+    line: u64,
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{} (document {})",
+            self.file.display(),
+            self.line,
+            self.document
+        )
+    }
+}
+
+/// Accumulates objects and problems over all files of one load.
+pub(crate) struct Loader<'a> {
+    node_name: &'a str,
+    objects: Objects,
+    problems: Vec<ManifestProblem>,
+    seen: HashMap<(Kind, String, String), Place>,
+    node_place: Option<Place>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(node_name: &'a str) -> Self {
+        Self {
+            node_name,
+            objects: Objects::default(),
+            problems: Vec::new(),
+            seen: HashMap::new(),
+            node_place: None,
+        }
+    }
+
+    pub fn finish(self) -> (Objects, Vec<ManifestProblem>) {
+        (self.objects, self.problems)
+    }
+
+    /// Records a problem that concerns a whole file rather than one document.
+    pub fn file_problem(&mut self, file: &Path, message: String) {
+        self.problems.push(ManifestProblem {
+            file: file.to_owned(),
+            document: 0,
+            line: None,
+            column: None,
+            message,
+        });
+    }
+
+    pub fn add_file(&mut self, file: &Path, text: &str) {
+        // A UTF-8 byte order mark would hide a `---` on the first line from the splitter.
+        let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+        for doc in split_documents(text) {
+            self.add_document(file, &doc);
+        }
+    }
+
+    fn add_document(&mut self, file: &Path, doc: &Document<'_>) {
+        let meta: TypeMeta = match parse(doc.text) {
+            Ok(meta) => meta,
+            Err(err) => return self.yaml_problem(file, doc, &err, ""),
+        };
+        let place = Place {
+            file: file.to_owned(),
+            document: doc.index,
+            line: doc.content_line,
+        };
+        match classify(&meta, true) {
+            Err(message) => self.problem(&place, message),
+            Ok(None) => tracing::debug!(
+                file = %file.display(),
+                document = doc.index,
+                api_version = meta.api_version.as_deref().unwrap_or_default(),
+                kind = meta.kind.as_deref().unwrap_or_default(),
+                "ignoring object of an unrelated kind"
+            ),
+            Ok(Some(Kind::Service)) => match parse::<Service>(doc.text) {
+                Ok(service) => self.add_service(service, place),
+                Err(err) => self.yaml_problem(file, doc, &err, "Service: "),
+            },
+            Ok(Some(Kind::EndpointSlice)) => match parse::<EndpointSlice>(doc.text) {
+                Ok(slice) => self.add_endpoint_slice(slice, place),
+                Err(err) => self.yaml_problem(file, doc, &err, "EndpointSlice: "),
+            },
+            Ok(Some(Kind::Node)) => match parse::<Node>(doc.text) {
+                Ok(node) => self.add_node(node, place),
+                Err(err) => self.yaml_problem(file, doc, &err, "Node: "),
+            },
+            Ok(Some(Kind::List)) => self.add_list(file, doc),
+        }
+    }
+
+    /// A `v1` `List`: read the items' kinds first, then parse only the interesting items into
+    /// their types in a second pass, so type errors keep exact locations.
+    fn add_list(&mut self, file: &Path, doc: &Document<'_>) {
+        #[derive(Deserialize)]
+        struct ListHeader {
+            #[serde(default)]
+            items: Option<Vec<Spanned<TypeMeta>>>,
+        }
+
+        let header: ListHeader = match parse(doc.text) {
+            Ok(header) => header,
+            Err(err) => return self.yaml_problem(file, doc, &err, "List: "),
+        };
+        let mut kinds = Vec::new();
+        let mut places = Vec::new();
+        for (i, item) in header.items.unwrap_or_default().iter().enumerate() {
+            let line = match item.referenced.line() {
+                0 => doc.content_line,
+                line => doc.file_line(line),
+            };
+            let place = Place {
+                file: file.to_owned(),
+                document: doc.index,
+                line,
+            };
+            let kind = match classify(&item.value, false) {
+                Ok(kind) => kind,
+                Err(message) => {
+                    self.problem(&place, format!("List item {}: {message}", i + 1));
+                    None
+                }
+            };
+            if kind.is_none() {
+                tracing::debug!(
+                    file = %file.display(),
+                    document = doc.index,
+                    item = i + 1,
+                    "ignoring List item of an unrelated or invalid kind"
+                );
+            }
+            kinds.push(kind);
+            places.push(place);
+        }
+        if kinds.iter().all(Option::is_none) {
+            return;
+        }
+
+        let seed = ListSeed { kinds: &kinds };
+        let result =
+            serde_saphyr::with_deserializer_from_str_with_options(doc.text, yaml_options(), |de| {
+                seed.deserialize(de)
+            });
+        let items = match result {
+            Ok(items) => items,
+            // serde cannot resume after a failed element, so one bad item costs the List.
+            Err(err) => return self.yaml_problem(file, doc, &err, "List (skipped): "),
+        };
+        for (item, place) in items.into_iter().zip(places) {
+            match item {
+                Item::Service(service) => self.add_service(*service, place),
+                Item::EndpointSlice(slice) => self.add_endpoint_slice(*slice, place),
+                Item::Node(node) => self.add_node(*node, place),
+                Item::Skipped => {}
+            }
+        }
+    }
+
+    fn add_service(&mut self, mut service: Service, place: Place) {
+        if self.register(Kind::Service, &mut service.metadata, &place) {
+            self.objects.services.push(service);
+        }
+    }
+
+    fn add_endpoint_slice(&mut self, mut slice: EndpointSlice, place: Place) {
+        if self.register(Kind::EndpointSlice, &mut slice.metadata, &place) {
+            self.objects.endpoint_slices.push(slice);
+        }
+    }
+
+    fn add_node(&mut self, node: Node, place: Place) {
+        if node.metadata.name.as_deref() != Some(self.node_name) {
+            tracing::debug!(
+                file = %place.file.display(),
+                document = place.document,
+                node = node.metadata.name.as_deref().unwrap_or_default(),
+                "ignoring the Node of another node"
+            );
+            return;
+        }
+        if let Some(first) = &self.node_place {
+            let message = format!(
+                "duplicate Node {:?}: first defined at {first}",
+                self.node_name
+            );
+            return self.problem(&place, message);
+        }
+        self.objects.node = Some(node);
+        self.node_place = Some(place);
+    }
+
+    /// Defaults the namespace and checks name and uniqueness; `false` means skip the object.
+    fn register(&mut self, kind: Kind, meta: &mut ObjectMeta, place: &Place) -> bool {
+        let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
+            self.problem(place, format!("{} has no metadata.name", kind.name()));
+            return false;
+        };
+        let namespace = match meta.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            _ => {
+                meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());
+                DEFAULT_NAMESPACE.to_owned()
+            }
+        };
+        let key = (kind, namespace, name);
+        if let Some(first) = self.seen.get(&key) {
+            let message = format!(
+                "duplicate {} {}/{}: first defined at {first}",
+                kind.name(),
+                key.1,
+                key.2
+            );
+            self.problem(place, message);
+            return false;
+        }
+        self.seen.insert(key, place.clone());
+        true
+    }
+
+    fn problem(&mut self, place: &Place, message: String) {
+        self.problems.push(ManifestProblem {
+            file: place.file.clone(),
+            document: place.document,
+            line: Some(place.line),
+            column: None,
+            message,
+        });
+    }
+
+    fn yaml_problem(
+        &mut self,
+        file: &Path,
+        doc: &Document<'_>,
+        err: &serde_saphyr::Error,
+        prefix: &str,
+    ) {
+        let (line, column) = match err.location() {
+            Some(loc) if loc.line() > 0 => (
+                doc.file_line(loc.line()),
+                Some(loc.column()).filter(|c| *c > 0),
+            ),
+            _ => (doc.content_line, None),
+        };
+        let message = serde_saphyr::DefaultMessageFormatter.format_message(err.without_snippet());
+        self.problems.push(ManifestProblem {
+            file: file.to_owned(),
+            document: doc.index,
+            line: Some(line),
+            column,
+            message: format!("{prefix}{message}"),
+        });
+    }
+}
+
+fn parse<T: DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options(text, yaml_options())
+}
+
+enum Item {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
+    Skipped,
+}
+
+/// Deserializes a List document, reading `items[i]` as the type `kinds[i]` names.
+struct ListSeed<'k> {
+    kinds: &'k [Option<Kind>],
+}
+
+impl<'de> DeserializeSeed<'de> for ListSeed<'_> {
+    type Value = Vec<Item>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ListSeed<'_> {
+    type Value = Vec<Item>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a List object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                items = map.next_value_seed(ItemsSeed { kinds: self.kinds })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(items)
+    }
+}
+
+struct ItemsSeed<'k> {
+    kinds: &'k [Option<Kind>],
+}
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = Vec<Item>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemsSeed<'_> {
+    type Value = Vec<Item>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(self.kinds.len());
+        // The first pass read the same text, so the lengths agree; the early return and the
+        // trailing drain only keep this function total without an unwrap.
+        for kind in self.kinds {
+            let item = match kind {
+                Some(Kind::Service) => seq.next_element()?.map(|s| Item::Service(Box::new(s))),
+                Some(Kind::EndpointSlice) => seq
+                    .next_element()?
+                    .map(|s| Item::EndpointSlice(Box::new(s))),
+                Some(Kind::Node) => seq.next_element()?.map(|n| Item::Node(Box::new(n))),
+                Some(Kind::List) | None => seq.next_element::<IgnoredAny>()?.map(|_| Item::Skipped),
+            };
+            match item {
+                Some(item) => items.push(item),
+                None => return Ok(items),
+            }
+        }
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(items)
+    }
+
+    // `items: null` or `items: ~`.
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+}
