@@ -1,1 +1,133 @@
-//! placeholder
+//! The nftables proxier: [`plan`] decides the rules (pure), [`apply`] hands them to the
+//! kernel (the only code that runs `nft`).
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod plan;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use proxy_core::model::{IpFamily, ServicePortName};
+use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
+
+use crate::apply::NftRunner;
+use crate::plan::{family_names, render_delta, render_full, replan, FamilyPlan, NftConfig, TABLE};
+
+/// At most this many conflict warnings are logged per sync; the rest are counted.
+const MAX_WARNINGS_LOGGED: usize = 20;
+
+/// The nftables backend: keeps what it programmed last and sends only the difference.
+pub struct NftablesProxier<R: NftRunner> {
+    config: NftConfig,
+    runner: R,
+    /// What the kernel holds, per family; `None` until the first full sync succeeds, and
+    /// again after any failure (the next sync then rewrites the tables).
+    programmed: Option<Vec<FamilyPlan>>,
+}
+
+impl<R: NftRunner> NftablesProxier<R> {
+    pub fn new(config: NftConfig, runner: R) -> Self {
+        NftablesProxier {
+            config,
+            runner,
+            programmed: None,
+        }
+    }
+
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    fn full_script(
+        &self,
+        request: &SyncRequest,
+        warnings: &mut Vec<String>,
+    ) -> (String, Vec<FamilyPlan>) {
+        let mut script = String::new();
+        let mut plans = Vec::new();
+        for &family in &self.config.families {
+            let plan = FamilyPlan::full(family, &request.state, warnings);
+            render_full(&mut script, &plan, &self.config);
+            plans.push(plan);
+        }
+        (script, plans)
+    }
+}
+
+/// Every Service port, old and new, of the Services named in the request.
+fn changed_ports(request: &SyncRequest, plans: &[FamilyPlan]) -> BTreeSet<ServicePortName> {
+    let mut names = BTreeSet::new();
+    for service in &request.changed {
+        names.extend(request.state.ports_of(service).map(|(n, _)| n.clone()));
+        for plan in plans {
+            names.extend(plan.ports.keys().filter(|n| &n.service == service).cloned());
+        }
+    }
+    names
+}
+
+fn log_warnings(warnings: &[String]) {
+    for w in warnings.iter().take(MAX_WARNINGS_LOGGED) {
+        tracing::warn!("{w}");
+    }
+    if warnings.len() > MAX_WARNINGS_LOGGED {
+        tracing::warn!(
+            more = warnings.len() - MAX_WARNINGS_LOGGED,
+            "further conflicts not logged"
+        );
+    }
+}
+
+impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
+    fn mode(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
+        let mut warnings = Vec::new();
+        // A node change can alter what "local" means everywhere: rewrite.
+        let full = request.full || request.node_changed || self.programmed.is_none();
+        let (script, plans) = if full {
+            self.full_script(request, &mut warnings)
+        } else {
+            // Take the plans out: if the kernel refuses the delta, they no longer describe
+            // it, and the next sync must be full.
+            let mut plans = self.programmed.take().unwrap_or_default();
+            let names = changed_ports(request, &plans);
+            let mut script = String::new();
+            for plan in &mut plans {
+                let delta = replan(plan, &request.state, &names, &mut warnings);
+                render_delta(&mut script, plan.family, &delta, &self.config);
+            }
+            (script, plans)
+        };
+        log_warnings(&warnings);
+        self.programmed = None;
+        if !script.is_empty() {
+            self.runner.run(&script)?;
+        }
+        let service_ports = plans.first().map_or(0, |p| p.ports.len());
+        self.programmed = Some(plans);
+        Ok(SyncOutcome {
+            full,
+            transaction_bytes: script.len(),
+            service_ports,
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<(), ProxierError> {
+        self.programmed = None;
+        self.runner.run(&cleanup_script())
+    }
+}
+
+/// Deletes our tables in both families; succeeds whether or not they exist.
+pub fn cleanup_script() -> String {
+    let mut script = String::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let f = family_names(family).table_family;
+        let _ = writeln!(script, "add table {f} {TABLE}\ndelete table {f} {TABLE}");
+    }
+    script
+}

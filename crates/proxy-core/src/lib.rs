@@ -1,4 +1,11 @@
 //! The backend-agnostic heart of the proxy: the Service/endpoint model, change tracking,
 //! the sync runner and the `Proxier` trait that every datapath backend implements.
+#![forbid(unsafe_code)]
 
+pub mod convert;
+pub mod model;
+pub mod proxier;
+pub mod runner;
 pub mod source;
+pub mod status;
+pub mod tracker;

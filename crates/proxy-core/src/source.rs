@@ -22,9 +22,15 @@ pub enum SourceUpdate {
     /// this on every (re)load, the API source after each (re)list.
     Replace(Objects),
     ServiceUpsert(Box<Service>),
-    ServiceDelete { namespace: String, name: String },
+    ServiceDelete {
+        namespace: String,
+        name: String,
+    },
     EndpointSliceUpsert(Box<EndpointSlice>),
-    EndpointSliceDelete { namespace: String, name: String },
+    EndpointSliceDelete {
+        namespace: String,
+        name: String,
+    },
     /// This node's Node object changed (or disappeared: `None`).
     Node(Option<Box<Node>>),
 }

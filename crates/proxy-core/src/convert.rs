@@ -1,0 +1,458 @@
+//! Pure functions from Kubernetes objects to the proxy's model.
+//!
+//! Every source goes through here, so every source gets the same validation. Objects come
+//! from users (manifests) or from an API server that may be older or newer than us: treat
+//! every field as hostile. Names end up in kernel rule comments, so they are checked against
+//! the API's own syntax rules and a Service that breaks them is refused as a whole.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{
+    Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
+    TrafficPolicy,
+};
+
+/// Upstream's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+/// Upstream's maximum for the affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
+/// Label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label of the zone a node runs in.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Why an object was refused. Names the object and the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    /// The object has no usable name or namespace.
+    #[error("{kind} has an invalid {field} {value:?}: {reason}")]
+    InvalidName {
+        kind: &'static str,
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    /// A field of a Service that makes the whole Service unusable.
+    #[error("Service {service}: {field}: {message}")]
+    InvalidService {
+        service: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// A Service converted to its ports, plus the problems that were skipped over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvertedService {
+    pub ports: Vec<ServicePort>,
+    /// Fields that were ignored (e.g. one invalid externalIP); the rest still applies.
+    pub warnings: Vec<String>,
+}
+
+/// Checks a DNS-1123 label (namespaces, port names): lower-case alphanumerics and '-',
+/// starting and ending with an alphanumeric, at most 63 characters.
+pub fn check_dns_label(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() {
+        return Err("must not be empty");
+    }
+    if value.len() > 63 {
+        return Err("must be at most 63 characters");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("must consist of lower-case letters, digits and '-'");
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+/// Checks a DNS-1123 subdomain (EndpointSlice names): labels joined by '.', at most 253.
+pub fn check_dns_subdomain(value: &str) -> Result<(), &'static str> {
+    if value.len() > 253 {
+        return Err("must be at most 253 characters");
+    }
+    value.split('.').try_for_each(check_dns_label)
+}
+
+fn name_error(
+    kind: &'static str,
+    field: &'static str,
+    value: &str,
+    reason: &'static str,
+) -> ConvertError {
+    ConvertError::InvalidName {
+        kind,
+        field,
+        value: value.chars().take(80).collect(),
+        reason,
+    }
+}
+
+/// The validated `namespace/name` of a Service.
+pub fn service_name(svc: &Service) -> Result<ServiceName, ConvertError> {
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let name = svc.metadata.name.as_deref().unwrap_or("");
+    check_dns_label(namespace)
+        .map_err(|r| name_error("Service", "metadata.namespace", namespace, r))?;
+    // Service names are DNS-1035 labels: a DNS label that starts with a letter.
+    check_dns_label(name).map_err(|r| name_error("Service", "metadata.name", name, r))?;
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(name_error(
+            "Service",
+            "metadata.name",
+            name,
+            "must start with a letter",
+        ));
+    }
+    Ok(ServiceName::new(namespace, name))
+}
+
+fn parse_ip(value: &str) -> Option<IpAddr> {
+    value.trim().parse().ok()
+}
+
+/// Converts a Service to its ports. ExternalName and headless Services have none.
+pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
+    let service = service_name(svc)?;
+    let invalid = |field: &str, message: String| ConvertError::InvalidService {
+        service: service.to_string(),
+        field: field.to_string(),
+        message,
+    };
+    let mut out = ConvertedService::default();
+    let Some(spec) = &svc.spec else {
+        return Ok(out);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(out);
+    }
+
+    // clusterIPs is authoritative when present; clusterIP is its first element.
+    let raw_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => vec![],
+    };
+    if raw_ips.is_empty() || raw_ips.iter().any(|ip| ip.is_empty() || *ip == "None") {
+        // Headless, or not allocated yet: nothing to program.
+        return Ok(out);
+    }
+    let mut cluster_ips = Vec::new();
+    for raw in &raw_ips {
+        let ip = parse_ip(raw)
+            .ok_or_else(|| invalid("spec.clusterIPs", format!("{raw:?} is not an IP address")))?;
+        if cluster_ips
+            .iter()
+            .any(|other| IpFamily::of(other) == IpFamily::of(&ip))
+        {
+            return Err(invalid(
+                "spec.clusterIPs",
+                "more than one IP of the same family".into(),
+            ));
+        }
+        cluster_ips.push(ip);
+    }
+
+    let mut external_ips = Vec::new();
+    for raw in spec.external_ips.iter().flatten() {
+        match parse_ip(raw) {
+            Some(ip) => external_ips.push(ip),
+            None => out.warnings.push(format!(
+                "Service {service}: spec.externalIPs: {raw:?} is not an IP address; ignored"
+            )),
+        }
+    }
+    let is_load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    let mut load_balancer_ips = Vec::new();
+    if is_load_balancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            // ipMode Proxy means the load balancer delivers to the node, not to the VIP.
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(raw) = &entry.ip {
+                match parse_ip(raw) {
+                    Some(ip) => load_balancer_ips.push(ip),
+                    None => out.warnings.push(format!(
+                        "Service {service}: status.loadBalancer.ingress: {raw:?} is not an IP address; ignored"
+                    )),
+                }
+            }
+        }
+    }
+    let mut source_ranges = Vec::new();
+    for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        match raw.trim().parse::<IpNet>() {
+            Ok(net) => source_ranges.push(net.trunc()),
+            Err(_) => out.warnings.push(format!(
+                "Service {service}: spec.loadBalancerSourceRanges: {raw:?} is not a CIDR; ignored"
+            )),
+        }
+    }
+    let session_affinity_timeout = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let configured = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            Some(match configured {
+                None => DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+                Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_SECONDS => t as u32,
+                Some(t) => {
+                    return Err(invalid(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECONDS}"),
+                    ))
+                }
+            })
+        }
+        None | Some("None") | Some("") => None,
+        Some(other) => {
+            return Err(invalid(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?}"),
+            ))
+        }
+    };
+    let policy = |field: &str, value: Option<&str>| match value {
+        None | Some("") | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(invalid(field, format!("unknown value {other:?}"))),
+    };
+    let is_external = is_load_balancer || spec.type_.as_deref() == Some("NodePort");
+    let external_traffic_policy = if is_external || !external_ips.is_empty() {
+        policy(
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?
+    } else {
+        TrafficPolicy::Cluster
+    };
+    let internal_traffic_policy = policy(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if is_load_balancer && external_traffic_policy == TrafficPolicy::Local => {
+            Some(port_number(p).ok_or_else(|| {
+                invalid(
+                    "spec.healthCheckNodePort",
+                    format!("{p} is not a valid port"),
+                )
+            })?)
+        }
+        _ => None,
+    };
+    let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose");
+
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    let mut seen = BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let port_name = p.name.clone().unwrap_or_default();
+        if !port_name.is_empty() {
+            check_dns_label(&port_name)
+                .map_err(|r| invalid(&format!("{field}.name"), format!("{port_name:?} {r}")))?;
+        } else if ports.len() > 1 {
+            return Err(invalid(
+                &format!("{field}.name"),
+                "required when a Service has several ports".into(),
+            ));
+        }
+        let protocol = Protocol::from_api(p.protocol.as_deref()).ok_or_else(|| {
+            invalid(
+                &format!("{field}.protocol"),
+                format!("unsupported protocol {:?}", p.protocol),
+            )
+        })?;
+        let port = port_number(p.port).ok_or_else(|| {
+            invalid(
+                &format!("{field}.port"),
+                format!("{} is not a valid port", p.port),
+            )
+        })?;
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(np) => Some(port_number(np).ok_or_else(|| {
+                invalid(
+                    &format!("{field}.nodePort"),
+                    format!("{np} is not a valid port"),
+                )
+            })?),
+        };
+        let name = ServicePortName {
+            service: service.clone(),
+            port: port_name,
+            protocol,
+        };
+        if !seen.insert((name.port.clone(), protocol)) {
+            return Err(invalid(
+                &format!("{field}.name"),
+                format!("duplicate port {:?}/{protocol}", name.port),
+            ));
+        }
+        out.ports.push(ServicePort {
+            name,
+            cluster_ips: cluster_ips.clone(),
+            port,
+            node_port: if is_external { node_port } else { None },
+            external_ips: external_ips.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+            load_balancer_source_ranges: source_ranges.clone(),
+            session_affinity_timeout,
+            external_traffic_policy,
+            internal_traffic_policy,
+            health_check_node_port,
+            prefer_close,
+        });
+    }
+    Ok(out)
+}
+
+fn port_number(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|p| *p != 0)
+}
+
+/// The Service an EndpointSlice belongs to, from its `kubernetes.io/service-name` label.
+pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceName> {
+    let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ServiceName::new(namespace, name.as_str()))
+}
+
+/// Endpoints of one Service, per (port name, protocol), merged over all its slices.
+/// Duplicates (the same IP and port in two slices, as happens while a slice is being
+/// replaced) are kept once. Invalid entries are skipped with a warning.
+pub fn service_endpoints<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node_name: &str,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<(String, Protocol), Vec<Endpoint>> {
+    let mut out: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    for slice in slices {
+        let slice_name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
+        let family = match slice.address_type.as_str() {
+            "IPv4" => IpFamily::V4,
+            "IPv6" => IpFamily::V6,
+            _ => continue, // FQDN slices are not proxied.
+        };
+        for p in slice.ports.iter().flatten() {
+            let Some(protocol) = Protocol::from_api(p.protocol.as_deref()) else {
+                warnings.push(format!(
+                    "EndpointSlice {slice_name}: unsupported protocol {:?}; port skipped",
+                    p.protocol
+                ));
+                continue;
+            };
+            let Some(port) = p.port.and_then(port_number) else {
+                warnings.push(format!(
+                    "EndpointSlice {slice_name}: port {:?} is not valid; skipped",
+                    p.port
+                ));
+                continue;
+            };
+            let key = (p.name.clone().unwrap_or_default(), protocol);
+            let bucket = out.entry(key).or_default();
+            for ep in &slice.endpoints {
+                // Upstream programs the first address only.
+                let Some(raw) = ep.addresses.first() else {
+                    continue;
+                };
+                let Some(ip) = parse_ip(raw).filter(|ip| IpFamily::of(ip) == family) else {
+                    warnings.push(format!(
+                        "EndpointSlice {slice_name}: address {:?} is not an {family:?} address; skipped",
+                        raw.chars().take(64).collect::<String>()
+                    ));
+                    continue;
+                };
+                let conditions = ep.conditions.as_ref();
+                // Absent conditions mean ready (API semantics); serving defaults to ready.
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                let zone_hints = ep
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default();
+                bucket.entry((ip, port)).or_insert(Endpoint {
+                    ip,
+                    port,
+                    ready,
+                    serving,
+                    terminating,
+                    is_local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
+                    zone_hints,
+                });
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(k, eps)| (k, eps.into_values().collect()))
+        .collect()
+}
+
+/// What the proxy keeps from its Node object.
+pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
+    let mut info = NodeInfo {
+        name: name.to_string(),
+        ..NodeInfo::default()
+    };
+    let Some(node) = node else { return info };
+    info.zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .cloned();
+    if let Some(spec) = &node.spec {
+        let cidrs = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
+        for raw in cidrs {
+            if let Ok(net) = raw.parse::<IpNet>() {
+                if !info.pod_cidrs.contains(&net) {
+                    info.pod_cidrs.push(net);
+                }
+            }
+        }
+    }
+    if let Some(status) = &node.status {
+        for addr in status.addresses.iter().flatten() {
+            if addr.type_ == "InternalIP" || addr.type_ == "ExternalIP" {
+                if let Some(ip) = parse_ip(&addr.address) {
+                    info.addresses.push(ip);
+                }
+            }
+        }
+    }
+    info
+}
+
+/// The endpoints a Service port sends cluster traffic to: the ready ones, or, when none is
+/// ready, the ones still serving while terminating (so a rolling restart of the last
+/// pods does not turn into refused connections).
+pub fn usable_endpoints(endpoints: &[Endpoint]) -> impl Iterator<Item = &Endpoint> {
+    let any_ready = endpoints.iter().any(|e| e.ready);
+    endpoints.iter().filter(move |e| {
+        if any_ready {
+            e.ready
+        } else {
+            e.serving && e.terminating
+        }
+    })
+}

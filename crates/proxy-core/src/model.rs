@@ -1,0 +1,230 @@
+//! The proxy's own view of Services and endpoints: what every backend programs.
+//!
+//! Built from API objects by the pure functions in [`crate::convert`]; backends never look
+//! at raw Kubernetes objects.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+/// An IP family, as a Service's `ipFamilies` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    pub fn of_net(net: &IpNet) -> IpFamily {
+        match net {
+            IpNet::V4(_) => IpFamily::V4,
+            IpNet::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+/// The transport protocols a Service port can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the API spelling (`TCP`, `UDP`, `SCTP`); an absent protocol means TCP.
+    pub fn from_api(value: Option<&str>) -> Option<Protocol> {
+        match value {
+            None | Some("TCP") => Some(Protocol::Tcp),
+            Some("UDP") => Some(Protocol::Udp),
+            Some("SCTP") => Some(Protocol::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    /// Lower-case name, as nftables and iptables spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `namespace/name` of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of one Service: the unit every backend programs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub service: ServiceName,
+    /// The port's name; empty for a Service's single unnamed port.
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}/{}", self.service, self.protocol)
+        } else {
+            write!(f, "{}:{}/{}", self.service, self.port, self.protocol)
+        }
+    }
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// Everything the datapath needs to know about one Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    /// At most one per family, primary family first.
+    pub cluster_ips: Vec<IpAddr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of LoadBalancer Services.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// `Some(timeout in seconds)` for `sessionAffinity: ClientIP`.
+    pub session_affinity_timeout: Option<u32>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+    /// `trafficDistribution: PreferClose` (or topology-aware hints annotation).
+    pub prefer_close: bool,
+}
+
+impl ServicePort {
+    pub fn protocol(&self) -> Protocol {
+        self.name.protocol
+    }
+
+    /// The IP families this port is programmed in: those of its cluster IPs.
+    pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
+        self.cluster_ips.iter().map(IpFamily::of)
+    }
+
+    pub fn cluster_ip(&self, family: IpFamily) -> Option<IpAddr> {
+        self.cluster_ips
+            .iter()
+            .copied()
+            .find(|ip| IpFamily::of(ip) == family)
+    }
+
+    /// External destinations (externalIPs and load-balancer IPs) of one family.
+    pub fn external_destinations(&self, family: IpFamily) -> impl Iterator<Item = IpAddr> + '_ {
+        self.external_ips
+            .iter()
+            .chain(self.load_balancer_ips.iter())
+            .copied()
+            .filter(move |ip| IpFamily::of(ip) == family)
+    }
+}
+
+/// One backend of a Service port, from an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Runs on this node.
+    pub is_local: bool,
+    /// Zones this endpoint is hinted for (topology-aware routing).
+    pub zone_hints: Vec<String>,
+}
+
+impl Endpoint {
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(&self.ip)
+    }
+}
+
+/// What the proxy knows about the node it runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+    pub pod_cidrs: Vec<IpNet>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The desired state: every Service port and its endpoints. Immutable once handed to a
+/// backend (the tracker copies on write), so a sync never sees a half-applied change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyState {
+    pub services: BTreeMap<ServicePortName, Arc<ServicePort>>,
+    pub endpoints: BTreeMap<ServicePortName, Arc<Vec<Endpoint>>>,
+    pub node: NodeInfo,
+}
+
+impl ProxyState {
+    pub fn endpoints_of(&self, name: &ServicePortName) -> &[Endpoint] {
+        self.endpoints
+            .get(name)
+            .map(|eps| eps.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// All ports of one Service, in order.
+    pub fn ports_of<'a>(
+        &'a self,
+        service: &'a ServiceName,
+    ) -> impl Iterator<Item = (&'a ServicePortName, &'a Arc<ServicePort>)> + 'a {
+        self.services
+            .range(
+                ServicePortName {
+                    service: service.clone(),
+                    port: String::new(),
+                    protocol: Protocol::Tcp,
+                }..,
+            )
+            .take_while(move |(k, _)| &k.service == service)
+    }
+}

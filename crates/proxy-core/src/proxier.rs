@@ -1,0 +1,64 @@
+//! The contract between the sync runner and a datapath backend.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::model::{ProxyState, ServiceName};
+
+/// What one sync must program.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    /// The complete desired state.
+    pub state: Arc<ProxyState>,
+    /// Services whose ports or endpoints changed since the last successful sync.
+    pub changed: BTreeSet<ServiceName>,
+    /// The node's own facts changed (zone, pod CIDRs, addresses).
+    pub node_changed: bool,
+    /// Rewrite everything rather than only what changed: the first sync, after a failure,
+    /// and every sync period.
+    pub full: bool,
+}
+
+/// What a successful sync did, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Whether the whole ruleset was rewritten (a backend may decide to, e.g. on first use).
+    pub full: bool,
+    /// Size of what was sent to the kernel, in bytes of transaction text or equivalent.
+    pub transaction_bytes: usize,
+    /// Service ports programmed in total after this sync.
+    pub service_ports: usize,
+}
+
+/// Why a sync failed. The previous rules stay in place; the runner retries with a full sync.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxierError {
+    /// A kernel tool (`nft`, `iptables-restore`, ...) could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel or the tool refused the transaction.
+    #[error("{program} failed: {message}")]
+    Rejected { program: String, message: String },
+    /// Anything else, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A datapath backend: nftables, iptables, ipvs or userspace.
+///
+/// Implementations keep what they programmed last so that `sync` can send only the
+/// difference; a failed `sync` must leave the kernel as it was (one atomic transaction).
+pub trait Proxier: Send + 'static {
+    /// The mode's name as `/proxyMode` reports it (`nftables`, `iptables`, ...).
+    fn mode(&self) -> &'static str;
+
+    /// Programs the kernel to match `request.state`.
+    fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError>;
+
+    /// Removes everything this backend ever created. Succeeds when there is nothing.
+    fn cleanup(&mut self) -> Result<(), ProxierError>;
+}

@@ -1,0 +1,155 @@
+//! The sync runner: decides when the backend syncs, and runs one sync at a time.
+//!
+//! States, in order:
+//! - **waiting for sources**: nothing is programmed until the source delivered its first
+//!   complete state, so a restarting proxy never installs an empty ruleset;
+//! - **idle**: the rules match the state; the next sync is the periodic full one;
+//! - **pending**: changes are queued; the sync runs at once if the last one started at
+//!   least `min_sync_period` ago, otherwise when that much time has passed (bursts
+//!   coalesce into one sync);
+//! - **backing off**: the last sync failed; the previous rules are still in place; the
+//!   next attempt is a full sync after an exponentially growing delay (capped at the
+//!   sync period).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+
+use crate::proxier::{Proxier, SyncRequest};
+use crate::source::SourceUpdate;
+use crate::status::SyncStatus;
+use crate::tracker::ChangeTracker;
+
+/// Timing of the sync loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunnerConfig {
+    /// Minimum time between the starts of two syncs (`--iptables-min-sync-period`).
+    pub min_sync_period: Duration,
+    /// Maximum time between two full syncs (`--iptables-sync-period`).
+    pub sync_period: Duration,
+    /// First retry delay after a failed sync; doubles up to `sync_period`.
+    pub retry_delay: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Runs the sync loop until `shutdown` turns true or every sender of `updates` is gone
+/// and nothing is left to do. Returns the backend so the caller can clean up.
+pub async fn run(
+    mut updates: mpsc::Receiver<SourceUpdate>,
+    mut tracker: ChangeTracker,
+    mut proxier: Box<dyn Proxier>,
+    config: RunnerConfig,
+    status: Arc<SyncStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Box<dyn Proxier> {
+    let mut have_initial_state = false;
+    let mut sources_open = true;
+    let mut need_full = true;
+    let mut last_start: Option<Instant> = None;
+    let mut next_full = Instant::now();
+    let mut retry_at: Option<Instant> = None;
+    let mut retry_delay = config.retry_delay;
+
+    loop {
+        let due = if !have_initial_state {
+            None
+        } else if let Some(at) = retry_at {
+            Some(at)
+        } else if !tracker.pending().is_empty() || last_start.is_none() {
+            Some(last_start.map_or_else(Instant::now, |s| s + config.min_sync_period))
+        } else {
+            Some(next_full)
+        };
+
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+            update = updates.recv(), if sources_open => match update {
+                Some(update) => {
+                    let mut changed = tracker.apply(update);
+                    // Take whatever else is already queued: one sync for a burst.
+                    while let Ok(more) = updates.try_recv() {
+                        changed |= tracker.apply(more);
+                    }
+                    if !have_initial_state {
+                        tracing::info!("sources delivered their initial state");
+                        have_initial_state = true;
+                    }
+                    if changed {
+                        status.queued(SystemTime::now());
+                    }
+                }
+                None => {
+                    tracing::info!("all sources stopped; the last state stays programmed");
+                    sources_open = false;
+                    if !have_initial_state {
+                        break;
+                    }
+                }
+            },
+            _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                let pending = tracker.take_pending();
+                let full = need_full || Instant::now() >= next_full;
+                let request = SyncRequest {
+                    state: tracker.state(),
+                    changed: pending.touched(),
+                    node_changed: pending.node,
+                    full,
+                };
+                let start = Instant::now();
+                last_start = Some(start);
+                let (returned, result) = tokio::task::spawn_blocking(move || {
+                    let result = proxier.sync(&request);
+                    (proxier, result)
+                })
+                .await
+                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
+                proxier = returned;
+                let took = start.elapsed();
+                match result {
+                    Ok(outcome) => {
+                        tracing::info!(
+                            full = outcome.full,
+                            services = pending.services.len(),
+                            endpoints = pending.endpoints.len(),
+                            bytes = outcome.transaction_bytes,
+                            service_ports = outcome.service_ports,
+                            took_ms = took.as_secs_f64() * 1e3,
+                            "synced rules"
+                        );
+                        if outcome.full {
+                            next_full = start + config.sync_period;
+                        }
+                        need_full = false;
+                        retry_at = None;
+                        retry_delay = config.retry_delay;
+                        status.succeeded(SystemTime::now(), took, !tracker.pending().is_empty());
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, retry_in = ?retry_delay, "sync failed; previous rules stay in place");
+                        need_full = true;
+                        retry_at = Some(Instant::now() + retry_delay);
+                        retry_delay = (retry_delay * 2).min(config.sync_period.max(config.retry_delay));
+                        status.failed(err.to_string(), took);
+                    }
+                }
+            }
+        }
+    }
+    proxier
+}

@@ -1,0 +1,326 @@
+//! The change tracker: raw objects in, desired state out, with a record of what changed.
+//!
+//! It holds the raw Services, EndpointSlices and Node a source reported, derives the
+//! [`ProxyState`] for exactly the Services an update touched, and remembers which Services
+//! changed since the last sync and when each change was first seen (for network
+//! programming latency).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tokio::time::Instant;
+
+use crate::convert;
+use crate::model::{ProxyState, ServiceName};
+use crate::source::{Objects, SourceUpdate};
+
+/// Key of an EndpointSlice: namespace and slice name.
+type SliceKey = (String, String);
+
+/// Changes not yet handed to a backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingChanges {
+    /// Services whose ports changed (added, removed or updated), with the time first seen.
+    pub services: BTreeMap<ServiceName, Instant>,
+    /// Services whose endpoints changed, with the time first seen.
+    pub endpoints: BTreeMap<ServiceName, Instant>,
+    /// The node's own facts (zone, pod CIDRs, addresses) changed.
+    pub node: bool,
+}
+
+impl PendingChanges {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.endpoints.is_empty() && !self.node
+    }
+
+    /// Every Service that needs reprogramming.
+    pub fn touched(&self) -> BTreeSet<ServiceName> {
+        self.services
+            .keys()
+            .chain(self.endpoints.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// When the oldest pending change was first seen.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.services
+            .values()
+            .chain(self.endpoints.values())
+            .min()
+            .copied()
+    }
+}
+
+/// Tracks raw objects and the state derived from them.
+#[derive(Debug)]
+pub struct ChangeTracker {
+    node_name: String,
+    services: HashMap<ServiceName, Service>,
+    slices: HashMap<SliceKey, EndpointSlice>,
+    slices_by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
+    node: Option<Node>,
+    state: Arc<ProxyState>,
+    pending: PendingChanges,
+}
+
+impl ChangeTracker {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
+        let state = ProxyState {
+            node: convert::node_info(&node_name, None),
+            ..ProxyState::default()
+        };
+        ChangeTracker {
+            node_name,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slices_by_service: HashMap::new(),
+            node: None,
+            state: Arc::new(state),
+            pending: PendingChanges::default(),
+        }
+    }
+
+    /// The current desired state; cheap to clone and never changes under the holder.
+    pub fn state(&self) -> Arc<ProxyState> {
+        Arc::clone(&self.state)
+    }
+
+    pub fn pending(&self) -> &PendingChanges {
+        &self.pending
+    }
+
+    /// Hands the pending changes to the caller (a sync is starting).
+    pub fn take_pending(&mut self) -> PendingChanges {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Applies one update from a source. Returns true when the desired state changed.
+    pub fn apply(&mut self, update: SourceUpdate) -> bool {
+        let now = Instant::now();
+        match update {
+            SourceUpdate::Replace(objects) => self.replace(objects, now),
+            SourceUpdate::ServiceUpsert(svc) => {
+                let key = raw_service_key(&svc);
+                self.services.insert(key.clone(), *svc);
+                self.refresh_service(&key, now)
+            }
+            SourceUpdate::ServiceDelete { namespace, name } => {
+                let key = ServiceName::new(namespace, name);
+                self.services.remove(&key);
+                self.refresh_service(&key, now)
+            }
+            SourceUpdate::EndpointSliceUpsert(slice) => self.upsert_slice(*slice, now),
+            SourceUpdate::EndpointSliceDelete { namespace, name } => {
+                self.remove_slice(&(namespace, name), now)
+            }
+            SourceUpdate::Node(node) => self.set_node(node.map(|n| *n)),
+        }
+    }
+
+    fn replace(&mut self, objects: Objects, now: Instant) -> bool {
+        let mut touched: BTreeSet<ServiceName> = BTreeSet::new();
+        let new_services: HashMap<ServiceName, Service> = objects
+            .services
+            .into_iter()
+            .map(|svc| (raw_service_key(&svc), svc))
+            .collect();
+        for (key, svc) in &new_services {
+            if self.services.get(key) != Some(svc) {
+                touched.insert(key.clone());
+            }
+        }
+        touched.extend(
+            self.services
+                .keys()
+                .filter(|k| !new_services.contains_key(*k))
+                .cloned(),
+        );
+        self.services = new_services;
+
+        let new_slices: HashMap<SliceKey, EndpointSlice> = objects
+            .endpoint_slices
+            .into_iter()
+            .map(|s| (slice_key(&s), s))
+            .collect();
+        for (key, slice) in &new_slices {
+            match self.slices.get(key) {
+                Some(old) if old == slice => {}
+                old => {
+                    touched.extend(old.and_then(convert::slice_service));
+                    touched.extend(convert::slice_service(slice));
+                }
+            }
+        }
+        for (key, old) in &self.slices {
+            if !new_slices.contains_key(key) {
+                touched.extend(convert::slice_service(old));
+            }
+        }
+        self.slices = new_slices;
+        self.slices_by_service.clear();
+        for (key, slice) in &self.slices {
+            if let Some(svc) = convert::slice_service(slice) {
+                self.slices_by_service
+                    .entry(svc)
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
+
+        let mut changed = self.set_node(objects.node);
+        for key in &touched {
+            changed |= self.refresh_service(key, now);
+        }
+        changed
+    }
+
+    fn upsert_slice(&mut self, slice: EndpointSlice, now: Instant) -> bool {
+        let key = slice_key(&slice);
+        let new_owner = convert::slice_service(&slice);
+        let old_owner = self.slices.get(&key).and_then(convert::slice_service);
+        if let Some(owner) = &old_owner {
+            if let Some(set) = self.slices_by_service.get_mut(owner) {
+                set.remove(&key);
+            }
+        }
+        if let Some(owner) = &new_owner {
+            self.slices_by_service
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.slices.insert(key, slice);
+        let mut changed = false;
+        for owner in old_owner.iter().chain(new_owner.iter()) {
+            changed |= self.refresh_service(owner, now);
+        }
+        changed
+    }
+
+    fn remove_slice(&mut self, key: &SliceKey, now: Instant) -> bool {
+        let Some(old) = self.slices.remove(key) else {
+            return false;
+        };
+        let Some(owner) = convert::slice_service(&old) else {
+            return false;
+        };
+        if let Some(set) = self.slices_by_service.get_mut(&owner) {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_by_service.remove(&owner);
+            }
+        }
+        self.refresh_service(&owner, now)
+    }
+
+    fn set_node(&mut self, node: Option<Node>) -> bool {
+        // A Node whose name is not ours is not ours to use.
+        let node = node.filter(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        let info = convert::node_info(&self.node_name, node.as_ref());
+        self.node = node;
+        if info == self.state.node {
+            return false;
+        }
+        Arc::make_mut(&mut self.state).node = info;
+        self.pending.node = true;
+        true
+    }
+
+    /// Re-derives one Service's ports and endpoints; records what changed.
+    fn refresh_service(&mut self, key: &ServiceName, now: Instant) -> bool {
+        let mut warnings = Vec::new();
+        let ports = match self.services.get(key) {
+            None => Vec::new(),
+            Some(svc) => match convert::service_ports(svc) {
+                Ok(converted) => {
+                    warnings.extend(converted.warnings);
+                    converted.ports
+                }
+                Err(err) => {
+                    // Refused as a whole: its rules go, everything else stays.
+                    tracing::warn!(service = %key, error = %err, "ignoring invalid Service");
+                    Vec::new()
+                }
+            },
+        };
+        let slices = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k));
+        let mut by_port = convert::service_endpoints(slices, &self.node_name, &mut warnings);
+        for warning in &warnings {
+            tracing::warn!(service = %key, "{warning}");
+        }
+
+        let old_ports: Vec<_> = self
+            .state
+            .ports_of(key)
+            .map(|(_, p)| Arc::clone(p))
+            .collect();
+        let ports_changed =
+            old_ports.len() != ports.len() || old_ports.iter().zip(&ports).any(|(a, b)| **a != *b);
+        let mut endpoints_changed = false;
+        let mut new_endpoints = Vec::with_capacity(ports.len());
+        for port in &ports {
+            let eps = by_port
+                .remove(&(port.name.port.clone(), port.name.protocol))
+                .unwrap_or_default();
+            if self.state.endpoints_of(&port.name) != eps.as_slice() {
+                endpoints_changed = true;
+            }
+            new_endpoints.push(eps);
+        }
+        // Endpoints of removed ports count as endpoint changes too.
+        if old_ports.iter().any(|p| {
+            !self.state.endpoints_of(&p.name).is_empty() && !ports.iter().any(|n| n.name == p.name)
+        }) {
+            endpoints_changed = true;
+        }
+        if !ports_changed && !endpoints_changed {
+            return false;
+        }
+
+        let state = Arc::make_mut(&mut self.state);
+        for old in &old_ports {
+            state.services.remove(&old.name);
+            state.endpoints.remove(&old.name);
+        }
+        for (port, eps) in ports.into_iter().zip(new_endpoints) {
+            if !eps.is_empty() {
+                state.endpoints.insert(port.name.clone(), Arc::new(eps));
+            }
+            state.services.insert(port.name.clone(), Arc::new(port));
+        }
+        if ports_changed {
+            self.pending.services.entry(key.clone()).or_insert(now);
+        }
+        if endpoints_changed {
+            self.pending.endpoints.entry(key.clone()).or_insert(now);
+        }
+        true
+    }
+}
+
+fn raw_service_key(svc: &Service) -> ServiceName {
+    ServiceName::new(
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or(""),
+    )
+}
+
+fn slice_key(slice: &EndpointSlice) -> SliceKey {
+    (
+        slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        slice.metadata.name.clone().unwrap_or_default(),
+    )
+}
