@@ -39,6 +39,10 @@ impl<R: NftRunner> NftablesProxier<R> {
         &self.runner
     }
 
+    pub fn runner_mut(&mut self) -> &mut R {
+        &mut self.runner
+    }
+
     fn full_script(
         &self,
         request: &SyncRequest,

@@ -590,7 +590,7 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan, config: &NftConfig) {
          \tchain filter-prerouting {{\n\t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
          \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
          {reject_nodeport}\t}}\n\
-         \tchain filter-output {{\n\t\ttype filter hook output priority dstnat - 10; policy accept;\n\
+         \tchain filter-output {{\n\t\ttype filter hook output priority -110; policy accept;\n\
          \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
          {reject_nodeport}\t}}\n\
          \tchain services {{\n\

@@ -16,6 +16,8 @@ pub struct Objects {
 }
 
 /// One message from a source to the change tracker.
+// Replace is rare (one per reload or relist) and the big one: boxing it buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum SourceUpdate {
     /// Everything the source holds now; objects not listed are gone. The file source sends

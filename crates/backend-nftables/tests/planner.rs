@@ -1,0 +1,293 @@
+//! Planner tests: state in, nft script out. No root needed, except for the `nft --check`
+//! test, which asks the kernel to validate the generated ruleset without committing it.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use backend_nftables::apply::{NftCommand, NftRunner, RecordingRunner};
+use backend_nftables::plan::NftConfig;
+use backend_nftables::NftablesProxier;
+use proxy_core::model::{
+    Endpoint, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName, TrafficPolicy,
+};
+use proxy_core::proxier::{Proxier, SyncRequest};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn port(ns: &str, name: &str, cluster_ips: &[&str], port: u16, proto: Protocol) -> ServicePort {
+    ServicePort {
+        name: ServicePortName {
+            service: ServiceName::new(ns, name),
+            port: String::new(),
+            protocol: proto,
+        },
+        cluster_ips: cluster_ips.iter().map(|s| ip(s)).collect(),
+        port,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        session_affinity_timeout: None,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
+        prefer_close: false,
+    }
+}
+
+fn ep(addr: &str, port: u16) -> Endpoint {
+    Endpoint {
+        ip: ip(addr),
+        port,
+        ready: true,
+        serving: true,
+        terminating: false,
+        is_local: false,
+        zone_hints: vec![],
+    }
+}
+
+fn add(state: &mut ProxyState, svc: ServicePort, eps: Vec<Endpoint>) {
+    if !eps.is_empty() {
+        state.endpoints.insert(svc.name.clone(), Arc::new(eps));
+    }
+    state.services.insert(svc.name.clone(), Arc::new(svc));
+}
+
+fn config() -> NftConfig {
+    NftConfig {
+        cluster_cidrs: vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:244::/48".parse().unwrap(),
+        ],
+        ..NftConfig::default()
+    }
+}
+
+/// A small cluster that uses every kind of destination.
+fn sample_state() -> ProxyState {
+    let mut state = ProxyState::default();
+    let mut web = port(
+        "default",
+        "web",
+        &["10.96.0.10", "fd00:96::10"],
+        80,
+        Protocol::Tcp,
+    );
+    web.node_port = Some(30080);
+    web.external_ips = vec![ip("192.168.100.50")];
+    web.load_balancer_ips = vec![ip("192.168.100.60")];
+    add(
+        &mut state,
+        web,
+        vec![
+            ep("10.244.1.2", 8080),
+            ep("10.244.2.2", 8080),
+            ep("fd00:244:1::2", 8080),
+        ],
+    );
+    add(
+        &mut state,
+        port("kube-system", "dns", &["10.96.0.53"], 53, Protocol::Udp),
+        vec![ep("10.244.1.2", 5353)],
+    );
+    let mut empty = port("default", "empty", &["10.96.0.99"], 443, Protocol::Sctp);
+    empty.node_port = Some(30443);
+    add(&mut state, empty, vec![]);
+    state
+}
+
+fn request(state: ProxyState, changed: &[&str], full: bool) -> SyncRequest {
+    SyncRequest {
+        state: Arc::new(state),
+        changed: changed
+            .iter()
+            .map(|s| {
+                let (ns, name) = s.split_once('/').unwrap();
+                ServiceName::new(ns, name)
+            })
+            .collect::<BTreeSet<_>>(),
+        node_changed: false,
+        full,
+    }
+}
+
+#[test]
+fn full_sync_golden() {
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    let outcome = proxier.sync(&request(sample_state(), &[], true)).unwrap();
+    assert!(outcome.full);
+    insta::assert_snapshot!(proxier.runner().scripts[0]);
+}
+
+#[test]
+fn one_endpoint_change_touches_only_that_service() {
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(sample_state(), &[], true)).unwrap();
+
+    let mut state = sample_state();
+    let name = ServicePortName {
+        service: ServiceName::new("kube-system", "dns"),
+        port: String::new(),
+        protocol: Protocol::Udp,
+    };
+    state
+        .endpoints
+        .insert(name, Arc::new(vec![ep("10.244.2.2", 5353)]));
+    let outcome = proxier
+        .sync(&request(state, &["kube-system/dns"], false))
+        .unwrap();
+    assert!(!outcome.full);
+    let script = &proxier.runner().scripts[1];
+    insta::assert_snapshot!(script);
+    assert!(
+        !script.contains("table ip kube-proxy {"),
+        "must not rewrite the table"
+    );
+    assert!(!script.contains("10.96.0.10"), "other Services untouched");
+}
+
+#[test]
+fn endpoint_count_change_moves_service_to_a_new_class() {
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(sample_state(), &[], true)).unwrap();
+    let mut state = sample_state();
+    let name = ServicePortName {
+        service: ServiceName::new("kube-system", "dns"),
+        port: String::new(),
+        protocol: Protocol::Udp,
+    };
+    state.endpoints.insert(
+        name,
+        Arc::new(vec![
+            ep("10.244.1.2", 5353),
+            ep("10.244.2.2", 5353),
+            ep("10.244.3.2", 5353),
+        ]),
+    );
+    proxier
+        .sync(&request(state, &["kube-system/dns"], false))
+        .unwrap();
+    let script = &proxier.runner().scripts[1];
+    assert!(
+        script.contains("map endpoints-3"),
+        "class 3 created: {script}"
+    );
+    assert!(script.contains("goto cluster-class-3"), "{script}");
+    assert!(
+        script.contains("delete element ip kube-proxy endpoints-1"),
+        "{script}"
+    );
+}
+
+#[test]
+fn removing_last_endpoint_rejects_and_readding_restores() {
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(sample_state(), &[], true)).unwrap();
+    let mut state = sample_state();
+    let name = ServicePortName {
+        service: ServiceName::new("kube-system", "dns"),
+        port: String::new(),
+        protocol: Protocol::Udp,
+    };
+    state.endpoints.remove(&name);
+    proxier
+        .sync(&request(state, &["kube-system/dns"], false))
+        .unwrap();
+    let script = proxier.runner().scripts[1].clone();
+    assert!(
+        script.contains(
+            "add element ip kube-proxy no-endpoint-services {\n\t10.96.0.53 . udp . 53\n}"
+        ),
+        "{script}"
+    );
+    // 10.244.1.2 still backs default/web: its hairpin element stays.
+    assert!(!script.contains("hairpin"), "{script}");
+    proxier
+        .sync(&request(sample_state(), &["kube-system/dns"], false))
+        .unwrap();
+    let script = &proxier.runner().scripts[2];
+    assert!(
+        script.contains("delete element ip kube-proxy no-endpoint-services"),
+        "{script}"
+    );
+    assert!(!script.contains("hairpin"), "{script}");
+}
+
+#[test]
+fn shared_endpoint_ip_keeps_hairpin_element_while_used() {
+    // 10.244.1.2 backs both web and dns; removing dns must keep its hairpin element.
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(sample_state(), &[], true)).unwrap();
+    let mut state = sample_state();
+    state.services.retain(|k, _| k.service.name != "dns");
+    state.endpoints.retain(|k, _| k.service.name != "dns");
+    proxier
+        .sync(&request(state, &["kube-system/dns"], false))
+        .unwrap();
+    let script = &proxier.runner().scripts[1];
+    assert!(!script.contains("hairpin"), "{script}");
+    assert!(
+        script.contains("delete element ip kube-proxy service-ips"),
+        "{script}"
+    );
+}
+
+#[test]
+fn conflicting_destinations_go_to_the_first_service_only() {
+    let mut state = sample_state();
+    // Same cluster IP and port as default/web: must not break the transaction.
+    add(
+        &mut state,
+        port("default", "zz-copy", &["10.96.0.10"], 80, Protocol::Tcp),
+        vec![ep("10.244.9.9", 1)],
+    );
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(state, &[], true)).unwrap();
+    let script = &proxier.runner().scripts[0];
+    assert!(!script.contains("10.244.9.9"), "{script}");
+    assert_eq!(
+        script.matches("10.96.0.10 . tcp . 80 :").count(),
+        1,
+        "{script}"
+    );
+}
+
+#[test]
+fn failed_sync_forces_a_full_rewrite_next_time() {
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(sample_state(), &[], true)).unwrap();
+    proxier.runner_mut().fail_next = Some("boom".into());
+    let mut changed = sample_state();
+    changed.endpoints.clear();
+    assert!(proxier
+        .sync(&request(changed.clone(), &["default/web"], false))
+        .is_err());
+    let outcome = proxier
+        .sync(&request(changed, &["default/web"], false))
+        .unwrap();
+    assert!(
+        outcome.full,
+        "after a failure the next sync rewrites everything"
+    );
+}
+
+/// Kernel validation of the generated rulesets (full and incremental), without
+/// committing anything: `nft --check` needs CAP_NET_ADMIN.
+#[test]
+fn kernel_accepts_generated_rulesets() {
+    if !testkit::root_or_skip("kernel_accepts_generated_rulesets") {
+        return;
+    }
+    let mut recorder = NftablesProxier::new(config(), RecordingRunner::default());
+    recorder.sync(&request(sample_state(), &[], true)).unwrap();
+    let mut checker = NftCommand::check_only();
+    let full = &recorder.runner().scripts[0];
+    checker.run(full).unwrap_or_else(|e| panic!("{e}\n{full}"));
+    checker
+        .run(&backend_nftables::cleanup_script())
+        .expect("cleanup script");
+}
