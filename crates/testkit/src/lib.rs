@@ -18,7 +18,9 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod manifests;
 mod netns;
+mod proxy;
 mod server;
 mod topology;
 
@@ -31,6 +33,7 @@ pub use client::{
     udp_request_from, RequestError,
 };
 pub use netns::{link, Netns};
+pub use proxy::ProxyProcess;
 pub use server::{sctp_available, serve, Proto, ServeMode, ServerGuard};
 pub use topology::{
     backend_ipv4, backend_ipv6, node_backend_if, Backend, Topology, CLIENT_IPV4, CLIENT_IPV6,
