@@ -1,1 +1,3 @@
+mod options;
+
 fn main() {}
