@@ -53,12 +53,20 @@ impl ProxyProcess {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).context("pid")?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("SIGTERM")?;
-        let status = self.child.wait().context("waiting for the proxy")?;
-        Ok(status)
+        self.wait()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        self.child.wait().context("waiting for the proxy")
     }
 }
 

@@ -11,7 +11,6 @@
 
 // The binary does not call into this module yet (main.rs is being written
 // separately); drop this once it does.
-#![allow(dead_code, unused_imports)]
 
 mod config;
 mod duration;
