@@ -51,7 +51,7 @@ impl<R: NftRunner> NftablesProxier<R> {
         let mut script = String::new();
         let mut plans = Vec::new();
         for &family in &self.config.families {
-            let plan = FamilyPlan::full(family, &request.state, warnings);
+            let plan = FamilyPlan::full(family, &request.state, &self.config, warnings);
             render_full(&mut script, &plan, &self.config);
             plans.push(plan);
         }

@@ -34,8 +34,12 @@ pub struct NftConfig {
     /// Pod CIDRs; traffic to a cluster IP from outside them is masqueraded.
     pub cluster_cidrs: Vec<IpNet>,
     /// `--nodeport-addresses`: NodePorts answer only on local addresses in these CIDRs.
-    /// Empty: on every local address.
+    /// Empty (and `nodeport_primary` unset): on every local address.
     pub nodeport_cidrs: Vec<IpNet>,
+    /// `--nodeport-addresses=primary` (upstream's nftables default): NodePorts answer on
+    /// the node's primary IP of each family, from its Node object; on every local
+    /// address while the node's IPs are unknown.
+    pub nodeport_primary: bool,
     /// Which families to program.
     pub families: Vec<IpFamily>,
 }
@@ -47,6 +51,7 @@ impl Default for NftConfig {
             masquerade_all: false,
             cluster_cidrs: Vec::new(),
             nodeport_cidrs: Vec::new(),
+            nodeport_primary: false,
             families: vec![IpFamily::V4, IpFamily::V6],
         }
     }
@@ -113,6 +118,8 @@ pub struct FamilyPlan {
     pub hairpin_refs: BTreeMap<IpAddr, usize>,
     /// Endpoint-count classes whose chains and maps exist.
     pub classes: BTreeSet<usize>,
+    /// Local addresses NodePorts answer on: `None` for all, `Some(empty)` for none.
+    pub nodeport_addresses: Option<Vec<IpNet>>,
 }
 
 impl FamilyPlan {
@@ -123,13 +130,20 @@ impl FamilyPlan {
             owners: HashMap::new(),
             hairpin_refs: BTreeMap::new(),
             classes: BTreeSet::new(),
+            nodeport_addresses: None,
         }
     }
 
     /// Plans every Service port from scratch. Conflicting destinations go to the port
     /// that sorts first; the others are reported.
-    pub fn full(family: IpFamily, state: &ProxyState, warnings: &mut Vec<String>) -> Self {
+    pub fn full(
+        family: IpFamily,
+        state: &ProxyState,
+        config: &NftConfig,
+        warnings: &mut Vec<String>,
+    ) -> Self {
         let mut plan = FamilyPlan::new(family);
+        plan.nodeport_addresses = nodeport_addresses(family, state, config);
         for (name, port) in &state.services {
             let eps = state.endpoints_of(name);
             let planned = plan_port(
@@ -197,6 +211,36 @@ impl FamilyPlan {
     pub fn hairpin_key(ip: &IpAddr) -> String {
         format!("{ip} . {ip}")
     }
+}
+
+/// Resolves `--nodeport-addresses` for one family against what is known of the node.
+fn nodeport_addresses(
+    family: IpFamily,
+    state: &ProxyState,
+    config: &NftConfig,
+) -> Option<Vec<IpNet>> {
+    let mut nets: Vec<IpNet> = config
+        .nodeport_cidrs
+        .iter()
+        .filter(|c| IpFamily::of_net(c) == family)
+        .map(IpNet::trunc)
+        .collect();
+    if config.nodeport_primary {
+        match state
+            .node
+            .addresses
+            .iter()
+            .find(|ip| IpFamily::of(ip) == family)
+        {
+            Some(ip) => nets.push(IpNet::from(*ip)),
+            // Node IPs unknown (no Node object): do not lose NodePorts over it.
+            None if state.node.addresses.is_empty() => return None,
+            None => {}
+        }
+    } else if config.nodeport_cidrs.is_empty() {
+        return None;
+    }
+    Some(nets)
 }
 
 /// What changes between two plans of one family, as nftables would apply it.
@@ -555,24 +599,15 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan, config: &NftConfig) {
     render_elements(out, &hairpin_refs);
     out.push_str("\t}\n");
 
-    let nodeport_cidrs: Vec<String> = config
-        .nodeport_cidrs
-        .iter()
-        .filter(|c| IpFamily::of_net(c) == family)
-        .map(|c| c.trunc().to_string())
-        .collect();
-    // With --nodeport-addresses, NodePorts answer only on matching local addresses;
-    // a family with no matching CIDR has no NodePorts at all.
-    let nodeport_match = if config.nodeport_cidrs.is_empty() {
-        Some(String::new())
-    } else if nodeport_cidrs.is_empty() {
-        None
-    } else {
-        Some(format!(
-            "{} daddr {{ {} }} ",
-            f.addr,
-            nodeport_cidrs.join(", ")
-        ))
+    // NodePorts answer on the resolved local addresses; a family with none has no
+    // NodePorts at all.
+    let nodeport_match = match &plan.nodeport_addresses {
+        None => Some(String::new()),
+        Some(nets) if nets.is_empty() => None,
+        Some(nets) => {
+            let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            Some(format!("{} daddr {{ {} }} ", f.addr, list.join(", ")))
+        }
     };
     let nodeport_rule = |verdict: &str| match &nodeport_match {
         Some(np) => format!(

@@ -110,11 +110,11 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     };
     let nft = &config.nftables;
     let mut nodeport_cidrs = Vec::new();
+    let mut nodeport_primary = false;
     for entry in &config.node_port_addresses {
         if entry == "primary" {
-            tracing::warn!("nodePortAddresses \"primary\" is not supported yet; NodePorts answer on every local address");
-            nodeport_cidrs.clear();
-            break;
+            nodeport_primary = true;
+            continue;
         }
         nodeport_cidrs.push(
             entry
@@ -138,6 +138,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             masquerade_all: nft.masquerade_all,
             cluster_cidrs: config.cluster_cidrs(),
             nodeport_cidrs,
+            nodeport_primary,
             families,
         },
         runner: RunnerConfig {

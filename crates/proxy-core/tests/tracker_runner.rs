@@ -1,0 +1,336 @@
+//! The change tracker and the sync runner, with a paused clock: no sleeps, exact timing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort as ApiServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint as ApiEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use proxy_core::model::{Protocol, ServiceName, ServicePortName};
+use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
+use proxy_core::runner::{self, RunnerConfig};
+use proxy_core::source::{Objects, SourceUpdate};
+use proxy_core::status::SyncStatus;
+use proxy_core::tracker::ChangeTracker;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+fn service(name: &str, ip: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            ports: Some(vec![ApiServicePort {
+                name: Some("http".into()),
+                port: 80,
+                ..ApiServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn slice(service: &str, name: &str, ips: &[&str], ready: bool) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_string(),
+                service.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            ..EndpointPort::default()
+        }]),
+        endpoints: ips
+            .iter()
+            .map(|ip| ApiEndpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    ..EndpointConditions::default()
+                }),
+                ..ApiEndpoint::default()
+            })
+            .collect(),
+    }
+}
+
+fn port_name(service: &str) -> ServicePortName {
+    ServicePortName {
+        service: ServiceName::new("default", service),
+        port: "http".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+#[test]
+fn tracker_derives_ports_and_merges_slices() {
+    let mut tracker = ChangeTracker::new("node-a");
+    let changed = tracker.apply(SourceUpdate::Replace(Objects {
+        services: vec![service("web", "10.96.0.10")],
+        endpoint_slices: vec![
+            slice("web", "web-1", &["10.244.1.2"], true),
+            slice("web", "web-2", &["10.244.2.2", "10.244.1.2"], true),
+        ],
+        node: None,
+    }));
+    assert!(changed);
+    let state = tracker.state();
+    let eps = state.endpoints_of(&port_name("web"));
+    assert_eq!(
+        eps.len(),
+        2,
+        "duplicate endpoint across slices kept once: {eps:?}"
+    );
+    assert_eq!(state.services[&port_name("web")].port, 80);
+    let pending = tracker.take_pending();
+    assert!(pending
+        .services
+        .contains_key(&ServiceName::new("default", "web")));
+    assert!(pending
+        .endpoints
+        .contains_key(&ServiceName::new("default", "web")));
+
+    // The same objects again: nothing changes, nothing pending.
+    let again = tracker.apply(SourceUpdate::Replace(Objects {
+        services: vec![service("web", "10.96.0.10")],
+        endpoint_slices: vec![
+            slice("web", "web-1", &["10.244.1.2"], true),
+            slice("web", "web-2", &["10.244.2.2", "10.244.1.2"], true),
+        ],
+        node: None,
+    }));
+    assert!(!again);
+    assert!(tracker.pending().is_empty());
+
+    // Deleting one slice is an endpoint change only.
+    assert!(tracker.apply(SourceUpdate::EndpointSliceDelete {
+        namespace: "default".into(),
+        name: "web-2".into(),
+    }));
+    let pending = tracker.take_pending();
+    assert!(pending.services.is_empty());
+    assert_eq!(pending.endpoints.len(), 1);
+    assert_eq!(tracker.state().endpoints_of(&port_name("web")).len(), 1);
+}
+
+#[test]
+fn invalid_service_is_dropped_without_touching_others() {
+    let mut tracker = ChangeTracker::new("node-a");
+    let mut bad = service("bad", "10.96.0.300");
+    bad.metadata.name = Some("bad".into());
+    tracker.apply(SourceUpdate::Replace(Objects {
+        services: vec![service("web", "10.96.0.10"), bad],
+        endpoint_slices: vec![],
+        node: None,
+    }));
+    let state = tracker.state();
+    assert!(state.services.contains_key(&port_name("web")));
+    assert_eq!(state.services.len(), 1);
+}
+
+#[test]
+fn not_ready_endpoints_fall_back_to_serving_terminating() {
+    let mut tracker = ChangeTracker::new("node-a");
+    let mut terminating = slice("web", "web-1", &["10.244.1.2"], false);
+    terminating.endpoints[0].conditions = Some(EndpointConditions {
+        ready: Some(false),
+        serving: Some(true),
+        terminating: Some(true),
+    });
+    tracker.apply(SourceUpdate::Replace(Objects {
+        services: vec![service("web", "10.96.0.10")],
+        endpoint_slices: vec![terminating, slice("web", "web-2", &["10.244.2.2"], false)],
+        node: None,
+    }));
+    let state = tracker.state();
+    let usable: Vec<_> =
+        proxy_core::convert::usable_endpoints(state.endpoints_of(&port_name("web")))
+            .map(|e| e.ip.to_string())
+            .collect();
+    assert_eq!(usable, vec!["10.244.1.2"]);
+}
+
+/// A backend that records each request and can be told to fail.
+#[derive(Clone, Default)]
+struct FakeProxier {
+    log: Arc<Mutex<Vec<(Instant, SyncRequest)>>>,
+    fail: Arc<Mutex<usize>>,
+}
+
+impl Proxier for FakeProxier {
+    fn mode(&self) -> &'static str {
+        "fake"
+    }
+    fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push((Instant::now(), request.clone()));
+        let mut fail = self.fail.lock().unwrap();
+        if *fail > 0 {
+            *fail -= 1;
+            return Err(ProxierError::Other("injected".into()));
+        }
+        Ok(SyncOutcome {
+            full: request.full,
+            ..SyncOutcome::default()
+        })
+    }
+    fn cleanup(&mut self) -> Result<(), ProxierError> {
+        Ok(())
+    }
+}
+
+struct Harness {
+    tx: mpsc::Sender<SourceUpdate>,
+    fake: FakeProxier,
+    status: Arc<SyncStatus>,
+    _shutdown: watch::Sender<bool>,
+}
+
+fn start(config: RunnerConfig) -> Harness {
+    let (tx, rx) = mpsc::channel(16);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let fake = FakeProxier::default();
+    let status = Arc::new(SyncStatus::default());
+    tokio::spawn(runner::run(
+        rx,
+        ChangeTracker::new("node-a"),
+        Box::new(fake.clone()),
+        config,
+        Arc::clone(&status),
+        shutdown_rx,
+    ));
+    Harness {
+        tx,
+        fake,
+        status,
+        _shutdown: shutdown_tx,
+    }
+}
+
+impl Harness {
+    fn syncs(&self) -> Vec<(Instant, SyncRequest)> {
+        self.fake.log.lock().unwrap().clone()
+    }
+}
+
+const CONFIG: RunnerConfig = RunnerConfig {
+    min_sync_period: Duration::from_secs(1),
+    sync_period: Duration::from_secs(30),
+    retry_delay: Duration::from_secs(1),
+};
+
+#[tokio::test(start_paused = true)]
+async fn no_sync_before_the_initial_state() {
+    let h = start(CONFIG);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(
+        h.syncs().is_empty(),
+        "programmed before the source delivered anything"
+    );
+    h.tx.send(SourceUpdate::Replace(Objects::default()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 1);
+    assert!(syncs[0].1.full);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bursts_coalesce_and_min_period_is_honoured() {
+    let h = start(CONFIG);
+    let t0 = Instant::now();
+    h.tx.send(SourceUpdate::Replace(Objects::default()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // 50 services, one message each, within 100 ms: one sync, 1 s after the first.
+    for i in 0..50 {
+        h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
+            &format!("s{i}"),
+            &format!("10.96.1.{i}"),
+        ))))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let syncs = h.syncs();
+    assert_eq!(
+        syncs.len(),
+        2,
+        "{:?}",
+        syncs.iter().map(|s| s.0 - t0).collect::<Vec<_>>()
+    );
+    assert!(syncs[1].0 - syncs[0].0 >= Duration::from_secs(1));
+    assert!(
+        !syncs[1].1.full,
+        "a change after a full sync is incremental"
+    );
+    assert_eq!(syncs[1].1.changed.len(), 50);
+    assert_eq!(syncs[1].1.state.services.len(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_isolated_change_syncs_at_once() {
+    let h = start(CONFIG);
+    h.tx.send(SourceUpdate::Replace(Objects::default()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = Instant::now();
+    h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
+        "web",
+        "10.96.0.10",
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 2);
+    assert!(syncs[1].0 - before < Duration::from_millis(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn periodic_full_sync_and_retry_with_backoff() {
+    let h = start(CONFIG);
+    *h.fake.fail.lock().unwrap() = 3;
+    h.tx.send(SourceUpdate::Replace(Objects::default()))
+        .await
+        .unwrap();
+    // Fails at 0 s, retries at +1 s, +2 s (doubling), then succeeds at +4 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 4, "three failures then a success");
+    let gaps: Vec<u64> = syncs
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).as_secs())
+        .collect();
+    assert_eq!(gaps, vec![1, 2, 4]);
+    assert!(syncs.iter().all(|s| s.1.full), "every retry is a full sync");
+    assert_eq!(h.status.snapshot().failed_syncs, 3);
+    assert!(h.status.snapshot().initial_sync_done);
+    // Nothing changes: the next sync is the periodic full one, a sync period later.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 5);
+    assert!(syncs[4].1.full);
+    assert_eq!((syncs[4].0 - syncs[3].0).as_secs(), 30);
+}
