@@ -18,23 +18,54 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug, Clone)]
 pub struct RunSettings {
     pub node_name: String,
-    pub manifests: PathBuf,
-    /// How often the manifests are checked for changes.
-    pub poll_interval: Duration,
-    pub nftables: NftConfig,
+    pub source: SourceSettings,
+    pub backend: BackendSettings,
     pub runner: RunnerConfig,
 }
 
-/// Builds the backend for the configured mode.
-pub fn nftables_proxier(config: NftConfig) -> Box<dyn Proxier> {
-    Box::new(NftablesProxier::new(config, NftCommand::default()))
+/// Where Services and endpoints come from.
+#[derive(Debug, Clone)]
+pub enum SourceSettings {
+    /// `--manifests PATH`, checked for changes every `poll_interval`.
+    Manifests {
+        path: PathBuf,
+        poll_interval: Duration,
+    },
 }
 
-/// Removes every rule any mode of ours created.
+/// Which datapath programs the Services.
+#[derive(Debug, Clone)]
+pub enum BackendSettings {
+    Nftables(NftConfig),
+}
+
+impl BackendSettings {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            BackendSettings::Nftables(_) => "nftables",
+        }
+    }
+
+    /// Builds the backend.
+    pub fn proxier(&self) -> Box<dyn Proxier> {
+        match self {
+            BackendSettings::Nftables(config) => {
+                Box::new(NftablesProxier::new(config.clone(), NftCommand::default()))
+            }
+        }
+    }
+}
+
+/// Removes every rule any mode of ours created, also when there is none.
 pub fn cleanup() -> anyhow::Result<()> {
-    let mut proxier = nftables_proxier(NftConfig::default());
-    proxier.cleanup().context("removing nftables rules")?;
-    tracing::info!("removed kube-proxy nftables tables (ip and ip6 kube-proxy)");
+    let all_modes = [BackendSettings::Nftables(NftConfig::default())];
+    for backend in all_modes {
+        backend
+            .proxier()
+            .cleanup()
+            .with_context(|| format!("removing {} rules", backend.mode()))?;
+        tracing::info!(mode = backend.mode(), "removed rules");
+    }
     Ok(())
 }
 
@@ -43,24 +74,33 @@ pub fn cleanup() -> anyhow::Result<()> {
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     tracing::info!(
         node = %settings.node_name,
-        manifests = %settings.manifests.display(),
-        "starting kube-proxy in nftables mode"
+        mode = settings.backend.mode(),
+        "starting kube-proxy"
     );
     let (updates_tx, updates_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let status = Arc::new(SyncStatus::default());
 
-    // The first load must work: a proxy with a wrong path should say so and stop.
-    let source = tokio::spawn(source_files::watch(
-        settings.manifests.clone(),
-        settings.node_name.clone(),
-        settings.poll_interval,
-        updates_tx,
-    ));
+    // A source that cannot start (e.g. a wrong manifests path) ends the proxy with its error.
+    let source = match &settings.source {
+        SourceSettings::Manifests {
+            path,
+            poll_interval,
+        } => {
+            tracing::info!(manifests = %path.display(), "reading Services from manifests");
+            let watch = source_files::watch(
+                path.clone(),
+                settings.node_name.clone(),
+                *poll_interval,
+                updates_tx,
+            );
+            tokio::spawn(async move { watch.await.context("reading manifests") })
+        }
+    };
     let sync_loop = tokio::spawn(runner::run(
         updates_rx,
         ChangeTracker::new(settings.node_name.clone()),
-        nftables_proxier(settings.nftables.clone()),
+        settings.backend.proxier(),
         settings.runner,
         Arc::clone(&status),
         shutdown_rx,
@@ -73,8 +113,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             let _ = sync_loop.await;
             return match result {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => Err(anyhow::Error::new(err).context("reading manifests")),
-                Err(join) => Err(anyhow::anyhow!("manifest source task failed: {join}")),
+                Ok(Err(err)) => Err(err),
+                Err(join) => Err(anyhow::anyhow!("source task failed: {join}")),
             };
         }
         signal = shutdown_signal() => {

@@ -130,9 +130,11 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     }
     Ok(app::RunSettings {
         node_name: node_name(config)?,
-        manifests,
-        poll_interval: MANIFEST_POLL_INTERVAL,
-        nftables: NftConfig {
+        source: app::SourceSettings::Manifests {
+            path: manifests,
+            poll_interval: MANIFEST_POLL_INTERVAL,
+        },
+        backend: app::BackendSettings::Nftables(NftConfig {
             masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
                 .context("masqueradeBit")?,
             masquerade_all: nft.masquerade_all,
@@ -140,7 +142,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             nodeport_cidrs,
             nodeport_primary,
             families,
-        },
+        }),
         runner: RunnerConfig {
             min_sync_period: nft.min_sync_period.to_std().unwrap_or_default(),
             sync_period: nft.sync_period.to_std().unwrap_or(Duration::from_secs(30)),

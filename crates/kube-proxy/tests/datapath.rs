@@ -1,6 +1,10 @@
-//! End to end, as root: the real binary in a network namespace programs real nftables
-//! rules from a manifests directory, and real TCP and UDP packets from other namespaces
-//! reach the backends through Service IPs.
+//! End to end, as root: the real binary in a network namespace programs the kernel from
+//! a manifests directory, and real TCP and UDP packets from other namespaces reach the
+//! backends through Service IPs.
+//!
+//! One suite for every mode: each behaviour is a function taking the mode, and
+//! `datapath_suite!` instantiates all of them per mode, so a new mode gets the whole suite
+//! by adding one line at the bottom.
 //!
 //! Topology (testkit): client 192.168.100.2 → node 192.168.100.1 → backends be0
 //! (10.244.1.2) and be1 (10.244.2.2), all serving port 8080 with their own name.
@@ -16,6 +20,23 @@ use testkit::{spread, Netns, Proto, ProxyProcess, RequestError, ServerGuard, Top
 const BACKEND_PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(2);
 const SYNCED: &str = "synced rules";
+
+/// A proxy mode, as `--proxy-mode` spells it.
+#[derive(Debug, Clone, Copy)]
+struct Mode(&'static str);
+
+impl Mode {
+    /// Whether this mode's rules are present in `node`'s kernel.
+    fn rules_present(self, node: &Netns) -> bool {
+        match self.0 {
+            "nftables" => node
+                .exec(&["nft", "list", "tables"])
+                .expect("nft list tables")
+                .contains("kube-proxy"),
+            other => panic!("no rule check for mode {other}"),
+        }
+    }
+}
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kube-proxy"))
@@ -47,16 +68,18 @@ impl Cluster {
 
 impl Cluster {
     /// Starts everything; `None` when the test must be skipped (not root, outside CI).
-    fn start(name: &str, manifests: &str, extra_args: &[&str]) -> Option<Cluster> {
+    fn start(mode: Mode, name: &str, manifests: &str, extra_args: &[&str]) -> Option<Cluster> {
         if !testkit::root_or_skip(name) {
             return None;
         }
+        let mode_flag = format!("--proxy-mode={}", mode.0);
         let topo = Topology::new(2).expect("topology");
         let servers = topo.serve_all(BACKEND_PORT).expect("backend servers");
         let dir = tempfile::tempdir().expect("tempdir");
         write_manifests(dir.path(), manifests);
         let manifests_dir = dir.path().join("manifests");
         let mut args = vec![
+            mode_flag.as_str(),
             "--manifests",
             manifests_dir.to_str().expect("utf-8 path"),
             "--hostname-override=node-a",
@@ -173,9 +196,9 @@ fn assert_spread(counts: &BTreeMap<String, usize>, expected: &[&str], what: &str
     assert_eq!(answered, expected, "{what}: answers {counts:?}");
 }
 
-#[test]
-fn every_service_ip_reaches_every_backend() {
+fn every_service_ip_reaches_every_backend(mode: Mode) {
     let Some(cluster) = Cluster::start(
+        mode,
         "every_service_ip_reaches_every_backend",
         &standard_services(&backends()),
         &[],
@@ -237,9 +260,9 @@ fn every_service_ip_reaches_every_backend() {
     assert_spread(&counts, &["be0", "be1"], "pod to ClusterIP");
 }
 
-#[test]
-fn service_without_endpoints_is_refused_not_dropped() {
+fn service_without_endpoints_is_refused_not_dropped(mode: Mode) {
     let Some(cluster) = Cluster::start(
+        mode,
         "service_without_endpoints_is_refused_not_dropped",
         &standard_services(&backends()),
         &[],
@@ -262,9 +285,9 @@ fn service_without_endpoints_is_refused_not_dropped() {
     }
 }
 
-#[test]
-fn removed_endpoint_stops_getting_new_connections() {
+fn removed_endpoint_stops_getting_new_connections(mode: Mode) {
     let Some(mut cluster) = Cluster::start(
+        mode,
         "removed_endpoint_stops_getting_new_connections",
         &standard_services(&backends()),
         &[],
@@ -312,8 +335,7 @@ fn removed_endpoint_stops_getting_new_connections() {
     assert_spread(&counts, &["be0", "be1"], "after restoring");
 }
 
-#[test]
-fn pod_reaching_itself_through_its_service_is_masqueraded() {
+fn pod_reaching_itself_through_its_service_is_masqueraded(mode: Mode) {
     // Hairpin: be0 connects to a Service whose only endpoint is be0 itself.
     let only_be0 = ServiceSpec::new(
         "default",
@@ -323,6 +345,7 @@ fn pod_reaching_itself_through_its_service_is_masqueraded() {
     )
     .endpoints(&[ip("10.244.1.2")]);
     let Some(cluster) = Cluster::start(
+        mode,
         "pod_reaching_itself_through_its_service_is_masqueraded",
         &render(&[only_be0]),
         &[],
@@ -337,8 +360,7 @@ fn pod_reaching_itself_through_its_service_is_masqueraded() {
     assert_eq!(reply.expect("hairpin request"), "be0");
 }
 
-#[test]
-fn bad_manifests_and_hostile_names_do_not_disturb_other_services() {
+fn bad_manifests_and_hostile_names_do_not_disturb_other_services(mode: Mode) {
     let hostile = r#"---
 apiVersion: v1
 kind: Service
@@ -367,6 +389,7 @@ this is: [not valid yaml
 "#;
     let manifests = format!("{}{hostile}", standard_services(&backends()));
     let Some(cluster) = Cluster::start(
+        mode,
         "bad_manifests_and_hostile_names_do_not_disturb_other_services",
         &manifests,
         &[],
@@ -393,9 +416,9 @@ this is: [not valid yaml
     }
 }
 
-#[test]
-fn cleanup_removes_all_rules_and_succeeds_when_there_are_none() {
+fn cleanup_removes_all_rules_and_succeeds_when_there_are_none(mode: Mode) {
     let Some(cluster) = Cluster::start(
+        mode,
         "cleanup_removes_all_rules_and_succeeds_when_there_are_none",
         &standard_services(&backends()),
         &[],
@@ -424,7 +447,46 @@ fn cleanup_removes_all_rules_and_succeeds_when_there_are_none() {
             "cleanup round {round}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let tables = topo.node.exec(&["nft", "list", "tables"]).expect("nft");
-        assert!(!tables.contains("kube-proxy"), "round {round}: {tables}");
+        assert!(
+            !mode.rules_present(&topo.node),
+            "round {round}: {}",
+            cluster.ruleset()
+        );
     }
 }
+
+/// Instantiates every behaviour of the suite for one mode.
+macro_rules! datapath_suite {
+    ($mode:ident) => {
+        mod $mode {
+            use super::*;
+            const MODE: Mode = Mode(stringify!($mode));
+            #[test]
+            fn every_service_ip_reaches_every_backend() {
+                super::every_service_ip_reaches_every_backend(MODE)
+            }
+            #[test]
+            fn service_without_endpoints_is_refused_not_dropped() {
+                super::service_without_endpoints_is_refused_not_dropped(MODE)
+            }
+            #[test]
+            fn removed_endpoint_stops_getting_new_connections() {
+                super::removed_endpoint_stops_getting_new_connections(MODE)
+            }
+            #[test]
+            fn pod_reaching_itself_through_its_service_is_masqueraded() {
+                super::pod_reaching_itself_through_its_service_is_masqueraded(MODE)
+            }
+            #[test]
+            fn bad_manifests_and_hostile_names_do_not_disturb_other_services() {
+                super::bad_manifests_and_hostile_names_do_not_disturb_other_services(MODE)
+            }
+            #[test]
+            fn cleanup_removes_all_rules_and_succeeds_when_there_are_none() {
+                super::cleanup_removes_all_rules_and_succeeds_when_there_are_none(MODE)
+            }
+        }
+    };
+}
+
+datapath_suite!(nftables);
