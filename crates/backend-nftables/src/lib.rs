@@ -52,7 +52,7 @@ impl<R: NftRunner> NftablesProxier<R> {
         let mut plans = Vec::new();
         for &family in &self.config.families {
             let plan = FamilyPlan::full(family, &request.state, &self.config, warnings);
-            render_full(&mut script, &plan, &self.config);
+            render_full(&mut script, &plan);
             plans.push(plan);
         }
         (script, plans)
@@ -102,7 +102,7 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
             let mut script = String::new();
             for plan in &mut plans {
                 let delta = replan(plan, &request.state, &names, &mut warnings);
-                render_delta(&mut script, plan.family, &delta, &self.config);
+                render_delta(&mut script, plan, &delta);
             }
             (script, plans)
         };

@@ -1,28 +1,37 @@
-//! The planner: desired state in, nftables map elements out. Pure: no kernel, no clock.
+//! The planner: desired state in, nftables objects out. Pure: no kernel, no clock.
 //!
 //! Shape of the ruleset (one table per IP family, `ip kube-proxy` and `ip6 kube-proxy`):
-//! - `service-ips`: verdict map `daddr . l4proto . dport → goto {cluster,external}-class-N`
-//!   for every cluster IP, externalIP and load-balancer IP of a Service port with N
-//!   usable endpoints;
-//! - `service-nodeports`: verdict map `l4proto . dport → goto nodeport-class-N`;
-//! - `endpoints-N` / `nodeport-endpoints-N`: data maps from the same keys plus a slot
-//!   `0..N` to `endpoint IP . port`; the class chain DNATs through them with
-//!   `numgen random mod N`, so a packet costs two hash lookups whatever the number of
-//!   Services, and an endpoint change touches only that Service's elements;
-//! - `no-endpoint-services` / `no-endpoint-nodeports`: sets of destinations whose
-//!   Service has no usable endpoint; new connections to them are rejected;
+//! - `service-ips`: verdict map `daddr . l4proto . dport → goto <chain>` for every cluster
+//!   IP, externalIP and load-balancer IP; `service-nodeports`: `l4proto . dport → goto
+//!   <chain>` on the node's NodePort addresses.
+//! - Plain Service ports (no affinity, no `Local` policy) share *class* chains, one per
+//!   endpoint count N: `{cluster,external,nodeport}-class-N` DNAT through
+//!   `numgen random mod N` into the data maps `endpoints-N` / `nodeport-endpoints-N`
+//!   keyed by destination plus slot. A packet costs two hash lookups whatever the number
+//!   of Services, and an endpoint change touches only that Service's elements.
+//! - Ports that need more (session affinity, `Local` traffic policies) get chains of
+//!   their own, named by a hash of the port's name: `int-H` (cluster-IP traffic), `ext-H`
+//!   (NodePort/external traffic), `svc-H` / `svl-H` (all / local endpoints), and with
+//!   affinity one `ep-E` chain and `aff-E` set per endpoint.
+//! - `no-endpoint-services` / `no-endpoint-nodeports`: destinations of Services without
+//!   any endpoint; new connections to them are rejected.
+//! - `firewall-ips`: load-balancer IPs with `loadBalancerSourceRanges` → `fw-H`, which
+//!   drops other sources.
 //! - `hairpin`: `endpoint . endpoint` pairs, to masquerade a pod reaching itself.
 //!
-//! Only IP addresses and port numbers from the API reach the rules, formatted by us from
-//! parsed values: no name or string from an object can alter the rules' syntax.
+//! Only IP addresses, CIDRs, port numbers and hashes reach the rules, formatted by us from
+//! parsed values; the one name that does (a chain comment) is filtered to a safe alphabet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use proxy_core::convert::usable_endpoints;
-use proxy_core::model::{IpFamily, Protocol, ProxyState, ServicePort, ServicePortName};
+use proxy_core::model::{
+    Endpoint, IpFamily, LocalDetector, Protocol, ProxyState, ServicePort, ServicePortName,
+    TrafficPolicy,
+};
+use proxy_core::select::{externally_accessible, select, Selection};
 
 /// Settings that shape the static part of the ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +40,9 @@ pub struct NftConfig {
     pub masquerade_bit: u8,
     /// Masquerade all traffic to cluster IPs (`--masquerade-all`).
     pub masquerade_all: bool,
-    /// Pod CIDRs; traffic to a cluster IP from outside them is masqueraded.
-    pub cluster_cidrs: Vec<IpNet>,
+    /// How pod traffic is recognised (`--detect-local-mode`); traffic to a cluster IP from
+    /// anything else is masqueraded.
+    pub local: LocalDetector,
     /// `--nodeport-addresses`: NodePorts answer only on local addresses in these CIDRs.
     /// Empty (and `nodeport_primary` unset): on every local address.
     pub nodeport_cidrs: Vec<IpNet>,
@@ -49,7 +59,7 @@ impl Default for NftConfig {
         NftConfig {
             masquerade_bit: 14,
             masquerade_all: false,
-            cluster_cidrs: Vec::new(),
+            local: LocalDetector::None,
             nodeport_cidrs: Vec::new(),
             nodeport_primary: false,
             families: vec![IpFamily::V4, IpFamily::V6],
@@ -64,6 +74,7 @@ pub enum MapId {
     ServiceNodeports,
     NoEndpointServices,
     NoEndpointNodeports,
+    FirewallIps,
     Endpoints(usize),
     NodeportEndpoints(usize),
     Hairpin,
@@ -76,6 +87,7 @@ impl MapId {
             MapId::ServiceNodeports => "service-nodeports".into(),
             MapId::NoEndpointServices => "no-endpoint-services".into(),
             MapId::NoEndpointNodeports => "no-endpoint-nodeports".into(),
+            MapId::FirewallIps => "firewall-ips".into(),
             MapId::Endpoints(n) => format!("endpoints-{n}"),
             MapId::NodeportEndpoints(n) => format!("nodeport-endpoints-{n}"),
             MapId::Hairpin => "hairpin".into(),
@@ -89,6 +101,14 @@ pub struct Element {
     pub map: MapId,
     pub key: String,
     pub value: Option<String>,
+}
+
+/// A chain owned by one Service port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Chain {
+    pub name: String,
+    pub comment: String,
+    pub rules: Vec<String>,
 }
 
 /// A destination one Service port owns; two Services cannot share one.
@@ -105,12 +125,34 @@ pub struct PortPlan {
     pub destinations: Vec<Destination>,
     /// Endpoint IPs, for the shared hairpin set.
     pub endpoint_ips: BTreeSet<IpAddr>,
+    /// Chains of its own (affinity, local policies, source ranges).
+    pub chains: Vec<Chain>,
+    /// Affinity sets of its own (all of the same type).
+    pub affinity_sets: Vec<String>,
 }
 
-/// One family's table, as elements per Service port.
+/// How "traffic from this cluster's pods" reads in nftables, both ways round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalMatch {
+    pub is_local: String,
+    pub not_local: String,
+}
+
+/// Settings resolved for one family at full-plan time (they may depend on the node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilySettings {
+    pub family: IpFamily,
+    pub mark: u32,
+    pub masquerade_all: bool,
+    pub local: Option<LocalMatch>,
+    /// Local addresses NodePorts answer on: `None` for all, `Some(empty)` for none.
+    pub nodeport_addresses: Option<Vec<IpNet>>,
+}
+
+/// One family's table, as objects per Service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyPlan {
-    pub family: IpFamily,
+    pub settings: FamilySettings,
     pub ports: BTreeMap<ServicePortName, PortPlan>,
     /// Who owns each destination.
     pub owners: HashMap<Destination, ServicePortName>,
@@ -118,20 +160,11 @@ pub struct FamilyPlan {
     pub hairpin_refs: BTreeMap<IpAddr, usize>,
     /// Endpoint-count classes whose chains and maps exist.
     pub classes: BTreeSet<usize>,
-    /// Local addresses NodePorts answer on: `None` for all, `Some(empty)` for none.
-    pub nodeport_addresses: Option<Vec<IpNet>>,
 }
 
 impl FamilyPlan {
-    pub fn new(family: IpFamily) -> Self {
-        FamilyPlan {
-            family,
-            ports: BTreeMap::new(),
-            owners: HashMap::new(),
-            hairpin_refs: BTreeMap::new(),
-            classes: BTreeSet::new(),
-            nodeport_addresses: None,
-        }
+    pub fn family(&self) -> IpFamily {
+        self.settings.family
     }
 
     /// Plans every Service port from scratch. Conflicting destinations go to the port
@@ -142,14 +175,27 @@ impl FamilyPlan {
         config: &NftConfig,
         warnings: &mut Vec<String>,
     ) -> Self {
-        let mut plan = FamilyPlan::new(family);
-        plan.nodeport_addresses = nodeport_addresses(family, state, config);
+        let settings = FamilySettings {
+            family,
+            mark: 1u32 << config.masquerade_bit,
+            masquerade_all: config.masquerade_all,
+            local: local_match(family, &config.local, state),
+            nodeport_addresses: nodeport_addresses(family, state, config),
+        };
+        let mut plan = FamilyPlan {
+            settings,
+            ports: BTreeMap::new(),
+            owners: HashMap::new(),
+            hairpin_refs: BTreeMap::new(),
+            classes: BTreeSet::new(),
+        };
         for (name, port) in &state.services {
             let eps = state.endpoints_of(name);
             let planned = plan_port(
-                family,
+                &plan.settings,
                 port,
                 eps,
+                state,
                 |d| plan.owners.get(d).is_none_or(|o| o == name),
                 warnings,
             );
@@ -213,6 +259,40 @@ impl FamilyPlan {
     }
 }
 
+/// Resolves `--detect-local-mode` for one family; `None` when nothing is local.
+fn local_match(
+    family: IpFamily,
+    detector: &LocalDetector,
+    state: &ProxyState,
+) -> Option<LocalMatch> {
+    let addr = family_names(family).addr;
+    let cidr_match = |nets: &[IpNet]| {
+        let list: Vec<String> = nets
+            .iter()
+            .filter(|n| IpFamily::of_net(n) == family)
+            .map(|n| n.trunc().to_string())
+            .collect();
+        (!list.is_empty()).then(|| LocalMatch {
+            is_local: format!("{addr} saddr {{ {} }}", list.join(", ")),
+            not_local: format!("{addr} saddr != {{ {} }}", list.join(", ")),
+        })
+    };
+    match detector {
+        LocalDetector::None => None,
+        LocalDetector::ClusterCidr(nets) => cidr_match(nets),
+        LocalDetector::NodeCidr => cidr_match(&state.node.pod_cidrs),
+        // Interface names are validated at start-up (no quotes or spaces).
+        LocalDetector::BridgeInterface(name) => Some(LocalMatch {
+            is_local: format!("iifname \"{name}\""),
+            not_local: format!("iifname != \"{name}\""),
+        }),
+        LocalDetector::InterfaceNamePrefix(prefix) => Some(LocalMatch {
+            is_local: format!("iifname \"{prefix}*\""),
+            not_local: format!("iifname != \"{prefix}*\""),
+        }),
+    }
+}
+
 /// Resolves `--nodeport-addresses` for one family against what is known of the node.
 fn nodeport_addresses(
     family: IpFamily,
@@ -249,17 +329,30 @@ pub struct Delta {
     pub new_classes: BTreeSet<usize>,
     pub deleted: BTreeSet<Element>,
     pub added: BTreeSet<Element>,
+    /// Chains that did not exist.
+    pub chains_added: Vec<Chain>,
+    /// Chains that exist with other rules: flushed and refilled.
+    pub chains_changed: Vec<Chain>,
+    pub chains_deleted: Vec<String>,
+    pub sets_added: Vec<String>,
+    pub sets_deleted: Vec<String>,
 }
 
 impl Delta {
     pub fn is_empty(&self) -> bool {
-        self.new_classes.is_empty() && self.deleted.is_empty() && self.added.is_empty()
+        self.new_classes.is_empty()
+            && self.deleted.is_empty()
+            && self.added.is_empty()
+            && self.chains_added.is_empty()
+            && self.chains_changed.is_empty()
+            && self.chains_deleted.is_empty()
+            && self.sets_added.is_empty()
+            && self.sets_deleted.is_empty()
     }
 }
 
 /// Replans the given Service ports (old and new names of the changed Services) on top of
-/// `plan`, returning the delta. `plan` becomes the new plan; callers that need to roll
-/// back keep a copy of what they hand in or rebuild with [`FamilyPlan::full`].
+/// `plan`, returning the delta. `plan` becomes the new plan.
 pub fn replan(
     plan: &mut FamilyPlan,
     state: &ProxyState,
@@ -273,13 +366,19 @@ pub fn replan(
         .flat_map(|p| p.endpoint_ips.iter().copied())
         .collect();
     let mut old_elements: BTreeSet<Element> = BTreeSet::new();
+    let mut old_chains: BTreeMap<String, Chain> = BTreeMap::new();
+    let mut old_sets: BTreeSet<String> = BTreeSet::new();
     for name in names {
         if let Some(old) = plan.ports.get(name) {
             old_elements.extend(old.elements.iter().cloned());
+            old_chains.extend(old.chains.iter().map(|c| (c.name.clone(), c.clone())));
+            old_sets.extend(old.affinity_sets.iter().cloned());
         }
         plan.remove(name);
     }
     let mut new_elements: BTreeSet<Element> = BTreeSet::new();
+    let mut new_chains: BTreeMap<String, Chain> = BTreeMap::new();
+    let mut new_sets: BTreeSet<String> = BTreeSet::new();
     let mut hairpin_touched = hairpin_before.clone();
     for name in names {
         let Some(port) = state.services.get(name) else {
@@ -287,13 +386,16 @@ pub fn replan(
         };
         let eps = state.endpoints_of(name);
         let planned = plan_port(
-            plan.family,
+            &plan.settings,
             port,
             eps,
+            state,
             |d| plan.owners.get(d).is_none_or(|o| o == name),
             warnings,
         );
         new_elements.extend(planned.elements.iter().cloned());
+        new_chains.extend(planned.chains.iter().map(|c| (c.name.clone(), c.clone())));
+        new_sets.extend(planned.affinity_sets.iter().cloned());
         hairpin_touched.extend(planned.endpoint_ips.iter().copied());
         for e in &planned.elements {
             if let MapId::Endpoints(n) | MapId::NodeportEndpoints(n) = e.map {
@@ -306,6 +408,20 @@ pub fn replan(
     }
     delta.deleted = old_elements.difference(&new_elements).cloned().collect();
     delta.added = new_elements.difference(&old_elements).cloned().collect();
+    for (name, chain) in &new_chains {
+        match old_chains.get(name) {
+            None => delta.chains_added.push(chain.clone()),
+            Some(old) if old.rules != chain.rules => delta.chains_changed.push(chain.clone()),
+            Some(_) => {}
+        }
+    }
+    delta.chains_deleted = old_chains
+        .keys()
+        .filter(|n| !new_chains.contains_key(*n))
+        .cloned()
+        .collect();
+    delta.sets_added = new_sets.difference(&old_sets).cloned().collect();
+    delta.sets_deleted = old_sets.difference(&new_sets).cloned().collect();
     // Hairpin elements are shared: compare presence before and after for touched IPs.
     for ip in hairpin_touched {
         let was = hairpin_before.contains(&ip) || plan_has_hairpin_elsewhere(plan, &ip, names);
@@ -339,31 +455,56 @@ fn plan_has_hairpin_elsewhere(
     refs > ours
 }
 
+/// A stable, short, syntax-safe identifier: FNV-1a over the parts, as 16 hex digits.
+fn hash_id(parts: &[&str]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// A chain comment: the port's name, restricted to characters that cannot end a string.
+fn safe_comment(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | ':' | '-' | '.' | '_'))
+        .take(120)
+        .collect()
+}
+
+/// Whether a port needs chains of its own rather than the shared class chains.
+fn needs_own_chains(port: &ServicePort) -> bool {
+    port.session_affinity_timeout.is_some()
+        || port.internal_traffic_policy == TrafficPolicy::Local
+        || (externally_accessible(port) && port.external_traffic_policy == TrafficPolicy::Local)
+}
+
 /// Plans one Service port in one family. `may_claim` says whether a destination is free
 /// for this port (not owned by another Service port).
 fn plan_port(
-    family: IpFamily,
+    settings: &FamilySettings,
     port: &ServicePort,
-    endpoints: &[proxy_core::model::Endpoint],
+    endpoints: &[Endpoint],
+    state: &ProxyState,
     may_claim: impl Fn(&Destination) -> bool,
     warnings: &mut Vec<String>,
 ) -> PortPlan {
+    let family = settings.family;
     let mut out = PortPlan::default();
     let Some(cluster_ip) = port.cluster_ip(family) else {
         return out;
     };
     let proto = port.protocol();
-    let eps: Vec<_> = usable_endpoints(endpoints)
-        .filter(|e| e.family() == family)
-        .collect();
-    let n = eps.len();
+    let selection = select(port, endpoints, family, &state.node);
 
-    let mut ip_dests: Vec<(IpAddr, &str)> = vec![(cluster_ip, "cluster")];
-    ip_dests.extend(
-        port.external_destinations(family)
-            .map(|ip| (ip, "external")),
-    );
-    for (ip, kind) in ip_dests {
+    // Claim destinations first: a conflict drops only that destination.
+    let mut ip_dests: Vec<(IpAddr, bool)> = vec![(cluster_ip, false)];
+    ip_dests.extend(port.external_destinations(family).map(|ip| (ip, true)));
+    let mut claimed_ips = Vec::new();
+    for (ip, external) in ip_dests {
         let dest = Destination::Ip(ip, proto, port.port);
         if out.destinations.contains(&dest) {
             continue;
@@ -376,15 +517,85 @@ fn plan_port(
             continue;
         }
         out.destinations.push(dest);
-        let key = format!("{ip} . {proto} . {}", port.port);
-        if n == 0 {
+        claimed_ips.push((ip, external));
+    }
+    let mut node_port = None;
+    if let Some(np) = port.node_port {
+        let dest = Destination::NodePort(proto, np);
+        if may_claim(&dest) {
+            out.destinations.push(dest);
+            node_port = Some(np);
+        } else {
+            warnings.push(format!(
+                "{}: nodePort {proto}/{np} is already used by another Service; skipped",
+                port.name
+            ));
+        }
+    }
+
+    if !selection.has_any {
+        for (ip, _) in &claimed_ips {
             out.elements.push(Element {
                 map: MapId::NoEndpointServices,
-                key,
+                key: format!("{ip} . {proto} . {}", port.port),
                 value: None,
             });
-            continue;
         }
+        if let Some(np) = node_port {
+            out.elements.push(Element {
+                map: MapId::NoEndpointNodeports,
+                key: format!("{proto} . {np}"),
+                value: None,
+            });
+        }
+    } else if needs_own_chains(port) {
+        plan_own_chains(
+            settings,
+            port,
+            &selection,
+            &claimed_ips,
+            node_port,
+            &mut out,
+        );
+    } else {
+        plan_class(
+            settings,
+            port,
+            &selection.cluster,
+            &claimed_ips,
+            node_port,
+            &mut out,
+        );
+    }
+    plan_firewall(settings, port, &claimed_ips, &mut out);
+
+    let used: BTreeSet<IpAddr> = selection
+        .cluster
+        .iter()
+        .chain(selection.local.iter())
+        .map(|e| e.ip)
+        .collect();
+    if selection.has_any && !out.destinations.is_empty() {
+        out.endpoint_ips = used;
+    }
+    out.elements.sort();
+    out
+}
+
+/// A plain port: elements in the shared class maps.
+fn plan_class(
+    settings: &FamilySettings,
+    port: &ServicePort,
+    eps: &[&Endpoint],
+    ips: &[(IpAddr, bool)],
+    node_port: Option<u16>,
+    out: &mut PortPlan,
+) {
+    let _ = settings;
+    let proto = port.protocol();
+    let n = eps.len();
+    for (ip, external) in ips {
+        let key = format!("{ip} . {proto} . {}", port.port);
         for (slot, ep) in eps.iter().enumerate() {
             out.elements.push(Element {
                 map: MapId::Endpoints(n),
@@ -392,50 +603,257 @@ fn plan_port(
                 value: Some(format!("{} . {}", ep.ip, ep.port)),
             });
         }
+        let kind = if *external { "external" } else { "cluster" };
         out.elements.push(Element {
             map: MapId::ServiceIps,
             key,
             value: Some(format!("goto {kind}-class-{n}")),
         });
     }
+    if let Some(np) = node_port {
+        let key = format!("{proto} . {np}");
+        for (slot, ep) in eps.iter().enumerate() {
+            out.elements.push(Element {
+                map: MapId::NodeportEndpoints(n),
+                key: format!("{key} . {slot}"),
+                value: Some(format!("{} . {}", ep.ip, ep.port)),
+            });
+        }
+        out.elements.push(Element {
+            map: MapId::ServiceNodeports,
+            key,
+            value: Some(format!("goto nodeport-class-{n}")),
+        });
+    }
+}
 
-    if let Some(node_port) = port.node_port {
-        let dest = Destination::NodePort(proto, node_port);
-        if !may_claim(&dest) {
-            warnings.push(format!(
-                "{}: nodePort {proto}/{node_port} is already used by another Service; skipped",
-                port.name
-            ));
-        } else {
-            out.destinations.push(dest);
-            let key = format!("{proto} . {node_port}");
-            if n == 0 {
-                out.elements.push(Element {
-                    map: MapId::NoEndpointNodeports,
-                    key,
-                    value: None,
-                });
-            } else {
-                for (slot, ep) in eps.iter().enumerate() {
-                    out.elements.push(Element {
-                        map: MapId::NodeportEndpoints(n),
-                        key: format!("{key} . {slot}"),
-                        value: Some(format!("{} . {}", ep.ip, ep.port)),
-                    });
-                }
-                out.elements.push(Element {
-                    map: MapId::ServiceNodeports,
-                    key,
-                    value: Some(format!("goto nodeport-class-{n}")),
-                });
+/// The rule that sends a packet to one of `eps` (DNAT, or via endpoint chains with
+/// affinity); `drop` when there is none to use.
+fn dispatch_rules(
+    settings: &FamilySettings,
+    port: &ServicePort,
+    eps: &[&Endpoint],
+    id_parts: &[&str],
+    out: &mut PortPlan,
+) -> Vec<String> {
+    let f = family_names(settings.family);
+    let proto = port.protocol();
+    if eps.is_empty() {
+        return vec!["drop".into()];
+    }
+    let Some(timeout) = port.session_affinity_timeout else {
+        let targets: Vec<String> = eps
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| format!("{i} : {} . {}", ep.ip, ep.port))
+            .collect();
+        return vec![format!(
+            "meta l4proto {proto} dnat {a} to numgen random mod {} map {{ {} }}",
+            eps.len(),
+            targets.join(", "),
+            a = f.addr
+        )];
+    };
+    // Affinity: a set of recent clients per endpoint; a known client goes back to its
+    // endpoint, a new one is spread and remembered for `timeout` seconds.
+    let mut rules = Vec::new();
+    let mut gotos = Vec::new();
+    for (i, ep) in eps.iter().enumerate() {
+        let ep_text = format!("{}.{}", ep.ip, ep.port);
+        let mut parts = id_parts.to_vec();
+        parts.push(&ep_text);
+        let id = hash_id(&parts);
+        let chain = format!("ep-{id}");
+        let set = format!("aff-{id}");
+        let dnat_to = match ep.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", ep.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", ep.port),
+        };
+        out.chains.push(Chain {
+            name: chain.clone(),
+            comment: safe_comment(&format!("{} {ep_text}", port.name)),
+            rules: vec![
+                format!(
+                    "update @{set} {{ {a} saddr timeout {timeout}s }}",
+                    a = f.addr
+                ),
+                format!("meta l4proto {proto} dnat {a} to {dnat_to}", a = f.addr),
+            ],
+        });
+        if !out.affinity_sets.contains(&set) {
+            out.affinity_sets.push(set.clone());
+        }
+        rules.push(format!("{a} saddr @{set} goto {chain}", a = f.addr));
+        gotos.push(format!("{i} : goto {chain}"));
+    }
+    rules.push(format!(
+        "numgen random mod {} vmap {{ {} }}",
+        eps.len(),
+        gotos.join(", ")
+    ));
+    rules
+}
+
+/// A port with affinity or a `Local` policy: chains of its own.
+fn plan_own_chains(
+    settings: &FamilySettings,
+    port: &ServicePort,
+    selection: &Selection<'_>,
+    ips: &[(IpAddr, bool)],
+    node_port: Option<u16>,
+    out: &mut PortPlan,
+) {
+    let proto = port.protocol();
+    let name_text = format!(
+        "{}/{}/{}/{}",
+        port.name.service.namespace, port.name.service.name, port.name.port, proto
+    );
+    let id = hash_id(&[&name_text]);
+    let mark_rule = format!("meta mark set meta mark | {:#x}", settings.mark);
+    let comment = safe_comment(&port.name.to_string());
+
+    // svc-H: all (cluster) endpoints; svl-H: this node's.
+    let svc = format!("svc-{id}");
+    let svl = format!("svl-{id}");
+    let cluster_rules = dispatch_rules(
+        settings,
+        port,
+        &selection.cluster,
+        &[&name_text, "cluster"],
+        out,
+    );
+    out.chains.push(Chain {
+        name: svc.clone(),
+        comment: comment.clone(),
+        rules: cluster_rules,
+    });
+    let uses_local = !selection.local.is_empty()
+        || port.internal_traffic_policy == TrafficPolicy::Local
+        || port.external_traffic_policy == TrafficPolicy::Local;
+    if uses_local {
+        let local_rules = dispatch_rules(
+            settings,
+            port,
+            &selection.local,
+            &[&name_text, "local"],
+            out,
+        );
+        out.chains.push(Chain {
+            name: svl.clone(),
+            comment: comment.clone(),
+            rules: local_rules,
+        });
+    }
+
+    // int-H: traffic to the cluster IP.
+    let int = format!("int-{id}");
+    let mut int_rules = Vec::new();
+    if settings.masquerade_all {
+        int_rules.push(mark_rule.clone());
+    } else if let Some(local) = &settings.local {
+        int_rules.push(format!("{} {mark_rule}", local.not_local));
+    }
+    int_rules.push(match port.internal_traffic_policy {
+        TrafficPolicy::Local => format!("goto {svl}"),
+        TrafficPolicy::Cluster => format!("goto {svc}"),
+    });
+    out.chains.push(Chain {
+        name: int.clone(),
+        comment: comment.clone(),
+        rules: int_rules,
+    });
+
+    // ext-H: NodePort, externalIP and load-balancer traffic.
+    let ext = format!("ext-{id}");
+    let mut ext_rules = Vec::new();
+    match port.external_traffic_policy {
+        TrafficPolicy::Cluster => {
+            ext_rules.push(mark_rule.clone());
+            ext_rules.push(format!("goto {svc}"));
+        }
+        TrafficPolicy::Local => {
+            // Pods and the node itself reach external IPs of a Local Service through
+            // all endpoints, as if they had used the cluster IP; outside clients keep
+            // their source address and reach this node's endpoints only.
+            if let Some(local) = &settings.local {
+                ext_rules.push(format!("{} goto {svc}", local.is_local));
             }
+            ext_rules.push(format!("fib saddr type local {mark_rule}"));
+            ext_rules.push(format!("fib saddr type local goto {svc}"));
+            ext_rules.push(format!("goto {svl}"));
         }
     }
-    if n > 0 && !out.destinations.is_empty() {
-        out.endpoint_ips = eps.iter().map(|e| e.ip).collect();
+    let has_external = ips.iter().any(|(_, e)| *e) || node_port.is_some();
+    if has_external {
+        out.chains.push(Chain {
+            name: ext.clone(),
+            comment,
+            rules: ext_rules,
+        });
     }
-    out.elements.sort();
-    out
+
+    for (ip, external) in ips {
+        out.elements.push(Element {
+            map: MapId::ServiceIps,
+            key: format!("{ip} . {proto} . {}", port.port),
+            value: Some(format!("goto {}", if *external { &ext } else { &int })),
+        });
+    }
+    if let Some(np) = node_port {
+        out.elements.push(Element {
+            map: MapId::ServiceNodeports,
+            key: format!("{proto} . {np}"),
+            value: Some(format!("goto {ext}")),
+        });
+    }
+}
+
+/// `loadBalancerSourceRanges`: only listed sources reach the load-balancer IPs.
+fn plan_firewall(
+    settings: &FamilySettings,
+    port: &ServicePort,
+    ips: &[(IpAddr, bool)],
+    out: &mut PortPlan,
+) {
+    if port.load_balancer_source_ranges.is_empty() {
+        return;
+    }
+    let lb_ips: Vec<&IpAddr> = ips
+        .iter()
+        .filter(|(ip, _)| port.load_balancer_ips.contains(ip))
+        .map(|(ip, _)| ip)
+        .collect();
+    if lb_ips.is_empty() {
+        return;
+    }
+    let f = family_names(settings.family);
+    let proto = port.protocol();
+    let ranges: Vec<String> = port
+        .load_balancer_source_ranges
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == settings.family)
+        .map(ToString::to_string)
+        .collect();
+    let id = hash_id(&[&port.name.to_string(), "firewall"]);
+    let chain = format!("fw-{id}");
+    let rule = if ranges.is_empty() {
+        // Ranges only of the other family: nobody of this family may connect.
+        "drop".to_string()
+    } else {
+        format!("{} saddr != {{ {} }} drop", f.addr, ranges.join(", "))
+    };
+    out.chains.push(Chain {
+        name: chain.clone(),
+        comment: safe_comment(&port.name.to_string()),
+        rules: vec![rule],
+    });
+    for ip in lb_ips {
+        out.elements.push(Element {
+            map: MapId::FirewallIps,
+            key: format!("{ip} . {proto} . {}", port.port),
+            value: Some(format!("goto {chain}")),
+        });
+    }
 }
 
 /// nftables' names for a family.
@@ -466,50 +884,33 @@ pub fn family_names(family: IpFamily) -> FamilyNames {
 /// The table every mode of ours programs nftables rules in (per family).
 pub const TABLE: &str = "kube-proxy";
 
-/// Renders the definition of one endpoint-count class: its DNAT map and chains.
+/// Renders the definition of one endpoint-count class: its DNAT maps and chains.
 fn render_class(
     out: &mut String,
-    family: IpFamily,
-    config: &NftConfig,
+    settings: &FamilySettings,
     n: usize,
     endpoints: &[(&str, Option<&str>)],
     nodeport_endpoints: &[(&str, Option<&str>)],
 ) {
-    let f = family_names(family);
-    let mark = 1u32 << config.masquerade_bit;
+    let f = family_names(settings.family);
+    let mark = settings.mark;
     // `numgen random mod 1` only gives the key's type; the chains use `mod N`.
-    let _ = writeln!(
-        out,
-        "\tmap endpoints-{n} {{\n\t\ttypeof {a} daddr . meta l4proto . th dport . numgen random mod 1 : {a} daddr . th dport",
-        a = f.addr
-    );
+    let _ = writeln!(out, "\tmap endpoints-{n} {{\n\t\ttypeof {a} daddr . meta l4proto . th dport . numgen random mod 1 : {a} daddr . th dport", a = f.addr);
     render_elements(out, endpoints);
     out.push_str("\t}\n");
-    let _ = writeln!(
-        out,
-        "\tmap nodeport-endpoints-{n} {{\n\t\ttypeof meta l4proto . th dport . numgen random mod 1 : {a} daddr . th dport",
-        a = f.addr
-    );
+    let _ = writeln!(out, "\tmap nodeport-endpoints-{n} {{\n\t\ttypeof meta l4proto . th dport . numgen random mod 1 : {a} daddr . th dport", a = f.addr);
     render_elements(out, nodeport_endpoints);
     out.push_str("\t}\n");
-    let mut cluster_mark = String::new();
-    if config.masquerade_all {
-        cluster_mark = format!("\t\tmeta mark set meta mark | {mark:#x}\n");
+    let cluster_mark = if settings.masquerade_all {
+        format!("\t\tmeta mark set meta mark | {mark:#x}\n")
+    } else if let Some(local) = &settings.local {
+        format!(
+            "\t\t{} meta mark set meta mark | {mark:#x}\n",
+            local.not_local
+        )
     } else {
-        let cidrs: Vec<String> = config
-            .cluster_cidrs
-            .iter()
-            .filter(|c| IpFamily::of_net(c) == family)
-            .map(|c| c.trunc().to_string())
-            .collect();
-        if !cidrs.is_empty() {
-            cluster_mark = format!(
-                "\t\t{} saddr != {{ {} }} meta mark set meta mark | {mark:#x}\n",
-                f.addr,
-                cidrs.join(", ")
-            );
-        }
-    }
+        String::new()
+    };
     let _ = writeln!(
         out,
         "\tchain cluster-class-{n} {{\n{cluster_mark}\t\tdnat {a} to {a} daddr . meta l4proto . th dport . numgen random mod {n} map @endpoints-{n}\n\t}}",
@@ -544,13 +945,30 @@ fn render_elements(out: &mut String, elements: &[(&str, Option<&str>)]) {
     out.push_str("\t\t}\n");
 }
 
+fn affinity_set_definition(family: IpFamily) -> String {
+    format!(
+        "type {}; flags dynamic,timeout; size 65535;",
+        family_names(family).addr_type
+    )
+}
+
+fn render_chain_block(out: &mut String, chain: &Chain) {
+    let _ = writeln!(out, "\tchain {} {{", chain.name);
+    let _ = writeln!(out, "\t\tcomment \"{}\"", chain.comment);
+    for rule in &chain.rules {
+        let _ = writeln!(out, "\t\t{rule}");
+    }
+    out.push_str("\t}\n");
+}
+
 /// Renders the whole table of one family, replacing whatever table of that name exists,
 /// as one part of an atomic `nft -f` transaction.
-pub fn render_full(out: &mut String, plan: &FamilyPlan, config: &NftConfig) {
-    let family = plan.family;
+pub fn render_full(out: &mut String, plan: &FamilyPlan) {
+    let settings = &plan.settings;
+    let family = settings.family;
     let f = family_names(family);
     let t = format!("{} {TABLE}", f.table_family);
-    let mark = 1u32 << config.masquerade_bit;
+    let mark = settings.mark;
     // `add` then `delete` makes the delete succeed whether or not the table existed.
     let _ = writeln!(out, "add table {t}\ndelete table {t}\ntable {t} {{");
     let _ = writeln!(out, "\tcomment \"rules for kube-proxy\"");
@@ -561,33 +979,54 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan, config: &NftConfig) {
     for &n in &plan.classes {
         render_class(
             out,
-            family,
-            config,
+            settings,
             n,
             get(MapId::Endpoints(n)),
             get(MapId::NodeportEndpoints(n)),
         );
     }
-    let _ = writeln!(
-        out,
-        "\tmap service-ips {{\n\t\ttype {} . inet_proto . inet_service : verdict",
-        f.addr_type
-    );
-    render_elements(out, get(MapId::ServiceIps));
-    out.push_str("\t}\n");
-    out.push_str("\tmap service-nodeports {\n\t\ttype inet_proto . inet_service : verdict\n");
-    render_elements(out, get(MapId::ServiceNodeports));
-    out.push_str("\t}\n");
-    let _ = writeln!(
-        out,
-        "\tset no-endpoint-services {{\n\t\ttype {} . inet_proto . inet_service",
-        f.addr_type
-    );
-    render_elements(out, get(MapId::NoEndpointServices));
-    out.push_str("\t}\n");
-    out.push_str("\tset no-endpoint-nodeports {\n\t\ttype inet_proto . inet_service\n");
-    render_elements(out, get(MapId::NoEndpointNodeports));
-    out.push_str("\t}\n");
+    for port in plan.ports.values() {
+        for set in &port.affinity_sets {
+            let _ = writeln!(out, "\tset {set} {{ {} }}", affinity_set_definition(family));
+        }
+        for chain in &port.chains {
+            render_chain_block(out, chain);
+        }
+    }
+    let verdict_maps = [
+        (
+            MapId::ServiceIps,
+            format!("{} . inet_proto . inet_service : verdict", f.addr_type),
+        ),
+        (
+            MapId::ServiceNodeports,
+            "inet_proto . inet_service : verdict".to_string(),
+        ),
+        (
+            MapId::FirewallIps,
+            format!("{} . inet_proto . inet_service : verdict", f.addr_type),
+        ),
+    ];
+    for (id, ty) in verdict_maps {
+        let _ = writeln!(out, "\tmap {} {{\n\t\ttype {ty}", id.name());
+        render_elements(out, get(id));
+        out.push_str("\t}\n");
+    }
+    let sets = [
+        (
+            MapId::NoEndpointServices,
+            format!("{} . inet_proto . inet_service", f.addr_type),
+        ),
+        (
+            MapId::NoEndpointNodeports,
+            "inet_proto . inet_service".to_string(),
+        ),
+    ];
+    for (id, ty) in sets {
+        let _ = writeln!(out, "\tset {} {{\n\t\ttype {ty}", id.name());
+        render_elements(out, get(id));
+        out.push_str("\t}\n");
+    }
     let _ = writeln!(out, "\tset hairpin {{\n\t\ttype {t} . {t}", t = f.addr_type);
     let hairpin: Vec<String> = plan
         .hairpin_refs
@@ -601,7 +1040,7 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan, config: &NftConfig) {
 
     // NodePorts answer on the resolved local addresses; a family with none has no
     // NodePorts at all.
-    let nodeport_match = match &plan.nodeport_addresses {
+    let nodeport_match = match &settings.nodeport_addresses {
         None => Some(String::new()),
         Some(nets) if nets.is_empty() => None,
         Some(nets) => {
@@ -619,10 +1058,12 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan, config: &NftConfig) {
     };
     let reject_nodeport = nodeport_rule("@no-endpoint-nodeports ct state new goto reject-chain");
     let dispatch_nodeport = nodeport_rule("vmap @service-nodeports");
+
     let _ = writeln!(
         out,
         "\tchain reject-chain {{\n\t\treject\n\t}}\n\
          \tchain filter-prerouting {{\n\t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
+         \t\t{a} daddr . meta l4proto . th dport vmap @firewall-ips\n\
          \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
          {reject_nodeport}\t}}\n\
          \tchain filter-output {{\n\t\ttype filter hook output priority -110; policy accept;\n\
@@ -666,27 +1107,76 @@ fn render_element_command(
     out.push_str("}\n");
 }
 
-/// Renders a delta as `nft` commands: new classes, then deletions, then additions.
-pub fn render_delta(out: &mut String, family: IpFamily, delta: &Delta, config: &NftConfig) {
+/// Renders a delta as `nft` commands, ordered so every reference exists when it is
+/// made and nothing is deleted while still referenced: new classes, sets and chains;
+/// flushes; element deletions; rules; element additions; chain and set deletions.
+pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
+    let family = plan.family();
     let f = family_names(family);
+    let t = format!("{} {TABLE}", f.table_family);
     if !delta.new_classes.is_empty() {
         // Redeclaring the table block with `table` adds objects without touching others.
-        let _ = writeln!(out, "table {} {TABLE} {{", f.table_family);
+        let _ = writeln!(out, "table {t} {{");
         for &n in &delta.new_classes {
-            render_class(out, family, config, n, &[], &[]);
+            render_class(out, &plan.settings, n, &[], &[]);
         }
         out.push_str("}\n");
     }
-    for (verb, set) in [("delete", &delta.deleted), ("add", &delta.added)] {
-        let mut by_map: BTreeMap<MapId, Vec<(&str, Option<&str>)>> = BTreeMap::new();
+    for set in &delta.sets_added {
+        let _ = writeln!(
+            out,
+            "add set {t} {set} {{ {} }}",
+            affinity_set_definition(family)
+        );
+    }
+    for chain in &delta.chains_added {
+        let _ = writeln!(
+            out,
+            "add chain {t} {} {{ comment \"{}\"; }}",
+            chain.name, chain.comment
+        );
+    }
+    for name in delta
+        .chains_changed
+        .iter()
+        .map(|c| &c.name)
+        .chain(&delta.chains_deleted)
+    {
+        let _ = writeln!(out, "flush chain {t} {name}");
+    }
+    let by_map = |set: &BTreeSet<Element>| {
+        let mut by_map: BTreeMap<MapId, Vec<(String, Option<String>)>> = BTreeMap::new();
         for e in set {
             by_map
                 .entry(e.map)
                 .or_default()
-                .push((&e.key, e.value.as_deref()));
+                .push((e.key.clone(), e.value.clone()));
         }
-        for (map, elems) in by_map {
-            render_element_command(out, verb, family, map, &elems);
+        by_map
+    };
+    for (map, elems) in by_map(&delta.deleted) {
+        let refs: Vec<(&str, Option<&str>)> = elems
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        render_element_command(out, "delete", family, map, &refs);
+    }
+    for chain in delta.chains_added.iter().chain(&delta.chains_changed) {
+        for rule in &chain.rules {
+            let _ = writeln!(out, "add rule {t} {} {rule}", chain.name);
         }
+    }
+    for (map, elems) in by_map(&delta.added) {
+        let refs: Vec<(&str, Option<&str>)> = elems
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        render_element_command(out, "add", family, map, &refs);
+    }
+    for name in &delta.chains_deleted {
+        let _ = writeln!(out, "delete chain {t} {name}");
+    }
+    for set in &delta.sets_deleted {
+        let _ = writeln!(out, "delete set {t} {set}");
     }
 }

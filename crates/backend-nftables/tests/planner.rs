@@ -59,10 +59,10 @@ fn add(state: &mut ProxyState, svc: ServicePort, eps: Vec<Endpoint>) {
 
 fn config() -> NftConfig {
     NftConfig {
-        cluster_cidrs: vec![
+        local: proxy_core::model::LocalDetector::ClusterCidr(vec![
             "10.244.0.0/16".parse().unwrap(),
             "fd00:244::/48".parse().unwrap(),
-        ],
+        ]),
         ..NftConfig::default()
     }
 }

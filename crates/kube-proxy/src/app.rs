@@ -8,8 +8,10 @@ use anyhow::Context as _;
 use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
+use conntrack::{ConntrackSettings, ConntrackTool};
 use proxy_core::proxier::Proxier;
 use proxy_core::runner::{self, RunnerConfig};
+use proxy_core::stale::CleaningProxier;
 use proxy_core::status::SyncStatus;
 use proxy_core::tracker::ChangeTracker;
 use tokio::sync::{mpsc, watch};
@@ -21,6 +23,7 @@ pub struct RunSettings {
     pub source: SourceSettings,
     pub backend: BackendSettings,
     pub runner: RunnerConfig,
+    pub conntrack: ConntrackSettings,
 }
 
 /// Where Services and endpoints come from.
@@ -77,6 +80,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         mode = settings.backend.mode(),
         "starting kube-proxy"
     );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for warning in conntrack::apply_sysctls(&settings.conntrack, cpus) {
+        tracing::warn!("{warning}");
+    }
     let (updates_tx, updates_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let status = Arc::new(SyncStatus::default());
@@ -100,7 +107,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let sync_loop = tokio::spawn(runner::run(
         updates_rx,
         ChangeTracker::new(settings.node_name.clone()),
-        settings.backend.proxier(),
+        Box::new(CleaningProxier::new(
+            settings.backend.proxier(),
+            ConntrackTool::default(),
+        )),
         settings.runner,
         Arc::clone(&status),
         shutdown_rx,

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use backend_nftables::plan::NftConfig;
-use proxy_core::model::IpFamily;
+use conntrack::ConntrackSettings;
+use proxy_core::model::{IpFamily, LocalDetector};
 use proxy_core::runner::RunnerConfig;
 use tracing_subscriber::EnvFilter;
 
 use kube_proxy::app;
-use kube_proxy::options::{self, Action, KubeProxyConfiguration, Options, ProxyMode};
+use kube_proxy::options::{self, Action, KubeProxyConfiguration, LocalMode, Options, ProxyMode};
 
 /// How often the manifests directory is checked for changes: cheap (a stat per file),
 /// and short enough that an edit shows up within a blink.
@@ -93,6 +94,57 @@ fn node_name(config: &KubeProxyConfiguration) -> anyhow::Result<String> {
     Ok(host.trim().to_lowercase())
 }
 
+/// The `--conntrack-*` settings; zero or absent values leave the kernel's alone.
+fn conntrack_settings(config: &KubeProxyConfiguration) -> ConntrackSettings {
+    let c = &config.conntrack;
+    let non_negative = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    ConntrackSettings {
+        max_per_core: non_negative(c.max_per_core),
+        min: non_negative(c.min),
+        tcp_established_timeout: c.tcp_established_timeout.and_then(|d| d.to_std()),
+        tcp_close_wait_timeout: c.tcp_close_wait_timeout.and_then(|d| d.to_std()),
+        tcp_be_liberal: c.tcp_be_liberal,
+        udp_timeout: c.udp_timeout.to_std(),
+        udp_stream_timeout: c.udp_stream_timeout.to_std(),
+    }
+}
+
+/// `--detect-local-mode` and its companion setting.
+fn local_detector(config: &KubeProxyConfiguration) -> anyhow::Result<LocalDetector> {
+    let interface = |name: &str, what: &str| -> anyhow::Result<String> {
+        // Linux interface names: at most 15 bytes, no '/', whitespace or quotes; we also
+        // refuse '*' and '\\' since the name goes into an nftables string.
+        let valid = !name.is_empty()
+            && name.len() <= 15
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b'"' | b'\\' | b'*' | b'\''));
+        if !valid {
+            bail!("{what} {name:?} is not a valid interface name");
+        }
+        Ok(name.to_string())
+    };
+    Ok(match config.detect_local_mode {
+        LocalMode::Unset | LocalMode::ClusterCidr => {
+            let cidrs = config.cluster_cidrs();
+            if cidrs.is_empty() {
+                LocalDetector::None
+            } else {
+                LocalDetector::ClusterCidr(cidrs)
+            }
+        }
+        LocalMode::NodeCidr => LocalDetector::NodeCidr,
+        LocalMode::BridgeInterface => LocalDetector::BridgeInterface(interface(
+            &config.detect_local.bridge_interface,
+            "detectLocal.bridgeInterface",
+        )?),
+        LocalMode::InterfaceNamePrefix => LocalDetector::InterfaceNamePrefix(interface(
+            &config.detect_local.interface_name_prefix,
+            "detectLocal.interfaceNamePrefix",
+        )?),
+    })
+}
+
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
@@ -138,11 +190,12 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
                 .context("masqueradeBit")?,
             masquerade_all: nft.masquerade_all,
-            cluster_cidrs: config.cluster_cidrs(),
+            local: local_detector(config)?,
             nodeport_cidrs,
             nodeport_primary,
             families,
         }),
+        conntrack: conntrack_settings(config),
         runner: RunnerConfig {
             min_sync_period: nft.min_sync_period.to_std().unwrap_or_default(),
             sync_period: nft.sync_period.to_std().unwrap_or(Duration::from_secs(30)),

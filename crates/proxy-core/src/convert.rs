@@ -258,7 +258,16 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
         }
         _ => None,
     };
-    let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose");
+    // Topology-aware routing: trafficDistribution, or the older annotations.
+    let topology_annotation = svc.metadata.annotations.as_ref().and_then(|a| {
+        a.get("service.kubernetes.io/topology-mode")
+            .or_else(|| a.get("service.kubernetes.io/topology-aware-hints"))
+    });
+    let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose")
+        || matches!(
+            topology_annotation.map(String::as_str),
+            Some("Auto" | "auto")
+        );
 
     let ports = spec.ports.as_deref().unwrap_or(&[]);
     let mut seen = BTreeSet::new();
@@ -441,18 +450,4 @@ pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
         }
     }
     info
-}
-
-/// The endpoints a Service port sends cluster traffic to: the ready ones, or, when none is
-/// ready, the ones still serving while terminating (so a rolling restart of the last
-/// pods does not turn into refused connections).
-pub fn usable_endpoints(endpoints: &[Endpoint]) -> impl Iterator<Item = &Endpoint> {
-    let any_ready = endpoints.iter().any(|e| e.ready);
-    endpoints.iter().filter(move |e| {
-        if any_ready {
-            e.ready
-        } else {
-            e.serving && e.terminating
-        }
-    })
 }

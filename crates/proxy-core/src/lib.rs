@@ -6,6 +6,8 @@ pub mod convert;
 pub mod model;
 pub mod proxier;
 pub mod runner;
+pub mod select;
 pub mod source;
+pub mod stale;
 pub mod status;
 pub mod tracker;

@@ -228,3 +228,20 @@ impl ProxyState {
             .take_while(move |(k, _)| &k.service == service)
     }
 }
+
+/// How the proxy tells traffic from this cluster's pods apart from everything else
+/// (`--detect-local-mode`): local traffic to a cluster IP is not masqueraded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LocalDetector {
+    /// Nothing is known to be local (no `--cluster-cidr`).
+    #[default]
+    None,
+    /// `ClusterCIDR`: sources inside these CIDRs.
+    ClusterCidr(Vec<IpNet>),
+    /// `NodeCIDR`: sources inside this node's pod CIDRs (from its Node object).
+    NodeCidr,
+    /// `BridgeInterface`: packets arriving on this bridge.
+    BridgeInterface(String),
+    /// `InterfaceNamePrefix`: packets arriving on interfaces whose name starts so.
+    InterfaceNamePrefix(String),
+}

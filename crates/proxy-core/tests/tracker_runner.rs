@@ -158,10 +158,14 @@ fn not_ready_endpoints_fall_back_to_serving_terminating() {
         node: None,
     }));
     let state = tracker.state();
-    let usable: Vec<_> =
-        proxy_core::convert::usable_endpoints(state.endpoints_of(&port_name("web")))
-            .map(|e| e.ip.to_string())
-            .collect();
+    let port = &state.services[&port_name("web")];
+    let selection = proxy_core::select::select(
+        port,
+        state.endpoints_of(&port_name("web")),
+        proxy_core::model::IpFamily::V4,
+        &state.node,
+    );
+    let usable: Vec<_> = selection.cluster.iter().map(|e| e.ip.to_string()).collect();
     assert_eq!(usable, vec!["10.244.1.2"]);
 }
 

@@ -231,12 +231,6 @@ where
             config.mode.as_str()
         ));
     }
-    if config.detect_local_mode != LocalMode::ClusterCidr {
-        warnings.push(format!(
-            "detect-local mode {:?} is not implemented yet; only \"ClusterCIDR\" is",
-            config.detect_local_mode.as_str()
-        ));
-    }
 
     let action = if let Some(path) = flags.write_config_to {
         Action::WriteConfig(path)

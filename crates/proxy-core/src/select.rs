@@ -1,0 +1,123 @@
+//! Which endpoints a Service port's traffic may go to: decided here once, for every backend.
+//!
+//! Follows upstream's rules: cluster traffic uses the ready endpoints (filtered by topology
+//! hints when the Service asks for it and the hints are complete), falling back to
+//! serving-and-terminating ones when none is ready; `Local` policies use this node's
+//! endpoints with the same fallback. A Service with no usable endpoint anywhere is
+//! rejected; one whose traffic has endpoints elsewhere but none it may use is dropped.
+
+use crate::model::{Endpoint, IpFamily, NodeInfo, ServicePort, TrafficPolicy};
+
+/// The endpoints each kind of traffic may use, for one family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection<'a> {
+    /// For traffic under the `Cluster` policy; empty when no traffic uses it.
+    pub cluster: Vec<&'a Endpoint>,
+    /// This node's endpoints, for traffic under a `Local` policy; empty when unused.
+    pub local: Vec<&'a Endpoint>,
+    /// Some endpoint anywhere can serve: when false, connections are rejected.
+    pub has_any: bool,
+}
+
+impl<'a> Selection<'a> {
+    /// Endpoints for traffic to the cluster IP.
+    pub fn internal(&self, port: &ServicePort) -> &[&'a Endpoint] {
+        match port.internal_traffic_policy {
+            TrafficPolicy::Local => &self.local,
+            TrafficPolicy::Cluster => &self.cluster,
+        }
+    }
+
+    /// Endpoints for traffic from outside (NodePort, externalIPs, load-balancer IPs).
+    pub fn external(&self, port: &ServicePort) -> &[&'a Endpoint] {
+        match port.external_traffic_policy {
+            TrafficPolicy::Local => &self.local,
+            TrafficPolicy::Cluster => &self.cluster,
+        }
+    }
+}
+
+/// Whether a Service port can be reached from outside the cluster.
+pub fn externally_accessible(port: &ServicePort) -> bool {
+    port.node_port.is_some() || !port.external_ips.is_empty() || !port.load_balancer_ips.is_empty()
+}
+
+/// Whether the port's traffic goes anywhere under the `Local` policy.
+pub fn uses_local(port: &ServicePort) -> bool {
+    port.internal_traffic_policy == TrafficPolicy::Local
+        || (externally_accessible(port) && port.external_traffic_policy == TrafficPolicy::Local)
+}
+
+fn uses_cluster(port: &ServicePort) -> bool {
+    port.internal_traffic_policy == TrafficPolicy::Cluster
+        || (externally_accessible(port) && port.external_traffic_policy == TrafficPolicy::Cluster)
+}
+
+/// Topology-aware routing applies when the Service asks for it, the node has a zone,
+/// every ready endpoint carries zone hints, and some hint names this node's zone.
+fn topology_zone<'n>(
+    port: &ServicePort,
+    endpoints: &[&Endpoint],
+    node: &'n NodeInfo,
+) -> Option<&'n str> {
+    if !port.prefer_close {
+        return None;
+    }
+    let zone = node.zone.as_deref().filter(|z| !z.is_empty())?;
+    let mut has_zone = false;
+    for ep in endpoints.iter().filter(|e| e.ready) {
+        if ep.zone_hints.is_empty() {
+            return None;
+        }
+        has_zone |= ep.zone_hints.iter().any(|z| z == zone);
+    }
+    has_zone.then_some(zone)
+}
+
+/// Ready endpoints passing `keep`, or, when there are none, serving-terminating ones.
+fn ready_or_terminating<'a>(
+    endpoints: &[&'a Endpoint],
+    keep: impl Fn(&Endpoint) -> bool,
+) -> Vec<&'a Endpoint> {
+    let ready: Vec<_> = endpoints
+        .iter()
+        .copied()
+        .filter(|e| e.ready && keep(e))
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints
+        .iter()
+        .copied()
+        .filter(|e| e.serving && e.terminating && keep(e))
+        .collect()
+}
+
+/// Selects the endpoints of one family for a Service port.
+pub fn select<'a>(
+    port: &ServicePort,
+    endpoints: &'a [Endpoint],
+    family: IpFamily,
+    node: &NodeInfo,
+) -> Selection<'a> {
+    let of_family: Vec<&Endpoint> = endpoints.iter().filter(|e| e.family() == family).collect();
+    let mut selection = Selection {
+        has_any: of_family
+            .iter()
+            .any(|e| e.ready || (e.serving && e.terminating)),
+        ..Selection::default()
+    };
+    if uses_cluster(port) {
+        selection.cluster = match topology_zone(port, &of_family, node) {
+            Some(zone) => {
+                ready_or_terminating(&of_family, |e| e.zone_hints.iter().any(|z| z == zone))
+            }
+            None => ready_or_terminating(&of_family, |_| true),
+        };
+    }
+    if uses_local(port) {
+        selection.local = ready_or_terminating(&of_family, |e| e.is_local);
+    }
+    selection
+}
