@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use testkit::manifests::{render, PortSpec, ServiceSpec};
-use testkit::{spread, Netns, Proto, ProxyProcess, RequestError, ServerGuard, Topology};
+use testkit::{spread, Netns, Proto, ProxyProcess, RequestError, ServeMode, ServerGuard, Topology};
 
 const BACKEND_PORT: u16 = 8080;
+/// Backends also answer here with their name and the client address they saw.
+const PEER_PORT: u16 = 9090;
 const TIMEOUT: Duration = Duration::from_secs(2);
 const SYNCED: &str = "synced rules";
 
@@ -74,7 +76,13 @@ impl Cluster {
         }
         let mode_flag = format!("--proxy-mode={}", mode.0);
         let topo = Topology::new(2).expect("topology");
-        let servers = topo.serve_all(BACKEND_PORT).expect("backend servers");
+        let mut servers = topo.serve_all(BACKEND_PORT).expect("backend servers");
+        for backend in &topo.backends {
+            let peer_server = backend
+                .serve_with(PEER_PORT, &[Proto::Tcp, Proto::Udp], ServeMode::NameAndPeer)
+                .expect("peer-reporting servers");
+            servers.push(peer_server);
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         write_manifests(dir.path(), manifests);
         let manifests_dir = dir.path().join("manifests");
@@ -455,6 +463,436 @@ fn cleanup_removes_all_rules_and_succeeds_when_there_are_none(mode: Mode) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Service semantics: affinity, traffic policies, source ranges, endpoint selection,
+// masquerading, dual-stack, stale conntrack entries.
+// ---------------------------------------------------------------------------------------
+
+/// One endpoint of a hand-written EndpointSlice.
+#[derive(Clone, Copy)]
+struct Ep {
+    ip: &'static str,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: &'static str,
+    zone_hint: Option<&'static str>,
+}
+
+impl Ep {
+    fn ready(ip: &'static str, node: &'static str) -> Ep {
+        Ep {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node,
+            zone_hint: None,
+        }
+    }
+}
+
+const BE0: &str = "10.244.1.2";
+const BE1: &str = "10.244.2.2";
+
+/// A Service (ClusterIP unless `spec` says otherwise) with one port and one IPv4 slice.
+fn service_yaml(
+    name: &str,
+    cluster_ip: &str,
+    protocol: &str,
+    port: u16,
+    target: u16,
+    spec: &str,
+    eps: &[Ep],
+) -> String {
+    let mut y = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {cluster_ip}\n  ports: [{{name: p, protocol: {protocol}, port: {port}, targetPort: {target}}}]\n{spec}"
+    );
+    if !y.ends_with('\n') {
+        y.push('\n');
+    }
+    y.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: p, protocol: {protocol}, port: {target}}}]\nendpoints:\n"
+    ));
+    for ep in eps {
+        y.push_str(&format!(
+            "  - addresses: [{}]\n    nodeName: {}\n    conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
+            ep.ip, ep.node, ep.ready, ep.serving, ep.terminating
+        ));
+        if let Some(zone) = ep.zone_hint {
+            y.push_str(&format!("    hints: {{forZones: [{{name: {zone}}}]}}\n"));
+        }
+    }
+    if eps.is_empty() {
+        y.push_str("  []\n");
+        y = y.replace("endpoints:\n  []\n", "endpoints: []\n");
+    }
+    y
+}
+
+fn node_yaml(labels: &str, pod_cidrs: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {{{labels}}}\nspec:\n  podCIDRs: [{pod_cidrs}]\n"
+    )
+}
+
+/// The distinct answers of `n` TCP requests from `ns`.
+fn answers(ns: &Netns, dest: SocketAddr, n: usize) -> Vec<String> {
+    spread(ns, dest, Proto::Tcp, n, TIMEOUT)
+        .expect("spread")
+        .into_keys()
+        .collect()
+}
+
+fn session_affinity_keeps_a_client_on_one_endpoint(mode: Mode) {
+    let sticky = service_yaml(
+        "sticky",
+        "10.96.0.30",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}",
+        &[Ep::ready(BE0, "node-b"), Ep::ready(BE1, "node-b")],
+    );
+    let Some(cluster) = Cluster::start(
+        mode,
+        "session_affinity_keeps_a_client_on_one_endpoint",
+        &sticky,
+        &[],
+    ) else {
+        return;
+    };
+    let dest = addr("10.96.0.30", 80);
+    for client in [cluster.client(), &cluster.topo.pod_client] {
+        let seen = answers(client, dest, 20);
+        assert_eq!(
+            seen.len(),
+            1,
+            "one client, one endpoint while the affinity lasts: {seen:?}"
+        );
+    }
+    // After the timeout a new choice is made: within a few rounds the other one answers.
+    let first = answers(cluster.client(), dest, 1);
+    let moved = (0..12).any(|_| {
+        std::thread::sleep(Duration::from_millis(1300));
+        answers(cluster.client(), dest, 1) != first
+    });
+    assert!(moved, "affinity never expired");
+}
+
+fn external_traffic_policy_local(mode: Mode) {
+    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  externalIPs: [192.168.200.40]";
+    let manifests = |be0_node: &'static str| {
+        let mut svc = service_yaml(
+            "local-ext",
+            "10.96.0.40",
+            "TCP",
+            80,
+            PEER_PORT,
+            spec,
+            &[Ep::ready(BE0, be0_node), Ep::ready(BE1, "node-b")],
+        );
+        svc = svc.replace("targetPort: 9090}", "targetPort: 9090, nodePort: 30040}");
+        svc
+    };
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "external_traffic_policy_local",
+        &manifests("node-a"),
+        &[],
+    ) else {
+        return;
+    };
+    // From outside, via NodePort and externalIP: only the local endpoint, client IP kept.
+    for dest in [addr("192.168.100.1", 30040), addr("192.168.200.40", 80)] {
+        let seen = answers(cluster.client(), dest, 12);
+        assert_eq!(seen, vec!["be0 192.168.100.2"], "{dest}");
+    }
+    // Cluster traffic to the cluster IP still uses every endpoint.
+    let seen: Vec<String> = answers(&cluster.topo.pod_client, addr("10.96.0.40", 80), 30)
+        .into_iter()
+        .map(|a| a.split(' ').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(seen, vec!["be0", "be1"]);
+    // No local endpoint left: outside traffic is dropped (not refused), the cluster IP works.
+    cluster.update(&manifests("node-b"));
+    let nodeport = testkit::tcp_request(
+        cluster.client(),
+        addr("192.168.100.1", 30040),
+        Duration::from_millis(700),
+    );
+    assert!(
+        matches!(nodeport, Err(RequestError::Timeout)),
+        "expected a drop, got {nodeport:?}"
+    );
+    assert_eq!(
+        answers(&cluster.topo.pod_client, addr("10.96.0.40", 80), 30).len(),
+        2
+    );
+}
+
+fn internal_traffic_policy_local(mode: Mode) {
+    let manifests = |be0_node: &'static str| {
+        service_yaml(
+            "local-int",
+            "10.96.0.41",
+            "TCP",
+            80,
+            BACKEND_PORT,
+            "  internalTrafficPolicy: Local",
+            &[Ep::ready(BE0, be0_node), Ep::ready(BE1, "node-b")],
+        )
+    };
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "internal_traffic_policy_local",
+        &manifests("node-a"),
+        &[],
+    ) else {
+        return;
+    };
+    let dest = addr("10.96.0.41", 80);
+    assert_eq!(answers(&cluster.topo.pod_client, dest, 20), vec!["be0"]);
+    cluster.update(&manifests("node-b"));
+    let reply = testkit::tcp_request(&cluster.topo.pod_client, dest, Duration::from_millis(700));
+    assert!(
+        matches!(reply, Err(RequestError::Timeout)),
+        "expected a drop, got {reply:?}"
+    );
+}
+
+fn load_balancer_source_ranges(mode: Mode) {
+    let mut svc = ServiceSpec::new(
+        "default",
+        "fw",
+        &[ip("10.96.0.42")],
+        vec![PortSpec::new("http", "TCP", 80, BACKEND_PORT)],
+    )
+    .endpoints(&[ip(BE0), ip(BE1)]);
+    svc.type_ = "LoadBalancer".into();
+    svc.load_balancer_ips = vec![ip("192.168.200.42")];
+    svc.extra_spec = vec!["  loadBalancerSourceRanges: [10.244.0.0/16]".into()];
+    let Some(cluster) = Cluster::start(mode, "load_balancer_source_ranges", &render(&[svc]), &[])
+    else {
+        return;
+    };
+    let lb = addr("192.168.200.42", 80);
+    assert_eq!(
+        answers(&cluster.topo.pod_client, lb, 20),
+        vec!["be0", "be1"],
+        "listed source"
+    );
+    let outside = testkit::tcp_request(cluster.client(), lb, Duration::from_millis(700));
+    assert!(
+        matches!(outside, Err(RequestError::Timeout)),
+        "unlisted source must be dropped: {outside:?}"
+    );
+    assert_eq!(
+        answers(cluster.client(), addr("10.96.0.42", 80), 20),
+        vec!["be0", "be1"],
+        "cluster IP unaffected"
+    );
+}
+
+fn endpoint_selection_like_upstream(mode: Mode) {
+    let terminating = service_yaml(
+        "term",
+        "10.96.0.43",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "",
+        &[
+            Ep {
+                ip: BE0,
+                ready: false,
+                serving: true,
+                terminating: true,
+                node: "node-b",
+                zone_hint: None,
+            },
+            Ep {
+                ip: BE1,
+                ready: false,
+                serving: false,
+                terminating: true,
+                node: "node-b",
+                zone_hint: None,
+            },
+        ],
+    );
+    let topology = service_yaml(
+        "topo",
+        "10.96.0.44",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "  trafficDistribution: PreferClose",
+        &[
+            Ep {
+                zone_hint: Some("zone-a"),
+                ..Ep::ready(BE0, "node-b")
+            },
+            Ep {
+                zone_hint: Some("zone-b"),
+                ..Ep::ready(BE1, "node-c")
+            },
+        ],
+    );
+    let not_ready = service_yaml(
+        "notready",
+        "10.96.0.45",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "",
+        &[
+            Ep::ready(BE0, "node-b"),
+            Ep {
+                ready: false,
+                serving: false,
+                ..Ep::ready(BE1, "node-b")
+            },
+        ],
+    );
+    let node = node_yaml("topology.kubernetes.io/zone: zone-a", "10.244.0.0/16");
+    let manifests = format!("{terminating}{topology}{not_ready}{node}");
+    let Some(cluster) = Cluster::start(mode, "endpoint_selection_like_upstream", &manifests, &[])
+    else {
+        return;
+    };
+    assert_eq!(
+        answers(cluster.client(), addr("10.96.0.43", 80), 20),
+        vec!["be0"],
+        "serving-terminating fallback"
+    );
+    assert_eq!(
+        answers(cluster.client(), addr("10.96.0.44", 80), 20),
+        vec!["be0"],
+        "zone hints"
+    );
+    assert_eq!(
+        answers(cluster.client(), addr("10.96.0.45", 80), 20),
+        vec!["be0"],
+        "not-ready endpoint skipped"
+    );
+}
+
+fn masquerade_follows_detect_local_mode(mode: Mode) {
+    let svc = service_yaml(
+        "peer",
+        "10.96.0.46",
+        "TCP",
+        80,
+        PEER_PORT,
+        "",
+        &[Ep::ready(BE0, "node-b")],
+    );
+    let node = node_yaml("", "10.244.0.0/16");
+    let manifests = format!("{svc}{node}");
+    // (extra flags, pod client masqueraded?, outside client masqueraded?)
+    let variants: [(&[&str], bool, bool); 5] = [
+        (&[], false, true),
+        (&["--masquerade-all"], true, true),
+        (&["--detect-local-mode=NodeCIDR"], false, true),
+        (
+            &[
+                "--detect-local-mode=BridgeInterface",
+                "--pod-bridge-interface=vpodcl",
+            ],
+            false,
+            true,
+        ),
+        (
+            &[
+                "--detect-local-mode=InterfaceNamePrefix",
+                "--pod-interface-name-prefix=vpod",
+            ],
+            false,
+            true,
+        ),
+    ];
+    for (flags, pod_masq, outside_masq) in variants {
+        let Some(cluster) = Cluster::start(
+            mode,
+            "masquerade_follows_detect_local_mode",
+            &manifests,
+            flags,
+        ) else {
+            return;
+        };
+        for (client, own_ip, masq) in [
+            (&cluster.topo.pod_client, "10.244.200.2", pod_masq),
+            (cluster.client(), "192.168.100.2", outside_masq),
+        ] {
+            let reply =
+                testkit::tcp_request(client, addr("10.96.0.46", 80), TIMEOUT).expect("request");
+            let seen = reply.split(' ').nth(1).unwrap_or_default().to_string();
+            assert_eq!(
+                seen != own_ip,
+                masq,
+                "{flags:?}: client {own_ip} seen as {seen}"
+            );
+        }
+    }
+}
+
+fn single_stack_services_stay_in_their_family(mode: Mode) {
+    let v6 = ServiceSpec::new(
+        "default",
+        "v6only",
+        &[ip("fd00:96::77")],
+        vec![PortSpec::new("http", "TCP", 7777, BACKEND_PORT)],
+    )
+    .endpoints(&[ip("fd00:244:1::2"), ip("fd00:244:2::2")]);
+    let Some(cluster) = Cluster::start(
+        mode,
+        "single_stack_services_stay_in_their_family",
+        &render(&[v6]),
+        &[],
+    ) else {
+        return;
+    };
+    assert_eq!(
+        answers(cluster.client(), addr("fd00:96::77", 7777), 20),
+        vec!["be0", "be1"]
+    );
+    if mode.0 == "nftables" {
+        let v4 = cluster
+            .topo
+            .node
+            .exec(&["nft", "list", "table", "ip", "kube-proxy"])
+            .expect("v4 table");
+        assert!(
+            !v4.contains("7777"),
+            "IPv6-only Service leaked into the IPv4 table:\n{v4}"
+        );
+    }
+}
+
+fn udp_client_follows_replaced_endpoint(mode: Mode) {
+    let dns = |eps: &[Ep]| service_yaml("dns", "10.96.0.53", "UDP", 53, BACKEND_PORT, "", eps);
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "udp_client_follows_replaced_endpoint",
+        &dns(&[Ep::ready(BE0, "node-b")]),
+        &[],
+    ) else {
+        return;
+    };
+    let dest = addr("10.96.0.53", 53);
+    let ask = |c: &Cluster| testkit::udp_request_from(c.client(), 40000, dest, TIMEOUT);
+    assert_eq!(ask(&cluster).expect("before"), "be0");
+    // be0 is replaced by be1 (be0 keeps running, as a terminating pod would).
+    cluster.update(&dns(&[Ep::ready(BE1, "node-b")]));
+    assert_eq!(ask(&cluster).expect("after the endpoint change"), "be1");
+    // No endpoints: refused; endpoints again: the same client port gets through at once.
+    cluster.update(&dns(&[]));
+    assert!(matches!(ask(&cluster), Err(RequestError::Refused)));
+    cluster.update(&dns(&[Ep::ready(BE0, "node-b")]));
+    assert_eq!(ask(&cluster).expect("after endpoints came back"), "be0");
+}
+
 /// Instantiates every behaviour of the suite for one mode.
 macro_rules! datapath_suite {
     ($mode:ident) => {
@@ -484,6 +922,38 @@ macro_rules! datapath_suite {
             #[test]
             fn cleanup_removes_all_rules_and_succeeds_when_there_are_none() {
                 super::cleanup_removes_all_rules_and_succeeds_when_there_are_none(MODE)
+            }
+            #[test]
+            fn session_affinity_keeps_a_client_on_one_endpoint() {
+                super::session_affinity_keeps_a_client_on_one_endpoint(MODE)
+            }
+            #[test]
+            fn external_traffic_policy_local() {
+                super::external_traffic_policy_local(MODE)
+            }
+            #[test]
+            fn internal_traffic_policy_local() {
+                super::internal_traffic_policy_local(MODE)
+            }
+            #[test]
+            fn load_balancer_source_ranges() {
+                super::load_balancer_source_ranges(MODE)
+            }
+            #[test]
+            fn endpoint_selection_like_upstream() {
+                super::endpoint_selection_like_upstream(MODE)
+            }
+            #[test]
+            fn masquerade_follows_detect_local_mode() {
+                super::masquerade_follows_detect_local_mode(MODE)
+            }
+            #[test]
+            fn single_stack_services_stay_in_their_family() {
+                super::single_stack_services_stay_in_their_family(MODE)
+            }
+            #[test]
+            fn udp_client_follows_replaced_endpoint() {
+                super::udp_client_follows_replaced_endpoint(MODE)
             }
         }
     };

@@ -87,6 +87,9 @@ pub enum ServeMode {
     /// Send back everything received until the client closes (TCP/SCTP);
     /// reply to each datagram with its own payload (UDP).
     Echo,
+    /// Like `Name`, followed by a space and the client's address as the server saw it
+    /// (`"be0 192.168.100.1"`): tells whether the proxy masqueraded.
+    NameAndPeer,
 }
 
 /// Running servers; dropping the guard stops them (within ~50 ms) and closes
@@ -192,12 +195,20 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
+/// The client's address without the IPv4-mapped IPv6 wrapping of dual-stack sockets.
+fn peer_ip(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map_or_else(|| "?".to_string(), |p| p.ip().to_canonical().to_string())
+}
+
 fn serve_stream(listener: Socket, name: &str, mode: ServeMode, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((conn, peer)) => {
                 tracing::debug!("{name}: connection from {:?}", peer.as_socket());
-                let conn_name = name.to_string();
+                let conn_name = match mode {
+                    ServeMode::NameAndPeer => format!("{name} {}", peer_ip(peer.as_socket())),
+                    _ => name.to_string(),
+                };
                 // One thread per connection so a slow client cannot block others.
                 let spawned = std::thread::Builder::new()
                     .name(format!("{name}-conn"))
@@ -224,7 +235,7 @@ fn handle_stream(mut conn: Socket, name: &str, mode: ServeMode) -> std::io::Resu
     conn.set_write_timeout(Some(IDLE))?;
     let mut buf = [0u8; 16 * 1024];
     match mode {
-        ServeMode::Name => {
+        ServeMode::Name | ServeMode::NameAndPeer => {
             conn.write_all(format!("{name}\n").as_bytes())?;
             conn.shutdown(Shutdown::Write)?;
             // Drain until the client closes: closing with unread data would
@@ -252,8 +263,13 @@ fn serve_udp(socket: UdpSocket, name: &str, mode: ServeMode, stop: &AtomicBool) 
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 tracing::debug!("{name}: datagram from {peer}");
+                let with_peer;
                 let reply = match mode {
                     ServeMode::Name => reply_name.as_bytes(),
+                    ServeMode::NameAndPeer => {
+                        with_peer = format!("{name} {}\n", peer_ip(Some(peer)));
+                        with_peer.as_bytes()
+                    }
                     ServeMode::Echo => &buf[..n],
                 };
                 if let Err(e) = socket.send_to(reply, peer) {
