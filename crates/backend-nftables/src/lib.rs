@@ -89,6 +89,7 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
     }
 
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
+        let started = std::time::Instant::now();
         let mut warnings = Vec::new();
         // A node change can alter what "local" means everywhere: rewrite.
         let full = request.full || request.node_changed || self.programmed.is_none();
@@ -107,10 +108,16 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
             (script, plans)
         };
         log_warnings(&warnings);
+        let planned_at = std::time::Instant::now();
         self.programmed = None;
         if !script.is_empty() {
             self.runner.run(&script)?;
         }
+        tracing::debug!(
+            plan_ms = (planned_at - started).as_secs_f64() * 1e3,
+            apply_ms = planned_at.elapsed().as_secs_f64() * 1e3,
+            "nftables sync"
+        );
         let service_ports = plans.first().map_or(0, |p| p.ports.len());
         self.programmed = Some(plans);
         Ok(SyncOutcome {
