@@ -8,5 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod gotime;
+pub mod health;
 pub mod metrics;
+pub mod observer;
+pub mod server;
+pub mod service_health;
 pub mod textfmt;
