@@ -28,7 +28,7 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 pub enum ServerError {
     #[error("invalid {what} address {address:?}: expected IP:port")]
     Address { what: &'static str, address: String },
-    #[error("starting {what} server on {address} failed: {source}")]
+    #[error("starting {what} server on {address} failed")]
     Bind {
         what: &'static str,
         address: SocketAddr,
@@ -99,7 +99,7 @@ pub async fn spawn(
                 address,
                 source,
             };
-            tracing::error!(error = %err, retry_in = ?RETRY_INTERVAL, "server not started");
+            tracing::error!(error = %err, cause = %source_of(&err), retry_in = ?RETRY_INTERVAL, "server not started");
             None
         }
     };
@@ -183,4 +183,11 @@ fn with_type(mut response: Response, content_type: &'static str) -> Response {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// The underlying error's text, for a log line (the `Display` leaves it to the chain).
+fn source_of(err: &ServerError) -> String {
+    std::error::Error::source(err)
+        .map(ToString::to_string)
+        .unwrap_or_default()
 }
