@@ -9,6 +9,10 @@ use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
 use conntrack::{ConntrackSettings, ConntrackTool};
+use observability::health::Health;
+use observability::metrics::ProxyMetrics;
+use observability::observer::ProxyObserver;
+use proxy_core::observer::SyncObserver;
 use proxy_core::proxier::Proxier;
 use proxy_core::runner::{self, RunnerConfig};
 use proxy_core::stale::CleaningProxier;
@@ -24,6 +28,22 @@ pub struct RunSettings {
     pub backend: BackendSettings,
     pub runner: RunnerConfig,
     pub conntrack: ConntrackSettings,
+    pub observability: ObservabilitySettings,
+}
+
+/// The metrics and health servers (`--metrics-bind-address`, `--healthz-bind-address`,
+/// `--bind-address-hard-fail`).
+#[derive(Debug, Clone, Default)]
+pub struct ObservabilitySettings {
+    /// `IP:port`; empty: no metrics server.
+    pub metrics_bind_address: String,
+    /// `IP:port`; empty: no health server.
+    pub healthz_bind_address: String,
+    /// A bind error ends the proxy rather than being retried.
+    pub bind_address_hard_fail: bool,
+    /// The effective configuration, for `/configz`.
+    pub config: serde_json::Value,
+    pub build: observability::metrics::BuildInfo,
 }
 
 /// Where Services and endpoints come from.
@@ -87,6 +107,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let (updates_tx, updates_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let status = Arc::new(SyncStatus::default());
+    let observer = start_observability(&settings).await?;
 
     // A source that cannot start (e.g. a wrong manifests path) ends the proxy with its error.
     let source = match &settings.source {
@@ -104,7 +125,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             tokio::spawn(async move { watch.await.context("reading manifests") })
         }
     };
-    let sync_loop = tokio::spawn(runner::run(
+    let sync_loop = tokio::spawn(runner::run_observed(
         updates_rx,
         ChangeTracker::new(settings.node_name.clone()),
         Box::new(CleaningProxier::new(
@@ -114,6 +135,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         settings.runner,
         Arc::clone(&status),
         shutdown_rx,
+        observer,
     ));
 
     let mut source = source;
@@ -136,6 +158,31 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     sync_loop.await.context("sync loop task failed")?;
     Ok(())
+}
+
+/// Builds the metrics and health state and starts their servers; returns the observer
+/// the sync loop reports to. Fails only on a bind error with `--bind-address-hard-fail`.
+async fn start_observability(settings: &RunSettings) -> anyhow::Result<Arc<dyn SyncObserver>> {
+    use observability::server;
+    let obs = &settings.observability;
+    let metrics = ProxyMetrics::new(&obs.build).context("registering metrics")?;
+    // Upstream's health timeout: two sync periods.
+    let health = Arc::new(Health::new(settings.runner.sync_period * 2));
+    let (observer, targets) = ProxyObserver::new(metrics.clone(), Arc::clone(&health));
+    if let Some(address) = server::parse_address("metrics", &obs.metrics_bind_address)? {
+        let router = server::metrics_router(server::MetricsContext {
+            metrics: metrics.clone(),
+            mode: settings.backend.mode(),
+            config: Arc::new(obs.config.clone()),
+        });
+        server::spawn("metrics", address, router, obs.bind_address_hard_fail).await?;
+    }
+    if let Some(address) = server::parse_address("healthz", &obs.healthz_bind_address)? {
+        let router = server::health_router(Arc::clone(&health), metrics);
+        server::spawn("healthz", address, router, obs.bind_address_hard_fail).await?;
+    }
+    tokio::spawn(observability::service_health::run(targets, health));
+    Ok(Arc::new(observer))
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -201,5 +201,26 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             sync_period: nft.sync_period.to_std().unwrap_or(Duration::from_secs(30)),
             ..RunnerConfig::default()
         },
+        observability: observability_settings(config),
     })
+}
+
+/// Metrics and health servers from the configuration.
+fn observability_settings(config: &KubeProxyConfiguration) -> app::ObservabilitySettings {
+    app::ObservabilitySettings {
+        metrics_bind_address: config.metrics_bind_address.clone(),
+        healthz_bind_address: config.healthz_bind_address.clone(),
+        bind_address_hard_fail: config.bind_address_hard_fail,
+        config: serde_json::to_value(config).unwrap_or_default(),
+        build: observability::metrics::BuildInfo {
+            git_version: format!("v1.30.0-kube-proxy-rs.{}", env!("CARGO_PKG_VERSION")),
+            git_commit: String::new(),
+            build_date: String::new(),
+            features: config
+                .feature_gates
+                .iter()
+                .map(|(name, enabled)| (name.clone(), String::new(), *enabled))
+                .collect(),
+        },
+    }
 }

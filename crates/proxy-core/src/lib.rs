@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod model;
+pub mod observer;
 pub mod proxier;
 pub mod runner;
 pub mod select;

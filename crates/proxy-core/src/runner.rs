@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
+use crate::observer::{ChangeSummary, NoopObserver, SyncObserver, SyncReport};
 use crate::proxier::{Proxier, SyncRequest};
 use crate::source::SourceUpdate;
 use crate::status::SyncStatus;
@@ -46,13 +47,33 @@ impl Default for RunnerConfig {
 /// Runs the sync loop until `shutdown` turns true or every sender of `updates` is gone
 /// and nothing is left to do. Returns the backend so the caller can clean up.
 pub async fn run(
+    updates: mpsc::Receiver<SourceUpdate>,
+    tracker: ChangeTracker,
+    proxier: Box<dyn Proxier>,
+    config: RunnerConfig,
+    status: Arc<SyncStatus>,
+    shutdown: watch::Receiver<bool>,
+) -> Box<dyn Proxier> {
+    let observer: Arc<dyn SyncObserver> = Arc::new(NoopObserver);
+    run_observed(
+        updates, tracker, proxier, config, status, shutdown, observer,
+    )
+    .await
+}
+
+/// [`run`], reporting queued changes and every sync attempt to `observer` (metrics,
+/// health).
+pub async fn run_observed(
     mut updates: mpsc::Receiver<SourceUpdate>,
     mut tracker: ChangeTracker,
     mut proxier: Box<dyn Proxier>,
     config: RunnerConfig,
     status: Arc<SyncStatus>,
     mut shutdown: watch::Receiver<bool>,
+    observer: Arc<dyn SyncObserver>,
 ) -> Box<dyn Proxier> {
+    // Trigger times of changes taken by syncs that failed: the next success programs them.
+    let mut unprogrammed: Vec<SystemTime> = Vec::new();
     let mut have_initial_state = false;
     let mut sources_open = true;
     let mut need_full = true;
@@ -90,9 +111,11 @@ pub async fn run(
                         tracing::info!("sources delivered their initial state");
                         have_initial_state = true;
                     }
+                    let now = SystemTime::now();
                     if changed {
-                        status.queued(SystemTime::now());
+                        status.queued(now);
                     }
+                    observer.changes_applied(&change_summary(&tracker, now, changed));
                 }
                 None => {
                     tracing::info!("all sources stopped; the last state stays programmed");
@@ -104,6 +127,8 @@ pub async fn run(
             },
             _ = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 let pending = tracker.take_pending();
+                unprogrammed.extend(pending.trigger_times.values().flatten().copied());
+                observer.changes_applied(&change_summary(&tracker, SystemTime::now(), false));
                 let full = need_full || Instant::now() >= next_full;
                 let request = SyncRequest {
                     state: tracker.state(),
@@ -113,14 +138,23 @@ pub async fn run(
                 };
                 let start = Instant::now();
                 last_start = Some(start);
-                let (returned, result) = tokio::task::spawn_blocking(move || {
+                let (returned, result, request) = tokio::task::spawn_blocking(move || {
                     let result = proxier.sync(&request);
-                    (proxier, result)
+                    (proxier, result, request)
                 })
                 .await
                 .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
                 proxier = returned;
                 let took = start.elapsed();
+                let programmed = if result.is_ok() { std::mem::take(&mut unprogrammed) } else { Vec::new() };
+                observer.sync_finished(&SyncReport {
+                    full: result.as_ref().map_or(request.full, |o| o.full || request.full),
+                    duration: took,
+                    finished_at: SystemTime::now(),
+                    result: result.as_ref(),
+                    state: &request.state,
+                    programmed_trigger_times: &programmed,
+                });
                 match result {
                     Ok(outcome) => {
                         tracing::info!(
@@ -152,4 +186,16 @@ pub async fn run(
         }
     }
     proxier
+}
+
+fn change_summary(tracker: &ChangeTracker, at: SystemTime, queued: bool) -> ChangeSummary {
+    ChangeSummary {
+        at,
+        queued,
+        service_changes_total: tracker.service_changes_total(),
+        endpoint_changes_total: tracker.endpoint_changes_total(),
+        services_pending: tracker.pending().services.len(),
+        endpoints_pending: tracker.pending().endpoints.len(),
+        node_eligible: tracker.node_eligible(),
+    }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,6 +20,12 @@ use crate::source::{Objects, SourceUpdate};
 /// Key of an EndpointSlice: namespace and slice name.
 type SliceKey = (String, String);
 
+/// EndpointSlice annotation: when the change behind this slice's last update happened.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Node taint the cluster autoscaler sets before it deletes a node.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
 /// Changes not yet handed to a backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PendingChanges {
@@ -28,6 +35,10 @@ pub struct PendingChanges {
     pub endpoints: BTreeMap<ServiceName, Instant>,
     /// The node's own facts (zone, pod CIDRs, addresses) changed.
     pub node: bool,
+    /// Per changed Service, when its changes were triggered (for network programming
+    /// latency): EndpointSlice trigger-time annotations, and when a Service change was
+    /// first seen.
+    pub trigger_times: BTreeMap<ServiceName, BTreeSet<SystemTime>>,
 }
 
 impl PendingChanges {
@@ -64,6 +75,11 @@ pub struct ChangeTracker {
     node: Option<Node>,
     state: Arc<ProxyState>,
     pending: PendingChanges,
+    /// Trigger times older than this are ignored, as upstream does: after a restart they
+    /// measure the downtime, not programming.
+    started: SystemTime,
+    service_changes_total: u64,
+    endpoint_changes_total: u64,
 }
 
 impl ChangeTracker {
@@ -81,6 +97,9 @@ impl ChangeTracker {
             node: None,
             state: Arc::new(state),
             pending: PendingChanges::default(),
+            started: SystemTime::now(),
+            service_changes_total: 0,
+            endpoint_changes_total: 0,
         }
     }
 
@@ -91,6 +110,32 @@ impl ChangeTracker {
 
     pub fn pending(&self) -> &PendingChanges {
         &self.pending
+    }
+
+    /// Service changes seen since start: one per Service whose ports an update changed.
+    pub fn service_changes_total(&self) -> u64 {
+        self.service_changes_total
+    }
+
+    /// Endpoint changes seen since start: one per Service whose endpoints an update changed.
+    pub fn endpoint_changes_total(&self) -> u64 {
+        self.endpoint_changes_total
+    }
+
+    /// Whether this node may receive load-balancer traffic: not being deleted and not
+    /// tainted for deletion by the cluster autoscaler. True while the Node is unknown.
+    pub fn node_eligible(&self) -> bool {
+        let Some(node) = &self.node else {
+            return true;
+        };
+        if node.metadata.deletion_timestamp.is_some() {
+            return false;
+        }
+        !node
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
     }
 
     /// Hands the pending changes to the caller (a sync is starting).
@@ -298,12 +343,50 @@ impl ChangeTracker {
             state.services.insert(port.name.clone(), Arc::new(port));
         }
         if ports_changed {
+            self.service_changes_total += 1;
             self.pending.services.entry(key.clone()).or_insert(now);
+            self.pending
+                .trigger_times
+                .entry(key.clone())
+                .or_default()
+                .insert(SystemTime::now());
         }
         if endpoints_changed {
+            self.endpoint_changes_total += 1;
             self.pending.endpoints.entry(key.clone()).or_insert(now);
+            if let Some(at) = self.endpoint_trigger_time(key) {
+                self.pending
+                    .trigger_times
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(at);
+            }
         }
         true
+    }
+}
+
+impl ChangeTracker {
+    /// The newest trigger-time annotation among a Service's slices: the slice that just
+    /// changed carries the latest one. Unparseable values and times before start are
+    /// ignored.
+    fn endpoint_trigger_time(&self, key: &ServiceName) -> Option<SystemTime> {
+        self.slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .filter_map(|slice| {
+                slice
+                    .metadata
+                    .annotations
+                    .as_ref()?
+                    .get(LAST_CHANGE_TRIGGER_TIME)
+            })
+            .filter_map(|text| text.parse::<jiff::Timestamp>().ok())
+            .map(SystemTime::from)
+            .filter(|at| *at >= self.started)
+            .max()
     }
 }
 

@@ -31,6 +31,7 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "nodeport-addresses",
     "metrics-bind-address",
     "healthz-bind-address",
+    "bind-address-hard-fail",
     "iptables-sync-period",
     "iptables-min-sync-period",
     "iptables-masquerade-bit",
@@ -412,7 +413,6 @@ pub fn flags_set(cmd: &clap::Command, matches: &ArgMatches) -> Vec<&'static str>
 /// `flags_set` can hand out `'static` names. A unit test checks the three lists
 /// cover every flag.
 const ALL_OTHER_FLAGS: &[&str] = &[
-    "bind-address-hard-fail",
     "healthz-port",
     "metrics-port",
     "iptables-localhost-nodeports",

@@ -1,0 +1,391 @@
+//! End to end, as root: the real binary's metrics and health servers, reached from
+//! inside its network namespace. `promtool` lints a live scrape, a real Prometheus
+//! scrapes it, `/healthz` follows syncs made to fail by a `nft` that fails on demand
+//! (through PATH), and the per-Service health check follows local endpoints.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testkit::{Netns, ProxyProcess};
+
+const METRICS: &str = "127.0.0.1:10249";
+const HEALTHZ: &str = "127.0.0.1:10256";
+const NODE: &str = "node-a";
+
+/// An HTTP answer: status, raw header block, body.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+/// A plain HTTP/1.1 GET from inside `ns` (the servers bind in the node's namespace).
+fn get(ns: &Netns, addr: &str, path: &str) -> Option<Answer> {
+    let addr: SocketAddr = addr.parse().expect("test address");
+    let path = path.to_owned();
+    ns.run(move || -> Option<Answer> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).ok()?;
+        let (head, body) = raw.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some(Answer {
+            status,
+            headers: head.to_ascii_lowercase(),
+            body: body.to_owned(),
+        })
+    })
+    .ok()
+    .flatten()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    assert!(
+        testkit::wait_until(timeout, Duration::from_millis(100), &mut f),
+        "timed out waiting for {what}"
+    );
+}
+
+/// The value of an unlabelled sample in a scrape.
+fn sample(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kube-proxy"))
+}
+
+/// A proxy in its own namespace on a manifests directory, with `nft` wrapped by a
+/// script that fails while `<dir>/fail-nft` exists.
+struct Node {
+    ns: Netns,
+    dir: tempfile::TempDir,
+    proxy: ProxyProcess,
+}
+
+impl Node {
+    fn start(test: &str, manifests: &str) -> Option<Node> {
+        if !testkit::root_or_skip(test) {
+            return None;
+        }
+        let ns = Netns::new().expect("netns");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("bin dir");
+        let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nft installed");
+        let script = format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then echo 'injected failure' >&2; exit 1; fi\nexec {real_nft} \"$@\"\n",
+            dir.path().join("fail-nft").display()
+        );
+        let nft = bin.join("nft");
+        std::fs::write(&nft, script).expect("nft wrapper");
+        std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let mdir = dir.path().join("manifests");
+        std::fs::create_dir(&mdir).expect("manifests dir");
+        std::fs::write(mdir.join("cluster.yaml"), manifests).expect("manifests");
+        let path_env = format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
+        let bin_path = binary();
+        let args = [
+            path_env.as_str(),
+            bin_path.to_str().expect("utf-8 path"),
+            "--manifests",
+            mdir.to_str().expect("utf-8 path"),
+            "--hostname-override",
+            NODE,
+            "--iptables-sync-period=1s",
+            "--iptables-min-sync-period=0s",
+            "--metrics-bind-address",
+            METRICS,
+            "--healthz-bind-address",
+            HEALTHZ,
+        ];
+        let log = dir.path().join("proxy.log");
+        let mut proxy =
+            ProxyProcess::start(&ns, Path::new("/usr/bin/env"), &args, &log).expect("start proxy");
+        assert!(
+            proxy.wait_for_log("synced rules", 1, Duration::from_secs(10)),
+            "no first sync:\n{}",
+            proxy.log()
+        );
+        Some(Node { ns, dir, proxy })
+    }
+
+    fn write_manifests(&self, text: &str) {
+        let mdir = self.dir.path().join("manifests");
+        let tmp = self.dir.path().join("cluster.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write manifests");
+        std::fs::rename(&tmp, mdir.join("cluster.yaml")).expect("replace manifests");
+    }
+
+    fn scrape(&self) -> String {
+        let a = get(&self.ns, METRICS, "/metrics").expect("scrape");
+        assert_eq!(a.status, 200);
+        assert!(a
+            .headers
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"));
+        a.body
+    }
+}
+
+fn service(name: &str, ip: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+         spec:\n  clusterIP: \"{ip}\"\n  clusterIPs: [\"{ip}\"]\n  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}}]\n{extra}"
+    )
+}
+
+fn slice(service: &str, ep_node: &str) -> String {
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: {service}-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}}}\n  \
+         annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"2020-01-01T00:00:00Z\"}}\n\
+         addressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\n\
+         endpoints:\n  - addresses: [\"10.244.1.2\"]\n    conditions: {{ready: true}}\n    nodeName: {ep_node}\n"
+    )
+}
+
+#[test]
+fn live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it() {
+    let Some(node) = Node::start(
+        "live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it",
+        &(service("web", "10.96.0.10", "  type: NodePort\n") + &slice("web", NODE)),
+    ) else {
+        return;
+    };
+    let scrape = node.scrape();
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+    ] {
+        assert!(sample(&scrape, name).is_some(), "{name} missing:\n{scrape}");
+    }
+    assert!(scrape.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0\"} "));
+    assert_eq!(
+        get(&node.ns, METRICS, "/proxyMode").map(|a| a.body),
+        Some("nftables".into())
+    );
+    assert_eq!(
+        get(&node.ns, METRICS, "/healthz").map(|a| a.body),
+        Some("ok".into())
+    );
+    let configz = get(&node.ns, METRICS, "/configz").expect("configz");
+    let cfg: serde_json::Value = serde_json::from_str(&configz.body).expect("configz is JSON");
+    assert_eq!(
+        cfg["kubeproxy.config.k8s.io"]["metricsBindAddress"],
+        serde_json::json!(METRICS)
+    );
+
+    // promtool lints the live scrape. Upstream's own names draw two known lints (a
+    // gauge named *_total, camelCase build-info labels); anything else fails.
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut promtool = promtool.expect("promtool (Debian package prometheus) installed");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(scrape.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool");
+    let report = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        let known = line == "kubeproxy_sync_proxy_rules_no_local_endpoints_total non-counter metrics should not have \"_total\" suffix"
+            || line == "kubernetes_build_info label names should be written in 'snake_case' not 'camelCase'";
+        assert!(known, "promtool: {line}\n{report}");
+    }
+
+    // A real Prometheus, in the node's namespace, scrapes the proxy once a second.
+    let data = node.dir.path().join("prometheus-data");
+    let config = node.dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: kube-proxy\n    static_configs: [{{targets: [\"{METRICS}\"]}}]\n"
+        ),
+    )
+    .expect("prometheus config");
+    let port = node
+        .ns
+        .run(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+        })
+        .expect("netns")
+        .expect("free port");
+    let web = format!("127.0.0.1:{port}");
+    let mut prometheus = node
+        .ns
+        .command("prometheus")
+        .args([
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", data.display()),
+            &format!("--web.listen-address={web}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus installed");
+    let query = "/api/v1/query?query=kubeproxy_sync_proxy_rules_duration_seconds_count";
+    let mut last = String::new();
+    let found = testkit::wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        let Some(a) = get(&node.ns, &web, query) else {
+            return false;
+        };
+        last = a.body;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&last) else {
+            return false;
+        };
+        v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|n| n > 0.0)
+    });
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(
+        found,
+        "Prometheus never had a sync count > 0; last answer: {last}"
+    );
+}
+
+#[test]
+fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
+    let Some(mut node) = Node::start(
+        "healthz_turns_503_when_syncs_fail_and_200_after_recovery",
+        &service("web", "10.96.0.10", ""),
+    ) else {
+        return;
+    };
+    let a = get(&node.ns, HEALTHZ, "/healthz").expect("healthz");
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.headers.contains("content-type: application/json"));
+    assert!(a.body.starts_with("{\"lastUpdated\": \""), "{}", a.body);
+    assert!(
+        a.body.ends_with("\", \"nodeEligible\": true}"),
+        "{}",
+        a.body
+    );
+
+    // Syncs fail from now on; a change is queued and stays unsynced past 2 × 1 s.
+    std::fs::write(node.dir.path().join("fail-nft"), "").expect("fail switch");
+    node.write_manifests(&(service("web", "10.96.0.10", "") + &service("api", "10.96.0.11", "")));
+    wait_for("healthz 503", Duration::from_secs(10), || {
+        get(&node.ns, HEALTHZ, "/healthz").is_some_and(|a| a.status == 503)
+    });
+    assert_eq!(
+        get(&node.ns, HEALTHZ, "/livez").map(|a| a.status),
+        Some(503)
+    );
+    let scrape = node.scrape();
+    assert!(
+        sample(
+            &scrape,
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("kubeproxy_proxy_healthz_total{code=\"503\"} "),
+        "{scrape}"
+    );
+
+    // nft works again: the next retry syncs and health comes back.
+    std::fs::remove_file(node.dir.path().join("fail-nft")).expect("fail switch off");
+    wait_for("healthz 200", Duration::from_secs(10), || {
+        get(&node.ns, HEALTHZ, "/healthz").is_some_and(|a| a.status == 200)
+    });
+    assert!(node.proxy.is_running());
+
+    // A node tainted for deletion is not eligible: /healthz 503, /livez still 200.
+    let tainted = format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n\
+         spec: {{taints: [{{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}}]}}\n"
+    );
+    node.write_manifests(&(service("web", "10.96.0.10", "") + &tainted));
+    wait_for(
+        "healthz 503 for a tainted node",
+        Duration::from_secs(10),
+        || {
+            get(&node.ns, HEALTHZ, "/healthz")
+                .is_some_and(|a| a.status == 503 && a.body.ends_with("\"nodeEligible\": false}"))
+        },
+    );
+    assert_eq!(
+        get(&node.ns, HEALTHZ, "/livez").map(|a| a.status),
+        Some(200)
+    );
+}
+
+#[test]
+fn service_health_check_follows_local_endpoints() {
+    let lb = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n";
+    let Some(node) = Node::start(
+        "service_health_check_follows_local_endpoints",
+        &(service("web", "10.96.0.10", lb) + &slice("web", NODE)),
+    ) else {
+        return;
+    };
+    let hc = "127.0.0.1:32000";
+    wait_for("health check 200", Duration::from_secs(10), || {
+        get(&node.ns, hc, "/").is_some_and(|a| a.status == 200)
+    });
+    let a = get(&node.ns, hc, "/").expect("health check");
+    assert!(
+        a.headers.contains("x-load-balancing-endpoint-weight: 1"),
+        "{a:?}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&a.body).expect("JSON body");
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "service": {"namespace": "demo", "name": "web"},
+            "localEndpoints": 1,
+            "serviceProxyHealthy": true
+        })
+    );
+
+    // The endpoint moves to another node: no local endpoint, 503.
+    node.write_manifests(&(service("web", "10.96.0.10", lb) + &slice("web", "node-b")));
+    wait_for("health check 503", Duration::from_secs(10), || {
+        get(&node.ns, hc, "/").is_some_and(|a| {
+            a.status == 503
+                && a.headers.contains("x-load-balancing-endpoint-weight: 0")
+                && a.body.contains("\"localEndpoints\": 0")
+        })
+    });
+
+    // The Service goes away: so does its health check port.
+    node.write_manifests(&service("other", "10.96.0.12", ""));
+    wait_for("health check port closed", Duration::from_secs(10), || {
+        get(&node.ns, hc, "/").is_none()
+    });
+}

@@ -1,0 +1,16 @@
+//! Observability for the proxy: upstream-compatible metrics, the metrics server
+//! (`--metrics-bind-address`), the health server (`--healthz-bind-address`) and the
+//! per-Service health checks of `externalTrafficPolicy: Local` load balancers.
+//!
+//! Everything here reads state the sync loop hands over through
+//! [`proxy_core::observer::SyncObserver`]; servers run on their own tasks and never
+//! hold anything a sync needs.
+#![forbid(unsafe_code)]
+
+pub mod gotime;
+pub mod health;
+pub mod metrics;
+pub mod observer;
+pub mod server;
+pub mod service_health;
+pub mod textfmt;
