@@ -37,6 +37,12 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "v",
     "detect-local-mode", // ClusterCIDR only; other modes warn separately
     "manifests",
+    // The API source (crates/source-kube).
+    "master",
+    "kubeconfig",
+    "kube-api-qps",
+    "kube-api-burst",
+    "kube-api-content-type", // accepted; the client speaks JSON
 ];
 
 /// Flags upstream still honours when `--config` is given (`Options.Complete`:
@@ -424,10 +430,6 @@ const ALL_OTHER_FLAGS: &[&str] = &[
     "conntrack-tcp-be-liberal",
     "conntrack-udp-timeout",
     "conntrack-udp-timeout-stream",
-    "kubeconfig",
-    "kube-api-qps",
-    "kube-api-burst",
-    "kube-api-content-type",
     "config-sync-period",
     "feature-gates",
     "oom-score-adj",
