@@ -481,15 +481,15 @@ impl Filter {
     }
 }
 
-fn parse_rv(text: Option<&str>) -> Result<Option<u64>, Response> {
+fn parse_rv(text: Option<&str>) -> Result<Option<u64>, Box<Response>> {
     match text {
         None | Some("") | Some("0") => Ok(None),
         Some(t) => t.parse().map(Some).map_err(|_| {
-            status_response(
+            Box::new(status_response(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
                 &format!("invalid resourceVersion {t:?}"),
-            )
+            ))
         }),
     }
 }
@@ -520,7 +520,7 @@ fn list_response(shared: &Shared, resource: Resource, p: &Params, filter: &Filte
         None => {
             let requested = match parse_rv(p.resource_version.as_deref()) {
                 Ok(rv) => rv,
-                Err(resp) => return resp,
+                Err(resp) => return *resp,
             };
             match (requested, p.resource_version_match.as_deref()) {
                 (Some(rv), Some("Exact")) if rv < data.compacted || rv > data.rv => {
@@ -608,7 +608,7 @@ type Chunk = Result<Bytes, std::io::Error>;
 fn watch_response(shared: Arc<Shared>, resource: Resource, p: Params, filter: Filter) -> Response {
     let from = match parse_rv(p.resource_version.as_deref()) {
         Ok(rv) => rv,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let (tx, rx) = mpsc::channel::<Chunk>(256);
     // Subscribe and read the backlog under one lock: no change is missed or sent twice.

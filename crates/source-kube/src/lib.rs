@@ -20,7 +20,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::utils::Backoff;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client, Config};
 use proxy_core::source::SourceUpdate;
 use tokio::sync::mpsc;
@@ -286,7 +286,12 @@ pub async fn watch(
 
 type KindItem = Result<Input, (&'static str, watcher::Error)>;
 
-/// One kind's watcher, with backoff after errors, tagged with its kind.
+/// One kind's watcher, tagged with its kind, pausing after each error.
+///
+/// Not kube-runtime's `StreamBackoff`: that resets on any success, and the watcher
+/// reports `Init` (a success) before every list attempt, so during an outage the delay
+/// would never grow. Here only data from the server (a listed object, the end of a list,
+/// a watch event) resets it.
 fn kind_stream<K, S>(
     kind: &'static str,
     stream: S,
@@ -296,10 +301,28 @@ where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     K: Send + 'static,
 {
-    stream
-        .backoff(JitteredBackoff::default())
-        .map(move |item| item.map(wrap).map_err(|e| (kind, e)))
-        .boxed()
+    let state = (
+        Box::pin(stream),
+        JitteredBackoff::default(),
+        None::<Duration>,
+    );
+    futures::stream::unfold(state, move |(mut stream, mut backoff, pause)| async move {
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+        let item = stream.next().await?;
+        let pause = match &item {
+            Err(_) => backoff.next(),
+            Ok(watcher::Event::Init) => None,
+            Ok(_) => {
+                backoff.reset();
+                None
+            }
+        };
+        let item = item.map(wrap).map_err(|e| (kind, e));
+        Some((item, (stream, backoff, pause)))
+    })
+    .boxed()
 }
 
 #[cfg(test)]
