@@ -37,7 +37,10 @@ fn documents(file: &str) -> Vec<Value> {
 fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> T {
     let typed: T = serde_json::from_value(doc.clone()).expect("typed parse");
     let back = serde_json::to_value(&typed).expect("serialize");
-    assert_eq!(&back, doc, "fields lost in the typed round trip (unknown or misspelled?)");
+    assert_eq!(
+        &back, doc,
+        "fields lost in the typed round trip (unknown or misspelled?)"
+    );
     typed
 }
 
@@ -82,7 +85,10 @@ fn configmap_holds_a_valid_kube_proxy_configuration() {
     std::fs::write(&path, conf).expect("write");
     let config = kube_proxy::options::load_config_file(&path).expect("strict config load");
     assert_eq!(config.mode, kube_proxy::options::ProxyMode::NfTables);
-    assert!(config.client_connection.kubeconfig.is_empty(), "in-cluster expected");
+    assert!(
+        config.client_connection.kubeconfig.is_empty(),
+        "in-cluster expected"
+    );
 }
 
 #[test]
@@ -95,7 +101,10 @@ fn daemonset_is_shaped_like_kubeadms_and_rbac_only_reads() {
     );
     let pod = spec.template.spec.expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
-    assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
     assert_eq!(pod.service_account_name.as_deref(), Some("kube-proxy"));
     assert!(pod
         .tolerations
@@ -104,7 +113,10 @@ fn daemonset_is_shaped_like_kubeadms_and_rbac_only_reads() {
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
     let container = &pod.containers[0];
     assert_eq!(
-        container.security_context.as_ref().and_then(|s| s.privileged),
+        container
+            .security_context
+            .as_ref()
+            .and_then(|s| s.privileged),
         Some(true)
     );
     let mounts: Vec<&str> = container
@@ -150,7 +162,10 @@ fn manifests_validate_against_kubernetes_schemas() {
         .arg("--version")
         .output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        assert!(!ci, "kubernetes-validate is missing and CI forbids skipping");
+        assert!(
+            !ci,
+            "kubernetes-validate is missing and CI forbids skipping"
+        );
         eprintln!("SKIPPED: kubernetes-validate not installed (pip install kubernetes-validate)");
         return;
     }
