@@ -54,6 +54,8 @@ pub enum SourceSettings {
         path: PathBuf,
         poll_interval: Duration,
     },
+    /// The Kubernetes API server (`--kubeconfig`, `--master` or in-cluster).
+    Kube { connection: source_kube::Connection },
 }
 
 /// Which datapath programs the Services.
@@ -123,6 +125,19 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 updates_tx,
             );
             tokio::spawn(async move { watch.await.context("reading manifests") })
+        }
+        SourceSettings::Kube { connection } => {
+            // A client that cannot be built (bad kubeconfig) is fatal; an API server that
+            // does not answer is not: the source retries and sends nothing meanwhile.
+            let client = source_kube::client(connection)
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let node = settings.node_name.clone();
+            let source_status = Arc::new(source_kube::SourceStatus::default());
+            tokio::spawn(async move {
+                source_kube::watch(client, node, updates_tx, source_status).await;
+                Ok(())
+            })
         }
     };
     let sync_loop = tokio::spawn(runner::run_observed(

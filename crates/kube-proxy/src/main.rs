@@ -145,6 +145,33 @@ fn local_detector(config: &KubeProxyConfiguration) -> anyhow::Result<LocalDetect
     })
 }
 
+/// `--manifests PATH`, or else the API server; not both.
+fn source_settings(opts: &Options) -> anyhow::Result<app::SourceSettings> {
+    let cc = &opts.config.client_connection;
+    let kubeconfig = Some(cc.kubeconfig.trim())
+        .filter(|k| !k.is_empty())
+        .map(std::path::PathBuf::from);
+    let master = opts.master.clone().filter(|m| !m.trim().is_empty());
+    if let Some(path) = opts.manifests.clone() {
+        if kubeconfig.is_some() || master.is_some() {
+            bail!("--manifests and --kubeconfig/--master are exclusive: give one source");
+        }
+        return Ok(app::SourceSettings::Manifests {
+            path,
+            poll_interval: MANIFEST_POLL_INTERVAL,
+        });
+    }
+    Ok(app::SourceSettings::Kube {
+        connection: source_kube::Connection {
+            kubeconfig,
+            master,
+            qps: cc.qps,
+            burst: cc.burst,
+            content_type: cc.content_type.clone(),
+        },
+    })
+}
+
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
@@ -154,12 +181,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             other.as_str()
         ),
     }
-    let Some(manifests) = opts.manifests.clone() else {
-        bail!(
-            "no --manifests given: reading Services from the Kubernetes API is not built yet; \
-             run with --manifests PATH (a YAML file or a directory of them)"
-        );
-    };
+    let source = source_settings(opts)?;
     let nft = &config.nftables;
     let mut nodeport_cidrs = Vec::new();
     let mut nodeport_primary = false;
@@ -182,10 +204,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     }
     Ok(app::RunSettings {
         node_name: node_name(config)?,
-        source: app::SourceSettings::Manifests {
-            path: manifests,
-            poll_interval: MANIFEST_POLL_INTERVAL,
-        },
+        source,
         backend: app::BackendSettings::Nftables(NftConfig {
             masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
                 .context("masqueradeBit")?,

@@ -23,6 +23,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
 /// Label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The API server's limit on endpoints per EndpointSlice (upstream `maxEndpoints`): a
+/// slice claiming more did not come from a conforming server; the rest is ignored.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 /// Label of the zone a node runs in.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
@@ -360,6 +363,13 @@ pub fn service_endpoints<'a>(
             "IPv6" => IpFamily::V6,
             _ => continue, // FQDN slices are not proxied.
         };
+        if slice.endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
+            warnings.push(format!(
+                "EndpointSlice {slice_name}: {} endpoints, more than the API allows; \
+                 only the first {MAX_ENDPOINTS_PER_SLICE} are used",
+                slice.endpoints.len()
+            ));
+        }
         for p in slice.ports.iter().flatten() {
             let Some(protocol) = Protocol::from_api(p.protocol.as_deref()) else {
                 warnings.push(format!(
@@ -377,7 +387,7 @@ pub fn service_endpoints<'a>(
             };
             let key = (p.name.clone().unwrap_or_default(), protocol);
             let bucket = out.entry(key).or_default();
-            for ep in &slice.endpoints {
+            for ep in slice.endpoints.iter().take(MAX_ENDPOINTS_PER_SLICE) {
                 // Upstream programs the first address only.
                 let Some(raw) = ep.addresses.first() else {
                     continue;

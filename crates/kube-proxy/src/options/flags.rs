@@ -47,6 +47,12 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "conntrack-udp-timeout",
     "conntrack-udp-timeout-stream",
     "manifests",
+    // The API source (crates/source-kube).
+    "master",
+    "kubeconfig",
+    "kube-api-qps",
+    "kube-api-burst",
+    "kube-api-content-type", // accepted; the client speaks JSON
 ];
 
 /// Flags upstream still honours when `--config` is given (`Options.Complete`:
@@ -424,10 +430,6 @@ const ALL_OTHER_FLAGS: &[&str] = &[
     "ipvs-tcp-timeout",
     "ipvs-tcpfin-timeout",
     "ipvs-udp-timeout",
-    "kubeconfig",
-    "kube-api-qps",
-    "kube-api-burst",
-    "kube-api-content-type",
     "config-sync-period",
     "feature-gates",
     "oom-score-adj",

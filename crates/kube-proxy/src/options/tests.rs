@@ -255,6 +255,7 @@ fn unimplemented_flags_warn() {
         "--profiling",
         "--proxy-port-range=1000-2000",
         "--kubeconfig=/k",
+        "--config-sync-period=1m",
         "--feature-gates=A=true",
         "--oom-score-adj=-500",
         "--ipvs-scheduler=rr",
@@ -264,7 +265,7 @@ fn unimplemented_flags_warn() {
     for flag in [
         "--profiling",
         "--proxy-port-range",
-        "--kubeconfig",
+        "--config-sync-period",
         "--feature-gates",
         "--oom-score-adj",
         "--ipvs-scheduler",
@@ -296,6 +297,15 @@ fn unimplemented_flags_warn() {
         "--masquerade-all",
         "--v=2",
         "--manifests=/m",
+    ]);
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    // The API source's connection flags are implemented.
+    let o = ok(&[
+        "--kubeconfig=/k",
+        "--master=http://127.0.0.1:8080",
+        "--kube-api-qps=20",
+        "--kube-api-burst=40",
+        "--kube-api-content-type=application/json",
     ]);
     assert!(o.warnings.is_empty(), "{:?}", o.warnings);
 }

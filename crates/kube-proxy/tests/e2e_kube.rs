@@ -1,0 +1,547 @@
+//! End to end, as root: the real binary in a network namespace, fed by the fake API server
+//! through kube-rs (a kubeconfig pointing at `http://127.0.0.1:PORT`). The fake server's
+//! socket is bound inside the node namespace, so only the proxy there can reach it; the
+//! proxy programs nftables in that namespace only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fake_apiserver::FakeApiServer;
+use serde_json::{json, Value};
+use testkit::{Netns, Proto, ProxyProcess, Topology};
+
+const SYNCED: &str = "synced rules";
+const NODE: &str = "node-a";
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kube-proxy"))
+}
+
+fn service(name: &str, cluster_ip: &str, port: u16, labels: Value) -> Value {
+    json!({
+        "kind": "Service",
+        "metadata": {"namespace": "default", "name": name, "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": [{"name": "http", "protocol": "TCP", "port": port, "targetPort": 8080}],
+        },
+    })
+}
+
+fn slice(name: &str, service: &str, ips: &[String]) -> Value {
+    json!({
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": "default",
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+    })
+}
+
+fn node_object() -> Value {
+    json!({
+        "kind": "Node",
+        "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "spec": {"podCIDRs": ["10.244.0.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.100.1"}]},
+    })
+}
+
+fn ips(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// A node namespace with the fake API server listening inside it and the proxy pointed
+/// at it.
+struct ApiNode {
+    api: FakeApiServer,
+    addr: SocketAddr,
+    proxy: Option<ProxyProcess>,
+    dir: tempfile::TempDir,
+    /// Keeps the namespaces alive; `node` is the proxy's.
+    topo: Option<Topology>,
+    bare: Option<Netns>,
+}
+
+impl ApiNode {
+    /// `with_topology`: a full topology (client, backends) for traffic; else a bare node.
+    fn new(name: &str, with_topology: bool) -> Option<ApiNode> {
+        if !testkit::root_or_skip(name) {
+            return None;
+        }
+        let (topo, bare) = if with_topology {
+            (Some(Topology::new(2).expect("topology")), None)
+        } else {
+            (None, Some(Netns::new().expect("netns")))
+        };
+        let node = topo
+            .as_ref()
+            .map(|t| &t.node)
+            .or(bare.as_ref())
+            .expect("a node");
+        let listener = node
+            .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("enter node namespace")
+            .expect("bind in node namespace");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener); // `serve` or `serve_later` binds again
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+                 contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: proxy\n\
+                 current-context: fake\nusers:\n- name: proxy\n  user: {{}}\n"
+            ),
+        )
+        .expect("kubeconfig");
+        Some(ApiNode {
+            api: FakeApiServer::with_bookmark_interval(Duration::from_millis(500))
+                .expect("fake server"),
+            addr,
+            proxy: None,
+            dir,
+            topo,
+            bare,
+        })
+    }
+
+    fn node(&self) -> &Netns {
+        self.topo
+            .as_ref()
+            .map(|t| &t.node)
+            .or(self.bare.as_ref())
+            .expect("a node")
+    }
+
+    /// (Re)starts the fake server on its address, inside the node namespace.
+    fn serve(&mut self) {
+        let addr = self.addr;
+        let listener = self
+            .node()
+            .run(move || std::net::TcpListener::bind(addr))
+            .expect("enter node namespace")
+            .expect("bind again");
+        self.api.serve(listener).expect("serve");
+    }
+
+    fn start_proxy(&mut self, extra: &[&str]) {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        let mut args = vec![
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--hostname-override",
+            NODE,
+            "--cluster-cidr=10.244.0.0/16",
+            "--v=2",
+        ];
+        args.extend_from_slice(extra);
+        let log = self.dir.path().join("proxy.log");
+        self.proxy = Some(ProxyProcess::start(self.node(), &binary(), &args, &log).expect("start"));
+    }
+
+    fn proxy(&mut self) -> &mut ProxyProcess {
+        self.proxy.as_mut().expect("proxy started")
+    }
+
+    fn log(&self) -> String {
+        self.proxy
+            .as_ref()
+            .map(ProxyProcess::log)
+            .unwrap_or_default()
+    }
+
+    fn syncs(&self) -> usize {
+        self.log().matches(SYNCED).count()
+    }
+
+    fn ruleset(&self) -> String {
+        self.node()
+            .exec(&["nft", "list", "ruleset"])
+            .expect("nft list ruleset")
+    }
+
+    /// Waits until the ruleset satisfies `check`.
+    fn wait_rules(&self, what: &str, timeout: Duration, check: impl Fn(&str) -> bool) {
+        let ok = testkit::wait_until(timeout, Duration::from_millis(50), || {
+            check(&self.ruleset())
+        });
+        assert!(ok, "rules never showed {what}");
+    }
+}
+
+impl Drop for ApiNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- proxy log ---\n{}\n--- ruleset ---\n{}",
+                self.log(),
+                self.ruleset()
+            );
+        }
+    }
+}
+
+/// A Service port in the rules (`ip . proto . port`: in the service-ips map, or in the
+/// no-endpoint set when it has no endpoints).
+fn has_service(rules: &str, ip: &str, port: u16) -> bool {
+    rules.contains(&format!("{ip} . tcp . {port}"))
+}
+
+/// An endpoint in the endpoints maps (`... : ip . port`).
+fn has_endpoint(rules: &str, ip: &str) -> bool {
+    rules.contains(&format!(": {ip} . 8080"))
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn api_initial_sync_then_changes_reach_the_kernel_and_traffic() {
+    let Some(mut n) = ApiNode::new("api_initial_sync_then_changes_reach_the_kernel", true) else {
+        return;
+    };
+    let (servers, be0, be1) = {
+        let topo = n.topo.as_ref().expect("topology");
+        (
+            topo.serve_all(8080).expect("backends"),
+            topo.backends[0].ipv4.to_string(),
+            topo.backends[1].ipv4.to_string(),
+        )
+    };
+    n.api
+        .apply(service("web", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.api
+        .apply(slice("web-1", "web", &ips(&[be0.as_str()])))
+        .expect("apply");
+    // Another proxy's Service and a headless one's slice: never ours.
+    n.api
+        .apply(service(
+            "theirs",
+            "10.96.0.20",
+            80,
+            json!({"service.kubernetes.io/service-proxy-name": "other"}),
+        ))
+        .expect("apply");
+    n.api.apply(node_object()).expect("apply");
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    let rules = n.ruleset();
+    assert!(has_service(&rules, "10.96.0.10", 80), "web missing");
+    assert!(has_endpoint(&rules, &be0));
+    assert!(
+        !has_service(&rules, "10.96.0.20", 80),
+        "other proxy's Service programmed"
+    );
+
+    // Real traffic through the ClusterIP reaches be0 only.
+    let target: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+    let spread = testkit::spread(
+        &n.topo.as_ref().expect("topology").client,
+        target,
+        Proto::Tcp,
+        6,
+        Duration::from_secs(2),
+    )
+    .expect("requests");
+    assert_eq!(spread.keys().collect::<Vec<_>>(), ["be0"], "{spread:?}");
+
+    // Update: a second endpoint; add: a Service; delete: the first one's slice and Service.
+    n.api
+        .apply(slice("web-1", "web", &ips(&[be0.as_str(), be1.as_str()])))
+        .expect("apply");
+    n.wait_rules("be1", WAIT, |r| has_endpoint(r, &be1));
+    let spread = testkit::spread(
+        &n.topo.as_ref().expect("topology").client,
+        target,
+        Proto::Tcp,
+        20,
+        Duration::from_secs(2),
+    )
+    .expect("requests");
+    assert_eq!(
+        spread.keys().collect::<Vec<_>>(),
+        ["be0", "be1"],
+        "{spread:?}"
+    );
+
+    n.api
+        .apply(service("api", "10.96.0.11", 443, json!({})))
+        .expect("apply");
+    n.wait_rules("new Service", WAIT, |r| has_service(r, "10.96.0.11", 443));
+    assert!(n.api.delete("Service", "default", "web"));
+    assert!(n.api.delete("EndpointSlice", "default", "web-1"));
+    n.wait_rules("web gone", WAIT, |r| !has_service(r, "10.96.0.10", 80));
+    assert!(has_service(&n.ruleset(), "10.96.0.11", 443));
+    // The initial lists were paged (limit) and the Node was asked for by name.
+    let requests = n.api.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("limit=500")),
+        "{requests:?}"
+    );
+    assert!(
+        requests.iter().any(|r| r.starts_with("/api/v1/nodes")
+            && r.contains("fieldSelector=metadata.name%3Dnode-a")),
+        "{requests:?}"
+    );
+    assert!(n.proxy().is_running());
+    drop(servers);
+}
+
+#[test]
+fn api_gone_relists_without_dropping_rules() {
+    let Some(mut n) = ApiNode::new("api_gone_relists_without_dropping_rules", false) else {
+        return;
+    };
+    n.api
+        .apply(service("web", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.api
+        .apply(slice("web-1", "web", &ips(&["10.244.1.2"])))
+        .expect("apply");
+    n.api.apply(node_object()).expect("apply");
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    let lists_before = n.log().matches("listed Services").count();
+    // A slow relist: the rules must stay while it is in progress.
+    n.api.set_delay(Duration::from_millis(1500));
+    n.api.expire_watches();
+    n.api
+        .apply(slice("web-1", "web", &ips(&["10.244.1.2", "10.244.2.2"])))
+        .expect("apply");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        assert!(
+            has_endpoint(&n.ruleset(), "10.244.1.2"),
+            "rules dropped during the relist"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n.api.set_delay(Duration::ZERO);
+    n.wait_rules("the change made before the relist", WAIT, |r| {
+        has_endpoint(r, "10.244.2.2") && has_endpoint(r, "10.244.1.2")
+    });
+    assert!(
+        n.log().matches("listed Services").count() > lists_before,
+        "no relist after 410"
+    );
+    assert!(
+        n.log().contains("410") || n.log().contains("Expired"),
+        "410 not logged"
+    );
+}
+
+#[test]
+fn api_down_at_start_programs_nothing_until_it_answers() {
+    let Some(mut n) = ApiNode::new("api_down_at_start_programs_nothing", false) else {
+        return;
+    };
+    n.api
+        .apply(service("web", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.api.apply(node_object()).expect("apply");
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(n.proxy().is_running(), "proxy gave up: {}", n.log());
+    assert_eq!(n.syncs(), 0, "synced without the API");
+    assert!(
+        !n.node()
+            .exec(&["nft", "list", "tables"])
+            .expect("nft")
+            .contains("kube-proxy"),
+        "rules programmed before the API answered"
+    );
+    assert!(
+        n.log().contains("watch failed"),
+        "no retry logged:\n{}",
+        n.log()
+    );
+    n.serve();
+    assert!(
+        n.proxy().wait_for_log(SYNCED, 1, WAIT),
+        "no sync after the API came up"
+    );
+    assert!(has_service(&n.ruleset(), "10.96.0.10", 80));
+}
+
+#[test]
+fn api_restart_mid_watch_loses_no_rules_and_catches_up() {
+    let Some(mut n) = ApiNode::new("api_restart_mid_watch", false) else {
+        return;
+    };
+    for i in 0..3 {
+        n.api
+            .apply(service(
+                &format!("s{i}"),
+                &format!("10.96.0.{}", 10 + i),
+                80,
+                json!({}),
+            ))
+            .expect("apply");
+        n.api
+            .apply(slice(
+                &format!("s{i}-1"),
+                &format!("s{i}"),
+                &ips(&[&format!("10.244.1.{}", 2 + i)]),
+            ))
+            .expect("apply");
+    }
+    n.api.apply(node_object()).expect("apply");
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    n.wait_rules("all three", WAIT, |r| {
+        (0..3).all(|i| has_service(r, &format!("10.96.0.{}", 10 + i), 80))
+    });
+    let syncs = n.syncs();
+
+    n.api.stop();
+    // Changes written while this proxy cannot see the server (as through another replica).
+    assert!(n.api.delete("Service", "default", "s0"));
+    n.api
+        .apply(service("s3", "10.96.0.13", 80, json!({})))
+        .expect("apply");
+    std::thread::sleep(Duration::from_secs(2));
+    let rules = n.ruleset();
+    assert!(
+        (0..3).all(|i| has_service(&rules, &format!("10.96.0.{}", 10 + i), 80)),
+        "rules lost while the server was down"
+    );
+    assert_eq!(n.syncs(), syncs, "synced on an error");
+    n.serve();
+    n.wait_rules("catch-up", WAIT, |r| {
+        has_service(r, "10.96.0.13", 80)
+            && !has_service(r, "10.96.0.10", 80)
+            && has_service(r, "10.96.0.11", 80)
+            && has_service(r, "10.96.0.12", 80)
+    });
+}
+
+#[test]
+fn api_burst_of_1000_slice_updates_coalesces() {
+    let Some(mut n) = ApiNode::new("api_burst_coalesces", false) else {
+        return;
+    };
+    n.api
+        .apply(service("web", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.api
+        .apply(slice("web-1", "web", &ips(&["10.244.0.1"])))
+        .expect("apply");
+    n.api.apply(node_object()).expect("apply");
+    n.serve();
+    // Upstream's default nftables minSyncPeriod.
+    n.start_proxy(&["--iptables-min-sync-period=1s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    let before = n.syncs();
+    let start = Instant::now();
+    for i in 0..1000u32 {
+        let ip = format!("10.244.{}.{}", 1 + i / 250, 1 + i % 250);
+        n.api
+            .apply(slice("web-1", "web", &ips(&[ip.as_str()])))
+            .expect("apply");
+    }
+    let last = format!("10.244.{}.{}", 1 + 999 / 250, 1 + 999 % 250);
+    n.wait_rules("the last update", WAIT, |r| has_endpoint(r, &last));
+    let took = start.elapsed();
+    // Let a trailing sync, if any, show up in the log.
+    std::thread::sleep(Duration::from_millis(1500));
+    let syncs = n.syncs() - before;
+    eprintln!("1000 EndpointSlice updates: {syncs} syncs, last update programmed after {took:?}");
+    assert!((1..=15).contains(&syncs), "{syncs} syncs for 1000 updates");
+    assert!(
+        !has_endpoint(&n.ruleset(), "10.244.0.1"),
+        "stale endpoint left"
+    );
+}
+
+#[test]
+fn api_bad_objects_are_logged_and_skipped() {
+    let Some(mut n) = ApiNode::new("api_bad_objects", false) else {
+        return;
+    };
+    n.api
+        .apply(service("good", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.api
+        .apply(slice("good-1", "good", &ips(&["10.244.1.2"])))
+        .expect("apply");
+    let mut bad_ip = service("bad-ip", "10.96.0.300", 80, json!({}));
+    bad_ip["spec"]["clusterIPs"] = json!(["10.96.0.300"]);
+    n.api.apply(bad_ip).expect("apply");
+    n.api
+        .apply(service("bad-port", "10.96.0.21", 80, json!({})))
+        .and_then(|_| {
+            let mut s = service("bad-port", "10.96.0.21", 80, json!({}));
+            s["spec"]["ports"][0]["port"] = json!(70000);
+            n.api.apply(s)
+        })
+        .expect("apply");
+    let mut dup = service("dup-ports", "10.96.0.22", 80, json!({}));
+    dup["spec"]["ports"] = json!([
+        {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080},
+        {"name": "http", "protocol": "TCP", "port": 81, "targetPort": 8080},
+    ]);
+    n.api.apply(dup).expect("apply");
+    n.api
+        .apply(slice("orphan-1", "no-such-service", &ips(&["10.244.9.9"])))
+        .expect("apply");
+    let huge: Vec<String> = (0..10_000u32)
+        .map(|i| format!("10.245.{}.{}", i / 250, 1 + i % 250))
+        .collect();
+    n.api
+        .apply(service("huge", "10.96.0.30", 80, json!({})))
+        .expect("apply");
+    n.api.apply(slice("huge-1", "huge", &huge)).expect("apply");
+    n.api.apply(node_object()).expect("apply");
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    let rules = n.ruleset();
+    let log = n.log();
+    assert!(
+        has_service(&rules, "10.96.0.10", 80),
+        "good Service disturbed"
+    );
+    assert!(has_endpoint(&rules, "10.244.1.2"));
+    for name in ["bad-ip", "bad-port", "dup-ports", "huge-1"] {
+        assert!(log.contains(name), "{name} not named in the log");
+    }
+    assert!(
+        !has_service(&rules, "10.96.0.21", 80),
+        "bad-port programmed"
+    );
+    assert!(
+        !has_endpoint(&rules, "10.244.9.9"),
+        "orphan slice programmed"
+    );
+    // The oversized slice is clamped to the API's 1000 endpoints.
+    assert!(has_service(&rules, "10.96.0.30", 80), "huge not programmed");
+    assert!(
+        rules.contains("cluster-class-1000"),
+        "huge not clamped to 1000"
+    );
+    assert!(n.proxy().is_running());
+}
+
+#[test]
+fn manifests_and_kubeconfig_are_exclusive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(binary())
+        .args(["--manifests", "/nonexistent", "--kubeconfig"])
+        .arg(Path::new(dir.path()).join("kubeconfig"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exclusive"), "{stderr}");
+}

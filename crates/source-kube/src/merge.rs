@@ -1,0 +1,385 @@
+//! Turns the three watch streams' events into `SourceUpdate`s. Pure, so the ordering
+//! rules are tested without a server:
+//!
+//! * nothing is sent until Services, EndpointSlices and the Node have each been listed
+//!   completely; then one `Replace` with all of them;
+//! * after that, each watch event becomes one upsert or delete;
+//! * a relist of any kind (after 410 Gone or a broken watch) is collected on the side and
+//!   becomes one `Replace` of the new complete state when its list is complete; a list that
+//!   fails halfway leaves the last state as it was (no update at all).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::Metadata;
+use kube::runtime::watcher::Event;
+use proxy_core::source::{Objects, SourceUpdate};
+
+/// Objects with this label belong to another proxy (upstream's `LabelServiceProxyName`).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// EndpointSlices of headless Services carry this label (upstream's `IsHeadlessService`).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The label selector upstream uses for Services and EndpointSlices.
+pub const LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// One event from one of the three watches.
+// Each event is moved once, from the watcher into the merger: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    Service(Event<Service>),
+    Slice(Event<EndpointSlice>),
+    Node(Event<Node>),
+}
+
+type Key = (String, String);
+
+/// The objects of one kind, plus a list in progress.
+#[derive(Debug)]
+struct Store<K> {
+    live: BTreeMap<Key, K>,
+    /// Some while a (re)list is in progress.
+    listing: Option<BTreeMap<Key, K>>,
+    listed: bool,
+}
+
+impl<K> Default for Store<K> {
+    fn default() -> Self {
+        Store {
+            live: BTreeMap::new(),
+            listing: None,
+            listed: false,
+        }
+    }
+}
+
+fn key<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+    obj: &K,
+) -> Key {
+    let meta = obj.metadata();
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Whether the proxy handles this Service or EndpointSlice. The API server already
+/// filters with `LABEL_SELECTOR`; checking again costs nothing and keeps a server that
+/// ignores selectors from feeding us another proxy's objects.
+fn wanted<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+    obj: &K,
+) -> bool {
+    obj.metadata().labels.as_ref().is_none_or(|labels| {
+        !labels.contains_key(SERVICE_PROXY_NAME_LABEL) && !labels.contains_key(HEADLESS_LABEL)
+    })
+}
+
+/// Where a kind's event leaves things.
+enum Step<K> {
+    Nothing,
+    /// A (re)list completed.
+    Listed,
+    Upsert(K),
+    Delete(Key),
+}
+
+impl<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>> Store<K> {
+    fn apply(&mut self, event: Event<K>, filter: impl Fn(&K) -> bool) -> Step<K>
+    where
+        K: Clone,
+    {
+        match event {
+            Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                Step::Nothing
+            }
+            Event::InitApply(obj) => {
+                if filter(&obj) {
+                    self.listing
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key(&obj), obj);
+                }
+                Step::Nothing
+            }
+            Event::InitDone => {
+                self.live = self.listing.take().unwrap_or_default();
+                self.listed = true;
+                Step::Listed
+            }
+            Event::Apply(obj) => {
+                let k = key(&obj);
+                if filter(&obj) {
+                    self.live.insert(k, obj.clone());
+                    Step::Upsert(obj)
+                } else if self.live.remove(&k).is_some() {
+                    // Relabelled away from us: gone as far as we are concerned.
+                    Step::Delete(k)
+                } else {
+                    Step::Nothing
+                }
+            }
+            Event::Delete(obj) => {
+                let k = key(&obj);
+                match self.live.remove(&k) {
+                    Some(_) => Step::Delete(k),
+                    None => Step::Nothing,
+                }
+            }
+        }
+    }
+}
+
+/// The merged state of the three watches.
+#[derive(Debug)]
+pub struct Merger {
+    node_name: String,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    node: Store<Node>,
+    /// The first `Replace` went out.
+    initial_sent: bool,
+}
+
+impl Merger {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Merger {
+            node_name: node_name.into(),
+            services: Store::default(),
+            slices: Store::default(),
+            node: Store::default(),
+            initial_sent: false,
+        }
+    }
+
+    /// Whether the first complete state has been handed out.
+    pub fn initial_sent(&self) -> bool {
+        self.initial_sent
+    }
+
+    /// Feeds one event; returns the update to send, if any.
+    pub fn apply(&mut self, input: Input) -> Option<SourceUpdate> {
+        match input {
+            Input::Service(event) => match self.services.apply(event, wanted) {
+                Step::Nothing => None,
+                Step::Listed => self.replace(),
+                Step::Upsert(svc) => self
+                    .live()
+                    .then(|| SourceUpdate::ServiceUpsert(Box::new(svc))),
+                Step::Delete((namespace, name)) => self
+                    .live()
+                    .then_some(SourceUpdate::ServiceDelete { namespace, name }),
+            },
+            Input::Slice(event) => match self.slices.apply(event, wanted) {
+                Step::Nothing => None,
+                Step::Listed => self.replace(),
+                Step::Upsert(slice) => self
+                    .live()
+                    .then(|| SourceUpdate::EndpointSliceUpsert(Box::new(slice))),
+                Step::Delete((namespace, name)) => self
+                    .live()
+                    .then_some(SourceUpdate::EndpointSliceDelete { namespace, name }),
+            },
+            Input::Node(event) => {
+                let name = self.node_name.clone();
+                // The field selector asks for our Node only; anything else is ignored.
+                let ours = move |n: &Node| n.metadata.name.as_deref() == Some(name.as_str());
+                match self.node.apply(event, ours) {
+                    Step::Nothing => None,
+                    Step::Listed => self.replace(),
+                    Step::Upsert(node) => self
+                        .live()
+                        .then(|| SourceUpdate::Node(Some(Box::new(node)))),
+                    Step::Delete(_) => self.live().then_some(SourceUpdate::Node(None)),
+                }
+            }
+        }
+    }
+
+    /// Whether incremental updates can go out: the tracker has had a complete state.
+    fn live(&self) -> bool {
+        self.initial_sent
+    }
+
+    /// A `Replace` of everything, once every kind has been listed.
+    fn replace(&mut self) -> Option<SourceUpdate> {
+        if !(self.services.listed && self.slices.listed && self.node.listed) {
+            return None;
+        }
+        self.initial_sent = true;
+        Some(SourceUpdate::Replace(Objects {
+            services: self.services.live.values().cloned().collect(),
+            endpoint_slices: self.slices.live.values().cloned().collect(),
+            node: self.node.live.values().next().cloned(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            namespace: (!ns.is_empty()).then(|| ns.to_string()),
+            name: Some(name.to_string()),
+            labels: (!labels.is_empty()).then(|| {
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn svc(name: &str, labels: &[(&str, &str)]) -> Service {
+        Service {
+            metadata: meta("ns", name, labels),
+            ..Service::default()
+        }
+    }
+
+    fn slice(name: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: meta("ns", name, &[("kubernetes.io/service-name", "a")]),
+            address_type: "IPv4".into(),
+            endpoints: Vec::new(),
+            ports: None,
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            metadata: meta("", name, &[]),
+            ..Node::default()
+        }
+    }
+
+    fn replace_of(update: Option<SourceUpdate>) -> Objects {
+        match update {
+            Some(SourceUpdate::Replace(objects)) => objects,
+            other => panic!("expected a Replace, got {other:?}"),
+        }
+    }
+
+    fn names(services: &[Service]) -> Vec<&str> {
+        services
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect()
+    }
+
+    /// Lists all three kinds; returns the Replace.
+    fn initial(m: &mut Merger) -> Objects {
+        assert!(m.apply(Input::Service(Event::Init)).is_none());
+        assert!(m
+            .apply(Input::Service(Event::InitApply(svc("a", &[]))))
+            .is_none());
+        assert!(m
+            .apply(Input::Service(Event::InitApply(svc(
+                "other",
+                &[(SERVICE_PROXY_NAME_LABEL, "x")]
+            ))))
+            .is_none());
+        assert!(m.apply(Input::Service(Event::InitDone)).is_none());
+        assert!(m.apply(Input::Slice(Event::Init)).is_none());
+        assert!(m
+            .apply(Input::Slice(Event::InitApply(slice("a-1"))))
+            .is_none());
+        assert!(m.apply(Input::Slice(Event::InitDone)).is_none());
+        assert!(!m.initial_sent());
+        assert!(m.apply(Input::Node(Event::Init)).is_none());
+        assert!(m.apply(Input::Node(Event::InitApply(node("n1")))).is_none());
+        replace_of(m.apply(Input::Node(Event::InitDone)))
+    }
+
+    #[test]
+    fn nothing_before_all_lists_then_one_replace() {
+        let mut m = Merger::new("n1");
+        let objects = initial(&mut m);
+        assert!(m.initial_sent());
+        assert_eq!(names(&objects.services), ["a"], "labelled Service skipped");
+        assert_eq!(objects.endpoint_slices.len(), 1);
+        assert_eq!(
+            objects.node.and_then(|n| n.metadata.name).as_deref(),
+            Some("n1")
+        );
+    }
+
+    #[test]
+    fn events_before_the_first_replace_are_folded_into_it() {
+        let mut m = Merger::new("n1");
+        for input in [
+            Input::Service(Event::Init),
+            Input::Service(Event::InitDone),
+            Input::Service(Event::Apply(svc("late", &[]))),
+            Input::Node(Event::Init),
+            Input::Node(Event::InitDone),
+            Input::Slice(Event::Init),
+        ] {
+            assert!(m.apply(input).is_none());
+        }
+        let objects = replace_of(m.apply(Input::Slice(Event::InitDone)));
+        assert_eq!(names(&objects.services), ["late"]);
+        assert!(objects.node.is_none());
+    }
+
+    #[test]
+    fn incremental_after_replace() {
+        let mut m = Merger::new("n1");
+        initial(&mut m);
+        assert!(matches!(
+            m.apply(Input::Service(Event::Apply(svc("b", &[])))),
+            Some(SourceUpdate::ServiceUpsert(_))
+        ));
+        assert!(matches!(
+            m.apply(Input::Slice(Event::Delete(slice("a-1")))),
+            Some(SourceUpdate::EndpointSliceDelete { ref name, .. }) if name == "a-1"
+        ));
+        // Deleting what we never had is not news.
+        assert!(m.apply(Input::Slice(Event::Delete(slice("zz")))).is_none());
+        // A Service relabelled to another proxy is a delete for us.
+        assert!(matches!(
+            m.apply(Input::Service(Event::Apply(svc("b", &[(HEADLESS_LABEL, "")])))),
+            Some(SourceUpdate::ServiceDelete { ref name, .. }) if name == "b"
+        ));
+        assert!(matches!(
+            m.apply(Input::Node(Event::Apply(node("n1")))),
+            Some(SourceUpdate::Node(Some(_)))
+        ));
+        assert!(m.apply(Input::Node(Event::Apply(node("n2")))).is_none());
+        assert!(matches!(
+            m.apply(Input::Node(Event::Delete(node("n1")))),
+            Some(SourceUpdate::Node(None))
+        ));
+    }
+
+    #[test]
+    fn relist_replaces_and_a_failed_relist_changes_nothing() {
+        let mut m = Merger::new("n1");
+        initial(&mut m);
+        // A relist that dies halfway (list error, then a fresh Init) sends nothing.
+        assert!(m.apply(Input::Service(Event::Init)).is_none());
+        assert!(m
+            .apply(Input::Service(Event::InitApply(svc("x", &[]))))
+            .is_none());
+        assert!(m.apply(Input::Service(Event::Init)).is_none());
+        assert!(m
+            .apply(Input::Service(Event::InitApply(svc("b", &[]))))
+            .is_none());
+        assert!(m
+            .apply(Input::Service(Event::InitApply(svc("c", &[]))))
+            .is_none());
+        let objects = replace_of(m.apply(Input::Service(Event::InitDone)));
+        assert_eq!(
+            names(&objects.services),
+            ["b", "c"],
+            "a is gone, x never was"
+        );
+        assert_eq!(objects.endpoint_slices.len(), 1, "other kinds kept");
+        assert!(objects.node.is_some());
+    }
+}
