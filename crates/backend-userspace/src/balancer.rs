@@ -93,7 +93,11 @@ impl Balancer {
         }
         let start = self.next[family] % list.len();
         self.next[family] = start + 1;
-        list[start..].iter().chain(&list[..start]).copied().collect()
+        list[start..]
+            .iter()
+            .chain(&list[..start])
+            .copied()
+            .collect()
     }
 
     /// Records that `client` is now served by `ep` (affinity only).

@@ -128,7 +128,11 @@ pub async fn serve_udp(socket: UdpSocket, ctx: PortContext) {
                 continue;
             }
         };
-        let existing = sessions.lock().unwrap_or_else(|e| e.into_inner()).get(&client).cloned();
+        let existing = sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .cloned();
         let session = match existing {
             Some(s) if lock(&ctx.balancer).contains(&s.endpoint) => s,
             _ => match open_session(&socket, &sessions, client, &ctx, epoch).await {
@@ -136,7 +140,9 @@ pub async fn serve_udp(socket: UdpSocket, ctx: PortContext) {
                 None => continue,
             },
         };
-        session.last_active.store(millis_since(epoch), Ordering::Relaxed);
+        session
+            .last_active
+            .store(millis_since(epoch), Ordering::Relaxed);
         if let Err(err) = session.backend.send(&buf[..n]).await {
             tracing::debug!(service = %ctx.name, endpoint = %session.endpoint, error = %err, "UDP send failed");
         }
@@ -221,8 +227,7 @@ async fn relay_replies(
             }
             Err(_) => {}
         }
-        let quiet =
-            millis_since(epoch).saturating_sub(session.last_active.load(Ordering::Relaxed));
+        let quiet = millis_since(epoch).saturating_sub(session.last_active.load(Ordering::Relaxed));
         if quiet >= idle_ms {
             break;
         }

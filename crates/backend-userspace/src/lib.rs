@@ -352,8 +352,11 @@ impl<R: NftRunner> Drop for UserspaceProxier<R> {
     fn drop(&mut self) {
         self.listeners.clear();
         if self.programmed.take().is_some() {
-            if let Err(err) = self.runner.run(&rules::cleanup_script()) {
-                tracing::warn!(error = %err, "cannot remove the userspace redirect rules");
+            match self.runner.run(&rules::cleanup_script()) {
+                Ok(()) => tracing::info!("removed the userspace redirect rules"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot remove the userspace redirect rules")
+                }
             }
         }
     }

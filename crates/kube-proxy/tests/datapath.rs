@@ -33,8 +33,18 @@ impl Mode {
                 .exec(&["nft", "list", "tables"])
                 .expect("nft list tables")
                 .contains("kube-proxy"),
+            "userspace" => node
+                .exec(&["nft", "list", "tables"])
+                .expect("nft list tables")
+                .contains("kube-proxy-userspace"),
             other => panic!("no rule check for mode {other}"),
         }
+    }
+
+    /// Whether the rules outlive the proxy process. Userspace mode removes its redirects
+    /// on exit: they point at listeners that die with the process.
+    fn keeps_rules_on_exit(self) -> bool {
+        self.0 != "userspace"
     }
 }
 
@@ -429,12 +439,14 @@ fn cleanup_removes_all_rules_and_succeeds_when_there_are_none(mode: Mode) {
     let status = cluster.stop_proxy();
     let topo = &cluster.topo;
     assert!(status.success(), "proxy exit status {status}");
-    // Rules survive the proxy's exit (traffic keeps flowing during restarts).
-    assert!(topo
-        .node
-        .exec(&["nft", "list", "tables"])
-        .expect("nft")
-        .contains("kube-proxy"));
+    // Rules survive the proxy's exit (traffic keeps flowing during restarts), in the
+    // modes where the kernel forwards.
+    assert_eq!(
+        mode.rules_present(&topo.node),
+        mode.keeps_rules_on_exit(),
+        "rules after exit: {}",
+        cluster.ruleset()
+    );
     for round in 0..2 {
         let out = topo
             .node
@@ -490,3 +502,4 @@ macro_rules! datapath_suite {
 }
 
 datapath_suite!(nftables);
+datapath_suite!(userspace);
