@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 
 use crate::balancer::Balancer;
 
@@ -41,11 +43,16 @@ pub struct PortContext {
     pub udp_idle_timeout: Duration,
 }
 
-/// Accepts connections until the task is aborted (the listener closes with it).
-/// Connections already accepted run in their own tasks and are left to finish.
-pub async fn serve_tcp(listener: TcpListener, ctx: PortContext) {
+/// Accepts connections until `stop` fires or its sender is dropped; the listening socket
+/// closes on return. Connections already accepted run in their own tasks and are left to
+/// finish.
+pub async fn serve_tcp(listener: TcpListener, ctx: PortContext, mut stop: oneshot::Receiver<()>) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((client, peer)) => {
                 tokio::spawn(proxy_tcp(client, peer, ctx.clone()));
             }
@@ -114,20 +121,33 @@ fn millis_since(epoch: Instant) -> u64 {
 
 /// Receives datagrams until the task is aborted, keeping a session per client address.
 /// A session whose endpoint left is replaced at the client's next datagram; an idle
-/// session ends after `udp_idle_timeout`.
-pub async fn serve_udp(socket: UdpSocket, ctx: PortContext) {
+/// session ends after `udp_idle_timeout`. When `stop` fires (or its sender is dropped)
+/// every session ends too, and the port's socket is closed by the time this returns, so
+/// clients are refused from then on.
+pub async fn serve_udp(socket: UdpSocket, ctx: PortContext, mut stop: oneshot::Receiver<()>) {
     let socket = Arc::new(socket);
     let sessions: Sessions = Arc::default();
+    let mut relays = JoinSet::new();
     let epoch = Instant::now();
     let mut buf = vec![0u8; UDP_BUFFER];
     loop {
-        let (n, client) = match socket.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            _ = &mut stop => {
+                // The relays hold the socket to send replies: wait until they are gone.
+                relays.shutdown().await;
+                return;
+            }
+            received = socket.recv_from(&mut buf) => received,
+        };
+        let (n, client) = match received {
             Ok(received) => received,
             Err(err) => {
                 tracing::debug!(service = %ctx.name, error = %err, "UDP receive failed");
                 continue;
             }
         };
+        // Reap relays of expired sessions.
+        while relays.try_join_next().is_some() {}
         let existing = sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -135,7 +155,7 @@ pub async fn serve_udp(socket: UdpSocket, ctx: PortContext) {
             .cloned();
         let session = match existing {
             Some(s) if lock(&ctx.balancer).contains(&s.endpoint) => s,
-            _ => match open_session(&socket, &sessions, client, &ctx, epoch).await {
+            _ => match open_session(&socket, &sessions, &mut relays, client, &ctx, epoch).await {
                 Some(s) => s,
                 None => continue,
             },
@@ -152,6 +172,7 @@ pub async fn serve_udp(socket: UdpSocket, ctx: PortContext) {
 async fn open_session(
     listener: &Arc<UdpSocket>,
     sessions: &Sessions,
+    relays: &mut JoinSet<()>,
     client: SocketAddr,
     ctx: &PortContext,
     epoch: Instant,
@@ -175,7 +196,7 @@ async fn open_session(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(client, Arc::clone(&session));
-    tokio::spawn(relay_replies(
+    relays.spawn(relay_replies(
         Arc::clone(listener),
         Arc::clone(sessions),
         client,

@@ -28,7 +28,8 @@ use proxy_core::model::{IpFamily, Protocol, ServicePort, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
-use tokio::task::AbortHandle;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::balancer::Balancer;
 use crate::forward::{lock, PortContext};
@@ -84,17 +85,33 @@ pub fn listen_ip(bind_address: IpAddr) -> IpAddr {
     }
 }
 
-/// One Service port's listener; dropping it stops accepting (and closes the socket).
+/// How long a sync waits for removed listeners to close their sockets.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// One Service port's listener. Dropping it stops its task (the task sees `stop`'s sender
+/// go), which closes the socket; [`close`] also waits for that.
 struct Listener {
     addr: SocketAddr,
     port: u16,
     balancer: forward::SharedBalancer,
-    task: AbortHandle,
+    _stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
 }
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.task.abort();
+/// Closes `listeners` and waits (bounded) until their sockets are closed, so that when a
+/// sync returns, a removed port already refuses connections.
+fn close(handle: &Handle, listeners: Vec<Listener>) {
+    if listeners.is_empty() {
+        return;
+    }
+    let tasks: Vec<JoinHandle<()>> = listeners.into_iter().map(|l| l.task).collect();
+    let waited = handle.block_on(tokio::time::timeout(CLOSE_WAIT, async {
+        for task in tasks {
+            let _ = task.await;
+        }
+    }));
+    if waited.is_err() {
+        tracing::warn!("closing listeners took longer than {CLOSE_WAIT:?}");
     }
 }
 
@@ -167,18 +184,22 @@ impl<R: NftRunner> UserspaceProxier<R> {
             connect_timeout: self.config.connect_timeout,
             udp_idle_timeout: self.config.udp_idle_timeout,
         };
+        let (stop, stopped) = oneshot::channel();
         let (port, task) = match sp.protocol() {
             Protocol::Tcp => {
                 let socket = bind(addr, Type::STREAM)?;
                 socket.listen(LISTEN_BACKLOG)?;
                 let listener = tokio::net::TcpListener::from_std(socket.into())?;
                 let port = listener.local_addr()?.port();
-                (port, handle.spawn(forward::serve_tcp(listener, ctx)))
+                (
+                    port,
+                    handle.spawn(forward::serve_tcp(listener, ctx, stopped)),
+                )
             }
             Protocol::Udp => {
                 let socket = tokio::net::UdpSocket::from_std(bind(addr, Type::DGRAM)?.into())?;
                 let port = socket.local_addr()?.port();
-                (port, handle.spawn(forward::serve_udp(socket, ctx)))
+                (port, handle.spawn(forward::serve_udp(socket, ctx, stopped)))
             }
             Protocol::Sctp => {
                 return Err(io::Error::new(
@@ -191,7 +212,8 @@ impl<R: NftRunner> UserspaceProxier<R> {
             addr,
             port,
             balancer,
-            task: task.abort_handle(),
+            _stop: stop,
+            task,
         })
     }
 
@@ -205,6 +227,7 @@ impl<R: NftRunner> UserspaceProxier<R> {
         let state = &request.state;
         let mut targets = Vec::new();
         let mut served = BTreeSet::new();
+        let mut closing = Vec::new();
         for (name, sp) in &state.services {
             if sp.protocol() == Protocol::Sctp {
                 if self.unsupported_reported.insert(name.clone()) {
@@ -227,7 +250,7 @@ impl<R: NftRunner> UserspaceProxier<R> {
             match self.listeners.get(name) {
                 Some(l) if l.addr == addr => lock(&l.balancer).update(endpoints, affinity),
                 _ => {
-                    self.listeners.remove(name);
+                    closing.extend(self.listeners.remove(name));
                     match self.open(handle, sp, addr, Balancer::new(endpoints, affinity)) {
                         Ok(listener) => {
                             tracing::info!(service = %name, address = %SocketAddr::new(addr.ip(), listener.port), "serving Service port");
@@ -251,7 +274,12 @@ impl<R: NftRunner> UserspaceProxier<R> {
                 targets.push((sp.as_ref(), Target::Redirect(l.port)));
             }
         }
-        self.listeners.retain(|name, _| served.contains(name));
+        let (keep, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|(name, _)| served.contains(name));
+        self.listeners = keep;
+        closing.extend(gone.into_values());
+        close(handle, closing);
         self.bind_failures
             .retain(|name, _| state.services.contains_key(name));
         self.unsupported_reported
