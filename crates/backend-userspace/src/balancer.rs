@@ -71,7 +71,7 @@ impl Balancer {
     pub fn candidates(&mut self, client: IpAddr, now: Instant) -> Vec<SocketAddr> {
         let client = client.to_canonical();
         self.picks += 1;
-        if self.sticky.len() > SWEEP_ABOVE && self.picks % 1024 == 0 {
+        if self.sticky.len() > SWEEP_ABOVE && self.picks & 1023 == 0 {
             self.sweep(now);
         }
         let mut family = family_index(client);
