@@ -416,3 +416,82 @@ fn thousand_concurrent_tcp_connections_keep_their_bytes() {
         started.elapsed()
     );
 }
+
+/// One TCP stream's echo throughput (MiB/s each way) to `dest` from the client.
+fn stream_throughput(cluster: &Unprivileged, dest: SocketAddr, size: usize) -> f64 {
+    let took = cluster
+        .topo
+        .client
+        .run(|| -> std::io::Result<Duration> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let stream = tokio::net::TcpStream::connect(dest).await?;
+                stream.set_nodelay(true)?;
+                let start = Instant::now();
+                let got = echo_and_verify(stream, 0, size).await?;
+                assert_eq!(got, size);
+                Ok(start.elapsed())
+            })
+        })
+        .expect("client namespace")
+        .expect("stream");
+    size as f64 / (1 << 20) as f64 / took.as_secs_f64()
+}
+
+/// Completed request/response connections per second to `dest` (connect, read the
+/// server's name, close) from `workers` parallel clients over `period`.
+fn connection_rate(
+    cluster: &Unprivileged,
+    dest: SocketAddr,
+    workers: usize,
+    period: Duration,
+) -> f64 {
+    let client = &cluster.topo.client;
+    let done: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    client
+                        .run(|| {
+                            let until = Instant::now() + period;
+                            let mut n = 0usize;
+                            while Instant::now() < until {
+                                testkit::request_here(Proto::Tcp, dest, None, TIMEOUT)
+                                    .expect("request");
+                                n += 1;
+                            }
+                            n
+                        })
+                        .expect("client namespace")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker")).sum()
+    });
+    done as f64 / period.as_secs_f64()
+}
+
+/// The closing figures: `cargo test --release -p kube-proxy --test userspace -- --ignored
+/// --nocapture` (as root). Direct connections to a backend pod and connections through the
+/// unprivileged userspace proxy, in the same topology and run.
+#[test]
+#[ignore = "measurement, prints figures; run explicitly"]
+fn measure_userspace_throughput_and_connection_rate() {
+    let Some(cluster) =
+        Unprivileged::start("measure_userspace_throughput_and_connection_rate", &[])
+    else {
+        return;
+    };
+    let size = 512 << 20;
+    let period = Duration::from_secs(3);
+    let direct_echo = SocketAddr::new(be0(), ECHO_PORT);
+    let direct_name = SocketAddr::new(be0(), BACKEND_PORT);
+    let direct_mib = stream_throughput(&cluster, direct_echo, size);
+    let proxy_mib = stream_throughput(&cluster, node(19000), size);
+    let direct_cps = connection_rate(&cluster, direct_name, 4, period);
+    let proxy_cps = connection_rate(&cluster, node(18080), 4, period);
+    println!("one TCP stream, 512 MiB echoed (MiB/s each way): direct {direct_mib:.0}, through userspace proxy {proxy_mib:.0} ({:.0}%)", 100.0 * proxy_mib / direct_mib);
+    println!("connections/s (4 clients, connect + reply + close): direct {direct_cps:.0}, through userspace proxy {proxy_cps:.0} ({:.0}%)", 100.0 * proxy_cps / direct_cps);
+}
