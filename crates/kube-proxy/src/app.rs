@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
+use backend_userspace::{UserspaceConfig, UserspaceProxier};
 use conntrack::{ConntrackSettings, ConntrackTool};
 use observability::health::Health;
 use observability::metrics::ProxyMetrics;
@@ -62,12 +63,14 @@ pub enum SourceSettings {
 #[derive(Debug, Clone)]
 pub enum BackendSettings {
     Nftables(NftConfig),
+    Userspace(UserspaceConfig),
 }
 
 impl BackendSettings {
     pub fn mode(&self) -> &'static str {
         match self {
             BackendSettings::Nftables(_) => "nftables",
+            BackendSettings::Userspace(_) => "userspace",
         }
     }
 
@@ -77,13 +80,19 @@ impl BackendSettings {
             BackendSettings::Nftables(config) => {
                 Box::new(NftablesProxier::new(config.clone(), NftCommand::default()))
             }
+            BackendSettings::Userspace(config) => {
+                Box::new(UserspaceProxier::new(config.clone(), NftCommand::default()))
+            }
         }
     }
 }
 
 /// Removes every rule any mode of ours created, also when there is none.
 pub fn cleanup() -> anyhow::Result<()> {
-    let all_modes = [BackendSettings::Nftables(NftConfig::default())];
+    let all_modes = [
+        BackendSettings::Nftables(NftConfig::default()),
+        BackendSettings::Userspace(UserspaceConfig::default()),
+    ];
     for backend in all_modes {
         backend
             .proxier()

@@ -175,7 +175,7 @@ fn source_settings(opts: &Options) -> anyhow::Result<app::SourceSettings> {
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
-        ProxyMode::Unset | ProxyMode::NfTables => {}
+        ProxyMode::Unset | ProxyMode::NfTables | ProxyMode::Userspace => {}
         other => bail!(
             "proxy mode {:?} is not available in this build yet; use --proxy-mode=nftables",
             other.as_str()
@@ -202,10 +202,10 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     } else {
         tracing::warn!("IPv6 is disabled on this host; programming IPv4 only");
     }
-    Ok(app::RunSettings {
-        node_name: node_name(config)?,
-        source,
-        backend: app::BackendSettings::Nftables(NftConfig {
+    let backend = if config.mode == ProxyMode::Userspace {
+        userspace_settings(opts, families)?
+    } else {
+        app::BackendSettings::Nftables(NftConfig {
             masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
                 .context("masqueradeBit")?,
             masquerade_all: nft.masquerade_all,
@@ -213,7 +213,12 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             nodeport_cidrs,
             nodeport_primary,
             families,
-        }),
+        })
+    };
+    Ok(app::RunSettings {
+        node_name: node_name(config)?,
+        source,
+        backend,
         conntrack: conntrack_settings(config),
         runner: RunnerConfig {
             min_sync_period: nft.min_sync_period.to_std().unwrap_or_default(),
@@ -242,4 +247,40 @@ fn observability_settings(config: &KubeProxyConfiguration) -> app::Observability
                 .collect(),
         },
     }
+}
+
+/// Userspace mode: redirect rules as root, listeners on `--bind-address` otherwise.
+fn userspace_settings(
+    opts: &Options,
+    families: Vec<IpFamily>,
+) -> anyhow::Result<app::BackendSettings> {
+    let config = &opts.config;
+    let bind: std::net::IpAddr = config
+        .bind_address
+        .trim()
+        .parse()
+        .with_context(|| format!("bindAddress: {:?}", config.bind_address))?;
+    let udp_idle_timeout = match opts.udp_timeout {
+        Some(d) => d
+            .to_std()
+            .filter(|d| !d.is_zero())
+            .context("--udp-timeout must be greater than zero")?,
+        None => backend_userspace::DEFAULT_UDP_IDLE_TIMEOUT,
+    };
+    let redirect = backend_userspace::running_as_root();
+    let bind_ip = backend_userspace::listen_ip(bind);
+    if redirect {
+        tracing::info!("userspace mode as root: Service IPs are redirected to local listeners");
+    } else {
+        tracing::info!(address = %bind_ip, "userspace mode without root: each Service port is served on this address at its port (NodePort when set)");
+    }
+    Ok(app::BackendSettings::Userspace(
+        backend_userspace::UserspaceConfig {
+            redirect,
+            bind_ip,
+            udp_idle_timeout,
+            families,
+            ..Default::default()
+        },
+    ))
 }

@@ -330,8 +330,11 @@ fn api_gone_relists_without_dropping_rules() {
     n.wait_rules("the change made before the relist", WAIT, |r| {
         has_endpoint(r, "10.244.2.2") && has_endpoint(r, "10.244.1.2")
     });
+    // Each kind relists on its own; the Services' may finish after the slices'.
     assert!(
-        n.log().matches("listed Services").count() > lists_before,
+        testkit::wait_until(WAIT, Duration::from_millis(50), || {
+            n.log().matches("listed Services").count() > lists_before
+        }),
         "no relist after 410"
     );
     assert!(

@@ -36,6 +36,8 @@ pub enum ProxyMode {
     IpTables,
     Ipvs,
     NfTables,
+    /// Removed upstream in v1.26; ours: forwarding in the proxy process, no root needed.
+    Userspace,
     /// Windows only; rejected by validation on Linux.
     KernelSpace,
 }
@@ -47,6 +49,7 @@ impl ProxyMode {
             ProxyMode::IpTables => "iptables",
             ProxyMode::Ipvs => "ipvs",
             ProxyMode::NfTables => "nftables",
+            ProxyMode::Userspace => "userspace",
             ProxyMode::KernelSpace => "kernelspace",
         }
     }
@@ -68,12 +71,9 @@ impl std::str::FromStr for ProxyMode {
             "ipvs" => Ok(ProxyMode::Ipvs),
             "nftables" => Ok(ProxyMode::NfTables),
             "kernelspace" => Ok(ProxyMode::KernelSpace),
-            "userspace" => Err(
-                "proxy mode \"userspace\" was removed in Kubernetes v1.26; use \"nftables\""
-                    .to_string(),
-            ),
+            "userspace" => Ok(ProxyMode::Userspace),
             other => Err(format!(
-                "unknown proxy mode {other:?}; must be \"iptables\", \"ipvs\" or \"nftables\""
+                "unknown proxy mode {other:?}; must be \"iptables\", \"ipvs\", \"nftables\" or \"userspace\""
             )),
         }
     }
@@ -763,7 +763,7 @@ mod tests {
         assert_eq!("nftables".parse::<ProxyMode>(), Ok(ProxyMode::NfTables));
         assert_eq!(ProxyMode::Ipvs.to_string(), "ipvs");
         assert_eq!(String::from(LocalMode::NodeCidr), "NodeCIDR");
-        assert!("userspace".parse::<ProxyMode>().is_err());
+        assert_eq!("userspace".parse::<ProxyMode>(), Ok(ProxyMode::Userspace));
         assert!(ProxyMode::try_from("x".to_string()).is_err());
         assert_eq!(
             LocalMode::try_from("ClusterCIDR".to_string()),

@@ -53,6 +53,7 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "kube-api-qps",
     "kube-api-burst",
     "kube-api-content-type", // accepted; the client speaks JSON
+    "udp-timeout",           // userspace mode only
 ];
 
 /// Flags upstream still honours when `--config` is given (`Options.Complete`:
@@ -169,7 +170,7 @@ pub struct Flags {
     pub manifests: Option<PathBuf>,
 
     // --- Proxy behaviour ---
-    /// Proxy mode: 'nftables' (default), 'iptables' or 'ipvs' (only nftables is implemented).
+    /// Proxy mode: 'nftables' (default), 'userspace', 'iptables' or 'ipvs' (not implemented).
     #[arg(long, value_name = "MODE", value_parser = parse_proxy_mode)]
     pub proxy_mode: Option<ProxyMode>,
 
@@ -390,7 +391,7 @@ pub struct Flags {
     #[arg(long, value_name = "RANGE")]
     pub proxy_port_range: Option<String>,
 
-    /// No effect (was for the removed userspace proxy).
+    /// Idle time after which a UDP session ends (userspace mode). [default: 250ms]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_flag)]
     pub udp_timeout: Option<GoDuration>,
 }
@@ -436,7 +437,6 @@ const ALL_OTHER_FLAGS: &[&str] = &[
     "profiling",
     "show-hidden-metrics-for-version",
     "proxy-port-range",
-    "udp-timeout",
 ];
 
 /// Extra explanation for some unimplemented flags.
@@ -446,7 +446,7 @@ pub fn warning_for_flag(flag: &str) -> String {
             "flag --{flag} is deprecated (use --{}-bind-address instead)",
             flag.trim_end_matches("-port")
         ),
-        "proxy-port-range" | "udp-timeout" => {
+        "proxy-port-range" => {
             format!("flag --{flag} has no effect (it configured the removed userspace proxy)")
         }
         _ => format!("flag --{flag} is accepted but not implemented yet; it has no effect"),
@@ -783,10 +783,10 @@ mod tests {
         assert!(parse_node_port_address("10.0.0.0/8").is_ok());
         assert!(parse_node_port_address("all").is_err());
         assert!(parse_proxy_mode("kernelspace").is_err());
-        assert!(parse_proxy_mode("userspace").is_err());
+        assert_eq!(parse_proxy_mode("userspace"), Ok(ProxyMode::Userspace));
         assert_eq!(parse_local_mode("NodeCIDR"), Ok(LocalMode::NodeCidr));
         assert!(parse_cidr_list_flag("10.0.0.0/8,bad").is_err());
         assert!(warning_for_flag("healthz-port").contains("--healthz-bind-address"));
-        assert!(warning_for_flag("udp-timeout").contains("no effect"));
+        assert!(warning_for_flag("proxy-port-range").contains("no effect"));
     }
 }

@@ -49,6 +49,9 @@ pub struct Options {
     pub config: KubeProxyConfiguration,
     /// `--manifests PATH`: a file or directory of Service/EndpointSlice YAML.
     pub manifests: Option<PathBuf>,
+    /// `--udp-timeout`: UDP session idle timeout of the userspace mode (not part of the
+    /// configuration file since upstream removed that mode).
+    pub udp_timeout: Option<GoDuration>,
     /// `--master URL` (not part of the configuration file upstream either).
     pub master: Option<String>,
     /// Human-readable notes for the log, e.g. accepted-but-unimplemented flags.
@@ -176,6 +179,7 @@ where
             action: Action::PrintVersion,
             config: KubeProxyConfiguration::effective_default(),
             manifests: flags.manifests,
+            udp_timeout: flags.udp_timeout,
             master: flags.master,
             warnings: Vec::new(),
         });
@@ -225,9 +229,9 @@ where
             warnings.push(flags::warning_for_flag(flag));
         }
     }
-    if config.mode != ProxyMode::NfTables {
+    if !matches!(config.mode, ProxyMode::NfTables | ProxyMode::Userspace) {
         warnings.push(format!(
-            "proxy mode {:?} is not implemented yet; only \"nftables\" is",
+            "proxy mode {:?} is not implemented yet; only \"nftables\" and \"userspace\" are",
             config.mode.as_str()
         ));
     }
@@ -244,6 +248,7 @@ where
         action,
         config,
         manifests: flags.manifests,
+        udp_timeout: flags.udp_timeout,
         master: flags.master,
         warnings,
     })

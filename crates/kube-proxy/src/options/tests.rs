@@ -141,7 +141,7 @@ fn bad_values_name_the_flag() {
         ),
         (&["--cluster-cidr=10.0.0.0/33"], "--cluster-cidr"),
         (&["--nodeport-addresses=foo"], "--nodeport-addresses"),
-        (&["--proxy-mode=userspace"], "--proxy-mode"),
+        (&["--proxy-mode=userspce"], "--proxy-mode"),
         (&["--proxy-mode=kernelspace"], "--proxy-mode"),
         (&["--detect-local-mode=Magic"], "--detect-local-mode"),
         (&["--oom-score-adj=-1001"], "--oom-score-adj"),
@@ -446,9 +446,9 @@ fn config_errors_name_file_field_and_line() {
     let msg = load_config_file(f.path()).unwrap_err().to_string();
     assert!(msg.contains("line"), "{msg}");
 
-    let f = config_file(&format!("{HEADER}mode: userspace\n"));
+    let f = config_file(&format!("{HEADER}mode: userspce\n"));
     let msg = load_config_file(f.path()).unwrap_err().to_string();
-    assert!(msg.contains("userspace") && msg.contains("line 3"), "{msg}");
+    assert!(msg.contains("userspce") && msg.contains("line 3"), "{msg}");
 }
 
 #[test]
@@ -649,4 +649,18 @@ fn type_errors_name_the_field() {
     );
     assert_eq!(field_path_at("a: {b: c}\n", 1).as_deref(), Some("a"));
     assert_eq!(field_path_at("- x\n", 1), None);
+}
+
+#[test]
+fn userspace_mode_and_udp_timeout_are_accepted() {
+    let o = ok(&["--proxy-mode=userspace", "--udp-timeout=2s"]);
+    assert_eq!(o.config.mode, ProxyMode::Userspace);
+    assert_eq!(o.udp_timeout, Some(GoDuration::from_secs(2)));
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    let f = config_file(&format!("{HEADER}mode: userspace\n"));
+    assert_eq!(
+        load_config_file(f.path()).unwrap().mode,
+        ProxyMode::Userspace
+    );
+    assert_eq!(ok(&[]).udp_timeout, None);
 }

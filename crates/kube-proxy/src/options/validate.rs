@@ -99,7 +99,11 @@ pub fn validate(cfg: &KubeProxyConfiguration) -> Vec<FieldError> {
 
     // Linux: upstream's validateProxyMode.
     match cfg.mode {
-        ProxyMode::Unset | ProxyMode::IpTables | ProxyMode::Ipvs | ProxyMode::NfTables => {}
+        ProxyMode::Unset
+        | ProxyMode::IpTables
+        | ProxyMode::Ipvs
+        | ProxyMode::NfTables
+        | ProxyMode::Userspace => {}
         ProxyMode::KernelSpace => e.add(
             "mode",
             "\"kernelspace\" is only supported on Windows; must be \"iptables\", \"ipvs\" or \"nftables\"",

@@ -1,7 +1,11 @@
 //! The README's first command: runs the real `kube-proxy` on the bundled example
 //! manifests in a throw-away network namespace, with two small backends and a client, and
-//! shows the Service IPs answering. Needs root (network namespaces, nftables); touches
-//! nothing outside the namespaces it creates, and removes them on exit.
+//! shows the Service IPs answering. As root (network namespaces, nftables) it touches
+//! nothing outside the namespaces it creates, and removes them on exit. Without root it
+//! runs the proxy in userspace mode on localhost ports instead (see [`userspace`]).
+
+#[path = "kube-proxy-demo/userspace.rs"]
+mod userspace;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,9 +28,6 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("the demo creates network namespaces and nftables rules: run it as root");
-    }
     let exe = std::env::current_exe().context("locating this program")?;
     let proxy_bin = exe.with_file_name("kube-proxy");
     if !proxy_bin.exists() {
@@ -34,6 +35,9 @@ fn run() -> Result<()> {
             "{} not found: build it first (cargo build --release)",
             proxy_bin.display()
         );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return userspace::run(&proxy_bin);
     }
     let manifests = std::env::args_os()
         .nth(1)
