@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use backend_iptables::apply::IptablesCommand;
+use backend_iptables::plan::IptConfig;
+use backend_iptables::IptablesProxier;
 use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
@@ -37,12 +40,14 @@ pub enum SourceSettings {
 #[derive(Debug, Clone)]
 pub enum BackendSettings {
     Nftables(NftConfig),
+    Iptables(IptConfig),
 }
 
 impl BackendSettings {
     pub fn mode(&self) -> &'static str {
         match self {
             BackendSettings::Nftables(_) => "nftables",
+            BackendSettings::Iptables(_) => "iptables",
         }
     }
 
@@ -52,14 +57,38 @@ impl BackendSettings {
             BackendSettings::Nftables(config) => {
                 Box::new(NftablesProxier::new(config.clone(), NftCommand::default()))
             }
+            BackendSettings::Iptables(config) => Box::new(IptablesProxier::new(
+                config.clone(),
+                IptablesCommand::detect(),
+            )),
+        }
+    }
+
+    /// One of each mode, with default settings (enough to clean up).
+    fn all_modes() -> [BackendSettings; 2] {
+        [
+            BackendSettings::Nftables(NftConfig::default()),
+            BackendSettings::Iptables(IptConfig::default()),
+        ]
+    }
+}
+
+/// Removes the rules of every mode but `mode` (ours, or upstream's that use the same
+/// names), so that switching modes leaves no stale rules behind. Failures are logged.
+fn remove_other_modes(mode: &str) {
+    for backend in BackendSettings::all_modes() {
+        if backend.mode() == mode {
+            continue;
+        }
+        if let Err(err) = backend.proxier().cleanup() {
+            tracing::warn!(mode = backend.mode(), error = %err, "could not remove the rules of another mode");
         }
     }
 }
 
 /// Removes every rule any mode of ours created, also when there is none.
 pub fn cleanup() -> anyhow::Result<()> {
-    let all_modes = [BackendSettings::Nftables(NftConfig::default())];
-    for backend in all_modes {
+    for backend in BackendSettings::all_modes() {
         backend
             .proxier()
             .cleanup()
@@ -77,6 +106,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         mode = settings.backend.mode(),
         "starting kube-proxy"
     );
+    remove_other_modes(settings.backend.mode());
     let (updates_tx, updates_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let status = Arc::new(SyncStatus::default());

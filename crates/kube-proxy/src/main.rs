@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use backend_iptables::plan::IptConfig;
 use backend_nftables::plan::NftConfig;
 use proxy_core::model::IpFamily;
 use proxy_core::runner::RunnerConfig;
@@ -96,9 +97,9 @@ fn node_name(config: &KubeProxyConfiguration) -> anyhow::Result<String> {
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
-        ProxyMode::Unset | ProxyMode::NfTables => {}
+        ProxyMode::Unset | ProxyMode::NfTables | ProxyMode::IpTables => {}
         other => bail!(
-            "proxy mode {:?} is not available in this build yet; use --proxy-mode=nftables",
+            "proxy mode {:?} is not available in this build yet; use --proxy-mode=nftables or iptables",
             other.as_str()
         ),
     }
@@ -127,6 +128,33 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         families.push(IpFamily::V6);
     } else {
         tracing::warn!("IPv6 is disabled on this host; programming IPv4 only");
+    }
+    if config.mode == ProxyMode::IpTables {
+        let ipt = &config.iptables;
+        let backend = app::BackendSettings::Iptables(IptConfig {
+            masquerade_bit: u8::try_from(ipt.masquerade_bit.unwrap_or(14))
+                .context("masqueradeBit")?,
+            masquerade_all: ipt.masquerade_all,
+            cluster_cidrs: config.cluster_cidrs(),
+            nodeport_cidrs,
+            nodeport_primary,
+            localhost_node_ports: ipt.localhost_node_ports.unwrap_or(true),
+            conntrack_tcp_be_liberal: backend_iptables::apply::conntrack_tcp_be_liberal(),
+            families,
+        });
+        return Ok(app::RunSettings {
+            node_name: node_name(config)?,
+            source: app::SourceSettings::Manifests {
+                path: manifests,
+                poll_interval: MANIFEST_POLL_INTERVAL,
+            },
+            backend,
+            runner: RunnerConfig {
+                min_sync_period: ipt.min_sync_period.to_std().unwrap_or_default(),
+                sync_period: ipt.sync_period.to_std().unwrap_or(Duration::from_secs(30)),
+                ..RunnerConfig::default()
+            },
+        });
     }
     Ok(app::RunSettings {
         node_name: node_name(config)?,

@@ -26,6 +26,8 @@ const SYNCED: &str = "synced rules";
 struct Mode(&'static str);
 
 impl Mode {
+    const ALL: [Mode; 2] = [Mode("nftables"), Mode("iptables")];
+
     /// Whether this mode's rules are present in `node`'s kernel.
     fn rules_present(self, node: &Netns) -> bool {
         match self.0 {
@@ -33,9 +35,32 @@ impl Mode {
                 .exec(&["nft", "list", "tables"])
                 .expect("nft list tables")
                 .contains("kube-proxy"),
+            // Either iptables backend, either family.
+            "iptables" => [":KUBE-SERVICES ", ":KUBE-PROXY-CANARY ", ":KUBE-SEP-"]
+                .iter()
+                .any(|chain| iptables_dump(node).contains(chain)),
             other => panic!("no rule check for mode {other}"),
         }
     }
+
+    /// Every other mode.
+    fn others(self) -> impl Iterator<Item = Mode> {
+        Mode::ALL.into_iter().filter(move |m| m.0 != self.0)
+    }
+}
+
+/// `iptables-save` of both backends and both families.
+fn iptables_dump(node: &Netns) -> String {
+    let mut out = String::new();
+    for tool in [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ] {
+        out.push_str(&node.exec(&[tool]).unwrap_or_default());
+    }
+    out
 }
 
 fn binary() -> PathBuf {
@@ -72,25 +97,11 @@ impl Cluster {
         if !testkit::root_or_skip(name) {
             return None;
         }
-        let mode_flag = format!("--proxy-mode={}", mode.0);
         let topo = Topology::new(2).expect("topology");
         let servers = topo.serve_all(BACKEND_PORT).expect("backend servers");
         let dir = tempfile::tempdir().expect("tempdir");
         write_manifests(dir.path(), manifests);
-        let manifests_dir = dir.path().join("manifests");
-        let mut args = vec![
-            mode_flag.as_str(),
-            "--manifests",
-            manifests_dir.to_str().expect("utf-8 path"),
-            "--hostname-override=node-a",
-            "--cluster-cidr=10.244.0.0/16,fd00:244::/48",
-            "--iptables-min-sync-period=0s",
-            "--v=2",
-        ];
-        args.extend_from_slice(extra_args);
-        let proxy =
-            ProxyProcess::start(&topo.node, &binary(), &args, &dir.path().join("proxy.log"))
-                .expect("start proxy");
+        let proxy = start_proxy(&topo, dir.path(), mode, extra_args);
         let mut cluster = Cluster {
             topo,
             _servers: servers,
@@ -125,11 +136,24 @@ impl Cluster {
         &self.topo.client
     }
 
+    /// Every rule of every mode in the node: `nft list ruleset` and the iptables dumps.
     fn ruleset(&self) -> String {
-        self.topo
+        let mut out = self
+            .topo
             .node
             .exec(&["nft", "list", "ruleset"])
-            .expect("nft list ruleset")
+            .expect("nft list ruleset");
+        out.push_str(&iptables_dump(&self.topo.node));
+        out
+    }
+
+    /// Stops the proxy and starts it again in `mode`, on the same manifests.
+    fn restart_proxy(&mut self, mode: Mode) {
+        let status = self.stop_proxy();
+        assert!(status.success(), "proxy exit status {status}");
+        self.proxy = start_proxy(&self.topo, self.dir.path(), mode, &[]);
+        self.syncs = 0;
+        self.wait_for_sync();
     }
 }
 
@@ -143,6 +167,23 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Starts the proxy in the node on `dir`'s manifests, logging to `dir`/proxy.log.
+fn start_proxy(topo: &Topology, dir: &Path, mode: Mode, extra_args: &[&str]) -> ProxyProcess {
+    let mode_flag = format!("--proxy-mode={}", mode.0);
+    let manifests_dir = dir.join("manifests");
+    let mut args = vec![
+        mode_flag.as_str(),
+        "--manifests",
+        manifests_dir.to_str().expect("utf-8 path"),
+        "--hostname-override=node-a",
+        "--cluster-cidr=10.244.0.0/16,fd00:244::/48",
+        "--iptables-min-sync-period=0s",
+        "--v=2",
+    ];
+    args.extend_from_slice(extra_args);
+    ProxyProcess::start(&topo.node, &binary(), &args, &dir.join("proxy.log")).expect("start proxy")
 }
 
 /// Writes atomically (write then rename) so the proxy never reads half a file.
@@ -430,11 +471,7 @@ fn cleanup_removes_all_rules_and_succeeds_when_there_are_none(mode: Mode) {
     let topo = &cluster.topo;
     assert!(status.success(), "proxy exit status {status}");
     // Rules survive the proxy's exit (traffic keeps flowing during restarts).
-    assert!(topo
-        .node
-        .exec(&["nft", "list", "tables"])
-        .expect("nft")
-        .contains("kube-proxy"));
+    assert!(mode.rules_present(&topo.node), "{}", cluster.ruleset());
     for round in 0..2 {
         let out = topo
             .node
@@ -452,6 +489,37 @@ fn cleanup_removes_all_rules_and_succeeds_when_there_are_none(mode: Mode) {
             "round {round}: {}",
             cluster.ruleset()
         );
+    }
+}
+
+fn starting_removes_the_other_modes_rules(mode: Mode) {
+    for other in mode.others() {
+        let Some(mut cluster) = Cluster::start(
+            other,
+            "starting_removes_the_other_modes_rules",
+            &standard_services(&backends()),
+            &[],
+        ) else {
+            return;
+        };
+        assert!(other.rules_present(&cluster.topo.node), "{} rules", other.0);
+        cluster.restart_proxy(mode);
+        assert!(
+            !other.rules_present(&cluster.topo.node),
+            "{} rules left after starting in {} mode:\n{}",
+            other.0,
+            mode.0,
+            cluster.ruleset()
+        );
+        let counts = spread(
+            cluster.client(),
+            addr("10.96.0.10", 80),
+            Proto::Tcp,
+            20,
+            TIMEOUT,
+        )
+        .expect("spread");
+        assert_spread(&counts, &["be0", "be1"], "after switching modes");
     }
 }
 
@@ -485,8 +553,13 @@ macro_rules! datapath_suite {
             fn cleanup_removes_all_rules_and_succeeds_when_there_are_none() {
                 super::cleanup_removes_all_rules_and_succeeds_when_there_are_none(MODE)
             }
+            #[test]
+            fn starting_removes_the_other_modes_rules() {
+                super::starting_removes_the_other_modes_rules(MODE)
+            }
         }
     };
 }
 
 datapath_suite!(nftables);
+datapath_suite!(iptables);
