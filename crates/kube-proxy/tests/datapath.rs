@@ -523,6 +523,45 @@ fn starting_removes_the_other_modes_rules(mode: Mode) {
     }
 }
 
+/// iptables only: someone flushes the tables (a firewall reload); the canary chain's
+/// loss turns the next sync into a full one, and Services work again.
+#[test]
+fn iptables_rules_flushed_by_someone_else_are_rewritten() {
+    let mode = Mode("iptables");
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "iptables_rules_flushed_by_someone_else_are_rewritten",
+        &standard_services(&backends()),
+        &[],
+    ) else {
+        return;
+    };
+    for args in [
+        ["iptables-nft", "-t", "nat", "-F"],
+        ["iptables-nft", "-t", "nat", "-X"],
+        ["iptables-nft", "-t", "mangle", "-X"],
+    ] {
+        cluster.topo.node.exec(&args).expect("flush");
+    }
+    assert!(matches!(
+        testkit::tcp_request(cluster.client(), addr("10.96.0.10", 80), TIMEOUT),
+        Err(_)
+    ));
+    // Any change triggers a sync; the missing canary makes it full.
+    cluster.update(&standard_services(&[ip("10.244.2.2"), ip("fd00:244:2::2")]));
+    let log = cluster.proxy.log();
+    assert!(log.contains("KUBE-PROXY-CANARY is gone"), "{log}");
+    let counts = spread(
+        cluster.client(),
+        addr("10.96.0.10", 80),
+        Proto::Tcp,
+        20,
+        TIMEOUT,
+    )
+    .expect("spread");
+    assert_spread(&counts, &["be1"], "after the flush");
+}
+
 /// Instantiates every behaviour of the suite for one mode.
 macro_rules! datapath_suite {
     ($mode:ident) => {
