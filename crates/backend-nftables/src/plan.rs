@@ -763,6 +763,12 @@ fn plan_own_chains(
         rules: int_rules,
     });
 
+    // Where cluster-IP traffic goes; pods and the node reaching an external address of a
+    // Local Service are sent the same way (upstream's short-circuit).
+    let internal_target = match port.internal_traffic_policy {
+        TrafficPolicy::Local => &svl,
+        TrafficPolicy::Cluster => &svc,
+    };
     // ext-H: NodePort, externalIP and load-balancer traffic.
     let ext = format!("ext-{id}");
     let mut ext_rules = Vec::new();
@@ -772,14 +778,14 @@ fn plan_own_chains(
             ext_rules.push(format!("goto {svc}"));
         }
         TrafficPolicy::Local => {
-            // Pods and the node itself reach external IPs of a Local Service through
-            // all endpoints, as if they had used the cluster IP; outside clients keep
-            // their source address and reach this node's endpoints only.
+            // Pods and the node itself reach external IPs of a Local Service as if they
+            // had used the cluster IP; outside clients keep their source address and
+            // reach this node's endpoints only.
             if let Some(local) = &settings.local {
-                ext_rules.push(format!("{} goto {svc}", local.is_local));
+                ext_rules.push(format!("{} goto {internal_target}", local.is_local));
             }
             ext_rules.push(format!("fib saddr type local {mark_rule}"));
-            ext_rules.push(format!("fib saddr type local goto {svc}"));
+            ext_rules.push(format!("fib saddr type local goto {internal_target}"));
             ext_rules.push(format!("goto {svl}"));
         }
     }

@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use backend_iptables::apply::IptablesCommand;
+use backend_iptables::plan::IptConfig;
+use backend_iptables::IptablesProxier;
 use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
@@ -63,6 +66,7 @@ pub enum SourceSettings {
 #[derive(Debug, Clone)]
 pub enum BackendSettings {
     Nftables(NftConfig),
+    Iptables(IptConfig),
     Userspace(UserspaceConfig),
 }
 
@@ -70,6 +74,7 @@ impl BackendSettings {
     pub fn mode(&self) -> &'static str {
         match self {
             BackendSettings::Nftables(_) => "nftables",
+            BackendSettings::Iptables(_) => "iptables",
             BackendSettings::Userspace(_) => "userspace",
         }
     }
@@ -80,20 +85,51 @@ impl BackendSettings {
             BackendSettings::Nftables(config) => {
                 Box::new(NftablesProxier::new(config.clone(), NftCommand::default()))
             }
+            BackendSettings::Iptables(config) => Box::new(IptablesProxier::new(
+                config.clone(),
+                IptablesCommand::detect(),
+            )),
             BackendSettings::Userspace(config) => {
                 Box::new(UserspaceProxier::new(config.clone(), NftCommand::default()))
             }
+        }
+    }
+
+    /// Whether the datapath NATs in the kernel (userspace mode does too, as root, to
+    /// redirect Service IPs), so conntrack entries can go stale.
+    fn uses_kernel_nat(&self) -> bool {
+        match self {
+            BackendSettings::Userspace(config) => config.redirect,
+            _ => true,
+        }
+    }
+
+    /// One of each mode, with default settings (enough to clean up).
+    fn all_modes() -> [BackendSettings; 3] {
+        [
+            BackendSettings::Nftables(NftConfig::default()),
+            BackendSettings::Iptables(IptConfig::default()),
+            BackendSettings::Userspace(UserspaceConfig::default()),
+        ]
+    }
+}
+
+/// Removes the rules of every mode but `mode` (ours, or upstream's that use the same
+/// names), so that switching modes leaves no stale rules behind. Failures are logged.
+fn remove_other_modes(mode: &str) {
+    for backend in BackendSettings::all_modes() {
+        if backend.mode() == mode {
+            continue;
+        }
+        if let Err(err) = backend.proxier().cleanup() {
+            tracing::warn!(mode = backend.mode(), error = %err, "could not remove the rules of another mode");
         }
     }
 }
 
 /// Removes every rule any mode of ours created, also when there is none.
 pub fn cleanup() -> anyhow::Result<()> {
-    let all_modes = [
-        BackendSettings::Nftables(NftConfig::default()),
-        BackendSettings::Userspace(UserspaceConfig::default()),
-    ];
-    for backend in all_modes {
+    for backend in BackendSettings::all_modes() {
         backend
             .proxier()
             .cleanup()
@@ -111,6 +147,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         mode = settings.backend.mode(),
         "starting kube-proxy"
     );
+    remove_other_modes(settings.backend.mode());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for warning in conntrack::apply_sysctls(&settings.conntrack, cpus) {
         tracing::warn!("{warning}");
@@ -149,13 +186,18 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
             })
         }
     };
-    let sync_loop = tokio::spawn(runner::run_observed(
-        updates_rx,
-        ChangeTracker::new(settings.node_name.clone()),
+    let proxier: Box<dyn Proxier> = if settings.backend.uses_kernel_nat() {
         Box::new(CleaningProxier::new(
             settings.backend.proxier(),
             ConntrackTool::default(),
-        )),
+        ))
+    } else {
+        settings.backend.proxier()
+    };
+    let sync_loop = tokio::spawn(runner::run_observed(
+        updates_rx,
+        ChangeTracker::new(settings.node_name.clone()),
+        proxier,
         settings.runner,
         Arc::clone(&status),
         shutdown_rx,

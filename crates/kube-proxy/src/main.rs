@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use backend_iptables::plan::IptConfig;
 use backend_nftables::plan::NftConfig;
 use conntrack::ConntrackSettings;
 use proxy_core::model::{IpFamily, LocalDetector};
@@ -175,7 +176,7 @@ fn source_settings(opts: &Options) -> anyhow::Result<app::SourceSettings> {
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
-        ProxyMode::Unset | ProxyMode::NfTables | ProxyMode::Userspace => {}
+        ProxyMode::Unset | ProxyMode::NfTables | ProxyMode::IpTables | ProxyMode::Userspace => {}
         other => bail!(
             "proxy mode {:?} is not available in this build yet; use --proxy-mode=nftables",
             other.as_str()
@@ -202,18 +203,50 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     } else {
         tracing::warn!("IPv6 is disabled on this host; programming IPv4 only");
     }
-    let backend = if config.mode == ProxyMode::Userspace {
-        userspace_settings(opts, families)?
-    } else {
-        app::BackendSettings::Nftables(NftConfig {
-            masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
-                .context("masqueradeBit")?,
-            masquerade_all: nft.masquerade_all,
-            local: local_detector(config)?,
-            nodeport_cidrs,
-            nodeport_primary,
-            families,
-        })
+    // Each mode reads its own section of the configuration, as upstream does.
+    let (backend, sync_period, min_sync_period) = match config.mode {
+        ProxyMode::IpTables => {
+            let ipt = &config.iptables;
+            if !matches!(
+                config.detect_local_mode,
+                LocalMode::Unset | LocalMode::ClusterCidr
+            ) {
+                tracing::warn!(
+                    mode = config.detect_local_mode.as_str(),
+                    "iptables mode detects local traffic by --cluster-cidr only; the detect-local mode is ignored"
+                );
+            }
+            let backend = app::BackendSettings::Iptables(IptConfig {
+                masquerade_bit: u8::try_from(ipt.masquerade_bit.unwrap_or(14))
+                    .context("masqueradeBit")?,
+                masquerade_all: ipt.masquerade_all,
+                cluster_cidrs: config.cluster_cidrs(),
+                nodeport_cidrs,
+                nodeport_primary,
+                localhost_node_ports: ipt.localhost_node_ports.unwrap_or(true),
+                conntrack_tcp_be_liberal: backend_iptables::apply::conntrack_tcp_be_liberal(),
+                families,
+            });
+            (backend, ipt.sync_period, ipt.min_sync_period)
+        }
+        ProxyMode::Userspace => (
+            userspace_settings(opts, families)?,
+            config.iptables.sync_period,
+            config.iptables.min_sync_period,
+        ),
+        _ => (
+            app::BackendSettings::Nftables(NftConfig {
+                masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
+                    .context("masqueradeBit")?,
+                masquerade_all: nft.masquerade_all,
+                local: local_detector(config)?,
+                nodeport_cidrs,
+                nodeport_primary,
+                families,
+            }),
+            nft.sync_period,
+            nft.min_sync_period,
+        ),
     };
     Ok(app::RunSettings {
         node_name: node_name(config)?,
@@ -221,8 +254,8 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         backend,
         conntrack: conntrack_settings(config),
         runner: RunnerConfig {
-            min_sync_period: nft.min_sync_period.to_std().unwrap_or_default(),
-            sync_period: nft.sync_period.to_std().unwrap_or(Duration::from_secs(30)),
+            min_sync_period: min_sync_period.to_std().unwrap_or_default(),
+            sync_period: sync_period.to_std().unwrap_or(Duration::from_secs(30)),
             ..RunnerConfig::default()
         },
         observability: observability_settings(config),

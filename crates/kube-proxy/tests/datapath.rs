@@ -28,23 +28,28 @@ const SYNCED: &str = "synced rules";
 struct Mode(&'static str);
 
 impl Mode {
+    const ALL: [Mode; 3] = [Mode("nftables"), Mode("iptables"), Mode("userspace")];
+
     /// Whether this mode's rules are present in `node`'s kernel.
     fn rules_present(self, node: &Netns) -> bool {
         match self.0 {
             "nftables" => node
                 .exec(&["nft", "list", "tables"])
                 .expect("nft list tables")
-                .contains("kube-proxy"),
+                .lines()
+                .any(|l| l.trim() == "table ip kube-proxy" || l.trim() == "table ip6 kube-proxy"),
             "userspace" => node
                 .exec(&["nft", "list", "tables"])
                 .expect("nft list tables")
                 .contains("kube-proxy-userspace"),
+            // Either iptables backend, either family.
+            "iptables" => [":KUBE-SERVICES ", ":KUBE-PROXY-CANARY ", ":KUBE-SEP-"]
+                .iter()
+                .any(|chain| iptables_dump(node).contains(chain)),
             other => panic!("no rule check for mode {other}"),
         }
     }
 
-    /// Whether the rules outlive the proxy process. Userspace mode removes its redirects
-    /// on exit: they point at listeners that die with the process.
     /// Behaviours a mode does not implement; the suite skips them loudly for that mode
     /// rather than copying or weakening a test.
     fn skips(self, behaviour: &str) -> bool {
@@ -67,9 +72,30 @@ impl Mode {
         skip
     }
 
+    /// Whether the rules outlive the proxy process. Userspace mode removes its redirects
+    /// on exit: they point at listeners that die with the process.
     fn keeps_rules_on_exit(self) -> bool {
         self.0 != "userspace"
     }
+
+    /// Every other mode.
+    fn others(self) -> impl Iterator<Item = Mode> {
+        Mode::ALL.into_iter().filter(move |m| m.0 != self.0)
+    }
+}
+
+/// `iptables-save` of both backends and both families.
+fn iptables_dump(node: &Netns) -> String {
+    let mut out = String::new();
+    for tool in [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ] {
+        out.push_str(&node.exec(&[tool]).unwrap_or_default());
+    }
+    out
 }
 
 fn binary() -> PathBuf {
@@ -106,7 +132,6 @@ impl Cluster {
         if !testkit::root_or_skip(name) {
             return None;
         }
-        let mode_flag = format!("--proxy-mode={}", mode.0);
         let topo = Topology::new(2).expect("topology");
         let mut servers = topo.serve_all(BACKEND_PORT).expect("backend servers");
         for backend in &topo.backends {
@@ -117,20 +142,7 @@ impl Cluster {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         write_manifests(dir.path(), manifests);
-        let manifests_dir = dir.path().join("manifests");
-        let mut args = vec![
-            mode_flag.as_str(),
-            "--manifests",
-            manifests_dir.to_str().expect("utf-8 path"),
-            "--hostname-override=node-a",
-            "--cluster-cidr=10.244.0.0/16,fd00:244::/48",
-            "--iptables-min-sync-period=0s",
-            "--v=2",
-        ];
-        args.extend_from_slice(extra_args);
-        let proxy =
-            ProxyProcess::start(&topo.node, &binary(), &args, &dir.path().join("proxy.log"))
-                .expect("start proxy");
+        let proxy = start_proxy(&topo, dir.path(), mode, extra_args);
         let mut cluster = Cluster {
             topo,
             _servers: servers,
@@ -165,11 +177,24 @@ impl Cluster {
         &self.topo.client
     }
 
+    /// Every rule of every mode in the node: `nft list ruleset` and the iptables dumps.
     fn ruleset(&self) -> String {
-        self.topo
+        let mut out = self
+            .topo
             .node
             .exec(&["nft", "list", "ruleset"])
-            .expect("nft list ruleset")
+            .expect("nft list ruleset");
+        out.push_str(&iptables_dump(&self.topo.node));
+        out
+    }
+
+    /// Stops the proxy and starts it again in `mode`, on the same manifests.
+    fn restart_proxy(&mut self, mode: Mode) {
+        let status = self.stop_proxy();
+        assert!(status.success(), "proxy exit status {status}");
+        self.proxy = start_proxy(&self.topo, self.dir.path(), mode, &[]);
+        self.syncs = 0;
+        self.wait_for_sync();
     }
 }
 
@@ -183,6 +208,23 @@ impl Drop for Cluster {
             );
         }
     }
+}
+
+/// Starts the proxy in the node on `dir`'s manifests, logging to `dir`/proxy.log.
+fn start_proxy(topo: &Topology, dir: &Path, mode: Mode, extra_args: &[&str]) -> ProxyProcess {
+    let mode_flag = format!("--proxy-mode={}", mode.0);
+    let manifests_dir = dir.join("manifests");
+    let mut args = vec![
+        mode_flag.as_str(),
+        "--manifests",
+        manifests_dir.to_str().expect("utf-8 path"),
+        "--hostname-override=node-a",
+        "--cluster-cidr=10.244.0.0/16,fd00:244::/48",
+        "--iptables-min-sync-period=0s",
+        "--v=2",
+    ];
+    args.extend_from_slice(extra_args);
+    ProxyProcess::start(&topo.node, &binary(), &args, &dir.join("proxy.log")).expect("start proxy")
 }
 
 /// Writes atomically (write then rename) so the proxy never reads half a file.
@@ -939,6 +981,76 @@ fn udp_client_follows_replaced_endpoint(mode: Mode) {
     assert_eq!(ask(&cluster).expect("after endpoints came back"), "be0");
 }
 
+fn starting_removes_the_other_modes_rules(mode: Mode) {
+    for other in mode.others() {
+        let Some(mut cluster) = Cluster::start(
+            other,
+            "starting_removes_the_other_modes_rules",
+            &standard_services(&backends()),
+            &[],
+        ) else {
+            return;
+        };
+        assert!(other.rules_present(&cluster.topo.node), "{} rules", other.0);
+        cluster.restart_proxy(mode);
+        assert!(
+            !other.rules_present(&cluster.topo.node),
+            "{} rules left after starting in {} mode:\n{}",
+            other.0,
+            mode.0,
+            cluster.ruleset()
+        );
+        let counts = spread(
+            cluster.client(),
+            addr("10.96.0.10", 80),
+            Proto::Tcp,
+            20,
+            TIMEOUT,
+        )
+        .expect("spread");
+        assert_spread(&counts, &["be0", "be1"], "after switching modes");
+    }
+}
+
+/// iptables only: someone flushes the tables (a firewall reload); the canary chain's
+/// loss turns the next sync into a full one, and Services work again.
+#[test]
+fn iptables_rules_flushed_by_someone_else_are_rewritten() {
+    let mode = Mode("iptables");
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "iptables_rules_flushed_by_someone_else_are_rewritten",
+        &standard_services(&backends()),
+        &[],
+    ) else {
+        return;
+    };
+    for args in [
+        ["iptables-nft", "-t", "nat", "-F"],
+        ["iptables-nft", "-t", "nat", "-X"],
+        ["iptables-nft", "-t", "mangle", "-X"],
+    ] {
+        cluster.topo.node.exec(&args).expect("flush");
+    }
+    assert!(
+        testkit::tcp_request(cluster.client(), addr("10.96.0.10", 80), TIMEOUT).is_err(),
+        "flushed nat table should break the Service"
+    );
+    // Any change triggers a sync; the missing canary makes it full.
+    cluster.update(&standard_services(&[ip("10.244.2.2"), ip("fd00:244:2::2")]));
+    let log = cluster.proxy.log();
+    assert!(log.contains("KUBE-PROXY-CANARY is gone"), "{log}");
+    let counts = spread(
+        cluster.client(),
+        addr("10.96.0.10", 80),
+        Proto::Tcp,
+        20,
+        TIMEOUT,
+    )
+    .expect("spread");
+    assert_spread(&counts, &["be1"], "after the flush");
+}
+
 /// Instantiates every behaviour of the suite for one mode.
 macro_rules! datapath_suite {
     ($mode:ident) => {
@@ -1001,9 +1113,14 @@ macro_rules! datapath_suite {
             fn udp_client_follows_replaced_endpoint() {
                 super::udp_client_follows_replaced_endpoint(MODE)
             }
+            #[test]
+            fn starting_removes_the_other_modes_rules() {
+                super::starting_removes_the_other_modes_rules(MODE)
+            }
         }
     };
 }
 
 datapath_suite!(nftables);
 datapath_suite!(userspace);
+datapath_suite!(iptables);

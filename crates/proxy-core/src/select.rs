@@ -94,6 +94,23 @@ fn ready_or_terminating<'a>(
         .collect()
 }
 
+/// Both candidate sets of one family, whatever the policies: the cluster set (topology
+/// applied) and this node's set. Backends that build both chains regardless use this.
+pub fn candidates<'a>(
+    port: &ServicePort,
+    endpoints: &'a [Endpoint],
+    family: IpFamily,
+    node: &NodeInfo,
+) -> (Vec<&'a Endpoint>, Vec<&'a Endpoint>) {
+    let of_family: Vec<&Endpoint> = endpoints.iter().filter(|e| e.family() == family).collect();
+    let cluster = match topology_zone(port, &of_family, node) {
+        Some(zone) => ready_or_terminating(&of_family, |e| e.zone_hints.iter().any(|z| z == zone)),
+        None => ready_or_terminating(&of_family, |_| true),
+    };
+    let local = ready_or_terminating(&of_family, |e| e.is_local);
+    (cluster, local)
+}
+
 /// Selects the endpoints of one family for a Service port.
 pub fn select<'a>(
     port: &ServicePort,
@@ -101,23 +118,16 @@ pub fn select<'a>(
     family: IpFamily,
     node: &NodeInfo,
 ) -> Selection<'a> {
-    let of_family: Vec<&Endpoint> = endpoints.iter().filter(|e| e.family() == family).collect();
-    let mut selection = Selection {
-        has_any: of_family
+    let (cluster, local) = candidates(port, endpoints, family, node);
+    Selection {
+        has_any: endpoints
             .iter()
-            .any(|e| e.ready || (e.serving && e.terminating)),
-        ..Selection::default()
-    };
-    if uses_cluster(port) {
-        selection.cluster = match topology_zone(port, &of_family, node) {
-            Some(zone) => {
-                ready_or_terminating(&of_family, |e| e.zone_hints.iter().any(|z| z == zone))
-            }
-            None => ready_or_terminating(&of_family, |_| true),
-        };
+            .any(|e| e.family() == family && (e.ready || (e.serving && e.terminating))),
+        cluster: if uses_cluster(port) {
+            cluster
+        } else {
+            Vec::new()
+        },
+        local: if uses_local(port) { local } else { Vec::new() },
     }
-    if uses_local(port) {
-        selection.local = ready_or_terminating(&of_family, |e| e.is_local);
-    }
-    selection
 }
