@@ -182,7 +182,12 @@ impl FamilyPlan {
         let mut plan = FamilyPlan {
             family,
             ports: BTreeMap::new(),
-            nodeport_addresses: nodeport_addresses(family, state, config),
+            nodeport_addresses: proxy_core::model::nodeport_addresses(
+                &config.nodeport_cidrs,
+                config.nodeport_primary,
+                family,
+                &state.node,
+            ),
         };
         for (name, port) in &state.services {
             plan.ports.insert(
@@ -270,36 +275,6 @@ impl FamilyPlan {
         }
         chains
     }
-}
-
-/// Resolves `--nodeport-addresses` for one family against what is known of the node.
-fn nodeport_addresses(
-    family: IpFamily,
-    state: &ProxyState,
-    config: &IptConfig,
-) -> Option<Vec<IpNet>> {
-    let mut nets: Vec<IpNet> = config
-        .nodeport_cidrs
-        .iter()
-        .filter(|c| IpFamily::of_net(c) == family)
-        .map(IpNet::trunc)
-        .collect();
-    if config.nodeport_primary {
-        match state
-            .node
-            .addresses
-            .iter()
-            .find(|ip| IpFamily::of(ip) == family)
-        {
-            Some(ip) => nets.push(IpNet::from(*ip)),
-            // Node IPs unknown: keep NodePorts on every local address rather than none.
-            None if state.node.addresses.is_empty() => return None,
-            None => {}
-        }
-    } else if config.nodeport_cidrs.is_empty() {
-        return None;
-    }
-    Some(nets)
 }
 
 fn host(ip: IpAddr) -> String {

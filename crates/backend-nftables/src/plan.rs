@@ -180,7 +180,12 @@ impl FamilyPlan {
             mark: 1u32 << config.masquerade_bit,
             masquerade_all: config.masquerade_all,
             local: local_match(family, &config.local, state),
-            nodeport_addresses: nodeport_addresses(family, state, config),
+            nodeport_addresses: proxy_core::model::nodeport_addresses(
+                &config.nodeport_cidrs,
+                config.nodeport_primary,
+                family,
+                &state.node,
+            ),
         };
         let mut plan = FamilyPlan {
             settings,
@@ -291,36 +296,6 @@ fn local_match(
             not_local: format!("iifname != \"{prefix}*\""),
         }),
     }
-}
-
-/// Resolves `--nodeport-addresses` for one family against what is known of the node.
-fn nodeport_addresses(
-    family: IpFamily,
-    state: &ProxyState,
-    config: &NftConfig,
-) -> Option<Vec<IpNet>> {
-    let mut nets: Vec<IpNet> = config
-        .nodeport_cidrs
-        .iter()
-        .filter(|c| IpFamily::of_net(c) == family)
-        .map(IpNet::trunc)
-        .collect();
-    if config.nodeport_primary {
-        match state
-            .node
-            .addresses
-            .iter()
-            .find(|ip| IpFamily::of(ip) == family)
-        {
-            Some(ip) => nets.push(IpNet::from(*ip)),
-            // Node IPs unknown (no Node object): do not lose NodePorts over it.
-            None if state.node.addresses.is_empty() => return None,
-            None => {}
-        }
-    } else if config.nodeport_cidrs.is_empty() {
-        return None;
-    }
-    Some(nets)
 }
 
 /// What changes between two plans of one family, as nftables would apply it.

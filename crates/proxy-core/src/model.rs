@@ -245,3 +245,31 @@ pub enum LocalDetector {
     /// `InterfaceNamePrefix`: packets arriving on interfaces whose name starts so.
     InterfaceNamePrefix(String),
 }
+
+/// Resolves `--nodeport-addresses` for one family against what is known of the node:
+/// `None` means every local address, `Some(empty)` none of this family. `primary` (the
+/// nftables default upstream) is the node's first IP of the family from its Node object;
+/// while the node's IPs are unknown NodePorts stay on every local address rather than
+/// none.
+pub fn nodeport_addresses(
+    cidrs: &[IpNet],
+    primary: bool,
+    family: IpFamily,
+    node: &NodeInfo,
+) -> Option<Vec<IpNet>> {
+    let mut nets: Vec<IpNet> = cidrs
+        .iter()
+        .filter(|c| IpFamily::of_net(c) == family)
+        .map(IpNet::trunc)
+        .collect();
+    if primary {
+        match node.addresses.iter().find(|ip| IpFamily::of(ip) == family) {
+            Some(ip) => nets.push(IpNet::from(*ip)),
+            None if node.addresses.is_empty() => return None,
+            None => {}
+        }
+    } else if cidrs.is_empty() {
+        return None;
+    }
+    Some(nets)
+}
