@@ -16,7 +16,7 @@ use conntrack::{ConntrackSettings, ConntrackTool};
 use observability::health::Health;
 use observability::metrics::ProxyMetrics;
 use observability::observer::ProxyObserver;
-use proxy_core::observer::SyncObserver;
+use proxy_core::observer::{ApiRequestObserver, SyncObserver};
 use proxy_core::proxier::Proxier;
 use proxy_core::runner::{self, RunnerConfig};
 use proxy_core::stale::CleaningProxier;
@@ -155,7 +155,10 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let (updates_tx, updates_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let status = Arc::new(SyncStatus::default());
-    let observer = start_observability(&settings).await?;
+    let Observability {
+        observer,
+        api_requests,
+    } = start_observability(&settings).await?;
 
     // A source that cannot start (e.g. a wrong manifests path) ends the proxy with its error.
     let source = match &settings.source {
@@ -175,7 +178,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         SourceSettings::Kube { connection } => {
             // A client that cannot be built (bad kubeconfig) is fatal; an API server that
             // does not answer is not: the source retries and sends nothing meanwhile.
-            let client = source_kube::client(connection)
+            let client = source_kube::client(connection, Some(api_requests))
                 .await
                 .context("connecting to the Kubernetes API")?;
             let node = settings.node_name.clone();
@@ -228,7 +231,15 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
 
 /// Builds the metrics and health state and starts their servers; returns the observer
 /// the sync loop reports to. Fails only on a bind error with `--bind-address-hard-fail`.
-async fn start_observability(settings: &RunSettings) -> anyhow::Result<Arc<dyn SyncObserver>> {
+/// What the servers hand back to the rest of the proxy.
+struct Observability {
+    /// Told about every sync.
+    observer: Arc<dyn SyncObserver>,
+    /// Told about every API request (`rest_client_*`).
+    api_requests: Arc<dyn ApiRequestObserver>,
+}
+
+async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observability> {
     use observability::server;
     let obs = &settings.observability;
     let metrics = ProxyMetrics::new(&obs.build).context("registering metrics")?;
@@ -244,11 +255,14 @@ async fn start_observability(settings: &RunSettings) -> anyhow::Result<Arc<dyn S
         server::spawn("metrics", address, router, obs.bind_address_hard_fail).await?;
     }
     if let Some(address) = server::parse_address("healthz", &obs.healthz_bind_address)? {
-        let router = server::health_router(Arc::clone(&health), metrics);
+        let router = server::health_router(Arc::clone(&health), metrics.clone());
         server::spawn("healthz", address, router, obs.bind_address_hard_fail).await?;
     }
     tokio::spawn(observability::service_health::run(targets, health));
-    Ok(Arc::new(observer))
+    Ok(Observability {
+        observer: Arc::new(observer),
+        api_requests: Arc::new(metrics),
+    })
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -292,8 +292,38 @@ fn api_initial_sync_then_changes_reach_the_kernel_and_traffic() {
             && r.contains("fieldSelector=metadata.name%3Dnode-a")),
         "{requests:?}"
     );
+    // Every API request is counted as upstream's client does (rest_client_* metrics).
+    let host = n.addr.to_string();
+    let scrape = scrape_metrics(n.node());
+    let requests_line =
+        format!("rest_client_requests_total{{code=\"200\",host=\"{host}\",method=\"GET\"}}");
+    assert!(
+        scrape.contains(&requests_line),
+        "{requests_line} missing:\n{scrape}"
+    );
+    let duration_line =
+        format!("rest_client_request_duration_seconds_count{{host=\"{host}\",verb=\"GET\"}}");
+    assert!(scrape.contains(&duration_line), "{duration_line} missing");
     assert!(n.proxy().is_running());
     drop(servers);
+}
+
+/// `/metrics` from the proxy's default metrics address, inside the node namespace.
+fn scrape_metrics(node: &Netns) -> String {
+    use std::io::{Read, Write};
+    node.run(|| {
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:10249").expect("metrics server");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).expect("response");
+        body
+    })
+    .expect("enter the node namespace")
 }
 
 #[test]

@@ -345,6 +345,25 @@ fn go_arch() -> &'static str {
     }
 }
 
+impl proxy_core::observer::ApiRequestObserver for ProxyMetrics {
+    fn request_done(
+        &self,
+        method: &str,
+        host: &str,
+        status: Option<u16>,
+        elapsed: std::time::Duration,
+    ) {
+        // client-go labels a request that got no response "<error>".
+        let code = status.map_or_else(|| "<error>".to_string(), |s| s.to_string());
+        self.rest_client_requests_total
+            .with_label_values(&[code.as_str(), method, host])
+            .inc();
+        self.rest_client_request_duration
+            .with_label_values(&[method, host])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

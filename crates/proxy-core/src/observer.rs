@@ -53,3 +53,10 @@ pub trait SyncObserver: Send + Sync {
 pub struct NoopObserver;
 
 impl SyncObserver for NoopObserver {}
+
+/// Hears about every request the API source makes (for `rest_client_*` metrics).
+pub trait ApiRequestObserver: Send + Sync {
+    /// One finished request: its HTTP method, the API server's `host:port`, the status
+    /// code (`None` when no response came back) and how long it took.
+    fn request_done(&self, method: &str, host: &str, status: Option<u16>, elapsed: Duration);
+}

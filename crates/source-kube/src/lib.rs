@@ -8,10 +8,11 @@
 //! unreachable nothing is sent, so the programmed rules stay as they are.
 
 pub mod merge;
+pub mod observe;
 pub mod ratelimit;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
@@ -26,7 +27,9 @@ use proxy_core::source::SourceUpdate;
 use tokio::sync::mpsc;
 
 use crate::merge::{Input, Merger, LABEL_SELECTOR};
+use crate::observe::ObserveLayer;
 use crate::ratelimit::RateLimitLayer;
+use proxy_core::observer::ApiRequestObserver;
 
 /// How to reach the API server (upstream's `clientConnection` plus `--master`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -60,8 +63,12 @@ pub enum Error {
     Client(#[from] kube::Error),
 }
 
-/// Builds the client: see [`config`]; rate limited by qps and burst.
-pub async fn client(conn: &Connection) -> Result<Client, Error> {
+/// Builds the client: see [`config`]; rate limited by qps and burst; every request is
+/// reported to `observer` when given.
+pub async fn client(
+    conn: &Connection,
+    observer: Option<Arc<dyn ApiRequestObserver>>,
+) -> Result<Client, Error> {
     let config = config(conn).await?;
     let content_type = conn.content_type.trim();
     if !content_type.is_empty() && content_type != "application/json" {
@@ -76,9 +83,18 @@ pub async fn client(conn: &Connection) -> Result<Client, Error> {
         burst = conn.burst,
         "connecting to the Kubernetes API"
     );
-    let client = ClientBuilder::try_from(config)?
-        .with_layer(&RateLimitLayer::new(conn.qps, conn.burst))
-        .build();
+    let host = config
+        .cluster_url
+        .authority()
+        .map_or_else(String::new, |a| a.to_string());
+    let builder =
+        ClientBuilder::try_from(config)?.with_layer(&RateLimitLayer::new(conn.qps, conn.burst));
+    let client = match observer {
+        Some(observer) => builder
+            .with_layer(&ObserveLayer::new(observer, &host))
+            .build(),
+        None => builder.build(),
+    };
     Ok(client)
 }
 
