@@ -394,7 +394,7 @@ mod tests {
         };
         let c = config(&conn).await.unwrap();
         assert_eq!(c.cluster_url.to_string(), "http://127.0.0.1:1/");
-        assert!(client(&conn).await.is_ok());
+        assert!(client(&conn, None).await.is_ok());
         let conn = Connection {
             master: Some("http://127.0.0.2:8080".into()),
             ..conn
@@ -411,7 +411,7 @@ mod tests {
             kubeconfig: Some(dir.join("absent")),
             ..Connection::default()
         };
-        let err = client(&missing).await.err().unwrap().to_string();
+        let err = client(&missing, None).await.err().unwrap().to_string();
         assert!(err.contains("absent"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
