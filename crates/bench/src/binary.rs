@@ -138,7 +138,9 @@ pub fn run(binary: &Path, cluster: &[SynthService], connects: usize) -> Result<B
     let topo = Topology::new(2)?;
     let _servers = topo.serve_all(synth::TARGET_PORT)?;
     let mut cluster = cluster.to_vec();
-    let last = cluster.len() - 1;
+    let Some(last) = cluster.len().checked_sub(1) else {
+        bail!("an empty cluster has no ClusterIP to connect to");
+    };
     reachable(&mut cluster[0], &topo);
     reachable(&mut cluster[last], &topo);
     let first_ip = IpAddr::from(cluster[0].cluster_ip);

@@ -88,9 +88,9 @@ pub fn service(i: usize, endpoints: usize) -> SynthService {
         Protocol::Tcp
     };
     // TCP and UDP NodePorts do not collide, so each protocol gets the whole range.
-    let node_port = (kind != Kind::ClusterIp).then(|| 30000 + (i % 35_536) as u16);
+    let node_port = (kind != Kind::ClusterIp).then_some(30000 + (i % 35_536) as u16);
     let load_balancer_ip =
-        (kind == Kind::LoadBalancer).then(|| Ipv4Addr::from(0xc633_0000 + i as u32));
+        (kind == Kind::LoadBalancer).then_some(Ipv4Addr::from(0xc633_0000 + i as u32));
     let external_local = kind == Kind::LoadBalancer && i % 2 == 0;
     let internal_local = i % 20 == 3;
     let endpoints = (0..endpoints.min(MAX_ENDPOINTS))
