@@ -91,11 +91,11 @@ pub fn service(i: usize, endpoints: usize) -> SynthService {
     let node_port = (kind != Kind::ClusterIp).then_some(30000 + (i % 35_536) as u16);
     let load_balancer_ip =
         (kind == Kind::LoadBalancer).then_some(Ipv4Addr::from(0xc633_0000 + i as u32));
-    let external_local = kind == Kind::LoadBalancer && i % 2 == 0;
+    let external_local = kind == Kind::LoadBalancer && i.is_multiple_of(2);
     let internal_local = i % 20 == 3;
     let endpoints = (0..endpoints.min(MAX_ENDPOINTS))
         // Every third endpoint runs on this node, so local policies have something to pick.
-        .map(|slot| (endpoint_ip(i, slot), (i + slot) % 3 == 0))
+        .map(|slot| (endpoint_ip(i, slot), (i + slot).is_multiple_of(3)))
         .collect();
     SynthService {
         index: i,
