@@ -22,6 +22,7 @@ pub mod manifests;
 mod netns;
 mod proxy;
 mod server;
+pub mod synth;
 mod topology;
 
 use std::io::Write;

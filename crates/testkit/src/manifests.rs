@@ -45,6 +45,8 @@ pub struct ServiceSpec {
     pub ports: Vec<PortSpec>,
     /// Endpoint address and whether it is ready.
     pub endpoints: Vec<(IpAddr, bool)>,
+    /// `nodeName` of each endpoint, in the order of `endpoints`; none when empty.
+    pub endpoint_nodes: Vec<String>,
     /// Extra `spec` lines, already indented by two spaces (e.g. `  sessionAffinity: ClientIP`).
     pub extra_spec: Vec<String>,
 }
@@ -60,6 +62,7 @@ impl ServiceSpec {
             load_balancer_ips: vec![],
             ports,
             endpoints: vec![],
+            endpoint_nodes: vec![],
             extra_spec: vec![],
         }
     }
@@ -108,7 +111,8 @@ impl ServiceSpec {
             let eps: Vec<_> = self
                 .endpoints
                 .iter()
-                .filter(|(ip, _)| ip.is_ipv4() == v4)
+                .enumerate()
+                .filter(|(_, (ip, _))| ip.is_ipv4() == v4)
                 .collect();
             if eps.is_empty() {
                 continue;
@@ -129,11 +133,12 @@ impl ServiceSpec {
                 );
             }
             y.push_str("endpoints:\n");
-            for (ip, ready) in eps {
-                let _ = writeln!(
-                    y,
-                    "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}}}"
-                );
+            for (i, (ip, ready)) in eps {
+                let _ = writeln!(y, "  - addresses: [\"{ip}\"]");
+                if let Some(node) = self.endpoint_nodes.get(i) {
+                    let _ = writeln!(y, "    nodeName: {node}");
+                }
+                let _ = writeln!(y, "    conditions: {{ready: {ready}}}");
             }
         }
         y

@@ -1,0 +1,281 @@
+//! Scale benchmarks (as root): synthetic clusters programmed by the real appliers in
+//! network namespaces, and by the real binary with a client measuring connect latency.
+//!
+//! ```sh
+//! cargo build --release -p kube-proxy -p bench
+//! ./target/release/bench --services 1000,10000,50000 --endpoints 10 --mode all
+//! ```
+//!
+//! Prints a markdown table and writes the figures as JSON (`--json`).
+
+mod binary;
+mod inproc;
+mod stats;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use testkit::synth;
+
+use crate::binary::BinaryRun;
+use crate::inproc::{InProcess, Mode};
+
+#[derive(Debug, Parser)]
+#[command(about = "Scale benchmarks for kube-proxy-rs (run as root)")]
+struct Args {
+    /// Cluster sizes, in Services (one port each).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    services: Vec<usize>,
+    /// Endpoints per Service: `N`, or `A-B` to spread counts over the range.
+    #[arg(long, default_value = "10")]
+    endpoints: String,
+    /// `nftables`, `iptables` (the legacy backend) or `all`.
+    #[arg(long, default_value = "nftables")]
+    mode: String,
+    /// One-endpoint changes and Service additions timed per size (nftables).
+    #[arg(long, default_value_t = 100)]
+    changes: usize,
+    /// The same for iptables, whose partial syncs take a large fraction of a second.
+    #[arg(long, default_value_t = 20)]
+    iptables_changes: usize,
+    /// iptables is measured only up to this size.
+    #[arg(long, default_value_t = 10_000)]
+    iptables_max_services: usize,
+    /// TCP connects timed to each of the first and last ClusterIP (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    connects: usize,
+    /// Skip the runs of the real binary (memory, connect latency).
+    #[arg(long)]
+    no_binary: bool,
+    /// The proxy binary; default: `kube-proxy` next to this program.
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Where to write the JSON figures.
+    #[arg(long, default_value = "bench-results.json")]
+    json: PathBuf,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    mode: &'static str,
+    services: usize,
+    endpoints: String,
+    in_process: InProcess,
+    binary: Option<BinaryRun>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    command: String,
+    kernel: String,
+    nft: String,
+    idle_rss_mib: Option<f64>,
+    rows: Vec<Row>,
+}
+
+fn parse_endpoints(text: &str) -> Result<std::ops::RangeInclusive<usize>> {
+    let (low, high) = match text.split_once('-') {
+        Some((a, b)) => (a.trim().parse()?, b.trim().parse()?),
+        None => {
+            let n = text.trim().parse()?;
+            (n, n)
+        }
+    };
+    if low == 0 || high < low || high > synth::MAX_ENDPOINTS {
+        bail!(
+            "--endpoints: want N or A-B within 1..={}",
+            synth::MAX_ENDPOINTS
+        );
+    }
+    Ok(low..=high)
+}
+
+fn tool_version(args: &[&str]) -> String {
+    std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn markdown(report: &Report) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | `nft`/restore child peak RSS | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &report.rows {
+        let p = &r.in_process;
+        let b = r.binary.as_ref();
+        let c = b.and_then(|b| b.connect.as_ref());
+        let _ = writeln!(
+            t,
+            "| {} | {} × {} | {:.0} ms | {:.0} ms | {:.1} MB | {:.0} MiB | {:.1} / {:.1} ms (n={}) | {} B | {:.1} / {:.1} ms (n={}) | {} ms ({} ms) | {} MiB ({} MiB) | {} / {} ms | {} / {} ms |",
+            r.mode,
+            r.services,
+            r.endpoints,
+            p.plan_ms,
+            p.full_sync_ms,
+            p.full_sync_bytes as f64 / 1e6,
+            p.tool_child_peak_mib,
+            p.endpoint_change_p50_ms,
+            p.endpoint_change_p99_ms,
+            p.endpoint_change_samples,
+            p.endpoint_change_bytes,
+            p.add_service_p50_ms,
+            p.add_service_p99_ms,
+            p.add_service_samples,
+            opt(b.map(|b| b.start_to_synced_ms), 0),
+            opt(b.map(|b| b.first_sync_took_ms), 0),
+            opt(b.map(|b| b.rss_mib), 1),
+            opt(b.map(|b| b.peak_rss_mib), 1),
+            opt(c.map(|c| c.first_p50_ms), 3),
+            opt(c.map(|c| c.first_p99_ms), 3),
+            opt(c.map(|c| c.last_p50_ms), 3),
+            opt(c.map(|c| c.last_p99_ms), 3),
+        );
+    }
+    if let Some(idle) = report.idle_rss_mib {
+        let _ = writeln!(t, "\nIdle binary (no Services): RSS {idle:.1} MiB.");
+    }
+    t
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !nix_is_root() {
+        bail!("run as root: the benchmark builds network namespaces");
+    }
+    let endpoints = parse_endpoints(&args.endpoints)?;
+    let modes: Vec<Mode> = match args.mode.as_str() {
+        "nftables" => vec![Mode::Nftables],
+        "iptables" => vec![Mode::IptablesLegacy],
+        "all" => vec![Mode::Nftables, Mode::IptablesLegacy],
+        other => bail!("--mode: unknown {other:?} (nftables, iptables, all)"),
+    };
+    let binary = match &args.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("kube-proxy"),
+    };
+    if !args.no_binary && !binary.exists() {
+        bail!(
+            "{} not found: build it (`cargo build --release -p kube-proxy`) or pass --binary / --no-binary",
+            binary.display()
+        );
+    }
+    let mut sizes = args.services.clone();
+    sizes.sort_unstable();
+
+    let mut rows = Vec::new();
+    // Modes in turn, sizes increasing within each, so the children's peak RSS read after
+    // each full sync belongs to that sync (it is a maximum over all children so far). The
+    // binary runs come after, for the same reason.
+    for &mode in &modes {
+        for &n in &sizes {
+            if mode == Mode::IptablesLegacy && n > args.iptables_max_services {
+                eprintln!(
+                    "{}: {n} Services skipped (--iptables-max-services)",
+                    mode.label()
+                );
+                continue;
+            }
+            let changes = if mode == Mode::Nftables {
+                args.changes
+            } else {
+                args.iptables_changes
+            };
+            eprintln!(
+                "{}: {n} Services × {} endpoints...",
+                mode.label(),
+                args.endpoints
+            );
+            let cluster = synth::cluster(n, endpoints.clone());
+            let in_process = inproc::measure(mode, &cluster, changes, changes)?;
+            eprintln!("  {in_process:?}");
+            rows.push(Row {
+                mode: mode.label(),
+                services: n,
+                endpoints: args.endpoints.clone(),
+                in_process,
+                binary: None,
+            });
+        }
+    }
+    let mut idle_rss_mib = None;
+    if !args.no_binary && modes.contains(&Mode::Nftables) {
+        idle_rss_mib = Some(binary::idle_rss(&binary)?);
+        for row in rows.iter_mut().filter(|r| r.mode == Mode::Nftables.label()) {
+            eprintln!("binary: {} Services...", row.services);
+            let cluster = synth::cluster(row.services, endpoints.clone());
+            let run = binary::run(&binary, &cluster, args.connects)?;
+            eprintln!("  {run:?}");
+            row.binary = Some(run);
+        }
+    }
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        kernel: tool_version(&["uname", "-r"]),
+        nft: tool_version(&["nft", "--version"]),
+        idle_rss_mib,
+        rows,
+    };
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    println!("{}", markdown(&report));
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // Reading our own status avoids another dependency for geteuid.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_ranges() {
+        assert_eq!(parse_endpoints("10").unwrap(), 10..=10);
+        assert_eq!(parse_endpoints("1-10").unwrap(), 1..=10);
+        assert!(parse_endpoints("0").is_err());
+        assert!(parse_endpoints("5-2").is_err());
+    }
+
+    #[test]
+    fn table_renders_without_binary_runs() {
+        let report = Report {
+            command: "bench".into(),
+            kernel: String::new(),
+            nft: String::new(),
+            idle_rss_mib: Some(9.5),
+            rows: vec![Row {
+                mode: "nftables",
+                services: 10,
+                endpoints: "2".into(),
+                in_process: InProcess::default(),
+                binary: None,
+            }],
+        };
+        let t = markdown(&report);
+        assert!(t.contains("| nftables | 10 × 2 |"));
+        assert!(t.contains("9.5 MiB"));
+    }
+}
