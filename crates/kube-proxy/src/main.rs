@@ -176,7 +176,11 @@ fn source_settings(opts: &Options) -> anyhow::Result<app::SourceSettings> {
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
-        ProxyMode::Unset | ProxyMode::NfTables | ProxyMode::IpTables | ProxyMode::Userspace => {}
+        ProxyMode::Unset
+        | ProxyMode::NfTables
+        | ProxyMode::IpTables
+        | ProxyMode::Userspace
+        | ProxyMode::Ipvs => {}
         other => bail!(
             "proxy mode {:?} is not available in this build yet; use --proxy-mode=nftables",
             other.as_str()
@@ -228,6 +232,20 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
                 families,
             });
             (backend, ipt.sync_period, ipt.min_sync_period)
+        }
+        ProxyMode::Ipvs => {
+            let ipvs = &config.ipvs;
+            let backend = app::BackendSettings::Ipvs(backend_ipvs::plan::IpvsConfig {
+                scheduler: ipvs.scheduler.clone(),
+                strict_arp: ipvs.strict_arp,
+                masquerade_all: config.iptables.masquerade_all,
+                cluster_cidrs: config.cluster_cidrs(),
+                masquerade_bit: u8::try_from(config.iptables.masquerade_bit.unwrap_or(14))
+                    .context("masqueradeBit")?,
+                nodeport_cidrs,
+                families,
+            });
+            (backend, ipvs.sync_period, ipvs.min_sync_period)
         }
         ProxyMode::Userspace => (
             userspace_settings(opts, families)?,
