@@ -127,8 +127,11 @@ impl<H: Host> IpvsProxier<H> {
         if full {
             self.sysctls();
             self.host.ensure_dummy()?;
-            self.local = self.host.local_addresses()?;
             self.bound = self.host.bound()?;
+        }
+        if full || request.node_changed {
+            // Where NodePorts answer: re-read when the node's facts may have moved.
+            self.local = self.host.local_addresses()?;
         }
         let node_addresses =
             plan::nodeport_addresses(&self.config, &request.state.node, &self.local);

@@ -15,6 +15,8 @@ const EXPECTED: &[&str] = &[
     "scheduler",
     "persistence",
     "drain-weight-zero",
+    "drain-delete-idle",
+    "drain-keeps-busy",
     "drain-new-connections",
     "cleanup",
 ];

@@ -106,6 +106,16 @@ while [ $i -lt 40 ]; do
     i=$((i + 1))
 done
 [ "$w" = "0" ] && pass drain-weight-zero || fail drain-weight-zero "weight '$w'"
+# The NodePort's server on 10.244.2.1 never had a connection to 10.244.2.2: a later
+# sync reads its counters back (GET_DEST) and deletes it.
+i=0
+while [ $i -lt 40 ]; do
+    [ -z "$(weights 0AF40201:7580 0AF40202:1F90)" ] && break
+    sleep 0.25
+    i=$((i + 1))
+done
+[ -z "$(weights 0AF40201:7580 0AF40202:1F90)" ] && pass drain-delete-idle || fail drain-delete-idle "still there"
+[ "$(weights 0A60000A:0050 0AF40202:1F90)" = "0" ] && pass drain-keeps-busy || fail drain-keeps-busy "gone while connections remain"
 answers=$(spread 10.96.0.10 4)
 case "$answers" in *be1*|"") fail drain-new-connections "$answers" ;; *) pass drain-new-connections ;; esac
 
