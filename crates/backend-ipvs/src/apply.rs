@@ -12,7 +12,9 @@ use backend_nftables::apply::{NftCommand, NftRunner};
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 use crate::netlink;
-use crate::plan::{Current, Op, RealServer, RealServerState, VirtualServer, DUMMY_INTERFACE};
+use crate::plan::{
+    Current, Op, RealServer, RealServerState, Timeouts, VirtualServer, DUMMY_INTERFACE,
+};
 use crate::IpvsError;
 
 /// What the proxier needs from the host.
@@ -28,6 +30,8 @@ pub trait Host: Send {
     fn apply(&mut self, ops: &[Op]) -> Result<usize, IpvsError>;
     /// Removes every virtual server.
     fn flush(&mut self) -> Result<(), IpvsError>;
+    /// Sets the connection timeouts.
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError>;
     /// Whether the dummy interface exists.
     fn dummy_exists(&mut self) -> Result<bool, IpvsError>;
     fn ensure_dummy(&mut self) -> Result<(), IpvsError>;
@@ -256,6 +260,13 @@ impl Host for LinuxHost {
         Ok(())
     }
 
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError> {
+        let sock = self.socket()?;
+        let seq = sock.next_seq();
+        sock.request(&netlink::set_timeouts(sock.family, seq, timeouts))?;
+        Ok(())
+    }
+
     fn dummy_exists(&mut self) -> Result<bool, IpvsError> {
         Ok(std::path::Path::new("/sys/class/net")
             .join(DUMMY_INTERFACE)
@@ -342,6 +353,7 @@ pub struct RecordingHost {
     /// Number of `dests` reads (incremental syncs should read only draining ones).
     pub dest_reads: usize,
     pub dumps: usize,
+    pub timeouts: Option<Timeouts>,
 }
 
 impl Host for RecordingHost {
@@ -370,6 +382,11 @@ impl Host for RecordingHost {
 
     fn flush(&mut self) -> Result<(), IpvsError> {
         self.services.clear();
+        Ok(())
+    }
+
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError> {
+        self.timeouts = Some(*timeouts);
         Ok(())
     }
 

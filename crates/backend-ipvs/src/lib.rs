@@ -126,6 +126,9 @@ impl<H: Host> IpvsProxier<H> {
         let full = request.full || self.current.is_none();
         if full {
             self.sysctls();
+            if self.config.timeouts.any() {
+                self.host.set_timeouts(&self.config.timeouts)?;
+            }
             self.host.ensure_dummy()?;
             self.bound = self.host.bound()?;
         }
@@ -145,9 +148,17 @@ impl<H: Host> IpvsProxier<H> {
         let mut current = match self.current.take() {
             Some(current) if !full => current,
             _ => {
-                // Ours: virtual servers on addresses we bind or on node addresses.
-                let ours: BTreeSet<IpAddr> =
-                    self.bound.iter().chain(&node_addresses).copied().collect();
+                // Ours: virtual servers on addresses we bind or on node addresses,
+                // except those in --ipvs-exclude-cidrs.
+                let excluded =
+                    |ip: &IpAddr| self.config.exclude_cidrs.iter().any(|c| c.contains(ip));
+                let ours: BTreeSet<IpAddr> = self
+                    .bound
+                    .iter()
+                    .chain(&node_addresses)
+                    .filter(|ip| !excluded(ip))
+                    .copied()
+                    .collect();
                 let mut all = self.host.dump()?;
                 all.retain(|vs, _| ours.contains(&vs.addr));
                 all

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_core::model::Protocol;
 
-use crate::plan::{RealServer, RealServerState, ServiceSpec, VirtualServer};
+use crate::plan::{RealServer, RealServerState, ServiceSpec, Timeouts, VirtualServer};
 
 // Netlink header.
 pub const NLMSG_ERROR: u16 = 2;
@@ -38,11 +38,15 @@ pub const IPVS_CMD_NEW_DEST: u8 = 5;
 pub const IPVS_CMD_SET_DEST: u8 = 6;
 pub const IPVS_CMD_DEL_DEST: u8 = 7;
 pub const IPVS_CMD_GET_DEST: u8 = 8;
+pub const IPVS_CMD_SET_CONFIG: u8 = 12;
 pub const IPVS_CMD_FLUSH: u8 = 17;
 
 // Top-level attributes.
 const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 const IPVS_CMD_ATTR_DEST: u16 = 2;
+const IPVS_CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const IPVS_CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const IPVS_CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 // Nested in IPVS_CMD_ATTR_SERVICE.
 const IPVS_SVC_ATTR_AF: u16 = 1;
@@ -341,6 +345,22 @@ pub fn get_dests(family: u16, seq: u32, vs: &VirtualServer) -> Vec<u8> {
         IPVS_GENL_VERSION,
     );
     nested_service_key(&mut msg, vs);
+    msg.finish()
+}
+
+/// Sets the connection timeouts in seconds (`--ipvs-tcp-timeout` ...); the kernel
+/// leaves a timeout of 0 unchanged.
+pub fn set_timeouts(family: u16, seq: u32, timeouts: &Timeouts) -> Vec<u8> {
+    let mut msg = Message::new(
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        IPVS_CMD_SET_CONFIG,
+        IPVS_GENL_VERSION,
+    );
+    msg.u32(IPVS_CMD_ATTR_TIMEOUT_TCP, timeouts.tcp);
+    msg.u32(IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, timeouts.tcp_fin);
+    msg.u32(IPVS_CMD_ATTR_TIMEOUT_UDP, timeouts.udp);
     msg.finish()
 }
 

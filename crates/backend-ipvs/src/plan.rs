@@ -74,6 +74,20 @@ pub enum Op {
     DelDest(VirtualServer, RealServer),
 }
 
+/// IPVS connection timeouts in seconds; 0 leaves the kernel's value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
+}
+
+impl Timeouts {
+    pub fn any(&self) -> bool {
+        self.tcp > 0 || self.tcp_fin > 0 || self.udp > 0
+    }
+}
+
 /// Settings of the ipvs mode.
 #[derive(Debug, Clone)]
 pub struct IpvsConfig {
@@ -90,6 +104,11 @@ pub struct IpvsConfig {
     /// `--nodeport-addresses` CIDRs; empty: every node address.
     pub nodeport_cidrs: Vec<IpNet>,
     pub families: Vec<IpFamily>,
+    /// `--ipvs-exclude-cidrs`: virtual servers on these addresses are never removed by
+    /// a full sync's reconcile (someone else's).
+    pub exclude_cidrs: Vec<IpNet>,
+    /// `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout`.
+    pub timeouts: Timeouts,
 }
 
 impl Default for IpvsConfig {
@@ -102,6 +121,8 @@ impl Default for IpvsConfig {
             masquerade_bit: 14,
             nodeport_cidrs: Vec::new(),
             families: vec![IpFamily::V4, IpFamily::V6],
+            exclude_cidrs: Vec::new(),
+            timeouts: Timeouts::default(),
         }
     }
 }

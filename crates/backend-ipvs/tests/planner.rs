@@ -502,3 +502,63 @@ fn kernel_accepts_generated_nft_table() {
     }
     checker.run(&plan::render_nft_cleanup()).unwrap();
 }
+
+#[cfg(target_endian = "little")]
+#[test]
+fn set_config_message_golden_bytes() {
+    let msg = netlink::set_timeouts(
+        0x24,
+        3,
+        &plan::Timeouts {
+            tcp: 900,
+            tcp_fin: 0,
+            udp: 60,
+        },
+    );
+    let expected = [
+        "2c 00 00 00 24 00 05 00 03 00 00 00 00 00 00 00",
+        "0c 01 00 00",             // IPVS_CMD_SET_CONFIG
+        "08 00 04 00 84 03 00 00", // TCP 900 s
+        "08 00 05 00 00 00 00 00", // TCP FIN: unchanged
+        "08 00 06 00 3c 00 00 00", // UDP 60 s
+    ]
+    .join(" ");
+    assert_eq!(hex(&msg), expected);
+}
+
+#[test]
+fn timeouts_are_set_and_excluded_cidrs_survive_reconcile() {
+    let timeouts = plan::Timeouts {
+        tcp: 900,
+        tcp_fin: 0,
+        udp: 60,
+    };
+    let stale = ServiceSpec {
+        vs: vs("192.168.100.1", Protocol::Tcp, 31000),
+        scheduler: "rr".into(),
+        persistence_timeout: None,
+    };
+    let run = |exclude: Vec<ipnet::IpNet>| {
+        let host = RecordingHost {
+            local: vec![ip("192.168.100.1")],
+            ..RecordingHost::default()
+        };
+        let mut p = IpvsProxier::with_host(
+            IpvsConfig {
+                timeouts,
+                exclude_cidrs: exclude,
+                ..config()
+            },
+            host,
+        );
+        plan::apply_to(&mut p.host_mut().services, &[Op::AddService(stale.clone())]);
+        p.sync(&request(&sample_state(), &[], true)).unwrap();
+        p
+    };
+    let p = run(vec![]);
+    assert_eq!(p.host().timeouts, Some(timeouts));
+    assert!(p.host().ops.contains(&Op::DelService(stale.vs)));
+    let p = run(vec!["192.168.100.0/24".parse().unwrap()]);
+    assert!(!p.host().ops.contains(&Op::DelService(stale.vs)));
+    assert!(p.host().services.contains_key(&stale.vs));
+}

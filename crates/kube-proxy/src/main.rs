@@ -244,6 +244,17 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
                     .context("masqueradeBit")?,
                 nodeport_cidrs,
                 families,
+                // Validated at parse time; anything unparsable is not excluded.
+                exclude_cidrs: ipvs
+                    .exclude_cidrs
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect(),
+                timeouts: backend_ipvs::plan::Timeouts {
+                    tcp: whole_seconds(ipvs.tcp_timeout),
+                    tcp_fin: whole_seconds(ipvs.tcp_fin_timeout),
+                    udp: whole_seconds(ipvs.udp_timeout),
+                },
             });
             (backend, ipvs.sync_period, ipvs.min_sync_period)
         }
@@ -278,6 +289,12 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         },
         observability: observability_settings(config),
     })
+}
+
+/// A duration in whole seconds for the kernel; negative (refused by validation) is 0.
+fn whole_seconds(d: options::GoDuration) -> u32 {
+    d.to_std()
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
 /// Metrics and health servers from the configuration.

@@ -59,6 +59,10 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "ipvs-min-sync-period",
     "ipvs-scheduler",
     "ipvs-strict-arp",
+    "ipvs-exclude-cidrs",
+    "ipvs-tcp-timeout",
+    "ipvs-tcpfin-timeout",
+    "ipvs-udp-timeout",
 ];
 
 /// Flags upstream still honours when `--config` is given (`Options.Complete`:
@@ -428,10 +432,6 @@ const ALL_OTHER_FLAGS: &[&str] = &[
     "healthz-port",
     "metrics-port",
     "iptables-localhost-nodeports",
-    "ipvs-exclude-cidrs",
-    "ipvs-tcp-timeout",
-    "ipvs-tcpfin-timeout",
-    "ipvs-udp-timeout",
     "config-sync-period",
     "feature-gates",
     "oom-score-adj",

@@ -258,7 +258,6 @@ fn unimplemented_flags_warn() {
         "--config-sync-period=1m",
         "--feature-gates=A=true",
         "--oom-score-adj=-500",
-        "--ipvs-tcp-timeout=5s",
         "--conntrack-min=5",
         "--init-only",
     ]);
@@ -268,7 +267,6 @@ fn unimplemented_flags_warn() {
         "--config-sync-period",
         "--feature-gates",
         "--oom-score-adj",
-        "--ipvs-tcp-timeout",
         "--init-only",
     ] {
         assert!(

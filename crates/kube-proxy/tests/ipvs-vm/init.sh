@@ -69,7 +69,7 @@ ip netns exec be1 httpd -p 8080 -h /www/be1
 
 kube-proxy --proxy-mode=ipvs --manifests /m --hostname-override node \
     --cluster-cidr 10.244.0.0/16 --ipvs-sync-period 2s --ipvs-min-sync-period 0s \
-    --ipvs-scheduler rr > /tmp/kp.log 2>&1 &
+    --ipvs-scheduler rr --ipvs-tcp-timeout 900s --ipvs-udp-timeout 60s > /tmp/kp.log 2>&1 &
 kp=$!
 
 ready=""
