@@ -18,6 +18,7 @@ const EXPECTED: &[&str] = &[
     "drain-delete-idle",
     "drain-keeps-busy",
     "drain-new-connections",
+    "incremental",
     "cleanup",
 ];
 

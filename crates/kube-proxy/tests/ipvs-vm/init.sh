@@ -118,6 +118,8 @@ done
 [ "$(weights 0A60000A:0050 0AF40202:1F90)" = "0" ] && pass drain-keeps-busy || fail drain-keeps-busy "gone while connections remain"
 answers=$(spread 10.96.0.10 4)
 case "$answers" in *be1*|"") fail drain-new-connections "$answers" ;; *) pass drain-new-connections ;; esac
+# The endpoint change went through a partial sync (diffed against memory, no dump).
+grep -q "synced rules full=false" /tmp/kp.log && pass incremental || fail incremental "no partial sync logged"
 
 kill $kp
 wait $kp 2>/dev/null
