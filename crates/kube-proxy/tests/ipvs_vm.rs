@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 const EXPECTED: &[&str] = &[
     "clusterip",
     "nodeport",
+    "ipv6-programmed",
+    "clusterip-v6",
     "affinity",
     "scheduler",
     "persistence",

@@ -64,6 +64,15 @@ setup() { # ns node-ip peer-ip
 setup be0 10.244.1.1 10.244.1.2
 setup be1 10.244.2.1 10.244.2.2
 setup client 192.168.100.1 192.168.100.2
+setup6() { # ns node-ip peer-ip (nodad: usable at once)
+    ip addr add "$2/64" dev "v-$1" nodad
+    ip -n "$1" addr add "$3/64" dev eth0 nodad
+    ip -n "$1" -6 route add default via "$2"
+}
+setup6 be0 fd00:244:1::1 fd00:244:1::2
+setup6 be1 fd00:244:2::1 fd00:244:2::2
+setup6 client fd00:100::1 fd00:100::2
+echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
 ip netns exec be0 httpd -p 8080 -h /www/be0
 ip netns exec be1 httpd -p 8080 -h /www/be1
 
@@ -91,6 +100,20 @@ case "$first" in
     be*) if [ "$(echo "$answers" | tr ' ' '\n' | grep -v '^$' | sort -u)" = "$first" ]; then pass affinity; else fail affinity "$answers"; fi ;;
     *) fail affinity "no answer" ;;
 esac
+# /proc/net/ip_vs prints IPv6 addresses uncompressed.
+if grep -q "^TCP  \[fd00:0096:0000:0000:0000:0000:0000:0010\]:0050 rr" /proc/net/ip_vs &&
+    [ "$(grep -c -- "-> \[fd00:0244:" /proc/net/ip_vs)" = 2 ]; then
+    pass ipv6-programmed
+else
+    fail ipv6-programmed "no IPv6 virtual server with two real servers: $(grep -i fd00 /proc/net/ip_vs)"
+fi
+answers=""
+i=0
+while [ $i -lt 6 ]; do
+    answers="$answers $(printf 'GET / HTTP/1.0\r\n\r\n' | ip netns exec client nc -w 3 fd00:96::10 80 2>/dev/null | tail -n 1)"
+    i=$((i + 1))
+done
+case "$answers" in *be0*be1*|*be1*be0*) pass clusterip-v6 ;; *) fail clusterip-v6 "$answers" ;; esac
 grep -q "^TCP  0A60000A:0050 rr" /proc/net/ip_vs && pass scheduler || fail scheduler "no rr virtual server"
 grep -q "^TCP  0A60000B:0050 rr  *persistent " /proc/net/ip_vs && pass persistence || fail persistence "no persistent virtual server"
 
