@@ -19,6 +19,8 @@ use crate::IpvsError;
 
 /// What the proxier needs from the host.
 pub trait Host: Send {
+    /// Fails with [`IpvsError::Unavailable`] when the kernel has no IPVS.
+    fn check_ipvs(&mut self) -> Result<(), IpvsError>;
     /// Every virtual server keyed by address (not firewall mark), with its real servers.
     fn dump(&mut self) -> Result<BTreeMap<VirtualServer, Current>, IpvsError>;
     /// The real servers of one virtual server.
@@ -183,6 +185,10 @@ impl LinuxHost {
 }
 
 impl Host for LinuxHost {
+    fn check_ipvs(&mut self) -> Result<(), IpvsError> {
+        self.socket().map(|_| ())
+    }
+
     fn dump(&mut self) -> Result<BTreeMap<VirtualServer, Current>, IpvsError> {
         let sock = self.socket()?;
         let seq = sock.next_seq();
@@ -357,6 +363,10 @@ pub struct RecordingHost {
 }
 
 impl Host for RecordingHost {
+    fn check_ipvs(&mut self) -> Result<(), IpvsError> {
+        Ok(())
+    }
+
     fn dump(&mut self) -> Result<BTreeMap<VirtualServer, Current>, IpvsError> {
         self.dumps += 1;
         Ok(self.services.clone())

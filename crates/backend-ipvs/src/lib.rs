@@ -125,6 +125,8 @@ impl<H: Host> IpvsProxier<H> {
     fn sync_inner(&mut self, request: &SyncRequest) -> Result<SyncOutcome, IpvsError> {
         let full = request.full || self.current.is_none();
         if full {
+            // Before creating anything: without IPVS, this mode cannot work at all.
+            self.host.check_ipvs()?;
             self.sysctls();
             if self.config.timeouts.any() {
                 self.host.set_timeouts(&self.config.timeouts)?;
