@@ -8,6 +8,8 @@ use anyhow::Context as _;
 use backend_iptables::apply::IptablesCommand;
 use backend_iptables::plan::IptConfig;
 use backend_iptables::IptablesProxier;
+use backend_ipvs::plan::IpvsConfig;
+use backend_ipvs::IpvsProxier;
 use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
@@ -68,6 +70,7 @@ pub enum BackendSettings {
     Nftables(NftConfig),
     Iptables(IptConfig),
     Userspace(UserspaceConfig),
+    Ipvs(IpvsConfig),
 }
 
 impl BackendSettings {
@@ -76,6 +79,7 @@ impl BackendSettings {
             BackendSettings::Nftables(_) => "nftables",
             BackendSettings::Iptables(_) => "iptables",
             BackendSettings::Userspace(_) => "userspace",
+            BackendSettings::Ipvs(_) => "ipvs",
         }
     }
 
@@ -92,6 +96,7 @@ impl BackendSettings {
             BackendSettings::Userspace(config) => {
                 Box::new(UserspaceProxier::new(config.clone(), NftCommand::default()))
             }
+            BackendSettings::Ipvs(config) => Box::new(IpvsProxier::new(config.clone())),
         }
     }
 
@@ -105,11 +110,12 @@ impl BackendSettings {
     }
 
     /// One of each mode, with default settings (enough to clean up).
-    fn all_modes() -> [BackendSettings; 3] {
+    fn all_modes() -> [BackendSettings; 4] {
         [
             BackendSettings::Nftables(NftConfig::default()),
             BackendSettings::Iptables(IptConfig::default()),
             BackendSettings::Userspace(UserspaceConfig::default()),
+            BackendSettings::Ipvs(IpvsConfig::default()),
         ]
     }
 }

@@ -176,7 +176,11 @@ fn source_settings(opts: &Options) -> anyhow::Result<app::SourceSettings> {
 fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let config = &opts.config;
     match config.mode {
-        ProxyMode::Unset | ProxyMode::NfTables | ProxyMode::IpTables | ProxyMode::Userspace => {}
+        ProxyMode::Unset
+        | ProxyMode::NfTables
+        | ProxyMode::IpTables
+        | ProxyMode::Userspace
+        | ProxyMode::Ipvs => {}
         other => bail!(
             "proxy mode {:?} is not available in this build yet; use --proxy-mode=nftables",
             other.as_str()
@@ -229,6 +233,31 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             });
             (backend, ipt.sync_period, ipt.min_sync_period)
         }
+        ProxyMode::Ipvs => {
+            let ipvs = &config.ipvs;
+            let backend = app::BackendSettings::Ipvs(backend_ipvs::plan::IpvsConfig {
+                scheduler: ipvs.scheduler.clone(),
+                strict_arp: ipvs.strict_arp,
+                masquerade_all: config.iptables.masquerade_all,
+                cluster_cidrs: config.cluster_cidrs(),
+                masquerade_bit: u8::try_from(config.iptables.masquerade_bit.unwrap_or(14))
+                    .context("masqueradeBit")?,
+                nodeport_cidrs,
+                families,
+                // Validated at parse time; anything unparsable is not excluded.
+                exclude_cidrs: ipvs
+                    .exclude_cidrs
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect(),
+                timeouts: backend_ipvs::plan::Timeouts {
+                    tcp: whole_seconds(ipvs.tcp_timeout),
+                    tcp_fin: whole_seconds(ipvs.tcp_fin_timeout),
+                    udp: whole_seconds(ipvs.udp_timeout),
+                },
+            });
+            (backend, ipvs.sync_period, ipvs.min_sync_period)
+        }
         ProxyMode::Userspace => (
             userspace_settings(opts, families)?,
             config.iptables.sync_period,
@@ -260,6 +289,12 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         },
         observability: observability_settings(config),
     })
+}
+
+/// A duration in whole seconds for the kernel; negative (refused by validation) is 0.
+fn whole_seconds(d: options::GoDuration) -> u32 {
+    d.to_std()
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
 /// Metrics and health servers from the configuration.

@@ -54,6 +54,15 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "kube-api-burst",
     "kube-api-content-type", // accepted; the client speaks JSON
     "udp-timeout",           // userspace mode only
+    // ipvs mode (crates/backend-ipvs).
+    "ipvs-sync-period",
+    "ipvs-min-sync-period",
+    "ipvs-scheduler",
+    "ipvs-strict-arp",
+    "ipvs-exclude-cidrs",
+    "ipvs-tcp-timeout",
+    "ipvs-tcpfin-timeout",
+    "ipvs-udp-timeout",
 ];
 
 /// Flags upstream still honours when `--config` is given (`Options.Complete`:
@@ -170,7 +179,7 @@ pub struct Flags {
     pub manifests: Option<PathBuf>,
 
     // --- Proxy behaviour ---
-    /// Proxy mode: 'nftables' (default), 'userspace', 'iptables' or 'ipvs' (not implemented).
+    /// Proxy mode: 'nftables' (default), 'userspace', 'iptables' or 'ipvs'.
     #[arg(long, value_name = "MODE", value_parser = parse_proxy_mode)]
     pub proxy_mode: Option<ProxyMode>,
 
@@ -423,14 +432,6 @@ const ALL_OTHER_FLAGS: &[&str] = &[
     "healthz-port",
     "metrics-port",
     "iptables-localhost-nodeports",
-    "ipvs-sync-period",
-    "ipvs-min-sync-period",
-    "ipvs-scheduler",
-    "ipvs-exclude-cidrs",
-    "ipvs-strict-arp",
-    "ipvs-tcp-timeout",
-    "ipvs-tcpfin-timeout",
-    "ipvs-udp-timeout",
     "config-sync-period",
     "feature-gates",
     "oom-score-adj",

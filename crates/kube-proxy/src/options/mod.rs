@@ -229,9 +229,12 @@ where
             warnings.push(flags::warning_for_flag(flag));
         }
     }
-    if !matches!(config.mode, ProxyMode::NfTables | ProxyMode::Userspace) {
+    if !matches!(
+        config.mode,
+        ProxyMode::NfTables | ProxyMode::Userspace | ProxyMode::IpTables | ProxyMode::Ipvs
+    ) {
         warnings.push(format!(
-            "proxy mode {:?} is not implemented yet; only \"nftables\" and \"userspace\" are",
+            "proxy mode {:?} is not implemented yet; only \"nftables\", \"iptables\", \"ipvs\" and \"userspace\" are",
             config.mode.as_str()
         ));
     }

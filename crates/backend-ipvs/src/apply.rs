@@ -1,0 +1,445 @@
+//! The only code touching the kernel: IPVS over generic netlink, the dummy interface
+//! through `ip`, sysctls, and the nftables table through `nft`. A recording host stands
+//! in for tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use backend_nftables::apply::{NftCommand, NftRunner};
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+
+use crate::netlink;
+use crate::plan::{
+    Current, Op, RealServer, RealServerState, Timeouts, VirtualServer, DUMMY_INTERFACE,
+};
+use crate::IpvsError;
+
+/// What the proxier needs from the host.
+pub trait Host: Send {
+    /// Fails with [`IpvsError::Unavailable`] when the kernel has no IPVS.
+    fn check_ipvs(&mut self) -> Result<(), IpvsError>;
+    /// Every virtual server keyed by address (not firewall mark), with its real servers.
+    fn dump(&mut self) -> Result<BTreeMap<VirtualServer, Current>, IpvsError>;
+    /// The real servers of one virtual server.
+    fn dests(
+        &mut self,
+        vs: &VirtualServer,
+    ) -> Result<BTreeMap<RealServer, RealServerState>, IpvsError>;
+    /// Sends the operations in order; returns the bytes sent.
+    fn apply(&mut self, ops: &[Op]) -> Result<usize, IpvsError>;
+    /// Removes every virtual server.
+    fn flush(&mut self) -> Result<(), IpvsError>;
+    /// Sets the connection timeouts.
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError>;
+    /// Whether the dummy interface exists.
+    fn dummy_exists(&mut self) -> Result<bool, IpvsError>;
+    fn ensure_dummy(&mut self) -> Result<(), IpvsError>;
+    fn delete_dummy(&mut self) -> Result<(), IpvsError>;
+    /// Addresses on the dummy interface.
+    fn bound(&mut self) -> Result<BTreeSet<IpAddr>, IpvsError>;
+    fn bind(&mut self, addr: IpAddr) -> Result<(), IpvsError>;
+    fn unbind(&mut self, addr: IpAddr) -> Result<(), IpvsError>;
+    /// The host's addresses, except the dummy interface's.
+    fn local_addresses(&mut self) -> Result<Vec<IpAddr>, IpvsError>;
+    /// Writes `/proc/sys/<path>`.
+    fn sysctl(&mut self, path: &str, value: &str) -> Result<(), IpvsError>;
+    /// Runs an nftables script.
+    fn nft(&mut self, script: &str) -> Result<(), IpvsError>;
+}
+
+/// A generic netlink socket talking to the IPVS family.
+struct IpvsSocket {
+    socket: Socket,
+    family: u16,
+    seq: u32,
+}
+
+impl IpvsSocket {
+    fn open() -> Result<Self, IpvsError> {
+        let socket = Socket::new(
+            Domain::from(libc::AF_NETLINK),
+            Type::RAW,
+            Some(SockProtocol::from(libc::NETLINK_GENERIC)),
+        )
+        .map_err(IpvsError::Socket)?;
+        // A kernel that never answers must not hang the sync.
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(IpvsError::Socket)?;
+        let mut this = IpvsSocket {
+            socket,
+            family: netlink::GENL_ID_CTRL,
+            seq: 0,
+        };
+        let seq = this.next_seq();
+        let replies = match this.request(&netlink::get_family(seq)) {
+            Ok(replies) => replies,
+            // ENOENT: the kernel has no IPVS family (module not loaded, not built).
+            Err(IpvsError::Kernel { errno, .. }) if errno == libc::ENOENT => {
+                return Err(IpvsError::Unavailable)
+            }
+            Err(err) => return Err(err),
+        };
+        let payload = replies.first().ok_or(IpvsError::Unavailable)?;
+        this.family = netlink::parse_family(payload).map_err(IpvsError::Decode)?;
+        Ok(this)
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends one request and collects the payloads of the replies until the
+    /// acknowledgement (or, for dumps, `NLMSG_DONE`).
+    fn request(&mut self, message: &[u8]) -> Result<Vec<Vec<u8>>, IpvsError> {
+        let seq = message
+            .get(8..12)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_ne_bytes);
+        self.socket.send(message).map_err(IpvsError::Socket)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = (&self.socket).read(&mut buf).map_err(IpvsError::Socket)?;
+            let received = netlink::split(&buf[..n]).map_err(IpvsError::Decode)?;
+            for msg in received {
+                if msg.seq != seq {
+                    continue; // a late reply to an earlier request
+                }
+                match msg.kind {
+                    netlink::NLMSG_DONE => return Ok(out),
+                    netlink::NLMSG_ERROR => {
+                        let errno = netlink::error_code(msg.payload).map_err(IpvsError::Decode)?;
+                        if errno == 0 {
+                            return Ok(out);
+                        }
+                        return Err(IpvsError::Kernel {
+                            errno,
+                            message: std::io::Error::from_raw_os_error(errno).to_string(),
+                        });
+                    }
+                    _ => out.push(msg.payload.to_vec()),
+                }
+            }
+        }
+    }
+}
+
+/// The real host.
+#[derive(Default)]
+pub struct LinuxHost {
+    socket: Option<IpvsSocket>,
+    nft: NftCommand,
+}
+
+impl LinuxHost {
+    fn socket(&mut self) -> Result<&mut IpvsSocket, IpvsError> {
+        if self.socket.is_none() {
+            self.socket = Some(IpvsSocket::open()?);
+        }
+        self.socket.as_mut().ok_or(IpvsError::Unavailable)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<String, IpvsError> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|source| IpvsError::Spawn {
+                program: "ip".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(IpvsError::Command {
+                command: format!("ip {}", args.join(" ")),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `(interface, address)` pairs from `ip -j addr show`.
+    fn addresses(&self, args: &[&str]) -> Result<Vec<(String, IpAddr)>, IpvsError> {
+        let mut full = vec!["-j", "addr", "show"];
+        full.extend_from_slice(args);
+        let text = self.ip(&full)?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|err| IpvsError::Command {
+                command: "ip -j addr show".into(),
+                message: err.to_string(),
+            })?;
+        let mut out = Vec::new();
+        for link in json.as_array().into_iter().flatten() {
+            let name = link["ifname"].as_str().unwrap_or_default().to_string();
+            for info in link["addr_info"].as_array().into_iter().flatten() {
+                if let Some(addr) = info["local"].as_str().and_then(|s| s.parse().ok()) {
+                    out.push((name.clone(), addr));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Host for LinuxHost {
+    fn check_ipvs(&mut self) -> Result<(), IpvsError> {
+        self.socket().map(|_| ())
+    }
+
+    fn dump(&mut self) -> Result<BTreeMap<VirtualServer, Current>, IpvsError> {
+        let sock = self.socket()?;
+        let seq = sock.next_seq();
+        let replies = sock.request(&netlink::get_services(sock.family, seq))?;
+        let mut out = BTreeMap::new();
+        for payload in replies {
+            if let Some(spec) = netlink::parse_service(&payload).map_err(IpvsError::Decode)? {
+                out.insert(
+                    spec.vs,
+                    Current {
+                        spec,
+                        dests: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+        let keys: Vec<VirtualServer> = out.keys().copied().collect();
+        for vs in keys {
+            let dests = self.dests(&vs)?;
+            if let Some(cur) = out.get_mut(&vs) {
+                cur.dests = dests;
+            }
+        }
+        Ok(out)
+    }
+
+    fn dests(
+        &mut self,
+        vs: &VirtualServer,
+    ) -> Result<BTreeMap<RealServer, RealServerState>, IpvsError> {
+        let sock = self.socket()?;
+        let seq = sock.next_seq();
+        let replies = sock.request(&netlink::get_dests(sock.family, seq, vs))?;
+        let mut out = BTreeMap::new();
+        for payload in replies {
+            let state =
+                netlink::parse_dest(&payload, vs.addr.is_ipv6()).map_err(IpvsError::Decode)?;
+            out.insert(state.rs, state);
+        }
+        Ok(out)
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<usize, IpvsError> {
+        let sock = self.socket()?;
+        let mut bytes = 0;
+        for op in ops {
+            let seq = sock.next_seq();
+            let family = sock.family;
+            let message = match op {
+                Op::AddService(spec) => netlink::service(family, seq, spec, false),
+                Op::UpdateService(spec) => netlink::service(family, seq, spec, true),
+                Op::DelService(vs) => netlink::del_service(family, seq, vs),
+                Op::AddDest(vs, rs) => {
+                    netlink::dest(family, seq, vs, rs, crate::plan::WEIGHT, false)
+                }
+                Op::SetWeight(vs, rs, weight) => netlink::dest(family, seq, vs, rs, *weight, true),
+                Op::DelDest(vs, rs) => netlink::del_dest(family, seq, vs, rs),
+            };
+            bytes += message.len();
+            sock.request(&message).map_err(|err| match err {
+                IpvsError::Kernel { errno, message } => IpvsError::Kernel {
+                    errno,
+                    message: format!("{op:?}: {message}"),
+                },
+                other => other,
+            })?;
+        }
+        Ok(bytes)
+    }
+
+    fn flush(&mut self) -> Result<(), IpvsError> {
+        let sock = self.socket()?;
+        let seq = sock.next_seq();
+        sock.request(&netlink::flush(sock.family, seq))?;
+        Ok(())
+    }
+
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError> {
+        let sock = self.socket()?;
+        let seq = sock.next_seq();
+        sock.request(&netlink::set_timeouts(sock.family, seq, timeouts))?;
+        Ok(())
+    }
+
+    fn dummy_exists(&mut self) -> Result<bool, IpvsError> {
+        Ok(std::path::Path::new("/sys/class/net")
+            .join(DUMMY_INTERFACE)
+            .exists())
+    }
+
+    fn ensure_dummy(&mut self) -> Result<(), IpvsError> {
+        if !self.dummy_exists()? {
+            self.ip(&["link", "add", DUMMY_INTERFACE, "type", "dummy"])?;
+        }
+        Ok(())
+    }
+
+    fn delete_dummy(&mut self) -> Result<(), IpvsError> {
+        if self.dummy_exists()? {
+            self.ip(&["link", "del", DUMMY_INTERFACE])?;
+        }
+        Ok(())
+    }
+
+    fn bound(&mut self) -> Result<BTreeSet<IpAddr>, IpvsError> {
+        Ok(self
+            .addresses(&["dev", DUMMY_INTERFACE])?
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect())
+    }
+
+    fn bind(&mut self, addr: IpAddr) -> Result<(), IpvsError> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        self.ip(&[
+            "addr",
+            "add",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            DUMMY_INTERFACE,
+        ])?;
+        Ok(())
+    }
+
+    fn unbind(&mut self, addr: IpAddr) -> Result<(), IpvsError> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        self.ip(&[
+            "addr",
+            "del",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            DUMMY_INTERFACE,
+        ])?;
+        Ok(())
+    }
+
+    fn local_addresses(&mut self) -> Result<Vec<IpAddr>, IpvsError> {
+        Ok(self
+            .addresses(&[])?
+            .into_iter()
+            .filter(|(link, _)| link != DUMMY_INTERFACE)
+            .map(|(_, a)| a)
+            .collect())
+    }
+
+    fn sysctl(&mut self, path: &str, value: &str) -> Result<(), IpvsError> {
+        std::fs::write(format!("/proc/sys/{path}"), value).map_err(|source| IpvsError::Sysctl {
+            path: path.to_string(),
+            source,
+        })
+    }
+
+    fn nft(&mut self, script: &str) -> Result<(), IpvsError> {
+        self.nft.run(script).map_err(IpvsError::Nft)
+    }
+}
+
+/// A host that only records, for tests: keeps a model of the IPVS table.
+#[derive(Debug, Default)]
+pub struct RecordingHost {
+    pub services: BTreeMap<VirtualServer, Current>,
+    pub ops: Vec<Op>,
+    pub bound: BTreeSet<IpAddr>,
+    pub dummy: bool,
+    pub local: Vec<IpAddr>,
+    pub sysctls: Vec<(String, String)>,
+    pub scripts: Vec<String>,
+    /// Number of `dests` reads (incremental syncs should read only draining ones).
+    pub dest_reads: usize,
+    pub dumps: usize,
+    pub timeouts: Option<Timeouts>,
+}
+
+impl Host for RecordingHost {
+    fn check_ipvs(&mut self) -> Result<(), IpvsError> {
+        Ok(())
+    }
+
+    fn dump(&mut self) -> Result<BTreeMap<VirtualServer, Current>, IpvsError> {
+        self.dumps += 1;
+        Ok(self.services.clone())
+    }
+
+    fn dests(
+        &mut self,
+        vs: &VirtualServer,
+    ) -> Result<BTreeMap<RealServer, RealServerState>, IpvsError> {
+        self.dest_reads += 1;
+        Ok(self
+            .services
+            .get(vs)
+            .map(|c| c.dests.clone())
+            .unwrap_or_default())
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<usize, IpvsError> {
+        crate::plan::apply_to(&mut self.services, ops);
+        self.ops.extend_from_slice(ops);
+        Ok(ops.len())
+    }
+
+    fn flush(&mut self) -> Result<(), IpvsError> {
+        self.services.clear();
+        Ok(())
+    }
+
+    fn set_timeouts(&mut self, timeouts: &Timeouts) -> Result<(), IpvsError> {
+        self.timeouts = Some(*timeouts);
+        Ok(())
+    }
+
+    fn dummy_exists(&mut self) -> Result<bool, IpvsError> {
+        Ok(self.dummy)
+    }
+
+    fn ensure_dummy(&mut self) -> Result<(), IpvsError> {
+        self.dummy = true;
+        Ok(())
+    }
+
+    fn delete_dummy(&mut self) -> Result<(), IpvsError> {
+        self.dummy = false;
+        self.bound.clear();
+        Ok(())
+    }
+
+    fn bound(&mut self) -> Result<BTreeSet<IpAddr>, IpvsError> {
+        Ok(self.bound.clone())
+    }
+
+    fn bind(&mut self, addr: IpAddr) -> Result<(), IpvsError> {
+        self.bound.insert(addr);
+        Ok(())
+    }
+
+    fn unbind(&mut self, addr: IpAddr) -> Result<(), IpvsError> {
+        self.bound.remove(&addr);
+        Ok(())
+    }
+
+    fn local_addresses(&mut self) -> Result<Vec<IpAddr>, IpvsError> {
+        Ok(self.local.clone())
+    }
+
+    fn sysctl(&mut self, path: &str, value: &str) -> Result<(), IpvsError> {
+        self.sysctls.push((path.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    fn nft(&mut self, script: &str) -> Result<(), IpvsError> {
+        self.scripts.push(script.to_string());
+        Ok(())
+    }
+}
