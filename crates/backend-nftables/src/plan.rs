@@ -11,8 +11,8 @@
 //!   of Services, and an endpoint change touches only that Service's elements.
 //! - Ports that need more (session affinity, `Local` traffic policies) get chains of
 //!   their own, named by a hash of the port's name: `int-H` (cluster-IP traffic), `ext-H`
-//!   (NodePort/external traffic), `svc-H` / `svl-H` (all / local endpoints), and with
-//!   affinity one `ep-E` chain and `aff-E` set per endpoint.
+//!   (NodePort/external traffic), `svc-H` / `svl-H` (all / local endpoints); with
+//!   affinity, one dynamic `aff-E` set of recent clients per endpoint (no extra chains).
 //! - `no-endpoint-services` / `no-endpoint-nodeports`: destinations of Services without
 //!   any endpoint; new connections to them are rejected.
 //! - `firewall-ips`: load-balancer IPs with `loadBalancerSourceRanges` → `fw-H`, which
@@ -629,44 +629,40 @@ fn dispatch_rules(
             a = f.addr
         )];
     };
-    // Affinity: a set of recent clients per endpoint; a known client goes back to its
-    // endpoint, a new one is spread and remembered for `timeout` seconds.
-    let mut rules = Vec::new();
-    let mut gotos = Vec::new();
-    for (i, ep) in eps.iter().enumerate() {
+    // Affinity: a set of recent clients per endpoint. A known client goes back to its
+    // endpoint; a new one is spread and remembered for `timeout` seconds (refreshed on
+    // every new connection). No chain per endpoint: rule k of the spread matches with
+    // probability 1/(N-k), which is uniform, so the whole Service stays one chain and a
+    // commit has no extra chains to revalidate.
+    let n = eps.len();
+    let mut known = Vec::with_capacity(n);
+    let mut spread = Vec::with_capacity(n);
+    for (k, ep) in eps.iter().enumerate() {
         let ep_text = format!("{}.{}", ep.ip, ep.port);
         let mut parts = id_parts.to_vec();
         parts.push(&ep_text);
-        let id = hash_id(&parts);
-        let chain = format!("ep-{id}");
-        let set = format!("aff-{id}");
+        let set = format!("aff-{}", hash_id(&parts));
         let dnat_to = match ep.ip {
             IpAddr::V4(ip) => format!("{ip}:{}", ep.port),
             IpAddr::V6(ip) => format!("[{ip}]:{}", ep.port),
         };
-        out.chains.push(Chain {
-            name: chain.clone(),
-            comment: safe_comment(&format!("{} {ep_text}", port.name)),
-            rules: vec![
-                format!(
-                    "update @{set} {{ {a} saddr timeout {timeout}s }}",
-                    a = f.addr
-                ),
-                format!("meta l4proto {proto} dnat {a} to {dnat_to}", a = f.addr),
-            ],
+        let remember_and_dnat = format!(
+            "update @{set} {{ {a} saddr timeout {timeout}s }} meta l4proto {proto} dnat {a} to {dnat_to}",
+            a = f.addr
+        );
+        known.push(format!("{a} saddr @{set} {remember_and_dnat}", a = f.addr));
+        let remaining = n - k;
+        spread.push(if remaining > 1 {
+            format!("numgen random mod {remaining} == 0 {remember_and_dnat}")
+        } else {
+            remember_and_dnat
         });
         if !out.affinity_sets.contains(&set) {
-            out.affinity_sets.push(set.clone());
+            out.affinity_sets.push(set);
         }
-        rules.push(format!("{a} saddr @{set} goto {chain}", a = f.addr));
-        gotos.push(format!("{i} : goto {chain}"));
     }
-    rules.push(format!(
-        "numgen random mod {} vmap {{ {} }}",
-        eps.len(),
-        gotos.join(", ")
-    ));
-    rules
+    known.extend(spread);
+    known
 }
 
 /// A port with affinity or a `Local` policy: chains of its own.
