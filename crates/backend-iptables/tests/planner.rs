@@ -20,35 +20,18 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn port(ns: &str, name: &str, cluster_ips: &[&str], port: u16, proto: Protocol) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new(ns, name),
-            port: "p".to_string() + &port.to_string(),
-            protocol: proto,
-        },
-        cluster_ips: cluster_ips.iter().map(|s| ip(s)).collect(),
-        port,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity_timeout: None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        prefer_close: false,
-    }
+    let name = ServicePortName {
+        service: ServiceName::new(ns, name),
+        port: "p".to_string() + &port.to_string(),
+        protocol: proto,
+    };
+    ServicePort::new(name, cluster_ips.iter().map(|s| ip(s)).collect(), port)
 }
 
 fn ep(addr: &str, port: u16, is_local: bool) -> Endpoint {
     Endpoint {
-        ip: ip(addr),
-        port,
-        ready: true,
-        serving: true,
-        terminating: false,
         is_local,
-        zone_hints: vec![],
+        ..Endpoint::ready(ip(addr), port)
     }
 }
 

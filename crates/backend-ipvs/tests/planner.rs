@@ -11,7 +11,6 @@ use backend_ipvs::plan::{self, IpvsConfig, Op, RealServer, ServiceSpec, VirtualS
 use backend_ipvs::IpvsProxier;
 use proxy_core::model::{
     Endpoint, IpFamily, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName,
-    TrafficPolicy,
 };
 use proxy_core::proxier::{Proxier, SyncRequest};
 
@@ -20,36 +19,16 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn port(ns: &str, name: &str, cluster_ip: &str, port: u16, proto: Protocol) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new(ns, name),
-            port: String::new(),
-            protocol: proto,
-        },
-        cluster_ips: vec![ip(cluster_ip)],
-        port,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity_timeout: None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        prefer_close: false,
-    }
+    let name = ServicePortName {
+        service: ServiceName::new(ns, name),
+        port: String::new(),
+        protocol: proto,
+    };
+    ServicePort::new(name, vec![ip(cluster_ip)], port)
 }
 
 fn ep(addr: &str, port: u16) -> Endpoint {
-    Endpoint {
-        ip: ip(addr),
-        port,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: false,
-        zone_hints: vec![],
-    }
+    Endpoint::ready(ip(addr), port)
 }
 
 fn add(state: &mut ProxyState, svc: ServicePort, eps: Vec<Endpoint>) {

@@ -139,6 +139,25 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A plain ClusterIP port: no NodePort, external addresses, affinity or `Local`
+    /// policies; fields can be set afterwards.
+    pub fn new(name: ServicePortName, cluster_ips: Vec<IpAddr>, port: u16) -> Self {
+        ServicePort {
+            name,
+            cluster_ips,
+            port,
+            node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            prefer_close: false,
+        }
+    }
+
     pub fn protocol(&self) -> Protocol {
         self.name.protocol
     }
@@ -180,6 +199,19 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A ready endpoint on another node, without zone hints.
+    pub fn ready(ip: IpAddr, port: u16) -> Self {
+        Endpoint {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone_hints: Vec::new(),
+        }
+    }
+
     pub fn family(&self) -> IpFamily {
         IpFamily::of(&self.ip)
     }
