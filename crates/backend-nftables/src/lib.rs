@@ -51,7 +51,12 @@ impl<R: NftRunner> NftablesProxier<R> {
         let mut script = String::new();
         let mut plans = Vec::new();
         for &family in &self.config.families {
-            let plan = FamilyPlan::full(family, &request.state, &self.config, warnings);
+            let previous = self
+                .programmed
+                .iter()
+                .flatten()
+                .find(|p| p.family() == family);
+            let plan = FamilyPlan::full(family, &request.state, &self.config, previous, warnings);
             render_full(&mut script, &plan);
             plans.push(plan);
         }

@@ -11,8 +11,15 @@
 //!   of Services, and an endpoint change touches only that Service's elements.
 //! - Ports that need more (session affinity, `Local` traffic policies) get chains of
 //!   their own, named by a hash of the port's name: `int-H` (cluster-IP traffic), `ext-H`
-//!   (NodePort/external traffic), `svc-H` / `svl-H` (all / local endpoints); with
-//!   affinity, one dynamic `aff-E` set of recent clients per endpoint (no extra chains).
+//!   (NodePort/external traffic), `svc-H` / `svl-H` (all / local endpoints). They pick an
+//!   endpoint with `numgen` rules and constant DNAT targets, not with an anonymous map:
+//!   every named or anonymous set costs the kernel a scan of all sets (and of the
+//!   transaction) when it is created or referenced, which made a 10,000-Service full sync
+//!   quadratic.
+//! - Session affinity: each endpoint of an affinity Service holds a small *slot* number,
+//!   stable while the endpoint exists; the dynamic set `aff-K`, shared by all Services,
+//!   remembers `client . destination` pairs sent to the endpoint in slot K. So the number
+//!   of sets is the largest endpoint count, not the number of endpoints.
 //! - `no-endpoint-services` / `no-endpoint-nodeports`: destinations of Services without
 //!   any endpoint; new connections to them are rejected.
 //! - `firewall-ips`: load-balancer IPs with `loadBalancerSourceRanges` → `fw-H`, which
@@ -127,8 +134,21 @@ pub struct PortPlan {
     pub endpoint_ips: BTreeSet<IpAddr>,
     /// Chains of its own (affinity, local policies, source ranges).
     pub chains: Vec<Chain>,
-    /// Affinity sets of its own (all of the same type).
-    pub affinity_sets: Vec<String>,
+    /// With session affinity: the slot of each endpoint (`ip`, `port`), which names the
+    /// shared `aff-K` set its clients are remembered in.
+    pub affinity_slots: BTreeMap<(IpAddr, u16), usize>,
+}
+
+impl PortPlan {
+    /// The affinity slots this port's rules refer to.
+    fn slots_used(&self) -> BTreeSet<usize> {
+        self.affinity_slots.values().copied().collect()
+    }
+}
+
+/// The shared affinity set of one slot.
+pub fn affinity_set_name(slot: usize) -> String {
+    format!("aff-{slot}")
 }
 
 /// How "traffic from this cluster's pods" reads in nftables, both ways round.
@@ -160,6 +180,8 @@ pub struct FamilyPlan {
     pub hairpin_refs: BTreeMap<IpAddr, usize>,
     /// Endpoint-count classes whose chains and maps exist.
     pub classes: BTreeSet<usize>,
+    /// How many Service ports use each affinity slot (its set exists while used).
+    pub affinity_refs: BTreeMap<usize, usize>,
 }
 
 impl FamilyPlan {
@@ -168,11 +190,13 @@ impl FamilyPlan {
     }
 
     /// Plans every Service port from scratch. Conflicting destinations go to the port
-    /// that sorts first; the others are reported.
+    /// that sorts first; the others are reported. Affinity slots are kept from
+    /// `previous` (what the kernel held) so a full rewrite does not move clients.
     pub fn full(
         family: IpFamily,
         state: &ProxyState,
         config: &NftConfig,
+        previous: Option<&FamilyPlan>,
         warnings: &mut Vec<String>,
     ) -> Self {
         let settings = FamilySettings {
@@ -193,14 +217,19 @@ impl FamilyPlan {
             owners: HashMap::new(),
             hairpin_refs: BTreeMap::new(),
             classes: BTreeSet::new(),
+            affinity_refs: BTreeMap::new(),
         };
         for (name, port) in &state.services {
             let eps = state.endpoints_of(name);
+            let previous_slots = previous
+                .and_then(|p| p.ports.get(name))
+                .map(|p| &p.affinity_slots);
             let planned = plan_port(
                 &plan.settings,
                 port,
                 eps,
                 state,
+                previous_slots,
                 |d| plan.owners.get(d).is_none_or(|o| o == name),
                 warnings,
             );
@@ -221,6 +250,9 @@ impl FamilyPlan {
                 self.classes.insert(n);
             }
         }
+        for slot in planned.slots_used() {
+            *self.affinity_refs.entry(slot).or_default() += 1;
+        }
         self.ports.insert(name, planned);
     }
 
@@ -234,12 +266,10 @@ impl FamilyPlan {
             }
         }
         for ip in &old.endpoint_ips {
-            if let Some(refs) = self.hairpin_refs.get_mut(ip) {
-                *refs -= 1;
-                if *refs == 0 {
-                    self.hairpin_refs.remove(ip);
-                }
-            }
+            release(&mut self.hairpin_refs, ip);
+        }
+        for slot in old.slots_used() {
+            release(&mut self.affinity_refs, &slot);
         }
     }
 
@@ -261,6 +291,16 @@ impl FamilyPlan {
 
     pub fn hairpin_key(ip: &IpAddr) -> String {
         format!("{ip} . {ip}")
+    }
+}
+
+/// Drops one reference to `key`, forgetting it at zero.
+fn release<K: Ord>(refs: &mut BTreeMap<K, usize>, key: &K) {
+    if let Some(count) = refs.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            refs.remove(key);
+        }
     }
 }
 
@@ -340,20 +380,20 @@ pub fn replan(
         .filter_map(|n| plan.ports.get(n))
         .flat_map(|p| p.endpoint_ips.iter().copied())
         .collect();
+    let slots_before: BTreeSet<usize> = plan.affinity_refs.keys().copied().collect();
     let mut old_elements: BTreeSet<Element> = BTreeSet::new();
     let mut old_chains: BTreeMap<String, Chain> = BTreeMap::new();
-    let mut old_sets: BTreeSet<String> = BTreeSet::new();
+    let mut old_slots: BTreeMap<&ServicePortName, BTreeMap<(IpAddr, u16), usize>> = BTreeMap::new();
     for name in names {
         if let Some(old) = plan.ports.get(name) {
             old_elements.extend(old.elements.iter().cloned());
             old_chains.extend(old.chains.iter().map(|c| (c.name.clone(), c.clone())));
-            old_sets.extend(old.affinity_sets.iter().cloned());
+            old_slots.insert(name, old.affinity_slots.clone());
         }
         plan.remove(name);
     }
     let mut new_elements: BTreeSet<Element> = BTreeSet::new();
     let mut new_chains: BTreeMap<String, Chain> = BTreeMap::new();
-    let mut new_sets: BTreeSet<String> = BTreeSet::new();
     let mut hairpin_touched = hairpin_before.clone();
     for name in names {
         let Some(port) = state.services.get(name) else {
@@ -365,12 +405,12 @@ pub fn replan(
             port,
             eps,
             state,
+            old_slots.get(name),
             |d| plan.owners.get(d).is_none_or(|o| o == name),
             warnings,
         );
         new_elements.extend(planned.elements.iter().cloned());
         new_chains.extend(planned.chains.iter().map(|c| (c.name.clone(), c.clone())));
-        new_sets.extend(planned.affinity_sets.iter().cloned());
         hairpin_touched.extend(planned.endpoint_ips.iter().copied());
         for e in &planned.elements {
             if let MapId::Endpoints(n) | MapId::NodeportEndpoints(n) = e.map {
@@ -395,8 +435,15 @@ pub fn replan(
         .filter(|n| !new_chains.contains_key(*n))
         .cloned()
         .collect();
-    delta.sets_added = new_sets.difference(&old_sets).cloned().collect();
-    delta.sets_deleted = old_sets.difference(&new_sets).cloned().collect();
+    let slots_after: BTreeSet<usize> = plan.affinity_refs.keys().copied().collect();
+    delta.sets_added = slots_after
+        .difference(&slots_before)
+        .map(|&s| affinity_set_name(s))
+        .collect();
+    delta.sets_deleted = slots_before
+        .difference(&slots_after)
+        .map(|&s| affinity_set_name(s))
+        .collect();
     // Hairpin elements are shared: compare presence before and after for touched IPs.
     for ip in hairpin_touched {
         let was = hairpin_before.contains(&ip) || plan_has_hairpin_elsewhere(plan, &ip, names);
@@ -458,12 +505,14 @@ fn needs_own_chains(port: &ServicePort) -> bool {
 }
 
 /// Plans one Service port in one family. `may_claim` says whether a destination is free
-/// for this port (not owned by another Service port).
+/// for this port (not owned by another Service port); `previous_slots` are the affinity
+/// slots its endpoints had.
 fn plan_port(
     settings: &FamilySettings,
     port: &ServicePort,
     endpoints: &[Endpoint],
     state: &ProxyState,
+    previous_slots: Option<&BTreeMap<(IpAddr, u16), usize>>,
     may_claim: impl Fn(&Destination) -> bool,
     warnings: &mut Vec<String>,
 ) -> PortPlan {
@@ -524,6 +573,10 @@ fn plan_port(
             });
         }
     } else if needs_own_chains(port) {
+        if port.session_affinity_timeout.is_some() {
+            let used = selection.cluster.iter().chain(selection.local.iter());
+            out.affinity_slots = assign_slots(previous_slots, used.map(|e| (e.ip, e.port)));
+        }
         plan_own_chains(
             settings,
             port,
@@ -602,66 +655,107 @@ fn plan_class(
     }
 }
 
-/// The rule that sends a packet to one of `eps` (DNAT, or via endpoint chains with
-/// affinity); `drop` when there is none to use.
+/// Above this many endpoints a chain picks one through an anonymous map (one lookup per
+/// packet) rather than a rule per endpoint; below it, rules avoid the cost of a set.
+const MAX_ENDPOINT_RULES: usize = 32;
+
+/// Gives each endpoint an affinity slot: the one it had, else the lowest free one. Slots
+/// name shared sets, so keeping them keeps the clients an endpoint already has.
+fn assign_slots(
+    previous: Option<&BTreeMap<(IpAddr, u16), usize>>,
+    endpoints: impl Iterator<Item = (IpAddr, u16)>,
+) -> BTreeMap<(IpAddr, u16), usize> {
+    let wanted: BTreeSet<(IpAddr, u16)> = endpoints.collect();
+    let mut slots: BTreeMap<(IpAddr, u16), usize> = previous
+        .into_iter()
+        .flatten()
+        .filter(|(ep, _)| wanted.contains(ep))
+        .map(|(ep, slot)| (*ep, *slot))
+        .collect();
+    let mut taken: BTreeSet<usize> = slots.values().copied().collect();
+    let mut next = 0;
+    for ep in wanted {
+        if slots.contains_key(&ep) {
+            continue;
+        }
+        while taken.contains(&next) {
+            next += 1;
+        }
+        slots.insert(ep, next);
+        taken.insert(next);
+    }
+    slots
+}
+
+/// The DNAT target of one endpoint, as a constant.
+fn dnat_target(ep: &Endpoint) -> String {
+    match ep.ip {
+        IpAddr::V4(ip) => format!("{ip}:{}", ep.port),
+        IpAddr::V6(ip) => format!("[{ip}]:{}", ep.port),
+    }
+}
+
+/// The rules that send a packet to one of `eps` (with affinity, to the one the client
+/// used before); `drop` when there is none to use.
 fn dispatch_rules(
     settings: &FamilySettings,
     port: &ServicePort,
     eps: &[&Endpoint],
-    id_parts: &[&str],
-    out: &mut PortPlan,
+    slots: &BTreeMap<(IpAddr, u16), usize>,
 ) -> Vec<String> {
-    let f = family_names(settings.family);
+    let a = family_names(settings.family).addr;
     let proto = port.protocol();
-    if eps.is_empty() {
+    let n = eps.len();
+    if n == 0 {
         return vec!["drop".into()];
     }
+    let dnat = |ep: &Endpoint| format!("meta l4proto {proto} dnat {a} to {}", dnat_target(ep));
+    // Rule k of the spread matches with probability 1/(N-k), which makes the choice
+    // uniform; the last always matches.
+    let spread = |k: usize, action: String| {
+        let remaining = n - k;
+        if remaining > 1 {
+            format!("numgen random mod {remaining} == 0 {action}")
+        } else {
+            action
+        }
+    };
     let Some(timeout) = port.session_affinity_timeout else {
-        let targets: Vec<String> = eps
+        if n > MAX_ENDPOINT_RULES {
+            let targets: Vec<String> = eps
+                .iter()
+                .enumerate()
+                .map(|(i, ep)| format!("{i} : {} . {}", ep.ip, ep.port))
+                .collect();
+            return vec![format!(
+                "meta l4proto {proto} dnat {a} to numgen random mod {n} map {{ {} }}",
+                targets.join(", ")
+            )];
+        }
+        return eps
             .iter()
             .enumerate()
-            .map(|(i, ep)| format!("{i} : {} . {}", ep.ip, ep.port))
+            .map(|(k, ep)| spread(k, dnat(ep)))
             .collect();
-        return vec![format!(
-            "meta l4proto {proto} dnat {a} to numgen random mod {} map {{ {} }}",
-            eps.len(),
-            targets.join(", "),
-            a = f.addr
-        )];
     };
-    // Affinity: a set of recent clients per endpoint. A known client goes back to its
-    // endpoint; a new one is spread and remembered for `timeout` seconds (refreshed on
-    // every new connection). No chain per endpoint: rule k of the spread matches with
-    // probability 1/(N-k), which is uniform, so the whole Service stays one chain and a
-    // commit has no extra chains to revalidate.
-    let n = eps.len();
-    let mut known = Vec::with_capacity(n);
-    let mut spread = Vec::with_capacity(n);
+    // Affinity: a known client (its `client . destination` in the set of an endpoint's
+    // slot) goes back to that endpoint; a new one is spread and remembered. Every new
+    // connection refreshes the timeout.
+    let client = format!("{a} saddr . {a} daddr . meta l4proto . th dport");
+    let mut known = Vec::with_capacity(2 * n);
+    let mut new = Vec::with_capacity(n);
     for (k, ep) in eps.iter().enumerate() {
-        let ep_text = format!("{}.{}", ep.ip, ep.port);
-        let mut parts = id_parts.to_vec();
-        parts.push(&ep_text);
-        let set = format!("aff-{}", hash_id(&parts));
-        let dnat_to = match ep.ip {
-            IpAddr::V4(ip) => format!("{ip}:{}", ep.port),
-            IpAddr::V6(ip) => format!("[{ip}]:{}", ep.port),
-        };
+        // Every endpoint in `eps` was given a slot; the fallback is never used.
+        let slot = slots.get(&(ep.ip, ep.port)).copied().unwrap_or(k);
+        let set = affinity_set_name(slot);
         let remember_and_dnat = format!(
-            "update @{set} {{ {a} saddr timeout {timeout}s }} meta l4proto {proto} dnat {a} to {dnat_to}",
-            a = f.addr
+            "update @{set} {{ {client} timeout {timeout}s }} {}",
+            dnat(ep)
         );
-        known.push(format!("{a} saddr @{set} {remember_and_dnat}", a = f.addr));
-        let remaining = n - k;
-        spread.push(if remaining > 1 {
-            format!("numgen random mod {remaining} == 0 {remember_and_dnat}")
-        } else {
-            remember_and_dnat
-        });
-        if !out.affinity_sets.contains(&set) {
-            out.affinity_sets.push(set);
-        }
+        known.push(format!("{client} @{set} {remember_and_dnat}"));
+        new.push(spread(k, remember_and_dnat));
     }
-    known.extend(spread);
+    known.extend(new);
     known
 }
 
@@ -686,13 +780,7 @@ fn plan_own_chains(
     // svc-H: all (cluster) endpoints; svl-H: this node's.
     let svc = format!("svc-{id}");
     let svl = format!("svl-{id}");
-    let cluster_rules = dispatch_rules(
-        settings,
-        port,
-        &selection.cluster,
-        &[&name_text, "cluster"],
-        out,
-    );
+    let cluster_rules = dispatch_rules(settings, port, &selection.cluster, &out.affinity_slots);
     out.chains.push(Chain {
         name: svc.clone(),
         comment: comment.clone(),
@@ -702,13 +790,7 @@ fn plan_own_chains(
         || port.internal_traffic_policy == TrafficPolicy::Local
         || port.external_traffic_policy == TrafficPolicy::Local;
     if uses_local {
-        let local_rules = dispatch_rules(
-            settings,
-            port,
-            &selection.local,
-            &[&name_text, "local"],
-            out,
-        );
+        let local_rules = dispatch_rules(settings, port, &selection.local, &out.affinity_slots);
         out.chains.push(Chain {
             name: svl.clone(),
             comment: comment.clone(),
@@ -922,11 +1004,11 @@ fn render_elements(out: &mut String, elements: &[(&str, Option<&str>)]) {
     out.push_str("\t\t}\n");
 }
 
+/// Keyed by client and destination, so one set serves every Service. No `size`: the
+/// kernel would allocate a hash table of that many buckets up front.
 fn affinity_set_definition(family: IpFamily) -> String {
-    format!(
-        "type {}; flags dynamic,timeout; size 65535;",
-        family_names(family).addr_type
-    )
+    let a = family_names(family).addr;
+    format!("typeof {a} saddr . {a} daddr . meta l4proto . th dport; flags dynamic,timeout;")
 }
 
 fn render_chain_block(out: &mut String, chain: &Chain) {
@@ -962,10 +1044,15 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan) {
             get(MapId::NodeportEndpoints(n)),
         );
     }
+    for &slot in plan.affinity_refs.keys() {
+        let _ = writeln!(
+            out,
+            "\tset {} {{ {} }}",
+            affinity_set_name(slot),
+            affinity_set_definition(family)
+        );
+    }
     for port in plan.ports.values() {
-        for set in &port.affinity_sets {
-            let _ = writeln!(out, "\tset {set} {{ {} }}", affinity_set_definition(family));
-        }
         for chain in &port.chains {
             render_chain_block(out, chain);
         }

@@ -271,3 +271,66 @@ fn kernel_accepts_generated_rulesets() {
         .run(&backend_nftables::cleanup_script())
         .expect("cleanup script");
 }
+
+/// The DNAT target of each affinity slot in a script's rules, e.g. `aff-1 → 10.244.0.2:80`.
+fn affinity_targets(script: &str) -> BTreeSet<(String, String)> {
+    script
+        .lines()
+        .filter(|l| l.contains("@aff-") && !l.contains("numgen"))
+        .filter_map(|l| {
+            let set = l.split('@').nth(1)?.split_whitespace().next()?.to_string();
+            let target = l.rsplit("dnat ip to ").next()?.trim().to_string();
+            Some((set, target))
+        })
+        .collect()
+}
+
+#[test]
+fn affinity_slots_stay_with_their_endpoints() {
+    let sticky = |eps: &[&str]| {
+        let mut state = ProxyState::default();
+        let mut svc = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
+        svc.session_affinity_timeout = Some(600);
+        add(&mut state, svc, eps.iter().map(|a| ep(a, 80)).collect());
+        state
+    };
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier
+        .sync(&request(
+            sticky(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]),
+            &[],
+            true,
+        ))
+        .unwrap();
+    let before = affinity_targets(&proxier.runner().scripts[0]);
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert!(
+        proxier.runner().scripts[0].contains("set aff-2 "),
+        "one shared set per slot"
+    );
+
+    // The first endpoint goes, a new one comes: the others keep their slots (so their
+    // clients stay) and the newcomer takes the free slot.
+    let next = sticky(&["10.244.0.2", "10.244.0.3", "10.244.0.9"]);
+    proxier
+        .sync(&request(next.clone(), &["default/sticky"], false))
+        .unwrap();
+    let after = affinity_targets(&proxier.runner().scripts[1]);
+    let slot_of = |targets: &BTreeSet<(String, String)>, ep: &str| {
+        targets
+            .iter()
+            .find(|(_, t)| t == ep)
+            .map(|(s, _)| s.clone())
+    };
+    for kept in ["10.244.0.2:80", "10.244.0.3:80"] {
+        assert_eq!(slot_of(&before, kept), slot_of(&after, kept), "{kept}");
+    }
+    assert_eq!(
+        slot_of(&after, "10.244.0.9:80"),
+        slot_of(&before, "10.244.0.1:80")
+    );
+
+    // A periodic full rewrite keeps them too.
+    proxier.sync(&request(next, &[], true)).unwrap();
+    assert_eq!(affinity_targets(&proxier.runner().scripts[2]), after);
+}

@@ -118,6 +118,14 @@ pub fn plan_only(mode: Mode, state: &Arc<ProxyState>, runs: usize) -> Result<f64
     Ok(best)
 }
 
+/// The script of the first full sync of `cluster` in nftables mode.
+pub fn nft_full_script(cluster: &[SynthService]) -> Result<String> {
+    let state = Arc::new(synth::state(cluster));
+    let mut p = NftablesProxier::new(nft_config(), RecordingRunner::default());
+    p.sync(&full_request(&state))?;
+    Ok(p.runner().scripts.concat())
+}
+
 /// Peak resident set of the largest child reaped so far, in MiB (0 if unknown).
 #[allow(unsafe_code)]
 pub fn children_peak_mib() -> f64 {

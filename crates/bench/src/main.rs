@@ -55,6 +55,10 @@ struct Args {
     /// Where to write the JSON figures.
     #[arg(long, default_value = "bench-results.json")]
     json: PathBuf,
+    /// Write the nftables full-sync script of the first size to this file and stop
+    /// (to profile `nft` by hand).
+    #[arg(long)]
+    dump_nft: Option<PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -175,6 +179,12 @@ fn main() -> Result<()> {
     }
     let mut sizes = args.services.clone();
     sizes.sort_unstable();
+    if let Some(path) = &args.dump_nft {
+        let cluster = synth::cluster(sizes.first().copied().unwrap_or(1000), endpoints);
+        let script = inproc::nft_full_script(&cluster)?;
+        std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
+        return Ok(());
+    }
 
     let mut rows = Vec::new();
     // Modes in turn, sizes increasing within each, so the children's peak RSS read after
