@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod plan;
+pub mod render;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -12,7 +13,8 @@ use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::apply::NftRunner;
-use crate::plan::{family_names, render_delta, render_full, replan, FamilyPlan, NftConfig, TABLE};
+use crate::plan::{family_names, replan, FamilyPlan, NftConfig, TABLE};
+use crate::render::{render_delta, render_full};
 
 /// At most this many conflict warnings are logged per sync; the rest are counted.
 const MAX_WARNINGS_LOGGED: usize = 20;

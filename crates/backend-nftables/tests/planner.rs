@@ -156,7 +156,7 @@ fn endpoint_count_change_moves_service_to_a_new_class() {
         script.contains("map endpoints-3"),
         "class 3 created: {script}"
     );
-    assert!(script.contains("goto cluster-class-3"), "{script}");
+    assert!(script.contains("goto pick-ip-3"), "{script}");
     assert!(
         script.contains("delete element ip kube-proxy endpoints-1"),
         "{script}"
@@ -230,7 +230,9 @@ fn conflicting_destinations_go_to_the_first_service_only() {
     let script = &proxier.runner().scripts[0];
     assert!(!script.contains("10.244.9.9"), "{script}");
     assert_eq!(
-        script.matches("10.96.0.10 . tcp . 80 :").count(),
+        script
+            .matches("10.96.0.10 . tcp . 80 : goto internal")
+            .count(),
         1,
         "{script}"
     );
@@ -272,17 +274,25 @@ fn kernel_accepts_generated_rulesets() {
         .expect("cleanup script");
 }
 
-/// The DNAT target of each affinity slot in a script's rules, e.g. `aff-1 → 10.244.0.2:80`.
+/// The endpoint in each affinity slot map of a script, e.g. `slot-1 → 10.244.0.2 . 80`,
+/// from a full table or from `add element` commands.
 fn affinity_targets(script: &str) -> BTreeSet<(String, String)> {
-    script
-        .lines()
-        .filter(|l| l.contains("@aff-") && !l.contains("numgen"))
-        .filter_map(|l| {
-            let set = l.split('@').nth(1)?.split_whitespace().next()?.to_string();
-            let target = l.rsplit("dnat ip to ").next()?.trim().to_string();
-            Some((set, target))
-        })
-        .collect()
+    let mut current: Option<String> = None;
+    let mut out = BTreeSet::new();
+    for line in script.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(name) = words.iter().find(|w| w.starts_with("slot-")) {
+            current = Some(name.to_string());
+        } else if line.trim() == "}" && !line.starts_with("\t\t") {
+            current = None;
+        } else if let (Some(map), Some((_, value))) = (&current, line.split_once(" : ")) {
+            if line.contains("typeof") {
+                continue;
+            }
+            out.insert((map.clone(), value.trim_end_matches(',').trim().to_string()));
+        }
+    }
+    out
 }
 
 #[test]
@@ -305,32 +315,38 @@ fn affinity_slots_stay_with_their_endpoints() {
     let before = affinity_targets(&proxier.runner().scripts[0]);
     assert_eq!(before.len(), 3, "{before:?}");
     assert!(
-        proxier.runner().scripts[0].contains("set aff-2 "),
-        "one shared set per slot"
+        proxier.runner().scripts[0].contains("set aff-2 ")
+            && proxier.runner().scripts[0].contains("chain pick-ip-3-affinity-600"),
+        "one shared set per slot, one chain for every such Service"
     );
 
     // The first endpoint goes, a new one comes: the others keep their slots (so their
-    // clients stay) and the newcomer takes the free slot.
+    // clients stay) and the newcomer takes the free slot: one element changes.
     let next = sticky(&["10.244.0.2", "10.244.0.3", "10.244.0.9"]);
     proxier
         .sync(&request(next.clone(), &["default/sticky"], false))
         .unwrap();
-    let after = affinity_targets(&proxier.runner().scripts[1]);
     let slot_of = |targets: &BTreeSet<(String, String)>, ep: &str| {
         targets
             .iter()
             .find(|(_, t)| t == ep)
             .map(|(s, _)| s.clone())
     };
-    for kept in ["10.244.0.2:80", "10.244.0.3:80"] {
-        assert_eq!(slot_of(&before, kept), slot_of(&after, kept), "{kept}");
-    }
+    let added = affinity_targets(&proxier.runner().scripts[1]);
+    assert_eq!(added.len(), 1, "{added:?}");
     assert_eq!(
-        slot_of(&after, "10.244.0.9:80"),
-        slot_of(&before, "10.244.0.1:80")
+        slot_of(&added, "10.244.0.9 . 80"),
+        slot_of(&before, "10.244.0.1 . 80")
     );
 
     // A periodic full rewrite keeps them too.
     proxier.sync(&request(next, &[], true)).unwrap();
-    assert_eq!(affinity_targets(&proxier.runner().scripts[2]), after);
+    let after = affinity_targets(&proxier.runner().scripts[2]);
+    for kept in ["10.244.0.2 . 80", "10.244.0.3 . 80"] {
+        assert_eq!(slot_of(&before, kept), slot_of(&after, kept), "{kept}");
+    }
+    assert_eq!(
+        slot_of(&after, "10.244.0.9 . 80"),
+        slot_of(&before, "10.244.0.1 . 80")
+    );
 }

@@ -1,0 +1,385 @@
+//! Plans as `nft` text: the whole table for a full sync, or a delta of commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use proxy_core::model::IpFamily;
+
+use crate::plan::{
+    affinity_set_name, class_objects, family_names, Chain, ClassObject, Delta, Element, FamilyPlan,
+    FamilySettings, KeyKind, MapId, PickClass, TABLE,
+};
+
+/// How a destination of this kind is read from the packet.
+fn packet_key(kind: KeyKind, addr: &str) -> String {
+    match kind {
+        KeyKind::Ip => format!("{addr} daddr . meta l4proto . th dport"),
+        KeyKind::NodePort => "meta l4proto . th dport".into(),
+    }
+}
+
+/// The type line of a map or set.
+fn map_type(id: MapId, family: IpFamily) -> String {
+    let f = family_names(family);
+    let a = f.addr;
+    let dest = |kind: KeyKind| match kind {
+        KeyKind::Ip => format!("{} . inet_proto . inet_service", f.addr_type),
+        KeyKind::NodePort => "inet_proto . inet_service".to_string(),
+    };
+    match id {
+        MapId::ServiceIps | MapId::FirewallIps => format!("type {} : verdict", dest(KeyKind::Ip)),
+        MapId::ServiceNodeports => format!("type {} : verdict", dest(KeyKind::NodePort)),
+        MapId::Picks(kind) | MapId::ShortCircuits(kind) => {
+            format!("type {} : verdict", dest(kind))
+        }
+        MapId::NoEndpointServices => format!("type {}", dest(KeyKind::Ip)),
+        MapId::NoEndpointNodeports => format!("type {}", dest(KeyKind::NodePort)),
+        // `numgen random mod 1` only gives the key's type; the chains use `mod N`.
+        MapId::Endpoints(kind, _, _) => format!(
+            "typeof {} . numgen random mod 1 : {a} daddr . th dport",
+            packet_key(kind, a)
+        ),
+        MapId::Slot(kind, _, _) => {
+            format!("typeof {} : {a} daddr . th dport", packet_key(kind, a))
+        }
+        MapId::Hairpin => format!("type {t} . {t}", t = f.addr_type),
+    }
+}
+
+fn is_map(id: MapId) -> bool {
+    !matches!(
+        id,
+        MapId::NoEndpointServices | MapId::NoEndpointNodeports | MapId::Hairpin
+    )
+}
+
+fn render_map(out: &mut String, id: MapId, family: IpFamily, elements: &[(&str, Option<&str>)]) {
+    let kind = if is_map(id) { "map" } else { "set" };
+    let _ = writeln!(
+        out,
+        "\t{kind} {} {{\n\t\t{}",
+        id.name(),
+        map_type(id, family)
+    );
+    render_elements(out, elements);
+    out.push_str("\t}\n");
+}
+
+/// Keyed by client and destination, so one set serves every Service. No `size`: the
+/// kernel would allocate a hash table of that many buckets up front.
+fn render_affinity_set(out: &mut String, slot: usize, family: IpFamily) {
+    let a = family_names(family).addr;
+    let _ = writeln!(
+        out,
+        "\tset {} {{ typeof {a} saddr . {a} daddr . meta l4proto . th dport; flags dynamic,timeout; }}",
+        affinity_set_name(slot)
+    );
+}
+
+fn render_class_object(
+    out: &mut String,
+    object: ClassObject,
+    family: IpFamily,
+    elements: &[(&str, Option<&str>)],
+) {
+    match object {
+        ClassObject::Map(id) => render_map(out, id, family, elements),
+        ClassObject::AffinitySet(slot) => render_affinity_set(out, slot, family),
+    }
+}
+
+/// The rules of a pick chain. Without affinity: one DNAT through the endpoint map, keyed
+/// by destination and a random slot. With it: a known client (its `client . destination`
+/// in the set of a slot) goes back to that slot's endpoint; a new one takes slot k with
+/// probability 1/(N-k), which is uniform over the N, and is remembered. Every new
+/// connection refreshes the timeout.
+fn pick_rules(class: &PickClass, family: IpFamily) -> Vec<String> {
+    let a = family_names(family).addr;
+    let key = packet_key(class.key, a);
+    let n = class.n;
+    let Some(timeout) = class.affinity else {
+        let map = MapId::Endpoints(class.key, class.role, n).name();
+        return vec![format!(
+            "dnat {a} to {key} . numgen random mod {n} map @{map}"
+        )];
+    };
+    let client = format!("{a} saddr . {a} daddr . meta l4proto . th dport");
+    let go = |k: usize| {
+        let set = affinity_set_name(k);
+        let map = MapId::Slot(class.key, class.role, k).name();
+        format!("update @{set} {{ {client} timeout {timeout}s }} dnat {a} to {key} map @{map}")
+    };
+    let mut rules: Vec<String> = (0..n)
+        .map(|k| format!("{client} @{} {}", affinity_set_name(k), go(k)))
+        .collect();
+    rules.extend((0..n).map(|k| {
+        let remaining = n - k;
+        if remaining > 1 {
+            format!("numgen random mod {remaining} == 0 {}", go(k))
+        } else {
+            go(k)
+        }
+    }));
+    rules
+}
+
+fn render_pick_chain(out: &mut String, class: &PickClass, family: IpFamily) {
+    let _ = writeln!(out, "\tchain {} {{", class.chain());
+    for rule in pick_rules(class, family) {
+        let _ = writeln!(out, "\t\t{rule}");
+    }
+    out.push_str("\t}\n");
+}
+
+/// The entry chains: masquerade marks by traffic policy, then the pick.
+fn render_entry_chains(out: &mut String, settings: &FamilySettings) {
+    let f = family_names(settings.family);
+    let a = f.addr;
+    let mark = format!("meta mark set meta mark | {:#x}", settings.mark);
+    let internal_mark = if settings.masquerade_all {
+        format!("\t\t{mark}\n")
+    } else if let Some(local) = &settings.local {
+        format!("\t\t{} {mark}\n", local.not_local)
+    } else {
+        String::new()
+    };
+    for kind in [KeyKind::Ip, KeyKind::NodePort] {
+        let key = packet_key(kind, a);
+        let picks = MapId::Picks(kind).name();
+        let short = MapId::ShortCircuits(kind).name();
+        let (plain, local_name) = match kind {
+            KeyKind::Ip => ("external", "external-local"),
+            KeyKind::NodePort => ("nodeport", "nodeport-local"),
+        };
+        if kind == KeyKind::Ip {
+            let _ = writeln!(
+                out,
+                "\tchain internal {{\n{internal_mark}\t\t{key} vmap @{picks}\n\t}}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\tchain {plain} {{\n\t\t{mark}\n\t\t{key} vmap @{picks}\n\t}}"
+        );
+        // Outside clients keep their source address and reach this node's endpoints;
+        // pods and the node itself are sent as if they had used the cluster IP.
+        let pods = settings
+            .local
+            .as_ref()
+            .map(|l| format!("\t\t{} {key} vmap @{short}\n", l.is_local))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "\tchain {local_name} {{\n{pods}\t\tfib saddr type local {mark}\n\t\tfib saddr type local {key} vmap @{short}\n\t\t{key} vmap @{picks}\n\t}}"
+        );
+    }
+}
+
+fn render_elements(out: &mut String, elements: &[(&str, Option<&str>)]) {
+    if elements.is_empty() {
+        return;
+    }
+    out.push_str("\t\telements = {\n");
+    for (i, (key, value)) in elements.iter().enumerate() {
+        out.push_str("\t\t\t");
+        out.push_str(key);
+        if let Some(v) = value {
+            out.push_str(" : ");
+            out.push_str(v);
+        }
+        out.push_str(if i + 1 == elements.len() { "\n" } else { ",\n" });
+    }
+    out.push_str("\t\t}\n");
+}
+
+fn render_chain_block(out: &mut String, chain: &Chain) {
+    let _ = writeln!(out, "\tchain {} {{", chain.name);
+    let _ = writeln!(out, "\t\tcomment \"{}\"", chain.comment);
+    for rule in &chain.rules {
+        let _ = writeln!(out, "\t\t{rule}");
+    }
+    out.push_str("\t}\n");
+}
+
+/// Renders the whole table of one family, replacing whatever table of that name exists,
+/// as one part of an atomic `nft -f` transaction. Objects come before what refers to them.
+pub fn render_full(out: &mut String, plan: &FamilyPlan) {
+    let settings = &plan.settings;
+    let family = settings.family;
+    let f = family_names(family);
+    let t = format!("{} {TABLE}", f.table_family);
+    let mark = settings.mark;
+    // `add` then `delete` makes the delete succeed whether or not the table existed.
+    let _ = writeln!(out, "add table {t}\ndelete table {t}\ntable {t} {{");
+    let _ = writeln!(out, "\tcomment \"rules for kube-proxy\"");
+    let elements = plan.elements();
+    let empty = Vec::new();
+    let get = |id: MapId| elements.get(&id).unwrap_or(&empty);
+
+    for object in class_objects(&plan.classes) {
+        let elems = match object {
+            ClassObject::Map(id) => get(id),
+            ClassObject::AffinitySet(_) => &empty,
+        };
+        render_class_object(out, object, family, elems);
+    }
+    for class in &plan.classes {
+        render_pick_chain(out, class, family);
+    }
+    for port in plan.ports.values() {
+        for chain in &port.chains {
+            render_chain_block(out, chain);
+        }
+    }
+    for kind in [KeyKind::Ip, KeyKind::NodePort] {
+        for id in [MapId::Picks(kind), MapId::ShortCircuits(kind)] {
+            render_map(out, id, family, get(id));
+        }
+    }
+    render_entry_chains(out, settings);
+    for id in [
+        MapId::ServiceIps,
+        MapId::ServiceNodeports,
+        MapId::FirewallIps,
+        MapId::NoEndpointServices,
+        MapId::NoEndpointNodeports,
+    ] {
+        render_map(out, id, family, get(id));
+    }
+    let hairpin: Vec<String> = plan
+        .hairpin_refs
+        .keys()
+        .map(FamilyPlan::hairpin_key)
+        .collect();
+    let hairpin_refs: Vec<(&str, Option<&str>)> =
+        hairpin.iter().map(|k| (k.as_str(), None)).collect();
+    render_map(out, MapId::Hairpin, family, &hairpin_refs);
+
+    // NodePorts answer on the resolved local addresses; a family with none has no
+    // NodePorts at all.
+    let nodeport_match = match &settings.nodeport_addresses {
+        None => Some(String::new()),
+        Some(nets) if nets.is_empty() => None,
+        Some(nets) => {
+            let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            Some(format!("{} daddr {{ {} }} ", f.addr, list.join(", ")))
+        }
+    };
+    let nodeport_rule = |verdict: &str| match &nodeport_match {
+        Some(np) => format!(
+            "\t\tfib daddr type local {a} daddr != {lo} {np}meta l4proto . th dport {verdict}\n",
+            a = f.addr,
+            lo = f.localhost
+        ),
+        None => String::new(),
+    };
+    let reject_nodeport = nodeport_rule("@no-endpoint-nodeports ct state new goto reject-chain");
+    let dispatch_nodeport = nodeport_rule("vmap @service-nodeports");
+
+    let _ = writeln!(
+        out,
+        "\tchain reject-chain {{\n\t\treject\n\t}}\n\
+         \tchain filter-prerouting {{\n\t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
+         \t\t{a} daddr . meta l4proto . th dport vmap @firewall-ips\n\
+         \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
+         {reject_nodeport}\t}}\n\
+         \tchain filter-output {{\n\t\ttype filter hook output priority -110; policy accept;\n\
+         \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
+         {reject_nodeport}\t}}\n\
+         \tchain services {{\n\
+         \t\t{a} daddr . meta l4proto . th dport vmap @service-ips\n\
+         {dispatch_nodeport}\t}}\n\
+         \tchain nat-prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}}\n\
+         \tchain nat-output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tjump services\n\t}}\n\
+         \tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tmeta mark & {mark:#x} == {mark:#x} meta mark set meta mark ^ {mark:#x} masquerade fully-random\n\
+         \t\tct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random\n\t}}\n}}",
+        a = f.addr,
+    );
+}
+
+fn render_element_command(
+    out: &mut String,
+    verb: &str,
+    family: IpFamily,
+    map: MapId,
+    elems: &[(&str, Option<&str>)],
+) {
+    let f = family_names(family);
+    let _ = writeln!(
+        out,
+        "{verb} element {} {TABLE} {} {{",
+        f.table_family,
+        map.name()
+    );
+    for (i, (key, value)) in elems.iter().enumerate() {
+        out.push('\t');
+        out.push_str(key);
+        if let (Some(v), "add") = (value, verb) {
+            out.push_str(" : ");
+            out.push_str(v);
+        }
+        out.push_str(if i + 1 == elems.len() { "\n" } else { ",\n" });
+    }
+    out.push_str("}\n");
+}
+
+/// Renders a delta as `nft` commands, ordered so every reference exists when it is
+/// made and nothing is deleted while still referenced: new maps, sets and chains;
+/// flushes; element deletions; rules; element additions; chain deletions.
+pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
+    let family = plan.family();
+    let f = family_names(family);
+    let t = format!("{} {TABLE}", f.table_family);
+    if !delta.new_classes.is_empty() || !delta.new_objects.is_empty() {
+        // Redeclaring the table block with `table` adds objects without touching others.
+        let _ = writeln!(out, "table {t} {{");
+        for object in &delta.new_objects {
+            render_class_object(out, *object, family, &[]);
+        }
+        for class in &delta.new_classes {
+            render_pick_chain(out, class, family);
+        }
+        out.push_str("}\n");
+    }
+    for chain in &delta.chains_added {
+        let _ = writeln!(
+            out,
+            "add chain {t} {} {{ comment \"{}\"; }}",
+            chain.name, chain.comment
+        );
+    }
+    for name in delta
+        .chains_changed
+        .iter()
+        .map(|c| &c.name)
+        .chain(&delta.chains_deleted)
+    {
+        let _ = writeln!(out, "flush chain {t} {name}");
+    }
+    for (map, elems) in by_map(&delta.deleted) {
+        render_element_command(out, "delete", family, map, &elems);
+    }
+    for chain in delta.chains_added.iter().chain(&delta.chains_changed) {
+        for rule in &chain.rules {
+            let _ = writeln!(out, "add rule {t} {} {rule}", chain.name);
+        }
+    }
+    for (map, elems) in by_map(&delta.added) {
+        render_element_command(out, "add", family, map, &elems);
+    }
+    for name in &delta.chains_deleted {
+        let _ = writeln!(out, "delete chain {t} {name}");
+    }
+}
+
+/// Elements grouped by map, sorted.
+fn by_map(set: &BTreeSet<Element>) -> BTreeMap<MapId, Vec<(&str, Option<&str>)>> {
+    let mut out: BTreeMap<MapId, Vec<(&str, Option<&str>)>> = BTreeMap::new();
+    for e in set {
+        out.entry(e.map)
+            .or_default()
+            .push((&e.key, e.value.as_deref()));
+    }
+    out
+}
