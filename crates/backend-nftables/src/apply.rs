@@ -5,17 +5,48 @@ use std::process::{Command, Stdio};
 
 use proxy_core::proxier::ProxierError;
 
+use crate::netlink::{encode_batch, ElementOp};
+use crate::render::render_element_command;
+
 /// Runs one `nft` script as one atomic transaction.
 pub trait NftRunner {
     fn run(&mut self, script: &str) -> Result<(), ProxierError>;
+
+    /// Adds and deletes elements, in order, as one atomic transaction; returns the
+    /// transaction's size in bytes. By default as `nft` commands.
+    fn apply_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+        let script = element_script(ops);
+        self.run(&script)?;
+        Ok(script.len())
+    }
 }
 
-/// Runs the real `nft -f -`.
-#[derive(Debug, Clone)]
+/// `ops` as `nft` commands.
+pub fn element_script(ops: &[ElementOp<'_>]) -> String {
+    let mut script = String::new();
+    for op in ops {
+        render_element_command(&mut script, op.verb, op.family, op.map, &op.elements);
+    }
+    script
+}
+
+/// Runs the real `nft -f -`; element changes go straight to the kernel over a netlink
+/// socket that stays open.
 pub struct NftCommand {
     program: String,
     /// `--check`: parse and validate against the kernel without committing.
     check_only: bool,
+    socket: Option<netlink::Socket>,
+}
+
+impl std::fmt::Debug for NftCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NftCommand")
+            .field("program", &self.program)
+            .field("check_only", &self.check_only)
+            .field("socket_open", &self.socket.is_some())
+            .finish()
+    }
 }
 
 impl Default for NftCommand {
@@ -23,11 +54,17 @@ impl Default for NftCommand {
         NftCommand {
             program: "nft".into(),
             check_only: false,
+            socket: None,
         }
     }
 }
 
 impl NftCommand {
+    /// Whether element changes have gone over netlink (for tests).
+    pub fn netlink_open(&self) -> bool {
+        self.socket.is_some()
+    }
+
     /// A runner that only validates (`nft --check`), for tests.
     pub fn check_only() -> Self {
         NftCommand {
@@ -82,6 +119,42 @@ impl NftRunner for NftCommand {
             });
         }
         write_result.map_err(|e| ProxierError::Other(format!("writing to nft: {e}")))
+    }
+
+    fn apply_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+        if self.check_only {
+            let script = element_script(ops);
+            self.run(&script)?;
+            return Ok(script.len());
+        }
+        if self.socket.is_none() {
+            let socket = netlink::Socket::open(libc::NETLINK_NETFILTER)
+                .map_err(|e| ProxierError::Other(format!("nftables netlink socket: {e}")))?;
+            self.socket = Some(socket);
+        }
+        let Some(socket) = self.socket.as_mut() else {
+            return Err(ProxierError::Other(
+                "nftables netlink socket missing".into(),
+            ));
+        };
+        let Some(batch) = encode_batch(ops, || socket.next_seq()) else {
+            // Too large for one datagram: `nft` splits it.
+            let script = element_script(ops);
+            self.run(&script)?;
+            return Ok(script.len());
+        };
+        let sent = socket.send_batch(&batch.bytes, batch.begin_seq, &batch.acked);
+        if let Err(err) = sent {
+            // A socket left in an unknown state is not reused.
+            if matches!(err, netlink::RequestError::Socket(_)) {
+                self.socket = None;
+            }
+            return Err(ProxierError::Rejected {
+                program: "nftables netlink".into(),
+                message: err.to_string(),
+            });
+        }
+        Ok(batch.bytes.len())
     }
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod netlink;
 pub mod plan;
 pub mod render;
 
@@ -13,8 +14,9 @@ use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::apply::NftRunner;
-use crate::plan::{family_names, replan, FamilyPlan, NftConfig, TABLE};
-use crate::render::{render_delta, render_full};
+use crate::netlink::ElementOp;
+use crate::plan::{family_names, replan, Delta, FamilyPlan, NftConfig, TABLE};
+use crate::render::{by_map, render_delta, render_full, ElementVerb};
 
 /// At most this many conflict warnings are logged per sync; the rest are counted.
 const MAX_WARNINGS_LOGGED: usize = 20;
@@ -66,6 +68,49 @@ impl<R: NftRunner> NftablesProxier<R> {
     }
 }
 
+/// What a sync hands to the kernel.
+enum Change {
+    /// An `nft` script: a full rewrite, or a delta that creates or removes objects.
+    Script(String),
+    /// Element additions and deletions only, per family (in the order of the plans).
+    Elements(Vec<Delta>),
+}
+
+impl Change {
+    fn of(plans: &[FamilyPlan], deltas: Vec<Delta>) -> Change {
+        if deltas.iter().all(Delta::elements_only) {
+            return Change::Elements(deltas);
+        }
+        let mut script = String::new();
+        for (plan, delta) in plans.iter().zip(&deltas) {
+            render_delta(&mut script, plan, delta);
+        }
+        Change::Script(script)
+    }
+}
+
+/// Element-only deltas as operations: per family, deletions before additions (a changed
+/// value is a deletion and an addition of the same key).
+fn element_ops<'a>(plans: &[FamilyPlan], deltas: &'a [Delta]) -> Vec<ElementOp<'a>> {
+    let mut ops = Vec::new();
+    for (plan, delta) in plans.iter().zip(deltas) {
+        for (verb, set) in [
+            (ElementVerb::Delete, &delta.deleted),
+            (ElementVerb::Add, &delta.added),
+        ] {
+            for (map, elements) in by_map(set) {
+                ops.push(ElementOp {
+                    family: plan.family(),
+                    verb,
+                    map,
+                    elements,
+                });
+            }
+        }
+    }
+    ops
+}
+
 /// Every Service port, old and new, of the Services named in the request.
 fn changed_ports(request: &SyncRequest, plans: &[FamilyPlan]) -> BTreeSet<ServicePortName> {
     let mut names = BTreeSet::new();
@@ -100,26 +145,38 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
         let mut warnings = Vec::new();
         // A node change can alter what "local" means everywhere: rewrite.
         let full = request.full || request.node_changed || self.programmed.is_none();
-        let (script, plans) = if full {
-            self.full_script(request, &mut warnings)
+        let (change, plans) = if full {
+            let (script, plans) = self.full_script(request, &mut warnings);
+            (Change::Script(script), plans)
         } else {
             // Take the plans out: if the kernel refuses the delta, they no longer describe
             // it, and the next sync must be full.
             let mut plans = self.programmed.take().unwrap_or_default();
             let names = changed_ports(request, &plans);
-            let mut script = String::new();
-            for plan in &mut plans {
-                let delta = replan(plan, &request.state, &names, &mut warnings);
-                render_delta(&mut script, plan, &delta);
-            }
-            (script, plans)
+            let deltas: Vec<Delta> = plans
+                .iter_mut()
+                .map(|plan| replan(plan, &request.state, &names, &mut warnings))
+                .collect();
+            (Change::of(&plans, deltas), plans)
         };
         log_warnings(&warnings);
         let planned_at = std::time::Instant::now();
         self.programmed = None;
-        if !script.is_empty() {
-            self.runner.run(&script)?;
-        }
+        let transaction_bytes = match &change {
+            Change::Script(script) if script.is_empty() => 0,
+            Change::Script(script) => {
+                self.runner.run(script)?;
+                script.len()
+            }
+            Change::Elements(deltas) => {
+                let ops = element_ops(&plans, deltas);
+                if ops.is_empty() {
+                    0
+                } else {
+                    self.runner.apply_elements(&ops)?
+                }
+            }
+        };
         tracing::debug!(
             plan_ms = (planned_at - started).as_secs_f64() * 1e3,
             apply_ms = planned_at.elapsed().as_secs_f64() * 1e3,
@@ -129,7 +186,7 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
         self.programmed = Some(plans);
         Ok(SyncOutcome {
             full,
-            transaction_bytes: script.len(),
+            transaction_bytes,
             service_ports,
         })
     }

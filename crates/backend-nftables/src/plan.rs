@@ -29,6 +29,7 @@
 //! parsed values; the one name that does (a chain comment) is filtered to a safe alphabet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -217,12 +218,95 @@ pub struct PortPlan {
     pub classes: BTreeSet<PickClass>,
 }
 
+/// One field of an element's key or value, typed so it can be written as `nft` text or
+/// as netlink bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Field {
+    Addr(IpAddr),
+    Proto(Protocol),
+    Port(u16),
+    /// An endpoint's slot (the value `numgen` compares against).
+    Slot(u32),
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Addr(ip) => write!(f, "{ip}"),
+            Field::Proto(p) => write!(f, "{p}"),
+            Field::Port(port) => write!(f, "{port}"),
+            Field::Slot(slot) => write!(f, "{slot}"),
+        }
+    }
+}
+
+/// A concatenation of fields (`a . b . c`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fields(pub Vec<Field>);
+
+impl Fields {
+    fn with(&self, field: Field) -> Fields {
+        let mut fields = self.0.clone();
+        fields.push(field);
+        Fields(fields)
+    }
+}
+
+impl fmt::Display for Fields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, field) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" . ")?;
+            }
+            write!(f, "{field}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a map element maps to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Value {
+    Data(Fields),
+    Goto(String),
+    Drop,
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Data(fields) => write!(f, "{fields}"),
+            Value::Goto(chain) => write!(f, "goto {chain}"),
+            Value::Drop => f.write_str("drop"),
+        }
+    }
+}
+
 /// One element of a map (with a value) or a set (without).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
     pub map: MapId,
-    pub key: String,
-    pub value: Option<String>,
+    pub key: Fields,
+    pub value: Option<Value>,
+}
+
+/// A destination of an IP: `address . protocol . port`.
+fn ip_key(ip: IpAddr, proto: Protocol, port: u16) -> Fields {
+    Fields(vec![
+        Field::Addr(ip),
+        Field::Proto(proto),
+        Field::Port(port),
+    ])
+}
+
+/// A NodePort: `protocol . port`.
+fn nodeport_key(proto: Protocol, port: u16) -> Fields {
+    Fields(vec![Field::Proto(proto), Field::Port(port)])
+}
+
+/// An endpoint as DNAT data: `address . port`.
+fn endpoint_value(ip: IpAddr, port: u16) -> Value {
+    Value::Data(Fields(vec![Field::Addr(ip), Field::Port(port)]))
 }
 
 /// A chain owned by one Service port.
@@ -353,13 +437,11 @@ impl FamilyPlan {
     }
 
     /// Every element of the table, sorted per map.
-    pub fn elements(&self) -> BTreeMap<MapId, Vec<(&str, Option<&str>)>> {
-        let mut out: BTreeMap<MapId, Vec<(&str, Option<&str>)>> = BTreeMap::new();
+    pub fn elements(&self) -> BTreeMap<MapId, Vec<&Element>> {
+        let mut out: BTreeMap<MapId, Vec<&Element>> = BTreeMap::new();
         for port in self.ports.values() {
             for e in &port.elements {
-                out.entry(e.map)
-                    .or_default()
-                    .push((&e.key, e.value.as_deref()));
+                out.entry(e.map).or_default().push(e);
             }
         }
         for v in out.values_mut() {
@@ -368,8 +450,9 @@ impl FamilyPlan {
         out
     }
 
-    pub fn hairpin_key(ip: &IpAddr) -> String {
-        format!("{ip} . {ip}")
+    /// The hairpin set's elements (shared by the ports using each endpoint IP).
+    pub fn hairpin_elements(&self) -> Vec<Element> {
+        self.hairpin_refs.keys().map(hairpin_element).collect()
     }
 }
 
@@ -511,11 +594,7 @@ pub fn replan(
     for ip in hairpin_touched {
         let was = hairpin_before.contains(&ip) || plan_has_hairpin_elsewhere(plan, &ip, names);
         let is = plan.hairpin_refs.contains_key(&ip);
-        let element = Element {
-            map: MapId::Hairpin,
-            key: FamilyPlan::hairpin_key(&ip),
-            value: None,
-        };
+        let element = hairpin_element(&ip);
         if was && !is {
             delta.deleted.insert(element);
         } else if !was && is {
@@ -523,6 +602,15 @@ pub fn replan(
         }
     }
     delta
+}
+
+/// A pod reaching itself: `endpoint . endpoint`.
+fn hairpin_element(ip: &IpAddr) -> Element {
+    Element {
+        map: MapId::Hairpin,
+        key: Fields(vec![Field::Addr(*ip), Field::Addr(*ip)]),
+        value: None,
+    }
 }
 
 /// Whether a Service port outside `names` keeps `ip` in the hairpin set.
@@ -614,14 +702,14 @@ fn plan_port(
         for (ip, _) in &claimed_ips {
             out.elements.push(Element {
                 map: MapId::NoEndpointServices,
-                key: format!("{ip} . {proto} . {}", port.port),
+                key: ip_key(*ip, proto, port.port),
                 value: None,
             });
         }
         if let Some(np) = node_port {
             out.elements.push(Element {
                 map: MapId::NoEndpointNodeports,
-                key: format!("{proto} . {np}"),
+                key: nodeport_key(proto, np),
                 value: None,
             });
         }
@@ -679,10 +767,10 @@ fn assign_slots(
     slots
 }
 
-fn push_verdict(out: &mut PortPlan, map: MapId, key: &str, verdict: String) {
+fn push_verdict(out: &mut PortPlan, map: MapId, key: &Fields, verdict: Value) {
     out.elements.push(Element {
         map,
-        key: key.to_string(),
+        key: key.clone(),
         value: Some(verdict),
     });
 }
@@ -693,12 +781,12 @@ fn pick(
     port: &ServicePort,
     eps: &[&Endpoint],
     kind: KeyKind,
-    key: &str,
+    key: &Fields,
     role: Role,
     out: &mut PortPlan,
-) -> String {
+) -> Value {
     if eps.is_empty() {
-        return "drop".into();
+        return Value::Drop;
     }
     let class = match port.session_affinity_timeout {
         None => {
@@ -706,8 +794,8 @@ fn pick(
             for (slot, ep) in eps.iter().enumerate() {
                 out.elements.push(Element {
                     map: MapId::Endpoints(kind, role, n),
-                    key: format!("{key} . {slot}"),
-                    value: Some(format!("{} . {}", ep.ip, ep.port)),
+                    key: key.with(Field::Slot(slot as u32)),
+                    value: Some(endpoint_value(ep.ip, ep.port)),
                 });
             }
             PickClass {
@@ -722,8 +810,8 @@ fn pick(
             for ((ip, ep_port), slot) in &slots {
                 out.elements.push(Element {
                     map: MapId::Slot(kind, role, *slot),
-                    key: key.to_string(),
-                    value: Some(format!("{ip} . {ep_port}")),
+                    key: key.clone(),
+                    value: Some(endpoint_value(*ip, *ep_port)),
                 });
             }
             PickClass {
@@ -735,7 +823,7 @@ fn pick(
         }
     };
     out.classes.insert(class);
-    format!("goto {}", class.chain())
+    Value::Goto(class.chain())
 }
 
 /// Elements of a port with endpoints: for each destination its entry chain, its pick
@@ -763,7 +851,7 @@ fn plan_picks(
         }
     }
     for (ip, is_external) in ips {
-        let key = format!("{ip} . {proto} . {}", port.port);
+        let key = ip_key(*ip, proto, port.port);
         let (role, entry) = match (is_external, external) {
             (false, _) => (internal, "internal"),
             (true, Role::All) => (Role::All, "external"),
@@ -778,10 +866,10 @@ fn plan_picks(
             let verdict = pick(port, eps, KeyKind::Ip, &key, internal, out);
             push_verdict(out, MapId::ShortCircuits(KeyKind::Ip), &key, verdict);
         }
-        push_verdict(out, MapId::ServiceIps, &key, format!("goto {entry}"));
+        push_verdict(out, MapId::ServiceIps, &key, Value::Goto(entry.into()));
     }
     if let Some(np) = node_port {
-        let key = format!("{proto} . {np}");
+        let key = nodeport_key(proto, np);
         let verdict = pick(
             port,
             endpoints_of(external),
@@ -800,7 +888,12 @@ fn plan_picks(
                 "nodeport-local"
             }
         };
-        push_verdict(out, MapId::ServiceNodeports, &key, format!("goto {entry}"));
+        push_verdict(
+            out,
+            MapId::ServiceNodeports,
+            &key,
+            Value::Goto(entry.into()),
+        );
     }
 }
 
@@ -846,8 +939,8 @@ fn plan_firewall(
     for ip in lb_ips {
         out.elements.push(Element {
             map: MapId::FirewallIps,
-            key: format!("{ip} . {proto} . {}", port.port),
-            value: Some(format!("goto {chain}")),
+            key: ip_key(*ip, proto, port.port),
+            value: Some(Value::Goto(chain.clone())),
         });
     }
 }

@@ -10,6 +10,13 @@ use crate::plan::{
     FamilySettings, KeyKind, MapId, PickClass, TABLE,
 };
 
+/// Whether elements are added or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementVerb {
+    Add,
+    Delete,
+}
+
 /// How a destination of this kind is read from the packet.
 fn packet_key(kind: KeyKind, addr: &str) -> String {
     match kind {
@@ -53,7 +60,7 @@ fn is_map(id: MapId) -> bool {
     )
 }
 
-fn render_map(out: &mut String, id: MapId, family: IpFamily, elements: &[(&str, Option<&str>)]) {
+fn render_map(out: &mut String, id: MapId, family: IpFamily, elements: &[&Element]) {
     let kind = if is_map(id) { "map" } else { "set" };
     let _ = writeln!(
         out,
@@ -80,7 +87,7 @@ fn render_class_object(
     out: &mut String,
     object: ClassObject,
     family: IpFamily,
-    elements: &[(&str, Option<&str>)],
+    elements: &[&Element],
 ) {
     match object {
         ClassObject::Map(id) => render_map(out, id, family, elements),
@@ -175,17 +182,15 @@ fn render_entry_chains(out: &mut String, settings: &FamilySettings) {
     }
 }
 
-fn render_elements(out: &mut String, elements: &[(&str, Option<&str>)]) {
+fn render_elements(out: &mut String, elements: &[&Element]) {
     if elements.is_empty() {
         return;
     }
     out.push_str("\t\telements = {\n");
-    for (i, (key, value)) in elements.iter().enumerate() {
-        out.push_str("\t\t\t");
-        out.push_str(key);
-        if let Some(v) = value {
-            out.push_str(" : ");
-            out.push_str(v);
+    for (i, e) in elements.iter().enumerate() {
+        let _ = write!(out, "\t\t\t{}", e.key);
+        if let Some(v) = &e.value {
+            let _ = write!(out, " : {v}");
         }
         out.push_str(if i + 1 == elements.len() { "\n" } else { ",\n" });
     }
@@ -246,14 +251,9 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan) {
     ] {
         render_map(out, id, family, get(id));
     }
-    let hairpin: Vec<String> = plan
-        .hairpin_refs
-        .keys()
-        .map(FamilyPlan::hairpin_key)
-        .collect();
-    let hairpin_refs: Vec<(&str, Option<&str>)> =
-        hairpin.iter().map(|k| (k.as_str(), None)).collect();
-    render_map(out, MapId::Hairpin, family, &hairpin_refs);
+    let hairpin = plan.hairpin_elements();
+    let hairpin: Vec<&Element> = hairpin.iter().collect();
+    render_map(out, MapId::Hairpin, family, &hairpin);
 
     // NodePorts answer on the resolved local addresses; a family with none has no
     // NodePorts at all.
@@ -298,26 +298,29 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan) {
     );
 }
 
-fn render_element_command(
+/// `add element` (with values) or `delete element` (keys only) for one map.
+pub fn render_element_command(
     out: &mut String,
-    verb: &str,
+    verb: ElementVerb,
     family: IpFamily,
     map: MapId,
-    elems: &[(&str, Option<&str>)],
+    elems: &[&Element],
 ) {
+    let verb_text = match verb {
+        ElementVerb::Add => "add",
+        ElementVerb::Delete => "delete",
+    };
     let f = family_names(family);
     let _ = writeln!(
         out,
-        "{verb} element {} {TABLE} {} {{",
+        "{verb_text} element {} {TABLE} {} {{",
         f.table_family,
         map.name()
     );
-    for (i, (key, value)) in elems.iter().enumerate() {
-        out.push('\t');
-        out.push_str(key);
-        if let (Some(v), "add") = (value, verb) {
-            out.push_str(" : ");
-            out.push_str(v);
+    for (i, e) in elems.iter().enumerate() {
+        let _ = write!(out, "\t{}", e.key);
+        if let (Some(v), ElementVerb::Add) = (&e.value, verb) {
+            let _ = write!(out, " : {v}");
         }
         out.push_str(if i + 1 == elems.len() { "\n" } else { ",\n" });
     }
@@ -358,7 +361,7 @@ pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
         let _ = writeln!(out, "flush chain {t} {name}");
     }
     for (map, elems) in by_map(&delta.deleted) {
-        render_element_command(out, "delete", family, map, &elems);
+        render_element_command(out, ElementVerb::Delete, family, map, &elems);
     }
     for chain in delta.chains_added.iter().chain(&delta.chains_changed) {
         for rule in &chain.rules {
@@ -366,7 +369,7 @@ pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
         }
     }
     for (map, elems) in by_map(&delta.added) {
-        render_element_command(out, "add", family, map, &elems);
+        render_element_command(out, ElementVerb::Add, family, map, &elems);
     }
     for name in &delta.chains_deleted {
         let _ = writeln!(out, "delete chain {t} {name}");
@@ -374,12 +377,10 @@ pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
 }
 
 /// Elements grouped by map, sorted.
-fn by_map(set: &BTreeSet<Element>) -> BTreeMap<MapId, Vec<(&str, Option<&str>)>> {
-    let mut out: BTreeMap<MapId, Vec<(&str, Option<&str>)>> = BTreeMap::new();
+pub fn by_map(set: &BTreeSet<Element>) -> BTreeMap<MapId, Vec<&Element>> {
+    let mut out: BTreeMap<MapId, Vec<&Element>> = BTreeMap::new();
     for e in set {
-        out.entry(e.map)
-            .or_default()
-            .push((&e.key, e.value.as_deref()));
+        out.entry(e.map).or_default().push(e);
     }
     out
 }

@@ -1,0 +1,234 @@
+//! Element changes as an nfnetlink batch: the fast path for syncs that add and delete map
+//! elements only (an endpoint change, a new Service of a known shape). It skips `nft`'s
+//! start, its parse and its fetch of the table, and the socket stays open between syncs.
+//!
+//! Pure: bytes only, tested without root; the socket is in [`crate::apply`]. Numbers are
+//! from the kernel's `include/uapi/linux/netfilter/nf_tables.h` and `nfnetlink.h`.
+
+use netlink::{Message, NLM_F_ACK, NLM_F_REQUEST};
+use proxy_core::model::{IpFamily, Protocol};
+
+use crate::plan::{Element, Field, Fields, MapId, Value, TABLE};
+use crate::render::ElementVerb;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NLM_F_CREATE: u16 = 0x400;
+
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+
+const NF_DROP: i32 = 0;
+const NFT_GOTO: i32 = -4;
+
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+/// Elements per message: keeps each message's nested list far below the 64 KiB an
+/// attribute length can express.
+const ELEMENTS_PER_MESSAGE: usize = 200;
+/// A larger batch goes through `nft` instead: it would not fit the socket's buffer.
+pub const MAX_BATCH_BYTES: usize = 128 * 1024;
+
+/// One map's elements to add or delete, in one family's table.
+#[derive(Debug, Clone)]
+pub struct ElementOp<'a> {
+    pub family: IpFamily,
+    pub verb: ElementVerb,
+    pub map: MapId,
+    pub elements: Vec<&'a Element>,
+}
+
+/// A batch ready to send: its bytes, the sequence number of its first message and those
+/// the kernel will acknowledge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub bytes: Vec<u8>,
+    pub begin_seq: u32,
+    pub acked: Vec<u32>,
+}
+
+fn nfgen_header(family: u8, res_id: u16) -> [u8; 4] {
+    let id = res_id.to_be_bytes();
+    [family, 0, id[0], id[1]]
+}
+
+fn nfproto(family: IpFamily) -> u8 {
+    match family {
+        IpFamily::V4 => NFPROTO_IPV4,
+        IpFamily::V6 => NFPROTO_IPV6,
+    }
+}
+
+fn ip_proto(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
+/// A concatenation as the kernel holds it: each field in its own 32-bit registers,
+/// zero-padded; addresses and ports in network order, `numgen` results in host order.
+pub fn encode_fields(fields: &Fields) -> Vec<u8> {
+    let mut out = Vec::with_capacity(fields.0.len() * 4);
+    for field in &fields.0 {
+        match field {
+            Field::Addr(std::net::IpAddr::V4(ip)) => out.extend_from_slice(&ip.octets()),
+            Field::Addr(std::net::IpAddr::V6(ip)) => out.extend_from_slice(&ip.octets()),
+            Field::Proto(p) => out.extend_from_slice(&[ip_proto(*p), 0, 0, 0]),
+            Field::Port(port) => {
+                let be = port.to_be_bytes();
+                out.extend_from_slice(&[be[0], be[1], 0, 0]);
+            }
+            Field::Slot(slot) => out.extend_from_slice(&slot.to_ne_bytes()),
+        }
+    }
+    out
+}
+
+fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
+    msg.begin_nested(NFTA_LIST_ELEM);
+    msg.begin_nested(NFTA_SET_ELEM_KEY);
+    msg.attr(NFTA_DATA_VALUE, &encode_fields(&element.key));
+    msg.end_nested();
+    if let (true, Some(value)) = (with_value, &element.value) {
+        msg.begin_nested(NFTA_SET_ELEM_DATA);
+        match value {
+            Value::Data(fields) => msg.attr(NFTA_DATA_VALUE, &encode_fields(fields)),
+            Value::Goto(chain) => {
+                msg.begin_nested(NFTA_DATA_VERDICT);
+                msg.be32(NFTA_VERDICT_CODE, NFT_GOTO as u32);
+                msg.str(NFTA_VERDICT_CHAIN, chain);
+                msg.end_nested();
+            }
+            Value::Drop => {
+                msg.begin_nested(NFTA_DATA_VERDICT);
+                msg.be32(NFTA_VERDICT_CODE, NF_DROP as u32);
+                msg.end_nested();
+            }
+        }
+        msg.end_nested();
+    }
+    msg.end_nested();
+}
+
+/// Encodes `ops` in order as one transaction; `None` when it would be too large for one
+/// datagram (the caller then uses `nft`).
+pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) -> Option<Batch> {
+    let begin_seq = next_seq();
+    let mut bytes = Message::new(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        begin_seq,
+        &nfgen_header(0, NFNL_SUBSYS_NFTABLES),
+    )
+    .finish();
+    let mut acked = Vec::new();
+    for op in ops {
+        let (kind, flags, with_value) = match op.verb {
+            ElementVerb::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, true),
+            ElementVerb::Delete => (NFT_MSG_DELSETELEM, 0, false),
+        };
+        for chunk in op.elements.chunks(ELEMENTS_PER_MESSAGE) {
+            let seq = next_seq();
+            let mut msg = Message::new(
+                (NFNL_SUBSYS_NFTABLES << 8) | kind,
+                NLM_F_REQUEST | NLM_F_ACK | flags,
+                seq,
+                &nfgen_header(nfproto(op.family), 0),
+            );
+            msg.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            msg.str(NFTA_SET_ELEM_LIST_SET, &op.map.name());
+            msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
+            for element in chunk {
+                encode_element(&mut msg, element, with_value);
+            }
+            msg.end_nested();
+            bytes.extend_from_slice(&msg.finish());
+            acked.push(seq);
+            if bytes.len() > MAX_BATCH_BYTES {
+                return None;
+            }
+        }
+    }
+    let end = Message::new(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        next_seq(),
+        &nfgen_header(0, NFNL_SUBSYS_NFTABLES),
+    );
+    bytes.extend_from_slice(&end.finish());
+    Some(Batch {
+        bytes,
+        begin_seq,
+        acked,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::KeyKind;
+    use crate::plan::Role;
+
+    #[test]
+    fn fields_use_whole_registers() {
+        let key = Fields(vec![
+            Field::Addr("10.96.0.1".parse().unwrap()),
+            Field::Proto(Protocol::Udp),
+            Field::Port(53),
+            Field::Slot(3),
+        ]);
+        let mut want = vec![10, 96, 0, 1, 17, 0, 0, 0, 0, 53, 0, 0];
+        want.extend_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(encode_fields(&key), want);
+    }
+
+    #[test]
+    fn batch_frames_each_map_and_acks_each_message() {
+        let add = Element {
+            map: MapId::Endpoints(KeyKind::Ip, Role::All, 1),
+            key: Fields(vec![Field::Addr("10.96.0.1".parse().unwrap())]),
+            value: Some(Value::Goto("pick-ip-1".into())),
+        };
+        let ops = [ElementOp {
+            family: IpFamily::V4,
+            verb: ElementVerb::Add,
+            map: add.map,
+            elements: vec![&add],
+        }];
+        let mut seq = 0;
+        let batch = encode_batch(&ops, || {
+            seq += 1;
+            seq
+        })
+        .unwrap();
+        assert_eq!(batch.begin_seq, 1);
+        assert_eq!(batch.acked, vec![2]);
+        let msgs = netlink::split(&batch.bytes).unwrap();
+        let kinds: Vec<u16> = msgs.iter().map(|m| m.kind).collect();
+        assert_eq!(kinds, vec![0x10, 0x0a0c, 0x11]);
+        let body = msgs[1].payload;
+        assert_eq!(&body[..4], &[2, 0, 0, 0], "ipv4, version 0");
+        let attrs = netlink::attrs(&body[4..]).unwrap();
+        assert_eq!(attrs[0], (1, &b"kube-proxy\0"[..]));
+        assert_eq!(attrs[1], (2, &b"endpoints-1\0"[..]));
+        let elem = netlink::attrs(attrs[2].1).unwrap();
+        let parts = netlink::attrs(elem[0].1).unwrap();
+        let verdict = netlink::attrs(netlink::attrs(parts[1].1).unwrap()[0].1).unwrap();
+        assert_eq!(verdict[0], (1, &(-4i32).to_be_bytes()[..]));
+        assert_eq!(verdict[1], (2, &b"pick-ip-1\0"[..]));
+    }
+}
