@@ -3,13 +3,10 @@
 //! in for tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read as _;
 use std::net::IpAddr;
 use std::process::Command;
-use std::time::Duration;
 
 use backend_nftables::apply::{NftCommand, NftRunner};
-use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 
 use crate::netlink;
 use crate::plan::{
@@ -52,27 +49,28 @@ pub trait Host: Send {
 
 /// A generic netlink socket talking to the IPVS family.
 struct IpvsSocket {
-    socket: Socket,
+    socket: ::netlink::Socket,
     family: u16,
-    seq: u32,
+}
+
+impl From<::netlink::RequestError> for IpvsError {
+    fn from(err: ::netlink::RequestError) -> Self {
+        match err {
+            ::netlink::RequestError::Socket(e) => IpvsError::Socket(e),
+            ::netlink::RequestError::Decode(e) => IpvsError::Decode(e),
+            ::netlink::RequestError::Kernel { errno, message } => {
+                IpvsError::Kernel { errno, message }
+            }
+        }
+    }
 }
 
 impl IpvsSocket {
     fn open() -> Result<Self, IpvsError> {
-        let socket = Socket::new(
-            Domain::from(libc::AF_NETLINK),
-            Type::RAW,
-            Some(SockProtocol::from(libc::NETLINK_GENERIC)),
-        )
-        .map_err(IpvsError::Socket)?;
-        // A kernel that never answers must not hang the sync.
-        socket
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(IpvsError::Socket)?;
+        let socket = ::netlink::Socket::open(libc::NETLINK_GENERIC)?;
         let mut this = IpvsSocket {
             socket,
             family: netlink::GENL_ID_CTRL,
-            seq: 0,
         };
         let seq = this.next_seq();
         let replies = match this.request(&netlink::get_family(seq)) {
@@ -89,43 +87,12 @@ impl IpvsSocket {
     }
 
     fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
+        self.socket.next_seq()
     }
 
-    /// Sends one request and collects the payloads of the replies until the
-    /// acknowledgement (or, for dumps, `NLMSG_DONE`).
+    /// Sends one request and collects the payloads of the replies.
     fn request(&mut self, message: &[u8]) -> Result<Vec<Vec<u8>>, IpvsError> {
-        let seq = message
-            .get(8..12)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_ne_bytes);
-        self.socket.send(message).map_err(IpvsError::Socket)?;
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = (&self.socket).read(&mut buf).map_err(IpvsError::Socket)?;
-            let received = netlink::split(&buf[..n]).map_err(IpvsError::Decode)?;
-            for msg in received {
-                if msg.seq != seq {
-                    continue; // a late reply to an earlier request
-                }
-                match msg.kind {
-                    netlink::NLMSG_DONE => return Ok(out),
-                    netlink::NLMSG_ERROR => {
-                        let errno = netlink::error_code(msg.payload).map_err(IpvsError::Decode)?;
-                        if errno == 0 {
-                            return Ok(out);
-                        }
-                        return Err(IpvsError::Kernel {
-                            errno,
-                            message: std::io::Error::from_raw_os_error(errno).to_string(),
-                        });
-                    }
-                    _ => out.push(msg.payload.to_vec()),
-                }
-            }
-        }
+        Ok(self.socket.request(message)?)
     }
 }
 

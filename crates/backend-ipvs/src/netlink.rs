@@ -9,15 +9,9 @@ use proxy_core::model::Protocol;
 
 use crate::plan::{RealServer, RealServerState, ServiceSpec, Timeouts, VirtualServer};
 
-// Netlink header.
-pub const NLMSG_ERROR: u16 = 2;
-pub const NLMSG_DONE: u16 = 3;
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_DUMP: u16 = 0x300;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const NLMSG_HDRLEN: usize = 16;
+use netlink::{attrs, find, read_u16, read_u32, Message};
+pub use netlink::{split, DecodeError, Received, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+
 const GENL_HDRLEN: usize = 4;
 
 // The generic netlink controller, to resolve the family name "IPVS" to its id.
@@ -77,81 +71,10 @@ const IP_VS_CONN_F_MASQ: u32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// A reply that could not be decoded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
-    #[error("truncated netlink message")]
-    Truncated,
-    #[error("missing attribute {0}")]
-    Missing(&'static str),
-    #[error("unsupported value in attribute {0}")]
-    Unsupported(&'static str),
-}
-
-/// One netlink message being built: header, generic netlink header, attributes.
-pub struct Message {
-    buf: Vec<u8>,
-    /// Offsets of the nested attributes still open.
-    open: Vec<usize>,
-}
-
-impl Message {
-    pub fn new(family: u16, flags: u16, seq: u32, cmd: u8, version: u8) -> Self {
-        let mut buf = Vec::with_capacity(128);
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
-        buf.extend_from_slice(&family.to_ne_bytes());
-        buf.extend_from_slice(&flags.to_ne_bytes());
-        buf.extend_from_slice(&seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        buf.extend_from_slice(&[cmd, version, 0, 0]);
-        Message {
-            buf,
-            open: Vec::new(),
-        }
-    }
-
-    fn attr(&mut self, kind: u16, payload: &[u8]) {
-        let len = 4 + payload.len();
-        // Attribute payloads here are at most 16 bytes, far below u16::MAX.
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&kind.to_ne_bytes());
-        self.buf.extend_from_slice(payload);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-
-    fn u16(&mut self, kind: u16, value: u16) {
-        self.attr(kind, &value.to_ne_bytes());
-    }
-
-    fn u32(&mut self, kind: u16, value: u32) {
-        self.attr(kind, &value.to_ne_bytes());
-    }
-
-    fn begin_nested(&mut self, kind: u16) {
-        self.open.push(self.buf.len());
-        self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    }
-
-    fn end_nested(&mut self) {
-        if let Some(start) = self.open.pop() {
-            let len = (self.buf.len() - start) as u16;
-            self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        }
-    }
-
-    pub fn finish(mut self) -> Vec<u8> {
-        let len = self.buf.len() as u32;
-        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
-    }
+/// A generic netlink message: `genlmsghdr` is the command, the family version and two
+/// reserved bytes.
+fn genl_message(family: u16, flags: u16, seq: u32, cmd: u8, version: u8) -> Message {
+    Message::new(family, flags, seq, &[cmd, version, 0, 0])
 }
 
 fn af(addr: &IpAddr) -> u16 {
@@ -227,7 +150,7 @@ fn nested_service_key(msg: &mut Message, vs: &VirtualServer) {
 
 /// Resolves the IPVS family's id.
 pub fn get_family(seq: u32) -> Vec<u8> {
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         GENL_ID_CTRL,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -247,7 +170,7 @@ pub fn service(family: u16, seq: u32, spec: &ServiceSpec, set: bool) -> Vec<u8> 
     } else {
         IPVS_CMD_NEW_SERVICE
     };
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -261,7 +184,7 @@ pub fn service(family: u16, seq: u32, spec: &ServiceSpec, set: bool) -> Vec<u8> 
 }
 
 pub fn del_service(family: u16, seq: u32, vs: &VirtualServer) -> Vec<u8> {
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -286,7 +209,7 @@ pub fn dest(
     } else {
         IPVS_CMD_NEW_DEST
     };
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -307,7 +230,7 @@ pub fn dest(
 }
 
 pub fn del_dest(family: u16, seq: u32, vs: &VirtualServer, rs: &RealServer) -> Vec<u8> {
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -325,7 +248,7 @@ pub fn del_dest(family: u16, seq: u32, vs: &VirtualServer, rs: &RealServer) -> V
 
 /// Dumps every virtual server.
 pub fn get_services(family: u16, seq: u32) -> Vec<u8> {
-    Message::new(
+    genl_message(
         family,
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
@@ -337,7 +260,7 @@ pub fn get_services(family: u16, seq: u32) -> Vec<u8> {
 
 /// Dumps the real servers of one virtual server.
 pub fn get_dests(family: u16, seq: u32, vs: &VirtualServer) -> Vec<u8> {
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         family,
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
@@ -351,7 +274,7 @@ pub fn get_dests(family: u16, seq: u32, vs: &VirtualServer) -> Vec<u8> {
 /// Sets the connection timeouts in seconds (`--ipvs-tcp-timeout` ...); the kernel
 /// leaves a timeout of 0 unchanged.
 pub fn set_timeouts(family: u16, seq: u32, timeouts: &Timeouts) -> Vec<u8> {
-    let mut msg = Message::new(
+    let mut msg = genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -366,7 +289,7 @@ pub fn set_timeouts(family: u16, seq: u32, timeouts: &Timeouts) -> Vec<u8> {
 
 /// Removes every virtual server (`--cleanup`).
 pub fn flush(family: u16, seq: u32) -> Vec<u8> {
-    Message::new(
+    genl_message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
@@ -377,85 +300,6 @@ pub fn flush(family: u16, seq: u32) -> Vec<u8> {
 }
 
 /// One received netlink message: its type, and the bytes after the netlink header.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Received<'a> {
-    pub kind: u16,
-    pub seq: u32,
-    pub payload: &'a [u8],
-}
-
-/// Splits a datagram into its netlink messages.
-pub fn split(mut data: &[u8]) -> Result<Vec<Received<'_>>, DecodeError> {
-    let mut out = Vec::new();
-    while data.len() >= NLMSG_HDRLEN {
-        let len = read_u32(data, 0)? as usize;
-        if len < NLMSG_HDRLEN || len > data.len() {
-            return Err(DecodeError::Truncated);
-        }
-        out.push(Received {
-            kind: read_u16(data, 4)?,
-            seq: read_u32(data, 8)?,
-            payload: &data[NLMSG_HDRLEN..len],
-        });
-        let next = align4(len).min(data.len());
-        data = &data[next..];
-    }
-    Ok(out)
-}
-
-/// The errno of an `NLMSG_ERROR` message (0 for an acknowledgement), as a positive number.
-pub fn error_code(payload: &[u8]) -> Result<i32, DecodeError> {
-    let bytes: [u8; 4] = payload
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(DecodeError::Truncated)?;
-    Ok(-i32::from_ne_bytes(bytes))
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn read_u16(data: &[u8], at: usize) -> Result<u16, DecodeError> {
-    data.get(at..at + 2)
-        .and_then(|b| b.try_into().ok())
-        .map(u16::from_ne_bytes)
-        .ok_or(DecodeError::Truncated)
-}
-
-fn read_u32(data: &[u8], at: usize) -> Result<u32, DecodeError> {
-    data.get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .ok_or(DecodeError::Truncated)
-}
-
-/// The attributes of a block, as (type without flags, payload).
-fn attrs(mut data: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
-    let mut out = Vec::new();
-    while data.len() >= 4 {
-        let len = read_u16(data, 0)? as usize;
-        let kind = read_u16(data, 2)? & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            return Err(DecodeError::Truncated);
-        }
-        out.push((kind, &data[4..len]));
-        data = &data[align4(len).min(data.len())..];
-    }
-    Ok(out)
-}
-
-fn find<'a>(
-    list: &[(u16, &'a [u8])],
-    kind: u16,
-    name: &'static str,
-) -> Result<&'a [u8], DecodeError> {
-    list.iter()
-        .find(|(k, _)| *k == kind)
-        .map(|(_, v)| *v)
-        .ok_or(DecodeError::Missing(name))
-}
-
 /// The family id from the controller's reply to [`get_family`].
 pub fn parse_family(payload: &[u8]) -> Result<u16, DecodeError> {
     let list = attrs(payload.get(GENL_HDRLEN..).ok_or(DecodeError::Truncated)?)?;

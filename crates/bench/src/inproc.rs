@@ -55,6 +55,8 @@ pub struct InProcess {
     pub add_service_samples: usize,
     pub add_service_p50_ms: f64,
     pub add_service_p99_ms: f64,
+    /// Transaction size of adding one Service (the median).
+    pub add_service_bytes: usize,
 }
 
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -185,6 +187,7 @@ pub fn churn(
     out.endpoint_change_bytes = bytes.get(bytes.len() / 2).copied().unwrap_or(0);
 
     let mut samples = Vec::with_capacity(adds);
+    let mut bytes = Vec::with_capacity(adds);
     for k in 0..adds {
         // Same mix as the cluster, with indexes past its end (new IPs, new NodePorts).
         let endpoints = cluster[k % cluster.len()].endpoints.len();
@@ -197,9 +200,12 @@ pub fn churn(
             .insert(s.port_name(), Arc::new(synth::endpoints(&s)));
         let request = partial_request(state.clone(), s.port_name().service);
         let t = Instant::now();
-        proxier.sync(&request).context("add service")?;
+        let outcome = proxier.sync(&request).context("add service")?;
         samples.push(t.elapsed());
+        bytes.push(outcome.transaction_bytes);
     }
+    bytes.sort_unstable();
+    out.add_service_bytes = bytes.get(bytes.len() / 2).copied().unwrap_or(0);
     out.add_service_samples = samples.len();
     out.add_service_p50_ms = percentile_ms(&samples, 50.0);
     out.add_service_p99_ms = percentile_ms(&samples, 99.0);

@@ -112,16 +112,19 @@ fn markdown(report: &Report) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | `nft`/restore child peak RSS | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
+        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | `nft`/restore child peak RSS | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | add Service bytes | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        t,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in &report.rows {
         let p = &r.in_process;
         let b = r.binary.as_ref();
         let c = b.and_then(|b| b.connect.as_ref());
         let _ = writeln!(
             t,
-            "| {} | {} × {} | {:.0} ms | {:.0} ms | {:.1} MB | {:.0} MiB | {:.1} / {:.1} ms (n={}) | {} B | {:.1} / {:.1} ms (n={}) | {} ms ({} ms) | {} MiB ({} MiB) | {} / {} ms | {} / {} ms |",
+            "| {} | {} × {} | {:.0} ms | {:.0} ms | {:.1} MB | {:.0} MiB | {:.1} / {:.1} ms (n={}) | {} B | {:.1} / {:.1} ms (n={}) | {} B | {} ms ({} ms) | {} MiB ({} MiB) | {} / {} ms | {} / {} ms |",
             r.mode,
             r.services,
             r.endpoints,
@@ -136,6 +139,7 @@ fn markdown(report: &Report) -> String {
             p.add_service_p50_ms,
             p.add_service_p99_ms,
             p.add_service_samples,
+            p.add_service_bytes,
             opt(b.map(|b| b.start_to_synced_ms), 0),
             opt(b.map(|b| b.first_sync_took_ms), 0),
             opt(b.map(|b| b.rss_mib), 1),
