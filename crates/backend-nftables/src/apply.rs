@@ -19,12 +19,23 @@ pub trait NftRunner {
         self.run(&script)?;
         Ok(script.len())
     }
+
+    /// A full sync: `skeleton` (an `nft` script: maps, sets, chains and rules), then
+    /// `ops` (every element). By default one `nft` transaction holds both.
+    fn apply_full(&mut self, skeleton: &str, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+        let script = format!("{skeleton}{}", element_script(ops));
+        self.run(&script)?;
+        Ok(script.len())
+    }
 }
 
 /// `ops` as `nft` commands.
 pub fn element_script(ops: &[ElementOp<'_>]) -> String {
     let mut script = String::new();
     for op in ops {
+        if op.elements.is_empty() && op.verb != crate::render::ElementVerb::Flush {
+            continue;
+        }
         render_element_command(&mut script, op.verb, op.family, op.map, &op.elements);
     }
     script
@@ -127,6 +138,27 @@ impl NftRunner for NftCommand {
             self.run(&script)?;
             return Ok(script.len());
         }
+        self.send_elements(ops)
+    }
+
+    /// The skeleton through `nft` (small: a few dozen chains and maps), then every element
+    /// as one netlink batch. Two transactions: the skeleton keeps existing maps and
+    /// their elements (see `FullMode::Update`), so the old elements serve traffic until
+    /// the batch replaces them all at once.
+    fn apply_full(&mut self, skeleton: &str, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+        if self.check_only {
+            let script = format!("{skeleton}{}", element_script(ops));
+            self.run(&script)?;
+            return Ok(script.len());
+        }
+        self.run(skeleton)?;
+        Ok(skeleton.len() + self.send_elements(ops)?)
+    }
+}
+
+impl NftCommand {
+    /// Sends element changes over the netlink socket (opened on first use and kept).
+    fn send_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
         if self.socket.is_none() {
             let socket = netlink::Socket::open(libc::NETLINK_NETFILTER)
                 .map_err(|e| ProxierError::Other(format!("nftables netlink socket: {e}")))?;
@@ -137,24 +169,27 @@ impl NftRunner for NftCommand {
                 "nftables netlink socket missing".into(),
             ));
         };
-        let Some(batch) = encode_batch(ops, || socket.next_seq()) else {
-            // Too large for one datagram: `nft` splits it.
-            let script = element_script(ops);
-            self.run(&script)?;
-            return Ok(script.len());
-        };
-        let sent = socket.send_batch(&batch.bytes, batch.begin_seq, &batch.acked);
-        if let Err(err) = sent {
-            // A socket left in an unknown state is not reused.
-            if matches!(err, netlink::RequestError::Socket(_)) {
-                self.socket = None;
+        let batch = encode_batch(ops, || socket.next_seq());
+        match socket.send_batch(&batch.bytes, batch.begin_seq, batch.last_seq) {
+            Ok(()) => Ok(batch.bytes.len()),
+            // Too large for the socket's buffer (no CAP_NET_ADMIN to raise it): `nft`
+            // splits what it sends.
+            Err(netlink::RequestError::Socket(e)) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                let script = element_script(ops);
+                self.run(&script)?;
+                Ok(script.len())
             }
-            return Err(ProxierError::Rejected {
-                program: "nftables netlink".into(),
-                message: err.to_string(),
-            });
+            Err(err) => {
+                // A socket left in an unknown state is not reused.
+                if matches!(err, netlink::RequestError::Socket(_)) {
+                    self.socket = None;
+                }
+                Err(ProxierError::Rejected {
+                    program: "nftables netlink".into(),
+                    message: err.to_string(),
+                })
+            }
         }
-        Ok(batch.bytes.len())
     }
 }
 

@@ -15,8 +15,10 @@ use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::apply::NftRunner;
 use crate::netlink::ElementOp;
-use crate::plan::{family_names, replan, Delta, FamilyPlan, NftConfig, TABLE};
-use crate::render::{by_map, render_delta, render_full, ElementVerb};
+use crate::plan::{
+    family_names, replan, ClassObject, Delta, Element, FamilyPlan, MapId, NftConfig, TABLE,
+};
+use crate::render::{by_map, render_delta, render_skeleton, table_maps, ElementVerb, FullMode};
 
 /// At most this many conflict warnings are logged per sync; the rest are counted.
 const MAX_WARNINGS_LOGGED: usize = 20;
@@ -47,45 +49,64 @@ impl<R: NftRunner> NftablesProxier<R> {
         &mut self.runner
     }
 
-    fn full_script(
-        &self,
-        request: &SyncRequest,
-        warnings: &mut Vec<String>,
-    ) -> (String, Vec<FamilyPlan>) {
-        let mut script = String::new();
-        let mut plans = Vec::new();
-        for &family in &self.config.families {
-            let previous = self
-                .programmed
-                .iter()
-                .flatten()
-                .find(|p| p.family() == family);
-            let plan = FamilyPlan::full(family, &request.state, &self.config, previous, warnings);
-            render_full(&mut script, &plan);
-            plans.push(plan);
-        }
-        (script, plans)
+    fn full_plans(&self, request: &SyncRequest, warnings: &mut Vec<String>) -> Vec<FamilyPlan> {
+        self.config
+            .families
+            .iter()
+            .map(|&family| {
+                let previous = self
+                    .programmed
+                    .iter()
+                    .flatten()
+                    .find(|p| p.family() == family);
+                FamilyPlan::full(family, &request.state, &self.config, previous, warnings)
+            })
+            .collect()
     }
-}
 
-/// What a sync hands to the kernel.
-enum Change {
-    /// An `nft` script: a full rewrite, or a delta that creates or removes objects.
-    Script(String),
-    /// Element additions and deletions only, per family (in the order of the plans).
-    Elements(Vec<Delta>),
-}
-
-impl Change {
-    fn of(plans: &[FamilyPlan], deltas: Vec<Delta>) -> Change {
-        if deltas.iter().all(Delta::elements_only) {
-            return Change::Elements(deltas);
+    /// Loads whole tables: in place first, keeping what exists so traffic flows until
+    /// the new elements are in; if that is refused (e.g. an older layout whose maps have
+    /// other types), by replacing the tables.
+    fn apply_full(&mut self, plans: &[FamilyPlan]) -> Result<usize, ProxierError> {
+        let hairpins: Vec<Vec<Element>> = plans.iter().map(FamilyPlan::hairpin_elements).collect();
+        let elements: Vec<_> = plans.iter().map(FamilyPlan::elements).collect();
+        let mut ops = Vec::new();
+        for ((plan, elements), hairpin) in plans.iter().zip(&elements).zip(&hairpins) {
+            for object in table_maps(plan) {
+                let ClassObject::Map(map) = object else {
+                    continue; // affinity sets keep the clients they remember
+                };
+                let elements = match map {
+                    MapId::Hairpin => hairpin.iter().collect(),
+                    _ => elements.get(&map).cloned().unwrap_or_default(),
+                };
+                for (verb, elements) in [
+                    (ElementVerb::Flush, Vec::new()),
+                    (ElementVerb::Add, elements),
+                ] {
+                    ops.push(ElementOp {
+                        family: plan.family(),
+                        verb,
+                        map,
+                        elements,
+                    });
+                }
+            }
         }
-        let mut script = String::new();
-        for (plan, delta) in plans.iter().zip(&deltas) {
-            render_delta(&mut script, plan, delta);
+        let skeleton = |mode| {
+            let mut script = String::new();
+            for plan in plans {
+                render_skeleton(&mut script, plan, mode);
+            }
+            script
+        };
+        match self.runner.apply_full(&skeleton(FullMode::Update), &ops) {
+            Ok(bytes) => Ok(bytes),
+            Err(err) => {
+                tracing::warn!(error = %err, "updating the tables in place failed; replacing them");
+                self.runner.apply_full(&skeleton(FullMode::Replace), &ops)
+            }
         }
-        Change::Script(script)
     }
 }
 
@@ -145,37 +166,40 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
         let mut warnings = Vec::new();
         // A node change can alter what "local" means everywhere: rewrite.
         let full = request.full || request.node_changed || self.programmed.is_none();
-        let (change, plans) = if full {
-            let (script, plans) = self.full_script(request, &mut warnings);
-            (Change::Script(script), plans)
+        let plans;
+        let mut deltas = Vec::new();
+        if full {
+            plans = self.full_plans(request, &mut warnings);
         } else {
             // Take the plans out: if the kernel refuses the delta, they no longer describe
             // it, and the next sync must be full.
-            let mut plans = self.programmed.take().unwrap_or_default();
-            let names = changed_ports(request, &plans);
-            let deltas: Vec<Delta> = plans
+            let mut previous = self.programmed.take().unwrap_or_default();
+            let names = changed_ports(request, &previous);
+            deltas = previous
                 .iter_mut()
                 .map(|plan| replan(plan, &request.state, &names, &mut warnings))
                 .collect();
-            (Change::of(&plans, deltas), plans)
-        };
+            plans = previous;
+        }
         log_warnings(&warnings);
         let planned_at = std::time::Instant::now();
         self.programmed = None;
-        let transaction_bytes = match &change {
-            Change::Script(script) if script.is_empty() => 0,
-            Change::Script(script) => {
-                self.runner.run(script)?;
-                script.len()
+        let transaction_bytes = if full {
+            self.apply_full(&plans)?
+        } else if deltas.iter().all(Delta::elements_only) {
+            let ops = element_ops(&plans, &deltas);
+            if ops.is_empty() {
+                0
+            } else {
+                self.runner.apply_elements(&ops)?
             }
-            Change::Elements(deltas) => {
-                let ops = element_ops(&plans, deltas);
-                if ops.is_empty() {
-                    0
-                } else {
-                    self.runner.apply_elements(&ops)?
-                }
+        } else {
+            let mut script = String::new();
+            for (plan, delta) in plans.iter().zip(&deltas) {
+                render_delta(&mut script, plan, delta);
             }
+            self.runner.run(&script)?;
+            script.len()
         };
         tracing::debug!(
             plan_ms = (planned_at - started).as_secs_f64() * 1e3,

@@ -35,11 +35,9 @@ const NFT_GOTO: i32 = -4;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
-/// Elements per message: keeps each message's nested list far below the 64 KiB an
-/// attribute length can express.
-const ELEMENTS_PER_MESSAGE: usize = 200;
-/// A larger batch goes through `nft` instead: it would not fit the socket's buffer.
-pub const MAX_BATCH_BYTES: usize = 128 * 1024;
+/// Elements per message: keeps each message's nested list below the 64 KiB an attribute
+/// length can express (an IPv6 endpoint element is about 100 bytes).
+const ELEMENTS_PER_MESSAGE: usize = 400;
 
 /// One map's elements to add or delete, in one family's table.
 #[derive(Debug, Clone)]
@@ -50,13 +48,13 @@ pub struct ElementOp<'a> {
     pub elements: Vec<&'a Element>,
 }
 
-/// A batch ready to send: its bytes, the sequence number of its first message and those
-/// the kernel will acknowledge.
+/// A batch ready to send: its bytes, and the sequence numbers of its first message and
+/// of the last one, the only one acknowledged (errors are reported for any).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub bytes: Vec<u8>,
     pub begin_seq: u32,
-    pub acked: Vec<u32>,
+    pub last_seq: u32,
 }
 
 fn nfgen_header(family: u8, res_id: u16) -> [u8; 4] {
@@ -124,9 +122,8 @@ fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
     msg.end_nested();
 }
 
-/// Encodes `ops` in order as one transaction; `None` when it would be too large for one
-/// datagram (the caller then uses `nft`).
-pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) -> Option<Batch> {
+/// Encodes `ops` in order as one transaction.
+pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) -> Batch {
     let begin_seq = next_seq();
     let mut bytes = Message::new(
         NFNL_MSG_BATCH_BEGIN,
@@ -135,33 +132,51 @@ pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) ->
         &nfgen_header(0, NFNL_SUBSYS_NFTABLES),
     )
     .finish();
-    let mut acked = Vec::new();
+    let mut messages: Vec<Message> = Vec::new();
     for op in ops {
-        let (kind, flags, with_value) = match op.verb {
-            ElementVerb::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, true),
-            ElementVerb::Delete => (NFT_MSG_DELSETELEM, 0, false),
-        };
-        for chunk in op.elements.chunks(ELEMENTS_PER_MESSAGE) {
-            let seq = next_seq();
+        let header = nfgen_header(nfproto(op.family), 0);
+        let start = |kind: u16, flags: u16, seq: u32| {
             let mut msg = Message::new(
                 (NFNL_SUBSYS_NFTABLES << 8) | kind,
-                NLM_F_REQUEST | NLM_F_ACK | flags,
+                NLM_F_REQUEST | flags,
                 seq,
-                &nfgen_header(nfproto(op.family), 0),
+                &header,
             );
             msg.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
             msg.str(NFTA_SET_ELEM_LIST_SET, &op.map.name());
+            msg
+        };
+        let (kind, flags, with_value) = match op.verb {
+            ElementVerb::Add => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, true),
+            ElementVerb::Delete => (NFT_MSG_DELSETELEM, 0, false),
+            ElementVerb::Flush => {
+                // A deletion without an element list empties the set.
+                messages.push(start(NFT_MSG_DELSETELEM, 0, next_seq()));
+                continue;
+            }
+        };
+        for chunk in op.elements.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut msg = start(kind, flags, next_seq());
             msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
             for element in chunk {
                 encode_element(&mut msg, element, with_value);
             }
             msg.end_nested();
-            bytes.extend_from_slice(&msg.finish());
-            acked.push(seq);
-            if bytes.len() > MAX_BATCH_BYTES {
-                return None;
-            }
+            messages.push(msg);
         }
+    }
+    let count = messages.len();
+    let mut last_seq = begin_seq;
+    for (i, msg) in messages.into_iter().enumerate() {
+        let mut msg = msg.finish();
+        last_seq = netlink::read_u32(&msg, 8).unwrap_or(last_seq);
+        if i + 1 == count {
+            // Only the last message asks for an acknowledgement: one reply per
+            // message would overflow the socket's receive buffer on a full load.
+            let flags = netlink::read_u16(&msg, 6).unwrap_or(NLM_F_REQUEST) | NLM_F_ACK;
+            msg[6..8].copy_from_slice(&flags.to_ne_bytes());
+        }
+        bytes.extend_from_slice(&msg);
     }
     let end = Message::new(
         NFNL_MSG_BATCH_END,
@@ -170,11 +185,11 @@ pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) ->
         &nfgen_header(0, NFNL_SUBSYS_NFTABLES),
     );
     bytes.extend_from_slice(&end.finish());
-    Some(Batch {
+    Batch {
         bytes,
         begin_seq,
-        acked,
-    })
+        last_seq,
+    }
 }
 
 #[cfg(test)]
@@ -213,10 +228,9 @@ mod tests {
         let batch = encode_batch(&ops, || {
             seq += 1;
             seq
-        })
-        .unwrap();
+        });
         assert_eq!(batch.begin_seq, 1);
-        assert_eq!(batch.acked, vec![2]);
+        assert_eq!(batch.last_seq, 2);
         let msgs = netlink::split(&batch.bytes).unwrap();
         let kinds: Vec<u16> = msgs.iter().map(|m| m.kind).collect();
         assert_eq!(kinds, vec![0x10, 0x0a0c, 0x11]);

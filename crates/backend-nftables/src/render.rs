@@ -6,15 +6,17 @@ use std::fmt::Write as _;
 use proxy_core::model::IpFamily;
 
 use crate::plan::{
-    affinity_set_name, class_objects, family_names, Chain, ClassObject, Delta, Element, FamilyPlan,
+    affinity_set_name, class_objects, family_names, ClassObject, Delta, Element, FamilyPlan,
     FamilySettings, KeyKind, MapId, PickClass, TABLE,
 };
 
-/// Whether elements are added or deleted.
+/// Whether elements are added or deleted, or a map emptied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ElementVerb {
     Add,
     Delete,
+    /// Every element goes (the op carries none).
+    Flush,
 }
 
 /// How a destination of this kind is read from the packet.
@@ -130,56 +132,46 @@ fn pick_rules(class: &PickClass, family: IpFamily) -> Vec<String> {
     rules
 }
 
-fn render_pick_chain(out: &mut String, class: &PickClass, family: IpFamily) {
-    let _ = writeln!(out, "\tchain {} {{", class.chain());
-    for rule in pick_rules(class, family) {
-        let _ = writeln!(out, "\t\t{rule}");
-    }
-    out.push_str("\t}\n");
-}
-
 /// The entry chains: masquerade marks by traffic policy, then the pick.
-fn render_entry_chains(out: &mut String, settings: &FamilySettings) {
-    let f = family_names(settings.family);
-    let a = f.addr;
+fn entry_chains(settings: &FamilySettings) -> Vec<ChainText> {
+    let a = family_names(settings.family).addr;
     let mark = format!("meta mark set meta mark | {:#x}", settings.mark);
     let internal_mark = if settings.masquerade_all {
-        format!("\t\t{mark}\n")
-    } else if let Some(local) = &settings.local {
-        format!("\t\t{} {mark}\n", local.not_local)
+        Some(mark.clone())
     } else {
-        String::new()
+        settings
+            .local
+            .as_ref()
+            .map(|local| format!("{} {mark}", local.not_local))
     };
+    let mut chains = Vec::new();
     for kind in [KeyKind::Ip, KeyKind::NodePort] {
         let key = packet_key(kind, a);
-        let picks = MapId::Picks(kind).name();
-        let short = MapId::ShortCircuits(kind).name();
+        let picks = format!("{key} vmap @{}", MapId::Picks(kind).name());
+        let short = format!("{key} vmap @{}", MapId::ShortCircuits(kind).name());
         let (plain, local_name) = match kind {
             KeyKind::Ip => ("external", "external-local"),
             KeyKind::NodePort => ("nodeport", "nodeport-local"),
         };
         if kind == KeyKind::Ip {
-            let _ = writeln!(
-                out,
-                "\tchain internal {{\n{internal_mark}\t\t{key} vmap @{picks}\n\t}}"
-            );
+            let mut rules: Vec<String> = internal_mark.iter().cloned().collect();
+            rules.push(picks.clone());
+            chains.push(ChainText::new("internal", rules));
         }
-        let _ = writeln!(
-            out,
-            "\tchain {plain} {{\n\t\t{mark}\n\t\t{key} vmap @{picks}\n\t}}"
-        );
+        chains.push(ChainText::new(plain, vec![mark.clone(), picks.clone()]));
         // Outside clients keep their source address and reach this node's endpoints;
         // pods and the node itself are sent as if they had used the cluster IP.
-        let pods = settings
+        let mut rules: Vec<String> = settings
             .local
-            .as_ref()
-            .map(|l| format!("\t\t{} {key} vmap @{short}\n", l.is_local))
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "\tchain {local_name} {{\n{pods}\t\tfib saddr type local {mark}\n\t\tfib saddr type local {key} vmap @{short}\n\t\t{key} vmap @{picks}\n\t}}"
-        );
+            .iter()
+            .map(|l| format!("{} {short}", l.is_local))
+            .collect();
+        rules.push(format!("fib saddr type local {mark}"));
+        rules.push(format!("fib saddr type local {short}"));
+        rules.push(picks);
+        chains.push(ChainText::new(local_name, rules));
     }
+    chains
 }
 
 fn render_elements(out: &mut String, elements: &[&Element]) {
@@ -197,63 +189,72 @@ fn render_elements(out: &mut String, elements: &[&Element]) {
     out.push_str("\t\t}\n");
 }
 
-fn render_chain_block(out: &mut String, chain: &Chain) {
-    let _ = writeln!(out, "\tchain {} {{", chain.name);
-    let _ = writeln!(out, "\t\tcomment \"{}\"", chain.comment);
-    for rule in &chain.rules {
-        let _ = writeln!(out, "\t\t{rule}");
-    }
-    out.push_str("\t}\n");
+/// A chain as text: its name, its hook line if it is a base chain, a comment, its rules.
+struct ChainText {
+    name: String,
+    hook: Option<&'static str>,
+    comment: Option<String>,
+    rules: Vec<String>,
 }
 
-/// Renders the whole table of one family, replacing whatever table of that name exists,
-/// as one part of an atomic `nft -f` transaction. Objects come before what refers to them.
-pub fn render_full(out: &mut String, plan: &FamilyPlan) {
-    let settings = &plan.settings;
-    let family = settings.family;
-    let f = family_names(family);
-    let t = format!("{} {TABLE}", f.table_family);
-    let mark = settings.mark;
-    // `add` then `delete` makes the delete succeed whether or not the table existed.
-    let _ = writeln!(out, "add table {t}\ndelete table {t}\ntable {t} {{");
-    let _ = writeln!(out, "\tcomment \"rules for kube-proxy\"");
-    let elements = plan.elements();
-    let empty = Vec::new();
-    let get = |id: MapId| elements.get(&id).unwrap_or(&empty);
+impl ChainText {
+    fn new(name: impl Into<String>, rules: Vec<String>) -> Self {
+        ChainText {
+            name: name.into(),
+            hook: None,
+            comment: None,
+            rules,
+        }
+    }
 
-    for object in class_objects(&plan.classes) {
-        let elems = match object {
-            ClassObject::Map(id) => get(id),
-            ClassObject::AffinitySet(_) => &empty,
-        };
-        render_class_object(out, object, family, elems);
-    }
-    for class in &plan.classes {
-        render_pick_chain(out, class, family);
-    }
-    for port in plan.ports.values() {
-        for chain in &port.chains {
-            render_chain_block(out, chain);
+    fn hooked(name: &str, hook: &'static str, rules: Vec<String>) -> Self {
+        ChainText {
+            hook: Some(hook),
+            ..ChainText::new(name, rules)
         }
     }
+}
+
+/// Every map and set of the table (per-port elements live in them).
+pub fn table_maps(plan: &FamilyPlan) -> Vec<ClassObject> {
+    let mut maps: Vec<ClassObject> = class_objects(&plan.classes).into_iter().collect();
     for kind in [KeyKind::Ip, KeyKind::NodePort] {
-        for id in [MapId::Picks(kind), MapId::ShortCircuits(kind)] {
-            render_map(out, id, family, get(id));
-        }
+        maps.push(ClassObject::Map(MapId::Picks(kind)));
+        maps.push(ClassObject::Map(MapId::ShortCircuits(kind)));
     }
-    render_entry_chains(out, settings);
     for id in [
         MapId::ServiceIps,
         MapId::ServiceNodeports,
         MapId::FirewallIps,
         MapId::NoEndpointServices,
         MapId::NoEndpointNodeports,
+        MapId::Hairpin,
     ] {
-        render_map(out, id, family, get(id));
+        maps.push(ClassObject::Map(id));
     }
-    let hairpin = plan.hairpin_elements();
-    let hairpin: Vec<&Element> = hairpin.iter().collect();
-    render_map(out, MapId::Hairpin, family, &hairpin);
+    maps
+}
+
+/// Every chain of the table, with its rules.
+fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
+    let settings = &plan.settings;
+    let family = settings.family;
+    let f = family_names(family);
+    let a = f.addr;
+    let mut chains: Vec<ChainText> = plan
+        .classes
+        .iter()
+        .map(|class| ChainText::new(class.chain(), pick_rules(class, family)))
+        .collect();
+    for port in plan.ports.values() {
+        for chain in &port.chains {
+            chains.push(ChainText {
+                comment: Some(chain.comment.clone()),
+                ..ChainText::new(chain.name.clone(), chain.rules.clone())
+            });
+        }
+    }
+    chains.extend(entry_chains(settings));
 
     // NodePorts answer on the resolved local addresses; a family with none has no
     // NodePorts at all.
@@ -262,40 +263,109 @@ pub fn render_full(out: &mut String, plan: &FamilyPlan) {
         Some(nets) if nets.is_empty() => None,
         Some(nets) => {
             let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
-            Some(format!("{} daddr {{ {} }} ", f.addr, list.join(", ")))
+            Some(format!("{a} daddr {{ {} }} ", list.join(", ")))
         }
     };
-    let nodeport_rule = |verdict: &str| match &nodeport_match {
-        Some(np) => format!(
-            "\t\tfib daddr type local {a} daddr != {lo} {np}meta l4proto . th dport {verdict}\n",
-            a = f.addr,
-            lo = f.localhost
-        ),
-        None => String::new(),
+    let nodeport_rule = |verdict: &str| {
+        nodeport_match.as_ref().map(|np| {
+            format!(
+                "fib daddr type local {a} daddr != {lo} {np}meta l4proto . th dport {verdict}",
+                lo = f.localhost
+            )
+        })
     };
     let reject_nodeport = nodeport_rule("@no-endpoint-nodeports ct state new goto reject-chain");
     let dispatch_nodeport = nodeport_rule("vmap @service-nodeports");
+    let key = packet_key(KeyKind::Ip, a);
+    let reject_service = format!("ct state new {key} @no-endpoint-services goto reject-chain");
+    let mark = settings.mark;
 
-    let _ = writeln!(
-        out,
-        "\tchain reject-chain {{\n\t\treject\n\t}}\n\
-         \tchain filter-prerouting {{\n\t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
-         \t\t{a} daddr . meta l4proto . th dport vmap @firewall-ips\n\
-         \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
-         {reject_nodeport}\t}}\n\
-         \tchain filter-output {{\n\t\ttype filter hook output priority -110; policy accept;\n\
-         \t\tct state new {a} daddr . meta l4proto . th dport @no-endpoint-services goto reject-chain\n\
-         {reject_nodeport}\t}}\n\
-         \tchain services {{\n\
-         \t\t{a} daddr . meta l4proto . th dport vmap @service-ips\n\
-         {dispatch_nodeport}\t}}\n\
-         \tchain nat-prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}}\n\
-         \tchain nat-output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tjump services\n\t}}\n\
-         \tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tmeta mark & {mark:#x} == {mark:#x} meta mark set meta mark ^ {mark:#x} masquerade fully-random\n\
-         \t\tct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random\n\t}}\n}}",
-        a = f.addr,
-    );
+    chains.push(ChainText::new("reject-chain", vec!["reject".into()]));
+    let mut prerouting = vec![format!("{key} vmap @firewall-ips"), reject_service.clone()];
+    prerouting.extend(reject_nodeport.clone());
+    chains.push(ChainText::hooked(
+        "filter-prerouting",
+        "type filter hook prerouting priority dstnat - 10; policy accept;",
+        prerouting,
+    ));
+    let mut output = vec![reject_service];
+    output.extend(reject_nodeport);
+    chains.push(ChainText::hooked(
+        "filter-output",
+        "type filter hook output priority -110; policy accept;",
+        output,
+    ));
+    let mut services = vec![format!("{key} vmap @service-ips")];
+    services.extend(dispatch_nodeport);
+    chains.push(ChainText::new("services", services));
+    chains.push(ChainText::hooked(
+        "nat-prerouting",
+        "type nat hook prerouting priority dstnat; policy accept;",
+        vec!["jump services".into()],
+    ));
+    chains.push(ChainText::hooked(
+        "nat-output",
+        "type nat hook output priority -100; policy accept;",
+        vec!["jump services".into()],
+    ));
+    chains.push(ChainText::hooked(
+        "nat-postrouting",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        vec![
+            format!("meta mark & {mark:#x} == {mark:#x} meta mark set meta mark ^ {mark:#x} masquerade fully-random"),
+            format!("ct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random"),
+        ],
+    ));
+    chains
+}
+
+/// How a full sync treats the table that may exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullMode {
+    /// Delete it and create ours (needed when an existing map has another type).
+    Replace,
+    /// Keep it and its elements: add what is missing, then replace every rule. Traffic
+    /// keeps flowing through the old elements until the new ones are loaded.
+    Update,
+}
+
+/// Renders the table of one family without elements, as one part of an atomic `nft -f`
+/// transaction: declarations first (maps, sets, empty chains), then the rules.
+pub fn render_skeleton(out: &mut String, plan: &FamilyPlan, mode: FullMode) {
+    let family = plan.family();
+    let t = format!("{} {TABLE}", family_names(family).table_family);
+    if mode == FullMode::Replace {
+        // `add` then `delete` makes the delete succeed whether or not the table existed.
+        let _ = writeln!(out, "add table {t}\ndelete table {t}");
+    }
+    let _ = writeln!(out, "table {t} {{\n\tcomment \"rules for kube-proxy\"");
+    for object in table_maps(plan) {
+        render_class_object(out, object, family, &[]);
+    }
+    let chains = table_chains(plan);
+    for chain in &chains {
+        let _ = writeln!(out, "\tchain {} {{", chain.name);
+        if let Some(hook) = chain.hook {
+            let _ = writeln!(out, "\t\t{hook}");
+        }
+        if let Some(comment) = &chain.comment {
+            let _ = writeln!(out, "\t\tcomment \"{comment}\"");
+        }
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
+    if mode == FullMode::Update {
+        let _ = writeln!(out, "flush table {t}");
+    }
+    let _ = writeln!(out, "table {t} {{");
+    for chain in &chains {
+        let _ = writeln!(out, "\tchain {} {{", chain.name);
+        for rule in &chain.rules {
+            let _ = writeln!(out, "\t\t{rule}");
+        }
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
 }
 
 /// `add element` (with values) or `delete element` (keys only) for one map.
@@ -309,6 +379,17 @@ pub fn render_element_command(
     let verb_text = match verb {
         ElementVerb::Add => "add",
         ElementVerb::Delete => "delete",
+        ElementVerb::Flush => {
+            let kind = if is_map(map) { "map" } else { "set" };
+            let f = family_names(family);
+            let _ = writeln!(
+                out,
+                "flush {kind} {} {TABLE} {}",
+                f.table_family,
+                map.name()
+            );
+            return;
+        }
     };
     let f = family_names(family);
     let _ = writeln!(
@@ -341,7 +422,11 @@ pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
             render_class_object(out, *object, family, &[]);
         }
         for class in &delta.new_classes {
-            render_pick_chain(out, class, family);
+            let _ = writeln!(out, "\tchain {} {{", class.chain());
+            for rule in pick_rules(class, family) {
+                let _ = writeln!(out, "\t\t{rule}");
+            }
+            out.push_str("\t}\n");
         }
         out.push_str("}\n");
     }

@@ -6,6 +6,7 @@
 use std::io::Read as _;
 use std::time::Duration;
 
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 
 pub const NLMSG_ERROR: u16 = 2;
@@ -282,39 +283,54 @@ impl Socket {
         }
     }
 
-    /// Sends an nfnetlink batch in one datagram and waits until every sequence number in
-    /// `acked` has been acknowledged. A refused message fails the batch (the kernel then
+    /// Sends an nfnetlink batch in one datagram and waits for the acknowledgement of its
+    /// last message (`last_seq`). A refused message fails the batch (the kernel then
     /// applies none of it); so does a failed commit, which the kernel reports against the
-    /// batch's first message (`begin_seq`) before the acknowledgements.
+    /// batch's first message (`begin_seq`). Both arrive before that acknowledgement.
     pub fn send_batch(
         &mut self,
         batch: &[u8],
         begin_seq: u32,
-        acked: &[u32],
+        last_seq: u32,
     ) -> Result<(), RequestError> {
+        // A full load is one datagram of several megabytes: the buffer must hold it.
+        if self
+            .socket
+            .send_buffer_size()
+            .map_err(RequestError::Socket)?
+            < batch.len()
+        {
+            // Past the system's limit only with CAP_NET_ADMIN; without it the send fails
+            // with EMSGSIZE and the caller takes another way.
+            let forced = setsockopt(&self.socket, sockopt::SndBufForce, &batch.len());
+            if forced.is_err() {
+                self.socket
+                    .set_send_buffer_size(batch.len())
+                    .map_err(RequestError::Socket)?;
+            }
+        }
         self.socket.send(batch).map_err(RequestError::Socket)?;
-        let mut pending: std::collections::BTreeSet<u32> = acked.iter().copied().collect();
+        let in_batch = |seq: u32| seq.wrapping_sub(begin_seq) <= last_seq.wrapping_sub(begin_seq);
         let mut refused = None;
-        while !pending.is_empty() {
+        loop {
             let n = (&self.socket)
                 .read(&mut self.buf)
                 .map_err(RequestError::Socket)?;
             for msg in split(&self.buf[..n])? {
-                if msg.kind != NLMSG_ERROR {
-                    continue;
-                }
-                if msg.seq != begin_seq && !pending.remove(&msg.seq) {
+                if msg.kind != NLMSG_ERROR || !in_batch(msg.seq) {
                     continue; // a late reply to an earlier batch
                 }
                 let errno = error_code(msg.payload)?;
                 if errno != 0 && refused.is_none() {
                     refused = Some(errno);
                 }
+                if msg.seq == last_seq {
+                    return match refused {
+                        Some(errno) => Err(kernel_error(errno)),
+                        None => Ok(()),
+                    };
+                }
             }
-        }
-        match refused {
-            Some(errno) => Err(kernel_error(errno)),
-            None => Ok(()),
         }
     }
 }
