@@ -5,7 +5,14 @@ use std::process::{Command, Stdio};
 
 use proxy_core::proxier::ProxierError;
 
-use crate::netlink::{encode_batch, ElementOp};
+use std::fmt::Write as _;
+
+use proxy_core::model::IpFamily;
+
+use crate::netlink::{
+    encode_batch, list_requests, parse_chain, parse_set, Deletion, ElementOp, Object,
+};
+use crate::plan::{family_names, TABLE};
 use crate::render::render_element_command;
 
 /// Runs one `nft` script as one atomic transaction.
@@ -21,12 +28,46 @@ pub trait NftRunner {
     }
 
     /// A full sync: `skeleton` (an `nft` script: maps, sets, chains and rules), then
-    /// `ops` (every element). By default one `nft` transaction holds both.
-    fn apply_full(&mut self, skeleton: &str, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
-        let script = format!("{skeleton}{}", element_script(ops));
+    /// `ops` (every element) and `deletions` (objects no longer used). By default one
+    /// `nft` transaction holds all three.
+    fn apply_full(
+        &mut self,
+        skeleton: &str,
+        ops: &[ElementOp<'_>],
+        deletions: &[Deletion],
+    ) -> Result<usize, ProxierError> {
+        let script = format!(
+            "{skeleton}{}{}",
+            element_script(ops),
+            deletion_script(deletions)
+        );
         self.run(&script)?;
         Ok(script.len())
     }
+
+    /// The chains and named sets our table of `family` has in the kernel; `None` when
+    /// this runner cannot tell (then nothing is deleted).
+    fn existing_objects(&mut self, family: IpFamily) -> Result<Option<Vec<Object>>, ProxierError> {
+        let _ = family;
+        Ok(None)
+    }
+}
+
+/// `deletions` as `nft` commands.
+pub fn deletion_script(deletions: &[Deletion]) -> String {
+    let mut script = String::new();
+    let mut ordered: Vec<&Deletion> = deletions.iter().collect();
+    ordered.sort_by_key(|d| matches!(d.object, Object::Set { .. }));
+    for d in ordered {
+        let kind = match d.object {
+            Object::Chain(_) => "chain",
+            Object::Set { is_map: true, .. } => "map",
+            Object::Set { is_map: false, .. } => "set",
+        };
+        let family = family_names(d.family).table_family;
+        let _ = writeln!(script, "delete {kind} {family} {TABLE} {}", d.object.name());
+    }
+    script
 }
 
 /// `ops` as `nft` commands.
@@ -138,44 +179,79 @@ impl NftRunner for NftCommand {
             self.run(&script)?;
             return Ok(script.len());
         }
-        self.send_elements(ops)
+        self.send_batch(ops, &[])
     }
 
     /// The skeleton through `nft` (small: a few dozen chains and maps), then every element
     /// as one netlink batch. Two transactions: the skeleton keeps existing maps and
     /// their elements (see `FullMode::Update`), so the old elements serve traffic until
     /// the batch replaces them all at once.
-    fn apply_full(&mut self, skeleton: &str, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+    fn apply_full(
+        &mut self,
+        skeleton: &str,
+        ops: &[ElementOp<'_>],
+        deletions: &[Deletion],
+    ) -> Result<usize, ProxierError> {
         if self.check_only {
-            let script = format!("{skeleton}{}", element_script(ops));
+            let script = format!(
+                "{skeleton}{}{}",
+                element_script(ops),
+                deletion_script(deletions)
+            );
             self.run(&script)?;
             return Ok(script.len());
         }
         self.run(skeleton)?;
-        Ok(skeleton.len() + self.send_elements(ops)?)
+        Ok(skeleton.len() + self.send_batch(ops, deletions)?)
+    }
+
+    fn existing_objects(&mut self, family: IpFamily) -> Result<Option<Vec<Object>>, ProxierError> {
+        if self.check_only {
+            return Ok(None);
+        }
+        let socket = self.socket()?;
+        let failed = |e: netlink::RequestError| {
+            ProxierError::Other(format!("listing our nftables objects: {e}"))
+        };
+        let [chains, sets] = list_requests(family, || socket.next_seq());
+        let mut out = Vec::new();
+        for payload in socket.request(&chains).map_err(failed)? {
+            out.extend(parse_chain(&payload).map_err(|e| failed(e.into()))?);
+        }
+        for payload in socket.request(&sets).map_err(failed)? {
+            out.extend(parse_set(&payload).map_err(|e| failed(e.into()))?);
+        }
+        Ok(Some(out))
     }
 }
 
 impl NftCommand {
-    /// Sends element changes over the netlink socket (opened on first use and kept).
-    fn send_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+    /// The netlink socket, opened on first use and kept.
+    fn socket(&mut self) -> Result<&mut netlink::Socket, ProxierError> {
         if self.socket.is_none() {
             let socket = netlink::Socket::open(libc::NETLINK_NETFILTER)
                 .map_err(|e| ProxierError::Other(format!("nftables netlink socket: {e}")))?;
             self.socket = Some(socket);
         }
-        let Some(socket) = self.socket.as_mut() else {
-            return Err(ProxierError::Other(
-                "nftables netlink socket missing".into(),
-            ));
-        };
-        let batch = encode_batch(ops, || socket.next_seq());
+        self.socket
+            .as_mut()
+            .ok_or_else(|| ProxierError::Other("nftables netlink socket missing".into()))
+    }
+
+    /// Sends element changes and deletions over the netlink socket, as one transaction.
+    fn send_batch(
+        &mut self,
+        ops: &[ElementOp<'_>],
+        deletions: &[Deletion],
+    ) -> Result<usize, ProxierError> {
+        let socket = self.socket()?;
+        let batch = encode_batch(ops, deletions, || socket.next_seq());
         match socket.send_batch(&batch.bytes, batch.begin_seq, batch.last_seq) {
             Ok(()) => Ok(batch.bytes.len()),
             // Too large for the socket's buffer (no CAP_NET_ADMIN to raise it): `nft`
             // splits what it sends.
             Err(netlink::RequestError::Socket(e)) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                let script = element_script(ops);
+                let script = format!("{}{}", element_script(ops), deletion_script(deletions));
                 self.run(&script)?;
                 Ok(script.len())
             }

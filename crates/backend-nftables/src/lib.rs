@@ -14,11 +14,13 @@ use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::apply::NftRunner;
-use crate::netlink::ElementOp;
+use crate::netlink::{Deletion, ElementOp, Object};
 use crate::plan::{
     family_names, replan, ClassObject, Delta, Element, FamilyPlan, MapId, NftConfig, TABLE,
 };
-use crate::render::{by_map, render_delta, render_skeleton, table_maps, ElementVerb, FullMode};
+use crate::render::{
+    by_map, chain_names, render_delta, render_skeleton, table_maps, ElementVerb, FullMode,
+};
 
 /// At most this many conflict warnings are logged per sync; the rest are counted.
 const MAX_WARNINGS_LOGGED: usize = 20;
@@ -93,20 +95,64 @@ impl<R: NftRunner> NftablesProxier<R> {
                 }
             }
         }
+        let (deletions, existing) = self.obsolete_objects(plans);
         let skeleton = |mode| {
             let mut script = String::new();
-            for plan in plans {
-                render_skeleton(&mut script, plan, mode);
+            for (plan, existing) in plans.iter().zip(&existing) {
+                render_skeleton(&mut script, plan, mode, existing);
             }
             script
         };
-        match self.runner.apply_full(&skeleton(FullMode::Update), &ops) {
+        match self
+            .runner
+            .apply_full(&skeleton(FullMode::Update), &ops, &deletions)
+        {
             Ok(bytes) => Ok(bytes),
             Err(err) => {
                 tracing::warn!(error = %err, "updating the tables in place failed; replacing them");
-                self.runner.apply_full(&skeleton(FullMode::Replace), &ops)
+                self.runner
+                    .apply_full(&skeleton(FullMode::Replace), &ops, &[])
             }
         }
+    }
+
+    /// Chains and maps our tables hold that the plans no longer have (classes nobody
+    /// uses, a removed Service's firewall chain, objects of an older layout): after a
+    /// full load nothing refers to them. Listing failures only leave them in place.
+    /// Also the names of the maps and sets that exist, per plan.
+    fn obsolete_objects(&mut self, plans: &[FamilyPlan]) -> (Vec<Deletion>, Vec<BTreeSet<String>>) {
+        let mut deletions = Vec::new();
+        let mut existing_sets = Vec::new();
+        for plan in plans {
+            let family = plan.family();
+            let existing = match self.runner.existing_objects(family) {
+                Ok(Some(existing)) => existing,
+                Ok(None) => Vec::new(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot list our nftables objects; obsolete ones stay");
+                    Vec::new()
+                }
+            };
+            existing_sets.push(
+                existing
+                    .iter()
+                    .filter(|o| matches!(o, Object::Set { .. }))
+                    .map(|o| o.name().to_string())
+                    .collect(),
+            );
+            let chains: BTreeSet<String> = chain_names(plan).into_iter().collect();
+            let maps: BTreeSet<String> = table_maps(plan).iter().map(ClassObject::name).collect();
+            for object in existing {
+                let wanted = match &object {
+                    Object::Chain(name) => chains.contains(name),
+                    Object::Set { name, .. } => maps.contains(name),
+                };
+                if !wanted {
+                    deletions.push(Deletion { family, object });
+                }
+            }
+        }
+        (deletions, existing_sets)
     }
 }
 

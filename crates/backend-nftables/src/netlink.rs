@@ -5,7 +5,7 @@
 //! Pure: bytes only, tested without root; the socket is in [`crate::apply`]. Numbers are
 //! from the kernel's `include/uapi/linux/netfilter/nf_tables.h` and `nfnetlink.h`.
 
-use netlink::{Message, NLM_F_ACK, NLM_F_REQUEST};
+use netlink::{DecodeError, Message, NLM_F_ACK, NLM_F_REQUEST};
 use proxy_core::model::{IpFamily, Protocol};
 
 use crate::plan::{Element, Field, Fields, MapId, Value, TABLE};
@@ -14,8 +14,20 @@ use crate::render::ElementVerb;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_MAP: u32 = 0x8;
 const NLM_F_CREATE: u16 = 0x400;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -48,6 +60,89 @@ pub struct ElementOp<'a> {
     pub elements: Vec<&'a Element>,
 }
 
+/// A chain or a (named) set or map of our table, as the kernel lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Object {
+    Chain(String),
+    Set { name: String, is_map: bool },
+}
+
+impl Object {
+    pub fn name(&self) -> &str {
+        match self {
+            Object::Chain(name) | Object::Set { name, .. } => name,
+        }
+    }
+}
+
+/// An object to delete, in one family's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    pub family: IpFamily,
+    pub object: Object,
+}
+
+/// Requests to list the chains, then the sets, of one family (dumps).
+pub fn list_requests(family: IpFamily, mut next_seq: impl FnMut() -> u32) -> [Vec<u8>; 2] {
+    let header = nfgen_header(nfproto(family), 0);
+    let dump = |kind: u16, seq: u32| {
+        Message::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | netlink::NLM_F_DUMP,
+            seq,
+            &header,
+        )
+        .finish()
+    };
+    [
+        dump(NFT_MSG_GETCHAIN, next_seq()),
+        dump(NFT_MSG_GETSET, next_seq()),
+    ]
+}
+
+fn string_attr(
+    list: &[(u16, &[u8])],
+    kind: u16,
+    name: &'static str,
+) -> Result<String, DecodeError> {
+    let raw = netlink::find(list, kind, name)?;
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::Unsupported(name))
+}
+
+/// Our table's chain from one reply to the chain dump, if it is one of ours.
+pub fn parse_chain(payload: &[u8]) -> Result<Option<Object>, DecodeError> {
+    let list = netlink::attrs(payload.get(4..).ok_or(DecodeError::Truncated)?)?;
+    if string_attr(&list, NFTA_CHAIN_TABLE, "NFTA_CHAIN_TABLE")? != TABLE {
+        return Ok(None);
+    }
+    Ok(Some(Object::Chain(string_attr(
+        &list,
+        NFTA_CHAIN_NAME,
+        "NFTA_CHAIN_NAME",
+    )?)))
+}
+
+/// Our table's named set or map from one reply to the set dump (anonymous sets belong
+/// to rules and go with them).
+pub fn parse_set(payload: &[u8]) -> Result<Option<Object>, DecodeError> {
+    let list = netlink::attrs(payload.get(4..).ok_or(DecodeError::Truncated)?)?;
+    if string_attr(&list, NFTA_SET_TABLE, "NFTA_SET_TABLE")? != TABLE {
+        return Ok(None);
+    }
+    let flags = netlink::find(&list, NFTA_SET_FLAGS, "NFTA_SET_FLAGS")
+        .ok()
+        .and_then(|raw| raw.try_into().ok())
+        .map_or(0, u32::from_be_bytes);
+    if flags & NFT_SET_ANONYMOUS != 0 {
+        return Ok(None);
+    }
+    Ok(Some(Object::Set {
+        name: string_attr(&list, NFTA_SET_NAME, "NFTA_SET_NAME")?,
+        is_map: flags & NFT_SET_MAP != 0,
+    }))
+}
+
 /// A batch ready to send: its bytes, and the sequence numbers of its first message and
 /// of the last one, the only one acknowledged (errors are reported for any).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +173,7 @@ fn ip_proto(protocol: Protocol) -> u8 {
 }
 
 /// A concatenation as the kernel holds it: each field in its own 32-bit registers,
-/// zero-padded; addresses and ports in network order, `numgen` results in host order.
+/// zero-padded, in network order.
 pub fn encode_fields(fields: &Fields) -> Vec<u8> {
     let mut out = Vec::with_capacity(fields.0.len() * 4);
     for field in &fields.0 {
@@ -90,7 +185,6 @@ pub fn encode_fields(fields: &Fields) -> Vec<u8> {
                 let be = port.to_be_bytes();
                 out.extend_from_slice(&[be[0], be[1], 0, 0]);
             }
-            Field::Slot(slot) => out.extend_from_slice(&slot.to_ne_bytes()),
         }
     }
     out
@@ -122,8 +216,12 @@ fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
     msg.end_nested();
 }
 
-/// Encodes `ops` in order as one transaction.
-pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) -> Batch {
+/// Encodes `ops` in order, then `deletions`, as one transaction.
+pub fn encode_batch(
+    ops: &[ElementOp<'_>],
+    deletions: &[Deletion],
+    mut next_seq: impl FnMut() -> u32,
+) -> Batch {
     let begin_seq = next_seq();
     let mut bytes = Message::new(
         NFNL_MSG_BATCH_BEGIN,
@@ -165,6 +263,25 @@ pub fn encode_batch(ops: &[ElementOp<'_>], mut next_seq: impl FnMut() -> u32) ->
             messages.push(msg);
         }
     }
+    // Chains first: a set may only go once no rule refers to it.
+    let mut ordered: Vec<&Deletion> = deletions.iter().collect();
+    ordered.sort_by_key(|d| matches!(d.object, Object::Set { .. }));
+    for deletion in ordered {
+        let header = nfgen_header(nfproto(deletion.family), 0);
+        let (kind, table_attr, name_attr) = match deletion.object {
+            Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME),
+            Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_TABLE, NFTA_SET_NAME),
+        };
+        let mut msg = Message::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST,
+            next_seq(),
+            &header,
+        );
+        msg.str(table_attr, TABLE);
+        msg.str(name_attr, deletion.object.name());
+        messages.push(msg);
+    }
     let count = messages.len();
     let mut last_seq = begin_seq;
     for (i, msg) in messages.into_iter().enumerate() {
@@ -204,17 +321,15 @@ mod tests {
             Field::Addr("10.96.0.1".parse().unwrap()),
             Field::Proto(Protocol::Udp),
             Field::Port(53),
-            Field::Slot(3),
         ]);
-        let mut want = vec![10, 96, 0, 1, 17, 0, 0, 0, 0, 53, 0, 0];
-        want.extend_from_slice(&3u32.to_ne_bytes());
+        let want = vec![10, 96, 0, 1, 17, 0, 0, 0, 0, 53, 0, 0];
         assert_eq!(encode_fields(&key), want);
     }
 
     #[test]
     fn batch_frames_each_map_and_acks_each_message() {
         let add = Element {
-            map: MapId::Endpoints(KeyKind::Ip, Role::All, 1),
+            map: MapId::Slot(KeyKind::Ip, Role::All, 1),
             key: Fields(vec![Field::Addr("10.96.0.1".parse().unwrap())]),
             value: Some(Value::Goto("pick-ip-1".into())),
         };
@@ -225,7 +340,7 @@ mod tests {
             elements: vec![&add],
         }];
         let mut seq = 0;
-        let batch = encode_batch(&ops, || {
+        let batch = encode_batch(&ops, &[], || {
             seq += 1;
             seq
         });
@@ -238,7 +353,7 @@ mod tests {
         assert_eq!(&body[..4], &[2, 0, 0, 0], "ipv4, version 0");
         let attrs = netlink::attrs(&body[4..]).unwrap();
         assert_eq!(attrs[0], (1, &b"kube-proxy\0"[..]));
-        assert_eq!(attrs[1], (2, &b"endpoints-1\0"[..]));
+        assert_eq!(attrs[1], (2, &b"slot-1\0"[..]));
         let elem = netlink::attrs(attrs[2].1).unwrap();
         let parts = netlink::attrs(elem[0].1).unwrap();
         let verdict = netlink::attrs(netlink::attrs(parts[1].1).unwrap()[0].1).unwrap();

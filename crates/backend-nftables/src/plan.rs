@@ -97,9 +97,9 @@ impl Role {
     }
 }
 
-/// A chain that picks one of `n` endpoints of `role` for destinations keyed by `key`,
-/// with session affinity of `affinity` seconds or without. Shared by every Service port of
-/// that shape.
+/// A chain that picks one of `n` endpoints (slots 0..n) of `role` for destinations keyed
+/// by `key`, with session affinity of `affinity` seconds or without. Shared by every
+/// Service port of that shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PickClass {
     pub key: KeyKind,
@@ -138,9 +138,7 @@ pub enum MapId {
     NoEndpointServices,
     NoEndpointNodeports,
     FirewallIps,
-    /// Destination . slot → endpoint, for pick chains without affinity.
-    Endpoints(KeyKind, Role, usize),
-    /// Destination → its endpoint in one slot, for pick chains with affinity.
+    /// Destination → its endpoint in one slot.
     Slot(KeyKind, Role, usize),
     Hairpin,
 }
@@ -163,7 +161,6 @@ impl MapId {
             MapId::NoEndpointServices => "no-endpoint-services".into(),
             MapId::NoEndpointNodeports => "no-endpoint-nodeports".into(),
             MapId::FirewallIps => "firewall-ips".into(),
-            MapId::Endpoints(key, role, n) => format!("{}endpoints-{n}", prefix(key, role)),
             MapId::Slot(key, role, k) => format!("{}slot-{k}", prefix(key, role)),
             MapId::Hairpin => "hairpin".into(),
         }
@@ -179,20 +176,40 @@ pub enum ClassObject {
     AffinitySet(usize),
 }
 
+impl ClassObject {
+    pub fn name(&self) -> String {
+        match self {
+            ClassObject::Map(id) => id.name(),
+            ClassObject::AffinitySet(slot) => affinity_set_name(*slot),
+        }
+    }
+}
+
 /// Everything the given pick classes refer to.
 pub fn class_objects(classes: &BTreeSet<PickClass>) -> BTreeSet<ClassObject> {
     let mut out = BTreeSet::new();
     for c in classes {
-        if c.affinity.is_some() {
-            for k in 0..c.n {
-                out.insert(ClassObject::Map(MapId::Slot(c.key, c.role, k)));
+        for k in 0..c.n {
+            out.insert(ClassObject::Map(MapId::Slot(c.key, c.role, k)));
+            if c.affinity.is_some() {
                 out.insert(ClassObject::AffinitySet(k));
             }
-        } else {
-            out.insert(ClassObject::Map(MapId::Endpoints(c.key, c.role, c.n)));
         }
     }
     out
+}
+
+/// The slot chains the given pick classes jump to: `(key, role, slot)`.
+pub fn slot_chains(classes: &BTreeSet<PickClass>) -> BTreeSet<(KeyKind, Role, usize)> {
+    classes
+        .iter()
+        .flat_map(|c| (0..c.n).map(move |k| (c.key, c.role, k)))
+        .collect()
+}
+
+/// The chain that DNATs to a destination's endpoint in one slot.
+pub fn slot_chain_name(key: KeyKind, role: Role, slot: usize) -> String {
+    format!("dnat-{}", MapId::Slot(key, role, slot).name())
 }
 
 /// The shared affinity set of one slot.
@@ -212,7 +229,7 @@ pub struct PortPlan {
     pub endpoint_ips: BTreeSet<IpAddr>,
     /// Chains of its own (only for `loadBalancerSourceRanges`).
     pub chains: Vec<Chain>,
-    /// With session affinity: the slot of each endpoint.
+    /// The slot of each endpoint, per role.
     pub slots: Slots,
     /// The pick chains its elements send packets to.
     pub classes: BTreeSet<PickClass>,
@@ -225,8 +242,6 @@ pub enum Field {
     Addr(IpAddr),
     Proto(Protocol),
     Port(u16),
-    /// An endpoint's slot (the value `numgen` compares against).
-    Slot(u32),
 }
 
 impl fmt::Display for Field {
@@ -235,7 +250,6 @@ impl fmt::Display for Field {
             Field::Addr(ip) => write!(f, "{ip}"),
             Field::Proto(p) => write!(f, "{p}"),
             Field::Port(port) => write!(f, "{port}"),
-            Field::Slot(slot) => write!(f, "{slot}"),
         }
     }
 }
@@ -243,14 +257,6 @@ impl fmt::Display for Field {
 /// A concatenation of fields (`a . b . c`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Fields(pub Vec<Field>);
-
-impl Fields {
-    fn with(&self, field: Field) -> Fields {
-        let mut fields = self.0.clone();
-        fields.push(field);
-        Fields(fields)
-    }
-}
 
 impl fmt::Display for Fields {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -496,6 +502,7 @@ pub struct Delta {
     /// Pick chains that did not exist, and the maps and sets they need that did not.
     pub new_classes: BTreeSet<PickClass>,
     pub new_objects: BTreeSet<ClassObject>,
+    pub new_slot_chains: BTreeSet<(KeyKind, Role, usize)>,
     pub deleted: BTreeSet<Element>,
     pub added: BTreeSet<Element>,
     /// Chains that did not exist.
@@ -514,6 +521,7 @@ impl Delta {
     pub fn elements_only(&self) -> bool {
         self.new_classes.is_empty()
             && self.new_objects.is_empty()
+            && self.new_slot_chains.is_empty()
             && self.chains_added.is_empty()
             && self.chains_changed.is_empty()
             && self.chains_deleted.is_empty()
@@ -573,6 +581,11 @@ pub fn replan(
         let before = class_objects(&classes_before);
         delta.new_objects = class_objects(&plan.classes)
             .difference(&before)
+            .copied()
+            .collect();
+        let chains_before = slot_chains(&classes_before);
+        delta.new_slot_chains = slot_chains(&plan.classes)
+            .difference(&chains_before)
             .copied()
             .collect();
     }
@@ -783,44 +796,29 @@ fn pick(
     kind: KeyKind,
     key: &Fields,
     role: Role,
+    previous_slots: Option<&Slots>,
     out: &mut PortPlan,
 ) -> Value {
     if eps.is_empty() {
         return Value::Drop;
     }
-    let class = match port.session_affinity_timeout {
-        None => {
-            let n = eps.len();
-            for (slot, ep) in eps.iter().enumerate() {
-                out.elements.push(Element {
-                    map: MapId::Endpoints(kind, role, n),
-                    key: key.with(Field::Slot(slot as u32)),
-                    value: Some(endpoint_value(ep.ip, ep.port)),
-                });
-            }
-            PickClass {
-                key: kind,
-                role,
-                n,
-                affinity: None,
-            }
-        }
-        Some(timeout) => {
-            let slots = out.slots.get(&role).cloned().unwrap_or_default();
-            for ((ip, ep_port), slot) in &slots {
-                out.elements.push(Element {
-                    map: MapId::Slot(kind, role, *slot),
-                    key: key.clone(),
-                    value: Some(endpoint_value(*ip, *ep_port)),
-                });
-            }
-            PickClass {
-                key: kind,
-                role,
-                n: slots.len(),
-                affinity: Some(timeout),
-            }
-        }
+    let slots = out
+        .slots
+        .entry(role)
+        .or_insert_with(|| assign_slots(previous_slots.and_then(|s| s.get(&role)), eps))
+        .clone();
+    for ((ip, ep_port), slot) in &slots {
+        out.elements.push(Element {
+            map: MapId::Slot(kind, role, *slot),
+            key: key.clone(),
+            value: Some(endpoint_value(*ip, *ep_port)),
+        });
+    }
+    let class = PickClass {
+        key: kind,
+        role,
+        n: slots.len(),
+        affinity: port.session_affinity_timeout,
     };
     out.classes.insert(class);
     Value::Goto(class.chain())
@@ -843,13 +841,6 @@ fn plan_picks(
         Role::All => &selection.cluster,
         Role::Local => &selection.local,
     };
-    if port.session_affinity_timeout.is_some() {
-        for role in [Role::All, Role::Local] {
-            let previous = previous_slots.and_then(|s| s.get(&role));
-            let slots = assign_slots(previous, endpoints_of(role));
-            out.slots.insert(role, slots);
-        }
-    }
     for (ip, is_external) in ips {
         let key = ip_key(*ip, proto, port.port);
         let (role, entry) = match (is_external, external) {
@@ -857,13 +848,21 @@ fn plan_picks(
             (true, Role::All) => (Role::All, "external"),
             (true, Role::Local) => (Role::Local, "external-local"),
         };
-        let verdict = pick(port, endpoints_of(role), KeyKind::Ip, &key, role, out);
+        let verdict = pick(
+            port,
+            endpoints_of(role),
+            KeyKind::Ip,
+            &key,
+            role,
+            previous_slots,
+            out,
+        );
         push_verdict(out, MapId::Picks(KeyKind::Ip), &key, verdict);
         if entry == "external-local" {
             // Pods and the node reach an external address of a Local Service as if they
             // had used the cluster IP (upstream's short-circuit).
             let eps = endpoints_of(internal);
-            let verdict = pick(port, eps, KeyKind::Ip, &key, internal, out);
+            let verdict = pick(port, eps, KeyKind::Ip, &key, internal, previous_slots, out);
             push_verdict(out, MapId::ShortCircuits(KeyKind::Ip), &key, verdict);
         }
         push_verdict(out, MapId::ServiceIps, &key, Value::Goto(entry.into()));
@@ -876,6 +875,7 @@ fn plan_picks(
             KeyKind::NodePort,
             &key,
             external,
+            previous_slots,
             out,
         );
         push_verdict(out, MapId::Picks(KeyKind::NodePort), &key, verdict);
@@ -883,7 +883,15 @@ fn plan_picks(
             Role::All => "nodeport",
             Role::Local => {
                 let eps = endpoints_of(internal);
-                let verdict = pick(port, eps, KeyKind::NodePort, &key, internal, out);
+                let verdict = pick(
+                    port,
+                    eps,
+                    KeyKind::NodePort,
+                    &key,
+                    internal,
+                    previous_slots,
+                    out,
+                );
                 push_verdict(out, MapId::ShortCircuits(KeyKind::NodePort), &key, verdict);
                 "nodeport-local"
             }

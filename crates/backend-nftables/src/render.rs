@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use proxy_core::model::IpFamily;
 
 use crate::plan::{
-    affinity_set_name, class_objects, family_names, ClassObject, Delta, Element, FamilyPlan,
-    FamilySettings, KeyKind, MapId, PickClass, TABLE,
+    affinity_set_name, class_objects, family_names, slot_chain_name, slot_chains, ClassObject,
+    Delta, Element, FamilyPlan, FamilySettings, KeyKind, MapId, PickClass, Role, TABLE,
 };
 
 /// Whether elements are added or deleted, or a map emptied.
@@ -30,7 +30,6 @@ fn packet_key(kind: KeyKind, addr: &str) -> String {
 /// The type line of a map or set.
 fn map_type(id: MapId, family: IpFamily) -> String {
     let f = family_names(family);
-    let a = f.addr;
     let dest = |kind: KeyKind| match kind {
         KeyKind::Ip => format!("{} . inet_proto . inet_service", f.addr_type),
         KeyKind::NodePort => "inet_proto . inet_service".to_string(),
@@ -43,13 +42,10 @@ fn map_type(id: MapId, family: IpFamily) -> String {
         }
         MapId::NoEndpointServices => format!("type {}", dest(KeyKind::Ip)),
         MapId::NoEndpointNodeports => format!("type {}", dest(KeyKind::NodePort)),
-        // `numgen random mod 1` only gives the key's type; the chains use `mod N`.
-        MapId::Endpoints(kind, _, _) => format!(
-            "typeof {} . numgen random mod 1 : {a} daddr . th dport",
-            packet_key(kind, a)
-        ),
+        // `type`, not `typeof`: nft 1.0.6 cannot read back a `typeof` map whose data is
+        // `ip daddr . th dport`, and fails on any later rule that refers to it.
         MapId::Slot(kind, _, _) => {
-            format!("typeof {} : {a} daddr . th dport", packet_key(kind, a))
+            format!("type {} : {} . inet_service", dest(kind), f.addr_type)
         }
         MapId::Hairpin => format!("type {t} . {t}", t = f.addr_type),
     }
@@ -77,10 +73,10 @@ fn render_map(out: &mut String, id: MapId, family: IpFamily, elements: &[&Elemen
 /// Keyed by client and destination, so one set serves every Service. No `size`: the
 /// kernel would allocate a hash table of that many buckets up front.
 fn render_affinity_set(out: &mut String, slot: usize, family: IpFamily) {
-    let a = family_names(family).addr;
+    let t = family_names(family).addr_type;
     let _ = writeln!(
         out,
-        "\tset {} {{ typeof {a} saddr . {a} daddr . meta l4proto . th dport; flags dynamic,timeout; }}",
+        "\tset {} {{ type {t} . {t} . inet_proto . inet_service; flags dynamic,timeout; }}",
         affinity_set_name(slot)
     );
 }
@@ -97,39 +93,61 @@ fn render_class_object(
     }
 }
 
-/// The rules of a pick chain. Without affinity: one DNAT through the endpoint map, keyed
-/// by destination and a random slot. With it: a known client (its `client . destination`
-/// in the set of a slot) goes back to that slot's endpoint; a new one takes slot k with
-/// probability 1/(N-k), which is uniform over the N, and is remembered. Every new
-/// connection refreshes the timeout.
+/// Above this many endpoints a pick chain chooses its slot through an anonymous verdict
+/// map (one lookup) rather than a rule per slot; below it, rules avoid the cost of a set.
+const MAX_SLOT_RULES: usize = 32;
+
+/// The rules of a pick chain. Without affinity: slot k with probability 1/(N-k), which is
+/// uniform over the N. With it: a known client (its `client . destination` in the set of
+/// a slot) goes back to that slot; a new one is spread the same way and remembered. Every
+/// new connection refreshes the timeout.
 fn pick_rules(class: &PickClass, family: IpFamily) -> Vec<String> {
     let a = family_names(family).addr;
-    let key = packet_key(class.key, a);
     let n = class.n;
+    let slot = |k: usize| slot_chain_name(class.key, class.role, k);
+    let spread = |k: usize, action: String| {
+        let remaining = n - k;
+        if remaining > 1 {
+            format!("numgen random mod {remaining} == 0 {action}")
+        } else {
+            action
+        }
+    };
     let Some(timeout) = class.affinity else {
-        let map = MapId::Endpoints(class.key, class.role, n).name();
-        return vec![format!(
-            "dnat {a} to {key} . numgen random mod {n} map @{map}"
-        )];
+        if n > MAX_SLOT_RULES {
+            let targets: Vec<String> = (0..n).map(|k| format!("{k} : goto {}", slot(k))).collect();
+            return vec![format!(
+                "numgen random mod {n} vmap {{ {} }}",
+                targets.join(", ")
+            )];
+        }
+        return (0..n)
+            .map(|k| spread(k, format!("goto {}", slot(k))))
+            .collect();
     };
     let client = format!("{a} saddr . {a} daddr . meta l4proto . th dport");
     let go = |k: usize| {
         let set = affinity_set_name(k);
-        let map = MapId::Slot(class.key, class.role, k).name();
-        format!("update @{set} {{ {client} timeout {timeout}s }} dnat {a} to {key} map @{map}")
+        format!(
+            "update @{set} {{ {client} timeout {timeout}s }} goto {}",
+            slot(k)
+        )
     };
     let mut rules: Vec<String> = (0..n)
         .map(|k| format!("{client} @{} {}", affinity_set_name(k), go(k)))
         .collect();
-    rules.extend((0..n).map(|k| {
-        let remaining = n - k;
-        if remaining > 1 {
-            format!("numgen random mod {remaining} == 0 {}", go(k))
-        } else {
-            go(k)
-        }
-    }));
+    rules.extend((0..n).map(|k| spread(k, go(k))));
     rules
+}
+
+/// The rule of a slot chain: DNAT to the destination's endpoint in that slot.
+fn slot_rule(key: KeyKind, role: Role, slot: usize, family: IpFamily) -> String {
+    let a = family_names(family).addr;
+    format!(
+        "dnat {a} to {} map @{}",
+        packet_key(key, a),
+        MapId::Slot(key, role, slot).name()
+    )
 }
 
 /// The entry chains: masquerade marks by traffic policy, then the pick.
@@ -241,11 +259,20 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     let family = settings.family;
     let f = family_names(family);
     let a = f.addr;
-    let mut chains: Vec<ChainText> = plan
-        .classes
-        .iter()
-        .map(|class| ChainText::new(class.chain(), pick_rules(class, family)))
+    let mut chains: Vec<ChainText> = slot_chains(&plan.classes)
+        .into_iter()
+        .map(|(key, role, k)| {
+            ChainText::new(
+                slot_chain_name(key, role, k),
+                vec![slot_rule(key, role, k, family)],
+            )
+        })
         .collect();
+    chains.extend(
+        plan.classes
+            .iter()
+            .map(|class| ChainText::new(class.chain(), pick_rules(class, family))),
+    );
     for port in plan.ports.values() {
         for chain in &port.chains {
             chains.push(ChainText {
@@ -319,6 +346,11 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     chains
 }
 
+/// The names of every chain of the table.
+pub fn chain_names(plan: &FamilyPlan) -> Vec<String> {
+    table_chains(plan).into_iter().map(|c| c.name).collect()
+}
+
 /// How a full sync treats the table that may exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FullMode {
@@ -330,8 +362,15 @@ pub enum FullMode {
 }
 
 /// Renders the table of one family without elements, as one part of an atomic `nft -f`
-/// transaction: declarations first (maps, sets, empty chains), then the rules.
-pub fn render_skeleton(out: &mut String, plan: &FamilyPlan, mode: FullMode) {
+/// transaction: declarations first (maps, sets, empty chains), then the rules. When
+/// updating, maps and sets named in `existing` are not declared again: `nft` 1.0.6 fails
+/// to compare a redeclared `typeof` map holding `th dport` with the kernel's.
+pub fn render_skeleton(
+    out: &mut String,
+    plan: &FamilyPlan,
+    mode: FullMode,
+    existing: &BTreeSet<String>,
+) {
     let family = plan.family();
     let t = format!("{} {TABLE}", family_names(family).table_family);
     if mode == FullMode::Replace {
@@ -340,6 +379,9 @@ pub fn render_skeleton(out: &mut String, plan: &FamilyPlan, mode: FullMode) {
     }
     let _ = writeln!(out, "table {t} {{\n\tcomment \"rules for kube-proxy\"");
     for object in table_maps(plan) {
+        if mode == FullMode::Update && existing.contains(&object.name()) {
+            continue;
+        }
         render_class_object(out, object, family, &[]);
     }
     let chains = table_chains(plan);
@@ -420,6 +462,14 @@ pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
         let _ = writeln!(out, "table {t} {{");
         for object in &delta.new_objects {
             render_class_object(out, *object, family, &[]);
+        }
+        for (key, role, k) in &delta.new_slot_chains {
+            let _ = writeln!(
+                out,
+                "\tchain {} {{\n\t\t{}\n\t}}",
+                slot_chain_name(*key, *role, *k),
+                slot_rule(*key, *role, *k, family)
+            );
         }
         for class in &delta.new_classes {
             let _ = writeln!(out, "\tchain {} {{", class.chain());

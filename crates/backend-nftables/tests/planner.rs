@@ -153,12 +153,13 @@ fn endpoint_count_change_moves_service_to_a_new_class() {
         .unwrap();
     let script = &proxier.runner().scripts[1];
     assert!(
-        script.contains("map endpoints-3"),
+        script.contains("map slot-2") && script.contains("chain pick-ip-3"),
         "class 3 created: {script}"
     );
     assert!(script.contains("goto pick-ip-3"), "{script}");
+    // The endpoint that stays keeps its slot: its element is not touched.
     assert!(
-        script.contains("delete element ip kube-proxy endpoints-1"),
+        !script.contains("delete element ip kube-proxy slot-0"),
         "{script}"
     );
 }
@@ -286,7 +287,7 @@ fn affinity_targets(script: &str) -> BTreeSet<(String, String)> {
         } else if line.trim() == "}" && !line.starts_with("\t\t") {
             current = None;
         } else if let (Some(map), Some((_, value))) = (&current, line.split_once(" : ")) {
-            if line.contains("typeof") {
+            if line.contains("type") {
                 continue;
             }
             out.insert((map.clone(), value.trim_end_matches(',').trim().to_string()));
@@ -316,7 +317,7 @@ fn affinity_slots_stay_with_their_endpoints() {
     assert_eq!(before.len(), 3, "{before:?}");
     assert!(
         proxier.runner().scripts[0].contains("set aff-2 ")
-            && proxier.runner().scripts[0].contains("chain pick-ip-3-affinity-600"),
+            && proxier.runner().scripts[0].contains("chain pick-ip-3-affinity-600 "),
         "one shared set per slot, one chain for every such Service"
     );
 
@@ -444,4 +445,96 @@ fn netlink_element_changes_match_a_full_rewrite() {
     let want = list(&rewritten);
     assert!(got.iter().any(|t| t.contains("10.244.0.7 . 80")));
     assert_eq!(got, want);
+}
+
+/// A new process (nothing programmed yet) finds the table of an earlier one: it loads its
+/// own in place, and what the earlier state needed and this one does not (classes,
+/// affinity maps and sets) is gone afterwards.
+#[test]
+fn full_load_over_an_older_table_leaves_nothing_behind() {
+    if !testkit::root_or_skip("full_load_over_an_older_table_leaves_nothing_behind") {
+        return;
+    }
+    let mut older = sample_state();
+    let mut sticky = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
+    sticky.session_affinity_timeout = Some(600);
+    add(
+        &mut older,
+        sticky,
+        vec![
+            ep("10.244.0.1", 80),
+            ep("10.244.0.2", 80),
+            ep("10.244.0.3", 80),
+        ],
+    );
+    let mut newer = sample_state();
+    let web = ServicePortName {
+        service: ServiceName::new("default", "web"),
+        port: String::new(),
+        protocol: Protocol::Tcp,
+    };
+    newer
+        .endpoints
+        .insert(web, Arc::new(vec![ep("10.244.1.2", 8080)]));
+
+    let load = |ns: &testkit::Netns, states: Vec<ProxyState>| {
+        ns.run(|| {
+            for state in states {
+                // A fresh proxier each time, as after a restart.
+                let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+                proxier.sync(&request(state, &[], true)).unwrap();
+            }
+        })
+        .unwrap();
+        let v4 = ns
+            .exec(&["nft", "list", "table", "ip", "kube-proxy"])
+            .unwrap();
+        let v6 = ns
+            .exec(&["nft", "list", "table", "ip6", "kube-proxy"])
+            .unwrap();
+        normalized(&format!("{v4}\n{v6}"))
+    };
+    let restarted = load(&testkit::Netns::new().unwrap(), vec![older, newer.clone()]);
+    let fresh = load(&testkit::Netns::new().unwrap(), vec![newer]);
+    assert!(
+        !restarted.iter().any(|t| t.contains("aff-")),
+        "{restarted:?}"
+    );
+    assert_eq!(restarted, fresh);
+}
+
+/// A full load updates the table in place: what clients the affinity sets remember
+/// survives a restart of the proxy (a replaced table would forget them).
+#[test]
+fn full_load_keeps_remembered_affinity_clients() {
+    if !testkit::root_or_skip("full_load_keeps_remembered_affinity_clients") {
+        return;
+    }
+    let mut state = sample_state();
+    let mut sticky = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
+    sticky.session_affinity_timeout = Some(600);
+    add(
+        &mut state,
+        sticky,
+        vec![ep("10.244.0.1", 80), ep("10.244.0.2", 80)],
+    );
+    let ns = testkit::Netns::new().unwrap();
+    let load = |state: ProxyState| {
+        ns.run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            proxier.sync(&request(state, &[], true)).unwrap();
+        })
+        .unwrap();
+    };
+    load(state.clone());
+    ns.exec(&[
+        "nft",
+        "add element ip kube-proxy aff-1 { 192.168.7.7 . 10.96.0.30 . tcp . 80 timeout 600s }",
+    ])
+    .unwrap();
+    load(state);
+    let set = ns
+        .exec(&["nft", "list", "set", "ip", "kube-proxy", "aff-1"])
+        .unwrap();
+    assert!(set.contains("192.168.7.7"), "{set}");
 }
