@@ -294,9 +294,15 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
         a.body
     );
 
-    // Syncs fail from now on; a change is queued and stays unsynced past 2 × 1 s.
+    // Syncs fail from now on; a change is queued and stays unsynced past 2 × 1 s. The
+    // change needs new chains (a first Service with affinity), so it goes through `nft`
+    // (element-only changes go over netlink and would not see the wrapper).
     std::fs::write(node.dir.path().join("fail-nft"), "").expect("fail switch");
-    node.write_manifests(&(service("web", "10.96.0.10", "") + &service("api", "10.96.0.11", "")));
+    node.write_manifests(
+        &(service("web", "10.96.0.10", "")
+            + &service("api", "10.96.0.11", "  sessionAffinity: ClientIP\n")
+            + &slice("api", NODE)),
+    );
     wait_for("healthz 503", Duration::from_secs(10), || {
         get(&node.ns, HEALTHZ, "/healthz").is_some_and(|a| a.status == 503)
     });
