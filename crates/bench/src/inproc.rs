@@ -12,7 +12,8 @@ use backend_iptables::apply::{Backend, IptablesCommand};
 use backend_iptables::plan::IptConfig;
 use backend_iptables::IptablesProxier;
 use backend_nftables::apply::{NftCommand, RecordingRunner};
-use backend_nftables::plan::NftConfig;
+use backend_nftables::plan::{FamilyPlan, NftConfig};
+use backend_nftables::render::{render_skeleton, FullMode};
 use backend_nftables::NftablesProxier;
 use proxy_core::model::{IpFamily, LocalDetector, ProxyState, ServiceName};
 use proxy_core::proxier::{Proxier, SyncRequest};
@@ -44,8 +45,10 @@ pub struct InProcess {
     /// First full sync, kernel included.
     pub full_sync_ms: f64,
     pub full_sync_bytes: usize,
-    /// Largest resident set of any tool child so far (`getrusage(RUSAGE_CHILDREN)`); the
-    /// sizes run in increasing order, so this is this size's full sync.
+    /// Peak resident set of the tool the full sync runs (`nft` for the skeleton; the
+    /// elements go over netlink, in process), measured by replaying its input from a
+    /// small helper process: a child spawned by this large process would report this
+    /// process's size.
     pub tool_child_peak_mib: f64,
     pub endpoint_change_samples: usize,
     pub endpoint_change_p50_ms: f64,
@@ -155,7 +158,6 @@ pub fn churn(
     let outcome = proxier.sync(&full_request(&shared)).context("full sync")?;
     out.full_sync_ms = t.elapsed().as_secs_f64() * 1e3;
     out.full_sync_bytes = outcome.transaction_bytes;
-    out.tool_child_peak_mib = children_peak_mib();
     drop(shared);
 
     // One endpoint of one Service is replaced by a new address, Services spread over the
@@ -238,7 +240,74 @@ pub fn measure(
         }
     })??;
     out.plan_ms = plan_ms;
+    out.tool_child_peak_mib = tool_peak_mib(mode, cluster)?;
     Ok(out)
+}
+
+/// The peak RSS of the tool a full sync of `cluster` runs, replayed in a fresh namespace
+/// through `bench --child-peak`.
+fn tool_peak_mib(mode: Mode, cluster: &[SynthService]) -> Result<f64> {
+    let state = Arc::new(synth::state(cluster));
+    let (program, args, input): (&str, Vec<&str>, String) = match mode {
+        Mode::Nftables => {
+            let mut script = String::new();
+            for family in nft_config().families {
+                let plan = FamilyPlan::full(family, &state, &nft_config(), None, &mut Vec::new());
+                render_skeleton(&mut script, &plan, FullMode::Update, &BTreeSet::new());
+            }
+            ("nft", vec!["-f", "-"], script)
+        }
+        Mode::IptablesLegacy => {
+            let mut p = IptablesProxier::new(
+                ipt_config(),
+                backend_iptables::apply::RecordingRunner::default(),
+            );
+            p.sync(&full_request(&state))?;
+            let input = p
+                .runner()
+                .restores
+                .iter()
+                .find(|(family, _)| *family == IpFamily::V4)
+                .map(|(_, input)| input.clone())
+                .unwrap_or_default();
+            ("iptables-legacy-restore", vec!["--noflush"], input)
+        }
+    };
+    drop(state);
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), input)?;
+    let exe = std::env::current_exe()?;
+    let ns = testkit::Netns::new()?;
+    let mut command = vec![
+        exe.to_str().context("exe path")?,
+        CHILD_PEAK,
+        file.path().to_str().context("temp path")?,
+        program,
+    ];
+    command.extend(args);
+    let out = ns.exec(&command)?;
+    let kib: f64 = out.trim().parse().context("child peak output")?;
+    Ok(kib / 1024.0)
+}
+
+/// `bench --child-peak FILE PROGRAM ARGS...`: runs PROGRAM with FILE as its input and
+/// prints its peak RSS in KiB (it fails if the program does).
+pub const CHILD_PEAK: &str = "--child-peak";
+
+pub fn child_peak(args: &[String]) -> Result<()> {
+    let [file, program, rest @ ..] = args else {
+        anyhow::bail!("usage: bench {CHILD_PEAK} FILE PROGRAM [ARGS...]");
+    };
+    let status = std::process::Command::new(program)
+        .args(rest)
+        .stdin(std::fs::File::open(file)?)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("{program} failed: {status}");
+    }
+    println!("{:.0}", children_peak_mib() * 1024.0);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ fn markdown(report: &Report) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | `nft`/restore child peak RSS | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | add Service bytes | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
+        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | tool child peak RSS (`nft` skeleton / restore) | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | add Service bytes | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
     );
     let _ = writeln!(
         t,
@@ -157,6 +157,10 @@ fn markdown(report: &Report) -> String {
 }
 
 fn main() -> Result<()> {
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(inproc::CHILD_PEAK) {
+        return inproc::child_peak(&raw[2..]);
+    }
     let args = Args::parse();
     if !nix_is_root() {
         bail!("run as root: the benchmark builds network namespaces");

@@ -161,9 +161,39 @@ pub fn stale_flows(old: &ProxyState, new: &ProxyState) -> BTreeSet<StaleFlow> {
     out
 }
 
+impl StaleFlow {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            StaleFlow::ServiceToEndpoint { protocol, .. }
+            | StaleFlow::NodePortToEndpoint { protocol, .. }
+            | StaleFlow::Service { protocol, .. }
+            | StaleFlow::NodePort { protocol, .. } => *protocol,
+        }
+    }
+
+    pub fn family(&self) -> IpFamily {
+        match self {
+            StaleFlow::ServiceToEndpoint { service_ip, .. }
+            | StaleFlow::Service { service_ip, .. } => IpFamily::of(service_ip),
+            StaleFlow::NodePortToEndpoint { family, .. } | StaleFlow::NodePort { family, .. } => {
+                *family
+            }
+        }
+    }
+}
+
 /// Deletes conntrack entries. Implementations must treat "no such entry" as success.
 pub trait ConntrackCleaner: Send + 'static {
     fn delete(&mut self, flow: &StaleFlow) -> Result<(), String>;
+
+    /// Deletes the entries of every flow; returns what could not be done. By default one
+    /// `delete` per flow.
+    fn delete_all(&mut self, flows: &BTreeSet<StaleFlow>) -> Vec<String> {
+        flows
+            .iter()
+            .filter_map(|flow| self.delete(flow).err().map(|e| format!("{flow:?}: {e}")))
+            .collect()
+    }
 }
 
 /// Wraps a backend: after each successful sync, deletes the flows the sync made stale.
@@ -196,9 +226,9 @@ impl<C: ConntrackCleaner> Proxier for CleaningProxier<C> {
         // endpoints (as upstream does after a restart).
         let old = self.last.take().unwrap_or_default();
         let flows = stale_flows(&old, &request.state);
-        for flow in &flows {
-            if let Err(err) = self.cleaner.delete(flow) {
-                tracing::warn!(?flow, error = %err, "could not delete stale conntrack entries");
+        if !flows.is_empty() {
+            for err in self.cleaner.delete_all(&flows) {
+                tracing::warn!(error = %err, "could not delete stale conntrack entries");
             }
         }
         if !flows.is_empty() {
