@@ -347,6 +347,9 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceName> {
     Some(ServiceName::new(namespace, name.as_str()))
 }
 
+/// Endpoints per (port name, protocol).
+pub type EndpointsByPort = BTreeMap<(String, Protocol), Vec<Endpoint>>;
+
 /// Endpoints of one Service, per (port name, protocol), merged over all its slices.
 /// Duplicates (the same IP and port in two slices, as happens while a slice is being
 /// replaced) are kept once. Invalid entries are skipped with a warning.
@@ -354,14 +357,47 @@ pub fn service_endpoints<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node_name: &str,
     warnings: &mut Vec<String>,
-) -> BTreeMap<(String, Protocol), Vec<Endpoint>> {
+) -> EndpointsByPort {
+    let per_slice: Vec<EndpointsByPort> = slices
+        .into_iter()
+        .map(|slice| slice_endpoints(slice, node_name, warnings))
+        .collect();
+    merge_endpoints(&per_slice)
+}
+
+/// Merges the endpoints of a Service's slices; an endpoint listed twice is kept once
+/// (the first).
+pub fn merge_endpoints<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointsByPort>,
+) -> EndpointsByPort {
     let mut out: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
     for slice in slices {
+        for (key, eps) in slice {
+            let bucket = out.entry(key.clone()).or_default();
+            for ep in eps {
+                bucket.entry((ep.ip, ep.port)).or_insert_with(|| ep.clone());
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(k, eps)| (k, eps.into_values().collect()))
+        .collect()
+}
+
+/// The endpoints of one EndpointSlice, per (port name, protocol). Invalid entries are
+/// skipped with a warning.
+pub fn slice_endpoints(
+    slice: &EndpointSlice,
+    node_name: &str,
+    warnings: &mut Vec<String>,
+) -> EndpointsByPort {
+    let mut out: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    {
         let slice_name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
         let family = match slice.address_type.as_str() {
             "IPv4" => IpFamily::V4,
             "IPv6" => IpFamily::V6,
-            _ => continue, // FQDN slices are not proxied.
+            _ => return EndpointsByPort::new(), // FQDN slices are not proxied.
         };
         if slice.endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
             warnings.push(format!(
