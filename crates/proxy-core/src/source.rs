@@ -1,18 +1,119 @@
 //! What sources (the manifests directory, the API server) hand to the change tracker.
 //!
-//! Sources speak in raw Kubernetes objects; turning them into the proxy's model is the
-//! tracker's job, so every source gets the same validation and the same semantics.
+//! Sources speak in Kubernetes objects; the conversion to the proxy's model is done here
+//! and in [`crate::convert`], the same for every source. A complete picture (`Replace`)
+//! carries records, converted as the source reads each object: the raw objects of a
+//! whole cluster at once would cost many times more memory than the proxy keeps.
+
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::convert::{self, EndpointsByPort};
+use crate::model::{ServiceName, ServicePort};
+
+/// EndpointSlice annotation: when the change behind this slice's last update happened.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A Service as the tracker keeps it: its name and its converted ports (none when it is
+/// invalid; the problem is logged when the record is made).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceRecord {
+    pub name: ServiceName,
+    pub ports: Vec<ServicePort>,
+}
+
+impl ServiceRecord {
+    pub fn new(svc: &Service) -> Self {
+        let name = ServiceName::new(
+            svc.metadata.namespace.as_deref().unwrap_or("default"),
+            svc.metadata.name.as_deref().unwrap_or(""),
+        );
+        let ports = match convert::service_ports(svc) {
+            Ok(converted) => {
+                for warning in &converted.warnings {
+                    tracing::warn!(service = %name, "{warning}");
+                }
+                converted.ports
+            }
+            Err(err) => {
+                // Refused as a whole: its rules go, everything else stays.
+                tracing::warn!(service = %name, error = %err, "ignoring invalid Service");
+                Vec::new()
+            }
+        };
+        ServiceRecord { name, ports }
+    }
+}
+
+/// An EndpointSlice as the tracker keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceRecord {
+    pub namespace: String,
+    pub name: String,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label).
+    pub owner: Option<ServiceName>,
+    /// Its endpoints per port; `is_local` says whether they run on `node_name`.
+    pub endpoints: EndpointsByPort,
+    /// Its last-change-trigger-time annotation, when readable.
+    pub trigger_time: Option<SystemTime>,
+}
+
+impl SliceRecord {
+    pub fn new(slice: &EndpointSlice, node_name: &str) -> Self {
+        let mut warnings = Vec::new();
+        let endpoints = convert::slice_endpoints(slice, node_name, &mut warnings);
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
+        let trigger_time = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+            .and_then(|text| text.parse::<jiff::Timestamp>().ok())
+            .map(SystemTime::from);
+        SliceRecord {
+            namespace: slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name: slice.metadata.name.clone().unwrap_or_default(),
+            owner: convert::slice_service(slice),
+            endpoints,
+            trigger_time,
+        }
+    }
+}
+
 /// A complete picture of the objects a source currently holds.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub services: Vec<ServiceRecord>,
+    pub endpoint_slices: Vec<SliceRecord>,
     /// This node's Node object, when the source has it.
     pub node: Option<Node>,
+}
+
+impl Objects {
+    /// Records of raw objects (`node_name`: this node, for endpoints' locality).
+    pub fn from_raw<'a>(
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        node: Option<Node>,
+        node_name: &str,
+    ) -> Self {
+        Objects {
+            services: services.into_iter().map(ServiceRecord::new).collect(),
+            endpoint_slices: slices
+                .into_iter()
+                .map(|s| SliceRecord::new(s, node_name))
+                .collect(),
+            node,
+        }
+    }
 }
 
 /// One message from a source to the change tracker.

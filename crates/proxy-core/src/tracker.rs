@@ -11,19 +11,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 use tokio::time::Instant;
 
-use crate::convert::{self, EndpointsByPort};
+use crate::convert;
 use crate::model::{ProxyState, ServiceName, ServicePort};
-use crate::source::{Objects, SourceUpdate};
+use crate::source::{Objects, ServiceRecord, SliceRecord, SourceUpdate};
 
 /// Key of an EndpointSlice: namespace and slice name.
 type SliceKey = (String, String);
 
-/// EndpointSlice annotation: when the change behind this slice's last update happened.
-pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub use crate::source::LAST_CHANGE_TRIGGER_TIME;
 
 /// Node taint the cluster autoscaler sets before it deletes a node.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -67,62 +65,12 @@ impl PendingChanges {
     }
 }
 
-/// What the tracker keeps of an EndpointSlice.
-#[derive(Debug, Clone, PartialEq)]
-struct SlimSlice {
-    /// The Service it belongs to (its `kubernetes.io/service-name` label).
-    owner: Option<ServiceName>,
-    endpoints: EndpointsByPort,
-    /// Its last-change-trigger-time annotation, when readable.
-    trigger_time: Option<SystemTime>,
-}
-
-impl SlimSlice {
-    fn new(slice: &EndpointSlice, node_name: &str) -> Self {
-        let mut warnings = Vec::new();
-        let endpoints = convert::slice_endpoints(slice, node_name, &mut warnings);
-        for warning in &warnings {
-            tracing::warn!("{warning}");
-        }
-        let trigger_time = slice
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
-            .and_then(|text| text.parse::<jiff::Timestamp>().ok())
-            .map(SystemTime::from);
-        SlimSlice {
-            owner: convert::slice_service(slice),
-            endpoints,
-            trigger_time,
-        }
-    }
-}
-
-/// A Service's ports, converted; an invalid Service has none (it was reported when it
-/// arrived).
-fn service_ports(key: &ServiceName, svc: &Service) -> Vec<ServicePort> {
-    match convert::service_ports(svc) {
-        Ok(converted) => {
-            for warning in &converted.warnings {
-                tracing::warn!(service = %key, "{warning}");
-            }
-            converted.ports
-        }
-        Err(err) => {
-            // Refused as a whole: its rules go, everything else stays.
-            tracing::warn!(service = %key, error = %err, "ignoring invalid Service");
-            Vec::new()
-        }
-    }
-}
-
 /// Tracks converted objects and the state derived from them.
 #[derive(Debug)]
 pub struct ChangeTracker {
     node_name: String,
     services: HashMap<ServiceName, Vec<ServicePort>>,
-    slices: HashMap<SliceKey, SlimSlice>,
+    slices: HashMap<SliceKey, SliceRecord>,
     slices_by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
     node: Option<Node>,
     state: Arc<ProxyState>,
@@ -201,9 +149,9 @@ impl ChangeTracker {
         match update {
             SourceUpdate::Replace(objects) => self.replace(objects, now),
             SourceUpdate::ServiceUpsert(svc) => {
-                let key = raw_service_key(&svc);
-                let ports = service_ports(&key, &svc);
-                self.services.insert(key.clone(), ports);
+                let record = ServiceRecord::new(&svc);
+                let key = record.name.clone();
+                self.services.insert(key.clone(), record.ports);
                 self.refresh_service(&key, now)
             }
             SourceUpdate::ServiceDelete { namespace, name } => {
@@ -212,9 +160,8 @@ impl ChangeTracker {
                 self.refresh_service(&key, now)
             }
             SourceUpdate::EndpointSliceUpsert(slice) => {
-                let key = slice_key(&slice);
-                let slim = SlimSlice::new(&slice, &self.node_name);
-                self.upsert_slice(key, slim, now)
+                let record = SliceRecord::new(&slice, &self.node_name);
+                self.upsert_slice(record, now)
             }
             SourceUpdate::EndpointSliceDelete { namespace, name } => {
                 self.remove_slice(&(namespace, name), now)
@@ -228,11 +175,7 @@ impl ChangeTracker {
         let new_services: HashMap<ServiceName, Vec<ServicePort>> = objects
             .services
             .into_iter()
-            .map(|svc| {
-                let key = raw_service_key(&svc);
-                let ports = service_ports(&key, &svc);
-                (key, ports)
-            })
+            .map(|record| (record.name, record.ports))
             .collect();
         for (key, svc) in &new_services {
             if self.services.get(key) != Some(svc) {
@@ -247,10 +190,10 @@ impl ChangeTracker {
         );
         self.services = new_services;
 
-        let new_slices: HashMap<SliceKey, SlimSlice> = objects
+        let new_slices: HashMap<SliceKey, SliceRecord> = objects
             .endpoint_slices
             .into_iter()
-            .map(|s| (slice_key(&s), SlimSlice::new(&s, &self.node_name)))
+            .map(|s| ((s.namespace.clone(), s.name.clone()), s))
             .collect();
         for (key, slice) in &new_slices {
             match self.slices.get(key) {
@@ -284,7 +227,8 @@ impl ChangeTracker {
         changed
     }
 
-    fn upsert_slice(&mut self, key: SliceKey, slice: SlimSlice, now: Instant) -> bool {
+    fn upsert_slice(&mut self, slice: SliceRecord, now: Instant) -> bool {
+        let key = (slice.namespace.clone(), slice.name.clone());
         let new_owner = slice.owner.clone();
         let old_owner = self.slices.get(&key).and_then(|s| s.owner.clone());
         if let Some(owner) = &old_owner {
@@ -424,22 +368,4 @@ impl ChangeTracker {
             .filter(|at| *at >= self.started)
             .max()
     }
-}
-
-fn raw_service_key(svc: &Service) -> ServiceName {
-    ServiceName::new(
-        svc.metadata.namespace.as_deref().unwrap_or("default"),
-        svc.metadata.name.as_deref().unwrap_or(""),
-    )
-}
-
-fn slice_key(slice: &EndpointSlice) -> SliceKey {
-    (
-        slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        slice.metadata.name.clone().unwrap_or_default(),
-    )
 }

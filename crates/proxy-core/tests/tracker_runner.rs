@@ -80,14 +80,15 @@ fn port_name(service: &str) -> ServicePortName {
 #[test]
 fn tracker_derives_ports_and_merges_slices() {
     let mut tracker = ChangeTracker::new("node-a");
-    let changed = tracker.apply(SourceUpdate::Replace(Objects {
-        services: vec![service("web", "10.96.0.10")],
-        endpoint_slices: vec![
+    let changed = tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[service("web", "10.96.0.10")],
+        &[
             slice("web", "web-1", &["10.244.1.2"], true),
             slice("web", "web-2", &["10.244.2.2", "10.244.1.2"], true),
         ],
-        node: None,
-    }));
+        None,
+        "node-a",
+    )));
     assert!(changed);
     let state = tracker.state();
     let eps = state.endpoints_of(&port_name("web"));
@@ -106,14 +107,15 @@ fn tracker_derives_ports_and_merges_slices() {
         .contains_key(&ServiceName::new("default", "web")));
 
     // The same objects again: nothing changes, nothing pending.
-    let again = tracker.apply(SourceUpdate::Replace(Objects {
-        services: vec![service("web", "10.96.0.10")],
-        endpoint_slices: vec![
+    let again = tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[service("web", "10.96.0.10")],
+        &[
             slice("web", "web-1", &["10.244.1.2"], true),
             slice("web", "web-2", &["10.244.2.2", "10.244.1.2"], true),
         ],
-        node: None,
-    }));
+        None,
+        "node-a",
+    )));
     assert!(!again);
     assert!(tracker.pending().is_empty());
 
@@ -133,11 +135,12 @@ fn invalid_service_is_dropped_without_touching_others() {
     let mut tracker = ChangeTracker::new("node-a");
     let mut bad = service("bad", "10.96.0.300");
     bad.metadata.name = Some("bad".into());
-    tracker.apply(SourceUpdate::Replace(Objects {
-        services: vec![service("web", "10.96.0.10"), bad],
-        endpoint_slices: vec![],
-        node: None,
-    }));
+    tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[service("web", "10.96.0.10"), bad],
+        &[],
+        None,
+        "node-a",
+    )));
     let state = tracker.state();
     assert!(state.services.contains_key(&port_name("web")));
     assert_eq!(state.services.len(), 1);
@@ -152,11 +155,12 @@ fn not_ready_endpoints_fall_back_to_serving_terminating() {
         serving: Some(true),
         terminating: Some(true),
     });
-    tracker.apply(SourceUpdate::Replace(Objects {
-        services: vec![service("web", "10.96.0.10")],
-        endpoint_slices: vec![terminating, slice("web", "web-2", &["10.244.2.2"], false)],
-        node: None,
-    }));
+    tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[service("web", "10.96.0.10")],
+        &[terminating, slice("web", "web-2", &["10.244.2.2"], false)],
+        None,
+        "node-a",
+    )));
     let state = tracker.state();
     let port = &state.services[&port_name("web")];
     let selection = proxy_core::select::select(

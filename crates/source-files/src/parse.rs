@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use proxy_core::source::Objects;
+use proxy_core::source::{Objects, ServiceRecord, SliceRecord};
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::{MessageFormatter, Spanned};
@@ -267,13 +267,15 @@ impl<'a> Loader<'a> {
 
     fn add_service(&mut self, mut service: Service, place: Place) {
         if self.register(Kind::Service, &mut service.metadata, &place) {
-            self.objects.services.push(service);
+            // Converted at once: a cluster's raw objects are not kept (see `Objects`).
+            self.objects.services.push(ServiceRecord::new(&service));
         }
     }
 
     fn add_endpoint_slice(&mut self, mut slice: EndpointSlice, place: Place) {
         if self.register(Kind::EndpointSlice, &mut slice.metadata, &place) {
-            self.objects.endpoint_slices.push(slice);
+            let record = SliceRecord::new(&slice, self.node_name);
+            self.objects.endpoint_slices.push(record);
         }
     }
 

@@ -47,13 +47,7 @@ fn names(report: &LoadReport) -> Vec<String> {
         .objects
         .services
         .iter()
-        .map(|s| {
-            format!(
-                "{}/{}",
-                s.metadata.namespace.as_deref().unwrap_or("?"),
-                s.metadata.name.as_deref().unwrap_or("?")
-            )
-        })
+        .map(|s| s.name.to_string())
         .collect()
 }
 
@@ -77,13 +71,15 @@ fn multi_document_file() {
     assert_eq!(report.files, 1);
     assert_eq!(names(&report), ["shop/web"]);
     let service = &report.objects.services[0];
-    let ports = service.spec.as_ref().unwrap().ports.as_ref().unwrap();
-    assert_eq!(ports[0].port, 80);
+    assert_eq!(service.ports[0].port, 80);
     assert_eq!(report.objects.endpoint_slices.len(), 1);
+    // Kept as a record: its owner, and no endpoints (the slice lists no ports).
+    let slice = &report.objects.endpoint_slices[0];
     assert_eq!(
-        report.objects.endpoint_slices[0].endpoints[0].addresses,
-        ["10.0.0.1"]
+        slice.owner.as_ref().map(ToString::to_string).as_deref(),
+        Some("shop/web")
     );
+    assert!(slice.endpoints.is_empty());
     let node = report.objects.node.as_ref().unwrap();
     assert_eq!(node.metadata.name.as_deref(), Some("node-a"));
 }
@@ -220,13 +216,7 @@ fn missing_namespace_defaults_and_missing_name_is_a_problem() {
     let file = write(dir.path(), "x.yaml", &text);
     let report = load(&file, "n").unwrap();
     assert_eq!(names(&report), ["default/a", "default/b"]);
-    assert_eq!(
-        report.objects.endpoint_slices[0]
-            .metadata
-            .namespace
-            .as_deref(),
-        Some("default")
-    );
+    assert_eq!(report.objects.endpoint_slices[0].namespace, "default");
     let p = only_problem(&report);
     assert_eq!(p.document, 3);
     assert!(p.message.contains("metadata.name"), "{p}");
@@ -235,20 +225,19 @@ fn missing_namespace_defaults_and_missing_name_is_a_problem() {
 #[test]
 fn duplicates_first_wins_and_both_places_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let first = write(dir.path(), "a.yaml", &service("web", None));
+    // With a cluster IP, so the kept record has ports to tell the two apart.
+    let with_ip = |s: String| s.replace("spec:\n", "spec:\n  clusterIP: 10.96.0.1\n");
+    let first = write(dir.path(), "a.yaml", &with_ip(service("web", None)));
     let dup = format!(
         "{}---\n{}",
-        service("web", Some("other")),
-        service("web", Some("default")).replace("port: 80", "port: 81")
+        with_ip(service("web", Some("other"))),
+        with_ip(service("web", Some("default")).replace("port: 80", "port: 81"))
     );
     let second = write(dir.path(), "b.yaml", &dup);
     let report = load(dir.path(), "n").unwrap();
     assert_eq!(names(&report), ["default/web", "other/web"]);
     let kept = &report.objects.services[0];
-    assert_eq!(
-        kept.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
-        80
-    );
+    assert_eq!(kept.ports[0].port, 80);
     let p = only_problem(&report);
     assert_eq!(p.file, second);
     assert_eq!(p.document, 2);
@@ -424,7 +413,7 @@ fn example_fixture_loads_cleanly() {
         .objects
         .endpoint_slices
         .iter()
-        .map(|s| s.metadata.name.clone().unwrap())
+        .map(|s| s.name.clone())
         .collect();
     assert_eq!(slices, ["web-abc12", "dns-xyz"]);
     assert!(report.objects.node.is_some());

@@ -41,7 +41,7 @@ fn names(objects: &Objects) -> Vec<&str> {
     objects
         .services
         .iter()
-        .filter_map(|s| s.metadata.name.as_deref())
+        .map(|s| s.name.name.as_str())
         .collect()
 }
 

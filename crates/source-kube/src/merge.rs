@@ -208,11 +208,12 @@ impl Merger {
             return None;
         }
         self.initial_sent = true;
-        Some(SourceUpdate::Replace(Objects {
-            services: self.services.live.values().cloned().collect(),
-            endpoint_slices: self.slices.live.values().cloned().collect(),
-            node: self.node.live.values().next().cloned(),
-        }))
+        Some(SourceUpdate::Replace(Objects::from_raw(
+            self.services.live.values(),
+            self.slices.live.values(),
+            self.node.live.values().next().cloned(),
+            &self.node_name,
+        )))
     }
 }
 
@@ -220,6 +221,7 @@ impl Merger {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use proxy_core::source::ServiceRecord;
 
     fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {
@@ -265,11 +267,8 @@ mod tests {
         }
     }
 
-    fn names(services: &[Service]) -> Vec<&str> {
-        services
-            .iter()
-            .filter_map(|s| s.metadata.name.as_deref())
-            .collect()
+    fn names(services: &[ServiceRecord]) -> Vec<&str> {
+        services.iter().map(|s| s.name.name.as_str()).collect()
     }
 
     /// Lists all three kinds; returns the Replace.
