@@ -175,8 +175,8 @@ fn ip_proto(protocol: Protocol) -> u8 {
 /// A concatenation as the kernel holds it: each field in its own 32-bit registers,
 /// zero-padded, in network order.
 pub fn encode_fields(fields: &Fields) -> Vec<u8> {
-    let mut out = Vec::with_capacity(fields.0.len() * 4);
-    for field in &fields.0 {
+    let mut out = Vec::with_capacity(48);
+    for field in fields.iter() {
         match field {
             Field::Addr(std::net::IpAddr::V4(ip)) => out.extend_from_slice(&ip.octets()),
             Field::Addr(std::net::IpAddr::V6(ip)) => out.extend_from_slice(&ip.octets()),
@@ -317,7 +317,7 @@ mod tests {
 
     #[test]
     fn fields_use_whole_registers() {
-        let key = Fields(vec![
+        let key = Fields::new(&[
             Field::Addr("10.96.0.1".parse().unwrap()),
             Field::Proto(Protocol::Udp),
             Field::Port(53),
@@ -330,7 +330,7 @@ mod tests {
     fn batch_frames_each_map_and_acks_each_message() {
         let add = Element {
             map: MapId::Slot(KeyKind::Ip, Role::All, 1),
-            key: Fields(vec![Field::Addr("10.96.0.1".parse().unwrap())]),
+            key: Fields::new(&[Field::Addr("10.96.0.1".parse().unwrap())]),
             value: Some(Value::Goto("pick-ip-1".into())),
         };
         let ops = [ElementOp {

@@ -217,8 +217,9 @@ pub fn affinity_set_name(slot: usize) -> String {
     format!("aff-{slot}")
 }
 
-/// Affinity slots of one port's endpoints (`ip`, `port`), per role.
-pub type Slots = BTreeMap<Role, BTreeMap<(IpAddr, u16), usize>>;
+/// The slots of one port's endpoints (`ip`, `port`), per role; vectors, not maps: there
+/// is one per Service port, and small maps cost several times their contents.
+pub type Slots = Vec<(Role, Vec<((IpAddr, u16), usize)>)>;
 
 /// What one Service port contributes to one family's table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -232,7 +233,7 @@ pub struct PortPlan {
     /// The slot of each endpoint, per role.
     pub slots: Slots,
     /// The pick chains its elements send packets to.
-    pub classes: BTreeSet<PickClass>,
+    pub classes: Vec<PickClass>,
 }
 
 /// One field of an element's key or value, typed so it can be written as `nft` text or
@@ -254,13 +255,30 @@ impl fmt::Display for Field {
     }
 }
 
-/// A concatenation of fields (`a . b . c`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Fields(pub Vec<Field>);
+/// A concatenation of up to three fields (`a . b . c`), held inline: a table has
+/// hundreds of thousands of elements, and a heap allocation each would double their size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fields([Option<Field>; 3]);
+
+impl Fields {
+    /// The first three of `fields` (no key or value here has more).
+    pub fn new(fields: &[Field]) -> Fields {
+        debug_assert!(fields.len() <= 3, "a concatenation of {}", fields.len());
+        let mut items = [None; 3];
+        for (slot, field) in items.iter_mut().zip(fields) {
+            *slot = Some(*field);
+        }
+        Fields(items)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Field> {
+        self.0.iter().flatten()
+    }
+}
 
 impl fmt::Display for Fields {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, field) in self.0.iter().enumerate() {
+        for (i, field) in self.iter().enumerate() {
             if i > 0 {
                 f.write_str(" . ")?;
             }
@@ -298,21 +316,17 @@ pub struct Element {
 
 /// A destination of an IP: `address . protocol . port`.
 fn ip_key(ip: IpAddr, proto: Protocol, port: u16) -> Fields {
-    Fields(vec![
-        Field::Addr(ip),
-        Field::Proto(proto),
-        Field::Port(port),
-    ])
+    Fields::new(&[Field::Addr(ip), Field::Proto(proto), Field::Port(port)])
 }
 
 /// A NodePort: `protocol . port`.
 fn nodeport_key(proto: Protocol, port: u16) -> Fields {
-    Fields(vec![Field::Proto(proto), Field::Port(port)])
+    Fields::new(&[Field::Proto(proto), Field::Port(port)])
 }
 
 /// An endpoint as DNAT data: `address . port`.
 fn endpoint_value(ip: IpAddr, port: u16) -> Value {
-    Value::Data(Fields(vec![Field::Addr(ip), Field::Port(port)]))
+    Value::Data(Fields::new(&[Field::Addr(ip), Field::Port(port)]))
 }
 
 /// A chain owned by one Service port.
@@ -621,7 +635,7 @@ pub fn replan(
 fn hairpin_element(ip: &IpAddr) -> Element {
     Element {
         map: MapId::Hairpin,
-        key: Fields(vec![Field::Addr(*ip), Field::Addr(*ip)]),
+        key: Fields::new(&[Field::Addr(*ip), Field::Addr(*ip)]),
         value: None,
     }
 }
@@ -749,6 +763,8 @@ fn plan_port(
     }
     out.elements.sort();
     out.elements.dedup();
+    // Kept for the life of the port: no spare capacity (10,000 ports hold ~200,000).
+    out.elements.shrink_to_fit();
     out
 }
 
@@ -756,15 +772,15 @@ fn plan_port(
 /// free one. Slots name shared sets, so keeping them keeps the clients an endpoint has;
 /// when the Service shrinks, only the endpoints beyond the new count move.
 fn assign_slots(
-    previous: Option<&BTreeMap<(IpAddr, u16), usize>>,
+    previous: Option<&[((IpAddr, u16), usize)]>,
     endpoints: &[&Endpoint],
-) -> BTreeMap<(IpAddr, u16), usize> {
+) -> Vec<((IpAddr, u16), usize)> {
     let wanted: BTreeSet<(IpAddr, u16)> = endpoints.iter().map(|e| (e.ip, e.port)).collect();
     let n = wanted.len();
     let mut slots: BTreeMap<(IpAddr, u16), usize> = previous
         .into_iter()
         .flatten()
-        .filter(|(ep, slot)| wanted.contains(ep) && **slot < n)
+        .filter(|(ep, slot)| wanted.contains(ep) && *slot < n)
         .map(|(ep, slot)| (*ep, *slot))
         .collect();
     let taken: BTreeSet<usize> = slots.values().copied().collect();
@@ -777,7 +793,7 @@ fn assign_slots(
             slots.insert(ep, slot);
         }
     }
-    slots
+    slots.into_iter().collect()
 }
 
 fn push_verdict(out: &mut PortPlan, map: MapId, key: &Fields, verdict: Value) {
@@ -802,11 +818,19 @@ fn pick(
     if eps.is_empty() {
         return Value::Drop;
     }
-    let slots = out
+    let known = out
         .slots
-        .entry(role)
-        .or_insert_with(|| assign_slots(previous_slots.and_then(|s| s.get(&role)), eps))
-        .clone();
+        .iter()
+        .find(|(r, _)| *r == role)
+        .map(|(_, s)| s.clone());
+    let slots = known.unwrap_or_else(|| {
+        let previous = previous_slots
+            .and_then(|s| s.iter().find(|(r, _)| *r == role))
+            .map(|(_, s)| s.as_slice());
+        let slots = assign_slots(previous, eps);
+        out.slots.push((role, slots.clone()));
+        slots
+    });
     for ((ip, ep_port), slot) in &slots {
         out.elements.push(Element {
             map: MapId::Slot(kind, role, *slot),
@@ -820,7 +844,9 @@ fn pick(
         n: slots.len(),
         affinity: port.session_affinity_timeout,
     };
-    out.classes.insert(class);
+    if !out.classes.contains(&class) {
+        out.classes.push(class);
+    }
     Value::Goto(class.chain())
 }
 
