@@ -799,7 +799,7 @@ fn assign_slots(
 fn push_verdict(out: &mut PortPlan, map: MapId, key: &Fields, verdict: Value) {
     out.elements.push(Element {
         map,
-        key: key.clone(),
+        key: *key,
         value: Some(verdict),
     });
 }
@@ -834,7 +834,7 @@ fn pick(
     for ((ip, ep_port), slot) in &slots {
         out.elements.push(Element {
             map: MapId::Slot(kind, role, *slot),
-            key: key.clone(),
+            key: *key,
             value: Some(endpoint_value(*ip, *ep_port)),
         });
     }
