@@ -148,11 +148,18 @@ pub fn run(binary: &Path, cluster: &[SynthService], connects: usize) -> Result<B
 
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("manifests"))?;
-    let mut yaml = String::new();
-    for s in &cluster {
-        yaml.push_str(&synth::spec(s).to_yaml());
+    // Several files: the manifests source refuses a file over 64 MiB (50,000 Services
+    // with 10 endpoints each are about 100 MiB of YAML).
+    for (i, chunk) in cluster.chunks(5000).enumerate() {
+        let mut yaml = String::new();
+        for s in chunk {
+            yaml.push_str(&synth::spec(s).to_yaml());
+        }
+        std::fs::write(
+            dir.path().join(format!("manifests/services-{i:02}.yaml")),
+            yaml,
+        )?;
     }
-    std::fs::write(dir.path().join("manifests/services.yaml"), yaml)?;
 
     let (proxy, wall) = start_and_wait(&topo.node, binary, dir.path(), Duration::from_secs(600))?;
     let log = proxy.log();
@@ -184,7 +191,15 @@ pub fn run(binary: &Path, cluster: &[SynthService], connects: usize) -> Result<B
                     b.push(connect_once(last)?);
                 }
                 Ok((a, b))
-            })??;
+            })?
+            .with_context(|| {
+                let log = proxy.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "the proxy's last log lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })?;
         out.connect = Some(Connect {
             samples: connects,
             first_p50_ms: percentile_ms(&a, 50.0),
