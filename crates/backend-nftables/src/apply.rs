@@ -36,11 +36,7 @@ pub trait NftRunner {
         ops: &[ElementOp<'_>],
         deletions: &[Deletion],
     ) -> Result<usize, ProxierError> {
-        let script = format!(
-            "{skeleton}{}{}",
-            element_script(ops),
-            deletion_script(deletions)
-        );
+        let script = full_load_script(skeleton, ops, deletions);
         self.run(&script)?;
         Ok(script.len())
     }
@@ -51,6 +47,15 @@ pub trait NftRunner {
         let _ = family;
         Ok(None)
     }
+}
+
+/// A whole full load as one `nft` script.
+fn full_load_script(skeleton: &str, ops: &[ElementOp<'_>], deletions: &[Deletion]) -> String {
+    format!(
+        "{skeleton}{}{}",
+        element_script(ops),
+        deletion_script(deletions)
+    )
 }
 
 /// `deletions` as `nft` commands.
@@ -193,11 +198,7 @@ impl NftRunner for NftCommand {
         deletions: &[Deletion],
     ) -> Result<usize, ProxierError> {
         if self.check_only {
-            let script = format!(
-                "{skeleton}{}{}",
-                element_script(ops),
-                deletion_script(deletions)
-            );
+            let script = full_load_script(skeleton, ops, deletions);
             self.run(&script)?;
             return Ok(script.len());
         }

@@ -418,28 +418,21 @@ pub fn render_element_command(
     map: MapId,
     elems: &[&Element],
 ) {
+    let target = format!(
+        "{} {TABLE} {}",
+        family_names(family).table_family,
+        map.name()
+    );
     let verb_text = match verb {
         ElementVerb::Add => "add",
         ElementVerb::Delete => "delete",
         ElementVerb::Flush => {
             let kind = if is_map(map) { "map" } else { "set" };
-            let f = family_names(family);
-            let _ = writeln!(
-                out,
-                "flush {kind} {} {TABLE} {}",
-                f.table_family,
-                map.name()
-            );
+            let _ = writeln!(out, "flush {kind} {target}");
             return;
         }
     };
-    let f = family_names(family);
-    let _ = writeln!(
-        out,
-        "{verb_text} element {} {TABLE} {} {{",
-        f.table_family,
-        map.name()
-    );
+    let _ = writeln!(out, "{verb_text} element {target} {{");
     for (i, e) in elems.iter().enumerate() {
         let _ = write!(out, "\t{}", e.key);
         if let (Some(v), ElementVerb::Add) = (&e.value, verb) {

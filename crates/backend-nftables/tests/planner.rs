@@ -298,13 +298,7 @@ fn affinity_targets(script: &str) -> BTreeSet<(String, String)> {
 
 #[test]
 fn affinity_slots_stay_with_their_endpoints() {
-    let sticky = |eps: &[&str]| {
-        let mut state = ProxyState::default();
-        let mut svc = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
-        svc.session_affinity_timeout = Some(600);
-        add(&mut state, svc, eps.iter().map(|a| ep(a, 80)).collect());
-        state
-    };
+    let sticky = |eps: &[&str]| with_sticky(ProxyState::default(), eps);
     let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
     proxier
         .sync(&request(
@@ -364,6 +358,40 @@ fn normalized(listing: &str) -> Vec<String> {
     tokens
 }
 
+/// `state` plus default/sticky (10.96.0.30:80, `ClientIP` affinity) on `endpoints`.
+fn with_sticky(mut state: ProxyState, endpoints: &[&str]) -> ProxyState {
+    let mut svc = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
+    svc.session_affinity_timeout = Some(600);
+    add(
+        &mut state,
+        svc,
+        endpoints.iter().map(|a| ep(a, 80)).collect(),
+    );
+    state
+}
+
+/// Full loads of `states` in `ns`, each by a fresh proxier (as after a restart).
+fn load_fresh(ns: &testkit::Netns, states: Vec<ProxyState>) {
+    ns.run(|| {
+        for state in states {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            proxier.sync(&request(state, &[], true)).unwrap();
+        }
+    })
+    .unwrap();
+}
+
+/// Both of our tables in `ns`, as `nft` lists them, normalized.
+fn kernel_tables(ns: &testkit::Netns) -> Vec<String> {
+    let v4 = ns
+        .exec(&["nft", "list", "table", "ip", "kube-proxy"])
+        .unwrap();
+    let v6 = ns
+        .exec(&["nft", "list", "table", "ip6", "kube-proxy"])
+        .unwrap();
+    normalized(&format!("{v4}\n{v6}"))
+}
+
 /// Element-only changes go to the kernel as a netlink batch written by us, not through
 /// `nft`. What the kernel then holds must be exactly what a full rewrite of the new state
 /// gives: same keys, same values (slots, endpoints, verdicts), nothing left over.
@@ -372,16 +400,24 @@ fn netlink_element_changes_match_a_full_rewrite() {
     if !testkit::root_or_skip("netlink_element_changes_match_a_full_rewrite") {
         return;
     }
-    let with_sticky = |mut state: ProxyState, eps: &[&str]| {
-        let mut svc = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
-        svc.session_affinity_timeout = Some(600);
-        svc.node_port = Some(30030);
-        svc.external_traffic_policy = proxy_core::model::TrafficPolicy::Local;
-        add(&mut state, svc, eps.iter().map(|a| ep(a, 80)).collect());
+    // Affinity on a NodePort with `externalTrafficPolicy: Local`: slot maps of both
+    // roles and key kinds.
+    let local_sticky = |eps: &[&str]| {
+        let mut state = with_sticky(sample_state(), eps);
+        let name = state
+            .services
+            .keys()
+            .find(|k| k.service.name == "sticky")
+            .cloned();
+        if let Some(svc) = name.and_then(|n| state.services.get_mut(&n)) {
+            let svc = Arc::make_mut(svc);
+            svc.node_port = Some(30030);
+            svc.external_traffic_policy = proxy_core::model::TrafficPolicy::Local;
+        }
         state
     };
-    let before = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2"]);
-    let mut after = with_sticky(sample_state(), &["10.244.0.2", "10.244.0.7"]);
+    let before = local_sticky(&["10.244.0.1", "10.244.0.2"]);
+    let mut after = local_sticky(&["10.244.0.2", "10.244.0.7"]);
     let dns = ServicePortName {
         service: ServiceName::new("kube-system", "dns"),
         port: String::new(),
@@ -411,15 +447,6 @@ fn netlink_element_changes_match_a_full_rewrite() {
         "default/web",
     ];
 
-    let list = |ns: &testkit::Netns| {
-        let v4 = ns
-            .exec(&["nft", "list", "table", "ip", "kube-proxy"])
-            .unwrap();
-        let v6 = ns
-            .exec(&["nft", "list", "table", "ip6", "kube-proxy"])
-            .unwrap();
-        normalized(&format!("{v4}\n{v6}"))
-    };
     let incremental = testkit::Netns::new().unwrap();
     let (bytes, used_netlink) = incremental
         .run(|| {
@@ -435,14 +462,9 @@ fn netlink_element_changes_match_a_full_rewrite() {
     assert!(used_netlink, "element changes must take the netlink path");
     assert!(bytes > 0);
     let rewritten = testkit::Netns::new().unwrap();
-    rewritten
-        .run(|| {
-            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
-            proxier.sync(&request(after, &[], true)).unwrap();
-        })
-        .unwrap();
-    let got = list(&incremental);
-    let want = list(&rewritten);
+    load_fresh(&rewritten, vec![after]);
+    let got = kernel_tables(&incremental);
+    let want = kernel_tables(&rewritten);
     assert!(got.iter().any(|t| t.contains("10.244.0.7 . 80")));
     assert_eq!(got, want);
 }
@@ -455,18 +477,7 @@ fn full_load_over_an_older_table_leaves_nothing_behind() {
     if !testkit::root_or_skip("full_load_over_an_older_table_leaves_nothing_behind") {
         return;
     }
-    let mut older = sample_state();
-    let mut sticky = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
-    sticky.session_affinity_timeout = Some(600);
-    add(
-        &mut older,
-        sticky,
-        vec![
-            ep("10.244.0.1", 80),
-            ep("10.244.0.2", 80),
-            ep("10.244.0.3", 80),
-        ],
-    );
+    let older = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2", "10.244.0.3"]);
     let mut newer = sample_state();
     let web = ServicePortName {
         service: ServiceName::new("default", "web"),
@@ -477,25 +488,12 @@ fn full_load_over_an_older_table_leaves_nothing_behind() {
         .endpoints
         .insert(web, Arc::new(vec![ep("10.244.1.2", 8080)]));
 
-    let load = |ns: &testkit::Netns, states: Vec<ProxyState>| {
-        ns.run(|| {
-            for state in states {
-                // A fresh proxier each time, as after a restart.
-                let mut proxier = NftablesProxier::new(config(), NftCommand::default());
-                proxier.sync(&request(state, &[], true)).unwrap();
-            }
-        })
-        .unwrap();
-        let v4 = ns
-            .exec(&["nft", "list", "table", "ip", "kube-proxy"])
-            .unwrap();
-        let v6 = ns
-            .exec(&["nft", "list", "table", "ip6", "kube-proxy"])
-            .unwrap();
-        normalized(&format!("{v4}\n{v6}"))
-    };
-    let restarted = load(&testkit::Netns::new().unwrap(), vec![older, newer.clone()]);
-    let fresh = load(&testkit::Netns::new().unwrap(), vec![newer]);
+    let restarted_ns = testkit::Netns::new().unwrap();
+    load_fresh(&restarted_ns, vec![older, newer.clone()]);
+    let restarted = kernel_tables(&restarted_ns);
+    let fresh_ns = testkit::Netns::new().unwrap();
+    load_fresh(&fresh_ns, vec![newer]);
+    let fresh = kernel_tables(&fresh_ns);
     assert!(
         !restarted.iter().any(|t| t.contains("aff-")),
         "{restarted:?}"
@@ -510,29 +508,15 @@ fn full_load_keeps_remembered_affinity_clients() {
     if !testkit::root_or_skip("full_load_keeps_remembered_affinity_clients") {
         return;
     }
-    let mut state = sample_state();
-    let mut sticky = port("default", "sticky", &["10.96.0.30"], 80, Protocol::Tcp);
-    sticky.session_affinity_timeout = Some(600);
-    add(
-        &mut state,
-        sticky,
-        vec![ep("10.244.0.1", 80), ep("10.244.0.2", 80)],
-    );
+    let state = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2"]);
     let ns = testkit::Netns::new().unwrap();
-    let load = |state: ProxyState| {
-        ns.run(|| {
-            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
-            proxier.sync(&request(state, &[], true)).unwrap();
-        })
-        .unwrap();
-    };
-    load(state.clone());
+    load_fresh(&ns, vec![state.clone()]);
     ns.exec(&[
         "nft",
         "add element ip kube-proxy aff-1 { 192.168.7.7 . 10.96.0.30 . tcp . 80 timeout 600s }",
     ])
     .unwrap();
-    load(state);
+    load_fresh(&ns, vec![state]);
     let set = ns
         .exec(&["nft", "list", "set", "ip", "kube-proxy", "aff-1"])
         .unwrap();
