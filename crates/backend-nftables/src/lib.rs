@@ -78,9 +78,12 @@ impl<R: NftRunner> NftablesProxier<R> {
                 let ClassObject::Map(map) = object else {
                     continue; // affinity sets keep the clients they remember
                 };
-                let elements = match map {
+                let elements: Vec<&Element> = match map {
                     MapId::Hairpin => hairpin.iter().collect(),
-                    _ => elements.get(&map).cloned().unwrap_or_default(),
+                    _ => elements
+                        .get(&map)
+                        .map(|v| v.iter().collect())
+                        .unwrap_or_default(),
                 };
                 for (verb, elements) in [
                     (ElementVerb::Flush, Vec::new()),

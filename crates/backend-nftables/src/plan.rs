@@ -31,11 +31,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use proxy_core::model::{
-    Endpoint, IpFamily, LocalDetector, Protocol, ProxyState, ServicePort, ServicePortName,
-    TrafficPolicy,
+    Endpoint, IpFamily, LocalDetector, NodeInfo, Protocol, ProxyState, ServicePort,
+    ServicePortName, TrafficPolicy,
 };
 use proxy_core::select::{select, Selection};
 
@@ -221,10 +222,21 @@ pub fn affinity_set_name(slot: usize) -> String {
 /// is one per Service port, and small maps cost several times their contents.
 pub type Slots = Vec<(Role, Vec<((IpAddr, u16), usize)>)>;
 
+/// What a port was planned from: kept (shared with the state, so nearly free) instead of
+/// its elements, which are derived again when needed. At 10,000 Services the elements
+/// alone were ~25 MB.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortSource {
+    pub port: Arc<ServicePort>,
+    pub endpoints: Option<Arc<Vec<Endpoint>>>,
+}
+
 /// What one Service port contributes to one family's table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PortPlan {
+    /// Filled while planning; empty once the port is in a [`FamilyPlan`] (see `source`).
     pub elements: Vec<Element>,
+    pub source: Option<PortSource>,
     pub destinations: Vec<Destination>,
     /// Endpoint IPs, for the shared hairpin set.
     pub endpoint_ips: BTreeSet<IpAddr>,
@@ -363,9 +375,11 @@ pub struct FamilySettings {
 }
 
 /// One family's table, as objects per Service port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FamilyPlan {
     pub settings: FamilySettings,
+    /// The node the plan was made for (endpoint selection depends on it).
+    pub node: NodeInfo,
     pub ports: BTreeMap<ServicePortName, PortPlan>,
     /// Who owns each destination.
     pub owners: HashMap<Destination, ServicePortName>,
@@ -404,6 +418,7 @@ impl FamilyPlan {
         };
         let mut plan = FamilyPlan {
             settings,
+            node: state.node.clone(),
             ports: BTreeMap::new(),
             owners: HashMap::new(),
             hairpin_refs: BTreeMap::new(),
@@ -416,17 +431,38 @@ impl FamilyPlan {
                 &plan.settings,
                 port,
                 eps,
-                state,
+                &plan.node,
                 previous_slots,
                 |d| plan.owners.get(d).is_none_or(|o| o == name),
                 warnings,
             );
-            plan.insert(name.clone(), planned);
+            plan.insert(name.clone(), planned, source_of(state, name, port));
         }
         plan
     }
 
-    fn insert(&mut self, name: ServicePortName, planned: PortPlan) {
+    /// The elements of one port, derived again from what it was planned from: the same
+    /// slots and destinations give the same elements.
+    pub fn port_elements(&self, port: &PortPlan) -> Vec<Element> {
+        let Some(source) = &port.source else {
+            return Vec::new();
+        };
+        let endpoints = source.endpoints.as_deref().map_or(&[][..], Vec::as_slice);
+        plan_port(
+            &self.settings,
+            &source.port,
+            endpoints,
+            &self.node,
+            Some(&port.slots),
+            |d| port.destinations.contains(d),
+            &mut Vec::new(),
+        )
+        .elements
+    }
+
+    fn insert(&mut self, name: ServicePortName, mut planned: PortPlan, source: PortSource) {
+        planned.elements = Vec::new();
+        planned.source = Some(source);
         for d in &planned.destinations {
             self.owners.insert(d.clone(), name.clone());
         }
@@ -456,11 +492,11 @@ impl FamilyPlan {
         }
     }
 
-    /// Every element of the table, sorted per map.
-    pub fn elements(&self) -> BTreeMap<MapId, Vec<&Element>> {
-        let mut out: BTreeMap<MapId, Vec<&Element>> = BTreeMap::new();
+    /// Every element of the table (the hairpin set's aside), sorted per map.
+    pub fn elements(&self) -> BTreeMap<MapId, Vec<Element>> {
+        let mut out: BTreeMap<MapId, Vec<Element>> = BTreeMap::new();
         for port in self.ports.values() {
-            for e in &port.elements {
+            for e in self.port_elements(port) {
                 out.entry(e.map).or_default().push(e);
             }
         }
@@ -562,7 +598,7 @@ pub fn replan(
     let mut old_slots: BTreeMap<&ServicePortName, Slots> = BTreeMap::new();
     for name in names {
         if let Some(old) = plan.ports.get(name) {
-            old_elements.extend(old.elements.iter().cloned());
+            old_elements.extend(plan.port_elements(old));
             old_chains.extend(old.chains.iter().map(|c| (c.name.clone(), c.clone())));
             old_slots.insert(name, old.slots.clone());
         }
@@ -580,7 +616,7 @@ pub fn replan(
             &plan.settings,
             port,
             eps,
-            state,
+            &plan.node,
             old_slots.get(name),
             |d| plan.owners.get(d).is_none_or(|o| o == name),
             warnings,
@@ -588,7 +624,7 @@ pub fn replan(
         new_elements.extend(planned.elements.iter().cloned());
         new_chains.extend(planned.chains.iter().map(|c| (c.name.clone(), c.clone())));
         hairpin_touched.extend(planned.endpoint_ips.iter().copied());
-        plan.insert(name.clone(), planned);
+        plan.insert(name.clone(), planned, source_of(state, name, port));
     }
     delta.new_classes = plan.classes.difference(&classes_before).copied().collect();
     if !delta.new_classes.is_empty() {
@@ -640,6 +676,14 @@ fn hairpin_element(ip: &IpAddr) -> Element {
     }
 }
 
+/// What `name` is planned from in `state`.
+fn source_of(state: &ProxyState, name: &ServicePortName, port: &Arc<ServicePort>) -> PortSource {
+    PortSource {
+        port: Arc::clone(port),
+        endpoints: state.endpoints.get(name).cloned(),
+    }
+}
+
 /// Whether a Service port outside `names` keeps `ip` in the hairpin set.
 fn plan_has_hairpin_elsewhere(
     plan: &FamilyPlan,
@@ -679,7 +723,7 @@ fn plan_port(
     settings: &FamilySettings,
     port: &ServicePort,
     endpoints: &[Endpoint],
-    state: &ProxyState,
+    node: &NodeInfo,
     previous_slots: Option<&Slots>,
     may_claim: impl Fn(&Destination) -> bool,
     warnings: &mut Vec<String>,
@@ -690,7 +734,7 @@ fn plan_port(
         return out;
     };
     let proto = port.protocol();
-    let selection = select(port, endpoints, family, &state.node);
+    let selection = select(port, endpoints, family, node);
 
     // Claim destinations first: a conflict drops only that destination.
     let mut ip_dests: Vec<(IpAddr, bool)> = vec![(cluster_ip, false)];
