@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
@@ -231,6 +232,17 @@ pub fn link(
     )?;
     configure_end(a, a_if, a_addrs)?;
     configure_end(b, b_if, b_addrs)?;
+    // The carrier change still goes through the kernel's link-watch work, which a busy
+    // machine runs late: packets sent before it is done are dropped. Wait for it.
+    for (ns, ifname) in [(a, a_if), (b, b_if)] {
+        let up = || {
+            ip(&["-n", &ns.name, "-o", "link", "show", "dev", ifname], None)
+                .is_ok_and(|out| out.contains("state UP"))
+        };
+        if !crate::wait_until(Duration::from_secs(5), Duration::from_millis(5), up) {
+            bail!("{ifname} in {} did not come up", ns.name);
+        }
+    }
     Ok(())
 }
 
