@@ -16,7 +16,8 @@ use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 use crate::apply::NftRunner;
 use crate::netlink::{Deletion, ElementOp, Object};
 use crate::plan::{
-    family_names, replan, ClassObject, Delta, Element, FamilyPlan, MapId, NftConfig, TABLE,
+    family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig,
+    TABLE,
 };
 use crate::render::{
     by_map, chain_names, render_delta, render_skeleton, table_maps, ElementVerb, FullMode,
@@ -51,7 +52,11 @@ impl<R: NftRunner> NftablesProxier<R> {
         &mut self.runner
     }
 
-    fn full_plans(&self, request: &SyncRequest, warnings: &mut Vec<String>) -> Vec<FamilyPlan> {
+    fn full_plans(
+        &self,
+        request: &SyncRequest,
+        warnings: &mut Vec<String>,
+    ) -> (Vec<FamilyPlan>, Vec<Elements>) {
         self.config
             .families
             .iter()
@@ -63,17 +68,20 @@ impl<R: NftRunner> NftablesProxier<R> {
                     .find(|p| p.family() == family);
                 FamilyPlan::full(family, &request.state, &self.config, previous, warnings)
             })
-            .collect()
+            .unzip()
     }
 
     /// Loads whole tables: in place first, keeping what exists so traffic flows until
     /// the new elements are in; if that is refused (e.g. an older layout whose maps have
     /// other types), by replacing the tables.
-    fn apply_full(&mut self, plans: &[FamilyPlan]) -> Result<usize, ProxierError> {
+    fn apply_full(
+        &mut self,
+        plans: &[FamilyPlan],
+        elements: &[Elements],
+    ) -> Result<usize, ProxierError> {
         let hairpins: Vec<Vec<Element>> = plans.iter().map(FamilyPlan::hairpin_elements).collect();
-        let elements: Vec<_> = plans.iter().map(FamilyPlan::elements).collect();
         let mut ops = Vec::new();
-        for ((plan, elements), hairpin) in plans.iter().zip(&elements).zip(&hairpins) {
+        for ((plan, elements), hairpin) in plans.iter().zip(elements).zip(&hairpins) {
             for object in table_maps(plan) {
                 let ClassObject::Map(map) = object else {
                     continue; // affinity sets keep the clients they remember
@@ -217,8 +225,9 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
         let full = request.full || request.node_changed || self.programmed.is_none();
         let plans;
         let mut deltas = Vec::new();
+        let mut full_elements = Vec::new();
         if full {
-            plans = self.full_plans(request, &mut warnings);
+            (plans, full_elements) = self.full_plans(request, &mut warnings);
         } else {
             // Take the plans out: if the kernel refuses the delta, they no longer describe
             // it, and the next sync must be full.
@@ -234,7 +243,7 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
         let planned_at = std::time::Instant::now();
         self.programmed = None;
         let transaction_bytes = if full {
-            self.apply_full(&plans)?
+            self.apply_full(&plans, &full_elements)?
         } else if deltas.iter().all(Delta::elements_only) {
             let ops = element_ops(&plans, &deltas);
             if ops.is_empty() {

@@ -13,12 +13,12 @@
 //! - Entry chains look the destination up again in `ip-picks` / `nodeport-picks` (or
 //!   `*-short-circuits`), whose verdict is a *pick* chain: one per key kind, role (all
 //!   endpoints or this node's), endpoint count N and affinity timeout. `pick-ip-10`
-//!   DNATs through `numgen random mod 10` into `endpoints-10`, keyed by destination plus
-//!   slot.
-//! - Session affinity: each endpoint holds a slot (0..N), kept while it exists; the
-//!   destination's endpoint in slot K is in map `slot-K`, and the dynamic set `aff-K`
-//!   remembers `client . destination` pairs sent there. Known clients go back to their
-//!   slot; new ones are spread over the N slots and remembered.
+//!   chooses a slot K in 0..10 at random and goes to `dnat-slot-K`, which DNATs through
+//!   map `slot-K` (destination → its endpoint in slot K). Each endpoint keeps its slot
+//!   while it exists.
+//! - Session affinity: the dynamic set `aff-K` remembers `client . destination` pairs
+//!   sent to slot K. Known clients go back to their slot; new ones are spread over the N
+//!   slots and remembered.
 //! - `no-endpoint-services` / `no-endpoint-nodeports`: destinations of Services without
 //!   any endpoint; new connections to them are rejected.
 //! - `firewall-ips`: load-balancer IPs with `loadBalancerSourceRanges` → `fw-H`, which
@@ -231,6 +231,9 @@ pub struct PortSource {
     pub endpoints: Option<Arc<Vec<Endpoint>>>,
 }
 
+/// A table's elements per map.
+pub type Elements = BTreeMap<MapId, Vec<Element>>;
+
 /// What one Service port contributes to one family's table.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PortPlan {
@@ -394,16 +397,17 @@ impl FamilyPlan {
         self.settings.family
     }
 
-    /// Plans every Service port from scratch. Conflicting destinations go to the port
-    /// that sorts first; the others are reported. Affinity slots are kept from
-    /// `previous` (what the kernel held) so a full rewrite does not move clients.
+    /// Plans every Service port from scratch, with the table's elements (the hairpin
+    /// set's aside), sorted per map. Conflicting destinations go to the port that sorts
+    /// first; the others are reported. Slots are kept from `previous` (what the kernel
+    /// held) so a full rewrite does not move clients.
     pub fn full(
         family: IpFamily,
         state: &ProxyState,
         config: &NftConfig,
         previous: Option<&FamilyPlan>,
         warnings: &mut Vec<String>,
-    ) -> Self {
+    ) -> (Self, Elements) {
         let settings = FamilySettings {
             family,
             mark: 1u32 << config.masquerade_bit,
@@ -424,10 +428,11 @@ impl FamilyPlan {
             hairpin_refs: BTreeMap::new(),
             classes: BTreeSet::new(),
         };
+        let mut elements = Elements::new();
         for (name, port) in &state.services {
             let eps = state.endpoints_of(name);
             let previous_slots = previous.and_then(|p| p.ports.get(name)).map(|p| &p.slots);
-            let planned = plan_port(
+            let mut planned = plan_port(
                 &plan.settings,
                 port,
                 eps,
@@ -436,9 +441,15 @@ impl FamilyPlan {
                 |d| plan.owners.get(d).is_none_or(|o| o == name),
                 warnings,
             );
+            for e in std::mem::take(&mut planned.elements) {
+                elements.entry(e.map).or_default().push(e);
+            }
             plan.insert(name.clone(), planned, source_of(state, name, port));
         }
-        plan
+        for v in elements.values_mut() {
+            v.sort_unstable();
+        }
+        (plan, elements)
     }
 
     /// The elements of one port, derived again from what it was planned from: the same
@@ -490,20 +501,6 @@ impl FamilyPlan {
                 }
             }
         }
-    }
-
-    /// Every element of the table (the hairpin set's aside), sorted per map.
-    pub fn elements(&self) -> BTreeMap<MapId, Vec<Element>> {
-        let mut out: BTreeMap<MapId, Vec<Element>> = BTreeMap::new();
-        for port in self.ports.values() {
-            for e in self.port_elements(port) {
-                out.entry(e.map).or_default().push(e);
-            }
-        }
-        for v in out.values_mut() {
-            v.sort_unstable();
-        }
-        out
     }
 
     /// The hairpin set's elements (shared by the ports using each endpoint IP).

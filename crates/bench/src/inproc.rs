@@ -252,7 +252,8 @@ fn tool_peak_mib(mode: Mode, cluster: &[SynthService]) -> Result<f64> {
         Mode::Nftables => {
             let mut script = String::new();
             for family in nft_config().families {
-                let plan = FamilyPlan::full(family, &state, &nft_config(), None, &mut Vec::new());
+                let (plan, _) =
+                    FamilyPlan::full(family, &state, &nft_config(), None, &mut Vec::new());
                 render_skeleton(&mut script, &plan, FullMode::Update, &BTreeSet::new());
             }
             ("nft", vec!["-f", "-"], script)
