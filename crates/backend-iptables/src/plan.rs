@@ -507,18 +507,25 @@ pub fn plan_port(
         add_chain(ext, rules);
     }
     // KUBE-FW-*: admitted source ranges go on to KUBE-EXT-*; the rest stay undNATed
-    // and are dropped by filter KUBE-PROXY-FIREWALL.
+    // and are dropped by filter KUBE-PROXY-FIREWALL. When a range holds the node's IP,
+    // the load-balancer IPs are admitted as sources too (a VIP bound on the node loops
+    // the node's requests back from the VIP), as upstream.
     if use_fw && has_external {
-        let rules = sp
+        let mut sources: Vec<String> = sp
             .load_balancer_source_ranges
             .iter()
             .filter(|r| IpFamily::of_net(r) == family)
-            .map(|range| {
+            .map(|range| range.trunc().to_string())
+            .collect();
+        if sp.admits_load_balancer_ips_as_sources(node.primary_ip(family)) {
+            sources.extend(lb_ips.iter().map(|ip| host(*ip)));
+        }
+        let rules = sources
+            .iter()
+            .map(|source| {
                 format!(
-                    "-A {} -m comment --comment \"{spn} loadbalancer IP\" -s {} -j {}",
-                    names.fw,
-                    range.trunc(),
-                    names.ext
+                    "-A {} -m comment --comment \"{spn} loadbalancer IP\" -s {source} -j {}",
+                    names.fw, names.ext
                 )
             })
             .collect();

@@ -16,8 +16,7 @@ use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 use crate::apply::NftRunner;
 use crate::netlink::{Deletion, ElementOp, Object};
 use crate::plan::{
-    family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig,
-    TABLE,
+    family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, NftConfig, TABLE,
 };
 use crate::render::{
     by_map, chain_names, render_delta, render_skeleton, table_maps, ElementVerb, FullMode,
@@ -79,20 +78,18 @@ impl<R: NftRunner> NftablesProxier<R> {
         plans: &[FamilyPlan],
         elements: &[Elements],
     ) -> Result<usize, ProxierError> {
-        let hairpins: Vec<Vec<Element>> = plans.iter().map(FamilyPlan::hairpin_elements).collect();
+        let shared: Vec<Elements> = plans.iter().map(FamilyPlan::shared_elements).collect();
         let mut ops = Vec::new();
-        for ((plan, elements), hairpin) in plans.iter().zip(elements).zip(&hairpins) {
+        for ((plan, elements), shared) in plans.iter().zip(elements).zip(&shared) {
             for object in table_maps(plan) {
                 let ClassObject::Map(map) = object else {
                     continue; // affinity sets keep the clients they remember
                 };
-                let elements: Vec<&Element> = match map {
-                    MapId::Hairpin => hairpin.iter().collect(),
-                    _ => elements
-                        .get(&map)
-                        .map(|v| v.iter().collect())
-                        .unwrap_or_default(),
-                };
+                let elements: Vec<&Element> = elements
+                    .get(&map)
+                    .or_else(|| shared.get(&map))
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default();
                 for (verb, elements) in [
                     (ElementVerb::Flush, Vec::new()),
                     (ElementVerb::Add, elements),

@@ -24,6 +24,9 @@
 //! - `firewall-ips`: load-balancer IPs with `loadBalancerSourceRanges` → `fw-H`, which
 //!   drops other sources (the one chain per Service, named by a hash).
 //! - `hairpin`: `endpoint . endpoint` pairs, to masquerade a pod reaching itself.
+//! - `cluster-ips`: every Service's cluster IP. New connections still addressed to one
+//!   after DNAT (a port no Service uses) are rejected in `cluster-ips-check`, and those
+//!   to any other address of the cluster's ServiceCIDRs are dropped there, as upstream.
 //!
 //! Only IP addresses, CIDRs, port numbers and hashes reach the rules, formatted by us from
 //! parsed values; the one name that does (a chain comment) is filtered to a safe alphabet.
@@ -142,6 +145,8 @@ pub enum MapId {
     /// Destination → its endpoint in one slot.
     Slot(KeyKind, Role, usize),
     Hairpin,
+    /// Every cluster IP of the family (a set of addresses).
+    ClusterIps,
 }
 
 impl MapId {
@@ -164,6 +169,7 @@ impl MapId {
             MapId::FirewallIps => "firewall-ips".into(),
             MapId::Slot(key, role, k) => format!("{}slot-{k}", prefix(key, role)),
             MapId::Hairpin => "hairpin".into(),
+            MapId::ClusterIps => "cluster-ips".into(),
         }
     }
 }
@@ -243,6 +249,8 @@ pub struct PortPlan {
     pub destinations: Vec<Destination>,
     /// Endpoint IPs, for the shared hairpin set.
     pub endpoint_ips: BTreeSet<IpAddr>,
+    /// Its cluster IP of the family, for the shared `cluster-ips` set.
+    pub cluster_ip: Option<IpAddr>,
     /// Chains of its own (only for `loadBalancerSourceRanges`).
     pub chains: Vec<Chain>,
     /// The slot of each endpoint, per role.
@@ -321,6 +329,42 @@ impl fmt::Display for Value {
     }
 }
 
+impl PortPlan {
+    /// The elements it shares with other ports (each stays while one port needs it).
+    fn shared(&self) -> impl Iterator<Item = Shared> + '_ {
+        self.endpoint_ips
+            .iter()
+            .map(|ip| Shared::Hairpin(*ip))
+            .chain(self.cluster_ip.map(Shared::ClusterIp))
+    }
+}
+
+/// An element several Service ports may need: counted per port, so it goes with the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Shared {
+    /// A pod reaching itself: `endpoint . endpoint` in `hairpin`.
+    Hairpin(IpAddr),
+    /// A Service's cluster IP in `cluster-ips` (shared by the Service's ports).
+    ClusterIp(IpAddr),
+}
+
+impl Shared {
+    pub fn element(self) -> Element {
+        match self {
+            Shared::Hairpin(ip) => Element {
+                map: MapId::Hairpin,
+                key: Fields::new(&[Field::Addr(ip), Field::Addr(ip)]),
+                value: None,
+            },
+            Shared::ClusterIp(ip) => Element {
+                map: MapId::ClusterIps,
+                key: Fields::new(&[Field::Addr(ip)]),
+                value: None,
+            },
+        }
+    }
+}
+
 /// One element of a map (with a value) or a set (without).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
@@ -375,7 +419,29 @@ pub struct FamilySettings {
     pub local: Option<LocalMatch>,
     /// Local addresses NodePorts answer on: `None` for all, `Some(empty)` for none.
     pub nodeport_addresses: Option<Vec<IpNet>>,
+    /// The cluster's Service IP ranges of the family (ServiceCIDRs).
+    pub service_cidrs: Vec<IpNet>,
 }
+
+/// The rules of `cluster-ips-check`, which sees new connections after DNAT: one still
+/// addressed to a cluster IP used a port no Service serves and is rejected; one to any
+/// other address of the Service ranges has no Service at all and is dropped.
+pub fn cluster_ips_check_rules(settings: &FamilySettings) -> Vec<String> {
+    let a = family_names(settings.family).addr;
+    let mut rules = vec![format!("{a} daddr @{} reject", MapId::ClusterIps.name())];
+    if !settings.service_cidrs.is_empty() {
+        let list: Vec<String> = settings
+            .service_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        rules.push(format!("{a} daddr {{ {} }} drop", list.join(", ")));
+    }
+    rules
+}
+
+/// The chain that holds [`cluster_ips_check_rules`].
+pub const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
 
 /// One family's table, as objects per Service port.
 #[derive(Debug, Clone, PartialEq)]
@@ -386,8 +452,8 @@ pub struct FamilyPlan {
     pub ports: BTreeMap<ServicePortName, PortPlan>,
     /// Who owns each destination.
     pub owners: HashMap<Destination, ServicePortName>,
-    /// How many Service ports use each endpoint IP (hairpin elements are shared).
-    pub hairpin_refs: BTreeMap<IpAddr, usize>,
+    /// How many Service ports need each shared element (hairpin pairs, cluster IPs).
+    pub shared_refs: BTreeMap<Shared, usize>,
     /// Pick classes whose chains exist (only a full rewrite drops unused ones).
     pub classes: BTreeSet<PickClass>,
 }
@@ -419,13 +485,14 @@ impl FamilyPlan {
                 family,
                 &state.node,
             ),
+            service_cidrs: state.service_cidrs_of(family),
         };
         let mut plan = FamilyPlan {
             settings,
             node: state.node.clone(),
             ports: BTreeMap::new(),
             owners: HashMap::new(),
-            hairpin_refs: BTreeMap::new(),
+            shared_refs: BTreeMap::new(),
             classes: BTreeSet::new(),
         };
         let mut elements = Elements::new();
@@ -477,8 +544,8 @@ impl FamilyPlan {
         for d in &planned.destinations {
             self.owners.insert(d.clone(), name.clone());
         }
-        for ip in &planned.endpoint_ips {
-            *self.hairpin_refs.entry(*ip).or_default() += 1;
+        for shared in planned.shared() {
+            *self.shared_refs.entry(shared).or_default() += 1;
         }
         self.classes.extend(planned.classes.iter().copied());
         self.ports.insert(name, planned);
@@ -493,19 +560,24 @@ impl FamilyPlan {
                 self.owners.remove(d);
             }
         }
-        for ip in &old.endpoint_ips {
-            if let Some(refs) = self.hairpin_refs.get_mut(ip) {
+        for shared in old.shared() {
+            if let Some(refs) = self.shared_refs.get_mut(&shared) {
                 *refs -= 1;
                 if *refs == 0 {
-                    self.hairpin_refs.remove(ip);
+                    self.shared_refs.remove(&shared);
                 }
             }
         }
     }
 
-    /// The hairpin set's elements (shared by the ports using each endpoint IP).
-    pub fn hairpin_elements(&self) -> Vec<Element> {
-        self.hairpin_refs.keys().map(hairpin_element).collect()
+    /// The elements several ports share (hairpin pairs, cluster IPs), per map, sorted.
+    pub fn shared_elements(&self) -> Elements {
+        let mut out = Elements::new();
+        for shared in self.shared_refs.keys() {
+            let e = shared.element();
+            out.entry(e.map).or_default().push(e);
+        }
+        out
     }
 }
 
@@ -584,10 +656,19 @@ pub fn replan(
     warnings: &mut Vec<String>,
 ) -> Delta {
     let mut delta = Delta::default();
-    let hairpin_before: BTreeSet<IpAddr> = names
+    let cidrs = state.service_cidrs_of(plan.family());
+    if cidrs != plan.settings.service_cidrs {
+        plan.settings.service_cidrs = cidrs;
+        delta.chains_changed.push(Chain {
+            name: CLUSTER_IPS_CHECK.into(),
+            comment: String::new(),
+            rules: cluster_ips_check_rules(&plan.settings),
+        });
+    }
+    let shared_before: BTreeSet<Shared> = names
         .iter()
         .filter_map(|n| plan.ports.get(n))
-        .flat_map(|p| p.endpoint_ips.iter().copied())
+        .flat_map(PortPlan::shared)
         .collect();
     let classes_before = plan.classes.clone();
     let mut old_elements: BTreeSet<Element> = BTreeSet::new();
@@ -603,7 +684,7 @@ pub fn replan(
     }
     let mut new_elements: BTreeSet<Element> = BTreeSet::new();
     let mut new_chains: BTreeMap<String, Chain> = BTreeMap::new();
-    let mut hairpin_touched = hairpin_before.clone();
+    let mut shared_touched = shared_before.clone();
     for name in names {
         let Some(port) = state.services.get(name) else {
             continue;
@@ -620,7 +701,7 @@ pub fn replan(
         );
         new_elements.extend(planned.elements.iter().cloned());
         new_chains.extend(planned.chains.iter().map(|c| (c.name.clone(), c.clone())));
-        hairpin_touched.extend(planned.endpoint_ips.iter().copied());
+        shared_touched.extend(planned.shared());
         plan.insert(name.clone(), planned, source_of(state, name, port));
     }
     delta.new_classes = plan.classes.difference(&classes_before).copied().collect();
@@ -650,27 +731,17 @@ pub fn replan(
         .filter(|n| !new_chains.contains_key(*n))
         .cloned()
         .collect();
-    // Hairpin elements are shared: compare presence before and after for touched IPs.
-    for ip in hairpin_touched {
-        let was = hairpin_before.contains(&ip) || plan_has_hairpin_elsewhere(plan, &ip, names);
-        let is = plan.hairpin_refs.contains_key(&ip);
-        let element = hairpin_element(&ip);
+    // Shared elements: compare presence before and after for the touched ones.
+    for shared in shared_touched {
+        let was = shared_before.contains(&shared) || shared_elsewhere(plan, shared, names);
+        let is = plan.shared_refs.contains_key(&shared);
         if was && !is {
-            delta.deleted.insert(element);
+            delta.deleted.insert(shared.element());
         } else if !was && is {
-            delta.added.insert(element);
+            delta.added.insert(shared.element());
         }
     }
     delta
-}
-
-/// A pod reaching itself: `endpoint . endpoint`.
-fn hairpin_element(ip: &IpAddr) -> Element {
-    Element {
-        map: MapId::Hairpin,
-        key: Fields::new(&[Field::Addr(*ip), Field::Addr(*ip)]),
-        value: None,
-    }
 }
 
 /// What `name` is planned from in `state`.
@@ -681,17 +752,13 @@ fn source_of(state: &ProxyState, name: &ServicePortName, port: &Arc<ServicePort>
     }
 }
 
-/// Whether a Service port outside `names` keeps `ip` in the hairpin set.
-fn plan_has_hairpin_elsewhere(
-    plan: &FamilyPlan,
-    ip: &IpAddr,
-    names: &BTreeSet<ServicePortName>,
-) -> bool {
-    let refs = plan.hairpin_refs.get(ip).copied().unwrap_or(0);
+/// Whether a Service port outside `names` needs `shared`.
+fn shared_elsewhere(plan: &FamilyPlan, shared: Shared, names: &BTreeSet<ServicePortName>) -> bool {
+    let refs = plan.shared_refs.get(&shared).copied().unwrap_or(0);
     let ours = names
         .iter()
         .filter_map(|n| plan.ports.get(n))
-        .filter(|p| p.endpoint_ips.contains(ip))
+        .filter(|p| p.shared().any(|s| s == shared))
         .count();
     refs > ours
 }
@@ -732,6 +799,7 @@ fn plan_port(
     };
     let proto = port.protocol();
     let selection = select(port, endpoints, family, node);
+    out.cluster_ip = Some(cluster_ip);
 
     // Claim destinations first: a conflict drops only that destination.
     let mut ip_dests: Vec<(IpAddr, bool)> = vec![(cluster_ip, false)];
@@ -791,7 +859,7 @@ fn plan_port(
             &mut out,
         );
     }
-    plan_firewall(settings, port, &claimed_ips, &mut out);
+    plan_firewall(settings, port, &claimed_ips, node, &mut out);
 
     let used: BTreeSet<IpAddr> = selection
         .cluster
@@ -972,11 +1040,13 @@ fn plan_picks(
     }
 }
 
-/// `loadBalancerSourceRanges`: only listed sources reach the load-balancer IPs.
+/// `loadBalancerSourceRanges`: only listed sources reach the load-balancer IPs (and the
+/// load-balancer IPs themselves when a range holds the node's IP, as upstream).
 fn plan_firewall(
     settings: &FamilySettings,
     port: &ServicePort,
     ips: &[(IpAddr, bool)],
+    node: &NodeInfo,
     out: &mut PortPlan,
 ) {
     if port.load_balancer_source_ranges.is_empty() {
@@ -992,12 +1062,15 @@ fn plan_firewall(
     }
     let f = family_names(settings.family);
     let proto = port.protocol();
-    let ranges: Vec<String> = port
+    let mut ranges: Vec<String> = port
         .load_balancer_source_ranges
         .iter()
         .filter(|n| IpFamily::of_net(n) == settings.family)
         .map(ToString::to_string)
         .collect();
+    if port.admits_load_balancer_ips_as_sources(node.primary_ip(settings.family)) {
+        ranges.extend(lb_ips.iter().map(ToString::to_string));
+    }
     let id = hash_id(&[&port.name.to_string(), "firewall"]);
     let chain = format!("fw-{id}");
     let rule = if ranges.is_empty() {

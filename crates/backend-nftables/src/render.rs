@@ -6,8 +6,9 @@ use std::fmt::Write as _;
 use proxy_core::model::IpFamily;
 
 use crate::plan::{
-    affinity_set_name, class_objects, family_names, slot_chain_name, slot_chains, ClassObject,
-    Delta, Element, FamilyPlan, FamilySettings, KeyKind, MapId, PickClass, Role, TABLE,
+    affinity_set_name, class_objects, cluster_ips_check_rules, family_names, slot_chain_name,
+    slot_chains, ClassObject, Delta, Element, FamilyPlan, FamilySettings, KeyKind, MapId,
+    PickClass, Role, CLUSTER_IPS_CHECK, TABLE,
 };
 
 /// Whether elements are added or deleted, or a map emptied.
@@ -48,13 +49,14 @@ fn map_type(id: MapId, family: IpFamily) -> String {
             format!("type {} : {} . inet_service", dest(kind), f.addr_type)
         }
         MapId::Hairpin => format!("type {t} . {t}", t = f.addr_type),
+        MapId::ClusterIps => format!("type {}", f.addr_type),
     }
 }
 
 fn is_map(id: MapId) -> bool {
     !matches!(
         id,
-        MapId::NoEndpointServices | MapId::NoEndpointNodeports | MapId::Hairpin
+        MapId::NoEndpointServices | MapId::NoEndpointNodeports | MapId::Hairpin | MapId::ClusterIps
     )
 }
 
@@ -247,6 +249,7 @@ pub fn table_maps(plan: &FamilyPlan) -> Vec<ClassObject> {
         MapId::NoEndpointServices,
         MapId::NoEndpointNodeports,
         MapId::Hairpin,
+        MapId::ClusterIps,
     ] {
         maps.push(ClassObject::Map(id));
     }
@@ -308,19 +311,39 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     let mark = settings.mark;
 
     chains.push(ChainText::new("reject-chain", vec!["reject".into()]));
-    let mut prerouting = vec![format!("{key} vmap @firewall-ips"), reject_service.clone()];
+    // Source ranges apply to the node's own connections too, as upstream's
+    // firewall-check runs from both hooks.
+    let firewall = format!("{key} vmap @firewall-ips");
+    let mut prerouting = vec![firewall.clone(), reject_service.clone()];
     prerouting.extend(reject_nodeport.clone());
     chains.push(ChainText::hooked(
         "filter-prerouting",
         "type filter hook prerouting priority dstnat - 10; policy accept;",
         prerouting,
     ));
-    let mut output = vec![reject_service];
+    let mut output = vec![firewall, reject_service];
     output.extend(reject_nodeport);
     chains.push(ChainText::hooked(
         "filter-output",
         "type filter hook output priority -110; policy accept;",
         output,
+    ));
+    // After DNAT: forwarded and locally sent new connections still addressed to a
+    // Service range found no Service port.
+    let check = format!("ct state new jump {CLUSTER_IPS_CHECK}");
+    chains.push(ChainText::new(
+        CLUSTER_IPS_CHECK,
+        cluster_ips_check_rules(settings),
+    ));
+    chains.push(ChainText::hooked(
+        "filter-forward",
+        "type filter hook forward priority -110; policy accept;",
+        vec![check.clone()],
+    ));
+    chains.push(ChainText::hooked(
+        "filter-output-post-dnat",
+        "type filter hook output priority -90; policy accept;",
+        vec![check],
     ));
     let mut services = vec![format!("{key} vmap @service-ips")];
     services.extend(dispatch_nodeport);

@@ -218,6 +218,60 @@ fn shared_endpoint_ip_keeps_hairpin_element_while_used() {
 }
 
 #[test]
+fn cluster_ip_stays_checked_while_any_port_of_it_exists() {
+    // web has TCP 80 and a second port on the same cluster IP.
+    let mut state = sample_state();
+    let mut second = port("default", "web", &["10.96.0.10"], 8443, Protocol::Tcp);
+    second.name.port = "https".into();
+    add(&mut state, second.clone(), vec![ep("10.244.1.2", 8443)]);
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(state.clone(), &[], true)).unwrap();
+    assert!(proxier.runner().scripts[0].contains("10.96.0.10"));
+
+    state.services.remove(&second.name);
+    proxier
+        .sync(&request(state.clone(), &["default/web"], false))
+        .unwrap();
+    let script = &proxier.runner().scripts[1];
+    assert!(!script.contains("cluster-ips"), "still in use: {script}");
+
+    state.services.retain(|k, _| k.service.name != "web");
+    proxier
+        .sync(&request(state, &["default/web"], false))
+        .unwrap();
+    let script = &proxier.runner().scripts[2];
+    assert!(
+        script.contains("delete element ip kube-proxy cluster-ips {\n\t10.96.0.10\n}"),
+        "{script}"
+    );
+    assert!(
+        script.contains("delete element ip6 kube-proxy cluster-ips {\n\tfd00:96::10\n}"),
+        "{script}"
+    );
+}
+
+#[test]
+fn service_cidr_change_rewrites_only_the_check_chain() {
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    let mut state = sample_state();
+    state.service_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
+    proxier.sync(&request(state.clone(), &[], true)).unwrap();
+    assert!(proxier.runner().scripts[0].contains("ip daddr { 10.96.0.0/16 } drop"));
+
+    state.service_cidrs.push("fd00:96::/108".parse().unwrap());
+    let outcome = proxier.sync(&request(state, &[], false)).unwrap();
+    assert!(!outcome.full);
+    let script = &proxier.runner().scripts[1];
+    assert_eq!(
+        script,
+        "flush chain ip6 kube-proxy cluster-ips-check\n\
+         add rule ip6 kube-proxy cluster-ips-check ip6 daddr @cluster-ips reject\n\
+         add rule ip6 kube-proxy cluster-ips-check ip6 daddr { fd00:96::/108 } drop\n",
+        "only the family whose ranges changed"
+    );
+}
+
+#[test]
 fn conflicting_destinations_go_to_the_first_service_only() {
     let mut state = sample_state();
     // Same cluster IP and port as default/web: must not break the transaction.

@@ -1,5 +1,6 @@
 //! A small Kubernetes API server for tests, over real HTTP/1.1, speaking the protocol
-//! kube-rs and client-go speak for Services, EndpointSlices and Nodes:
+//! kube-rs and client-go speak for Services, EndpointSlices, Nodes and ServiceCIDRs (any
+//! other path answers 404 with a Status, as the real server does for unknown resources):
 //!
 //! * lists: `{"kind":"ServiceList","metadata":{"resourceVersion","continue"},"items":[..]}`,
 //!   chunked by `limit` + `continue` (pages are cut from a consistent snapshot at the
@@ -43,6 +44,7 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Nodes,
+    ServiceCidrs,
 }
 
 impl Resource {
@@ -51,6 +53,7 @@ impl Resource {
             "Service" => Some(Resource::Services),
             "EndpointSlice" => Some(Resource::EndpointSlices),
             "Node" => Some(Resource::Nodes),
+            "ServiceCIDR" => Some(Resource::ServiceCidrs),
             _ => None,
         }
     }
@@ -60,18 +63,20 @@ impl Resource {
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Nodes => "Node",
+            Resource::ServiceCidrs => "ServiceCIDR",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::ServiceCidrs => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
 
     fn namespaced(self) -> bool {
-        self != Resource::Nodes
+        !matches!(self, Resource::Nodes | Resource::ServiceCidrs)
     }
 }
 
@@ -206,6 +211,11 @@ impl FakeApiServer {
                 get(list_or_watch_slices),
             )
             .route("/api/v1/nodes", get(list_or_watch_nodes))
+            .route(
+                "/apis/networking.k8s.io/v1/servicecidrs",
+                get(list_or_watch_service_cidrs),
+            )
+            .fallback(not_found)
             .with_state(Arc::clone(&self.shared));
         let Some(runtime) = &self.runtime else {
             return Err(Error::Io(std::io::Error::other("server dropped")));
@@ -412,6 +422,25 @@ async fn list_or_watch_nodes(
     uri: axum::http::Uri,
 ) -> Response {
     handle(s, Resource::Nodes, q, uri).await
+}
+
+async fn list_or_watch_service_cidrs(
+    State(s): State<Arc<Shared>>,
+    q: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+    uri: axum::http::Uri,
+) -> Response {
+    handle(s, Resource::ServiceCidrs, q, uri).await
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    status_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!(
+            "the server could not find the requested resource ({})",
+            uri.path()
+        ),
+    )
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Value {

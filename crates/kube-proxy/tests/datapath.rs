@@ -62,7 +62,11 @@ impl Mode {
                 "internal_traffic_policy_local",
                 "load_balancer_source_ranges",
                 "masquerade_follows_detect_local_mode",
+                "service_ip_checks",
             ],
+            // Upstream's iptables mode has no rule for Service IPs without a Service
+            // port: such packets are routed on, untranslated.
+            "iptables" => &["service_ip_checks"],
             _ => &[],
         };
         let skip = skipped.contains(&behaviour);
@@ -1051,6 +1055,189 @@ fn iptables_rules_flushed_by_someone_else_are_rewritten() {
     assert_spread(&counts, &["be1"], "after the flush");
 }
 
+// ---------------------------------------------------------------------------------------
+// Packets to Service IPs that no Service port serves (nftables, as upstream's
+// cluster-ips-check), and load-balancer source ranges seen from the load-balancer IP.
+// ---------------------------------------------------------------------------------------
+
+const SERVICE_CIDR: &str = "---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16]}\n";
+
+/// A host that answers, as "outside", for the addresses given: whatever the node routes
+/// on (its default route leads to the client) arrives here instead of vanishing.
+fn answer_beyond_node(cluster: &Cluster, ips: &[&str], port: u16) -> ServerGuard {
+    for ip in ips {
+        cluster
+            .client()
+            .exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .expect("address on the client");
+    }
+    testkit::serve(
+        cluster.client(),
+        "outside",
+        port,
+        &[Proto::Tcp],
+        ServeMode::Name,
+    )
+    .expect("server beyond the node")
+}
+
+fn service_ip_checks(mode: Mode) {
+    if mode.skips("service_ip_checks") {
+        return;
+    }
+    let manifests = |with_cidr: bool| {
+        let mut m = standard_services(&backends());
+        if with_cidr {
+            m.push_str(SERVICE_CIDR);
+        }
+        m
+    };
+    let Some(mut cluster) = Cluster::start(mode, "service_ip_checks", &manifests(true), &[]) else {
+        return;
+    };
+    // The pod client's packets go through the node's forward path; the node's own
+    // through its output path. Without the checks both reach "outside".
+    let _outside = answer_beyond_node(&cluster, &["10.96.0.10", "10.96.0.200"], 81);
+    let pod = &cluster.topo.pod_client;
+    let node = &cluster.topo.node;
+    let unserved_port = addr("10.96.0.10", 81);
+    let unallocated = addr("10.96.0.200", 81);
+    for (who, ns) in [("pod", pod), ("node", node)] {
+        let reply = testkit::tcp_request(ns, unserved_port, TIMEOUT);
+        assert!(
+            matches!(reply, Err(RequestError::Refused)),
+            "{who} to a cluster IP on a port no Service uses must be rejected: {reply:?}"
+        );
+        let reply = testkit::tcp_request(ns, unallocated, Duration::from_millis(700));
+        assert!(
+            matches!(reply, Err(RequestError::Timeout)),
+            "{who} to an unallocated IP of the ServiceCIDR must be dropped: {reply:?}"
+        );
+    }
+    assert_eq!(
+        answers(pod, addr("10.96.0.10", 80), 20),
+        vec!["be0", "be1"],
+        "the served port is unaffected"
+    );
+
+    // Without the ServiceCIDR, unallocated addresses are routed on; the change is
+    // incremental.
+    cluster.update(&manifests(false));
+    let pod = &cluster.topo.pod_client;
+    assert_eq!(
+        answers(pod, unallocated, 3),
+        vec!["outside"],
+        "no ServiceCIDR holds 10.96.0.200 any more"
+    );
+    let log = cluster.proxy.log();
+    let last = log.lines().rev().find(|l| l.contains(SYNCED));
+    assert!(
+        last.is_some_and(|l| l.contains("full=false")),
+        "expected an incremental sync: {last:?}"
+    );
+    assert!(
+        matches!(
+            testkit::tcp_request(pod, unserved_port, TIMEOUT),
+            Err(RequestError::Refused)
+        ),
+        "cluster IPs are checked with or without ServiceCIDRs"
+    );
+    cluster.update(&manifests(true));
+    let pod = &cluster.topo.pod_client;
+    let reply = testkit::tcp_request(pod, unallocated, Duration::from_millis(700));
+    assert!(
+        matches!(reply, Err(RequestError::Timeout)),
+        "ServiceCIDR back: dropped again, got {reply:?}"
+    );
+}
+
+fn load_balancer_ips_pass_source_ranges_that_hold_the_node(mode: Mode) {
+    if mode.skips("load_balancer_source_ranges") {
+        return;
+    }
+    let lb_ip = "192.168.200.42";
+    let manifests = |ranges: &str| {
+        let mut svc = ServiceSpec::new(
+            "default",
+            "fw",
+            &[ip("10.96.0.42")],
+            vec![PortSpec::new("http", "TCP", 80, BACKEND_PORT)],
+        )
+        .endpoints(&[ip(BE0), ip(BE1)]);
+        svc.type_ = "LoadBalancer".into();
+        svc.load_balancer_ips = vec![ip(lb_ip)];
+        svc.extra_spec = vec![format!("  loadBalancerSourceRanges: [{ranges}]")];
+        let node = "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 192.168.100.1}]\n";
+        format!("{}{node}", render(&[svc]))
+    };
+    // The node's own IP is in a range: the load-balancer IP may be a source too.
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "load_balancer_ips_pass_source_ranges_that_hold_the_node",
+        &manifests("192.168.100.1/32"),
+        &[],
+    ) else {
+        return;
+    };
+    let lb = addr(lb_ip, 80);
+    let client = cluster.client();
+    let outside = testkit::tcp_request(client, lb, Duration::from_millis(700));
+    assert!(
+        matches!(outside, Err(RequestError::Timeout)),
+        "the client's own address is not listed: {outside:?}"
+    );
+    assert_eq!(
+        answers(&cluster.topo.node, lb, 10),
+        vec!["be0", "be1"],
+        "the node"
+    );
+    // A load balancer handing traffic back: the client's packets leave with the
+    // load-balancer IP as their source, and replies to it come back to the client.
+    for rule in [
+        "add table ip lb".to_string(),
+        "add chain ip lb post { type nat hook postrouting priority srcnat; }".to_string(),
+        format!("add rule ip lb post ip daddr {lb_ip} snat to {lb_ip}"),
+    ] {
+        client.exec(&["nft", &rule]).expect("SNAT in the client");
+    }
+    cluster
+        .topo
+        .node
+        .exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{lb_ip}/32"),
+            "via",
+            "192.168.100.2",
+        ])
+        .expect("route back to the load balancer");
+    assert_eq!(
+        answers(client, lb, 20),
+        vec!["be0", "be1"],
+        "source = load-balancer IP, node IP in the ranges"
+    );
+
+    // The node's IP in no range: neither the load-balancer IP nor the node gets in.
+    cluster.update(&manifests("10.244.0.0/16"));
+    let client = cluster.client();
+    let reply = testkit::tcp_request(client, lb, Duration::from_millis(700));
+    assert!(
+        matches!(reply, Err(RequestError::Timeout)),
+        "source = load-balancer IP, node IP not in the ranges: {reply:?}"
+    );
+    let reply = testkit::tcp_request(&cluster.topo.node, lb, Duration::from_millis(700));
+    assert!(
+        matches!(reply, Err(RequestError::Timeout)),
+        "the node itself, not in the ranges: {reply:?}"
+    );
+    assert_eq!(
+        answers(&cluster.topo.pod_client, lb, 10),
+        vec!["be0", "be1"],
+        "a listed source still gets in"
+    );
+}
+
 /// Instantiates every behaviour of the suite for one mode.
 macro_rules! datapath_suite {
     ($mode:ident) => {
@@ -1113,6 +1300,16 @@ macro_rules! datapath_suite {
             fn udp_client_follows_replaced_endpoint() {
                 super::udp_client_follows_replaced_endpoint(MODE)
             }
+            #[test]
+            fn service_ip_checks() {
+                super::service_ip_checks(MODE)
+            }
+
+            #[test]
+            fn load_balancer_ips_pass_source_ranges_that_hold_the_node() {
+                super::load_balancer_ips_pass_source_ranges_that_hold_the_node(MODE)
+            }
+
             #[test]
             fn starting_removes_the_other_modes_rules() {
                 super::starting_removes_the_other_modes_rules(MODE)

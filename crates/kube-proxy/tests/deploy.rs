@@ -150,6 +150,8 @@ fn daemonset_is_shaped_like_kubeadms_and_rbac_only_reads() {
         "get nodes",
         "list nodes",
         "watch nodes",
+        "list servicecidrs",
+        "watch servicecidrs",
     ] {
         assert!(granted.iter().any(|g| g == needed), "missing {needed}");
     }

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use crate::model::{
     Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
@@ -487,13 +488,32 @@ pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
         }
     }
     if let Some(status) = &node.status {
-        for addr in status.addresses.iter().flatten() {
-            if addr.type_ == "InternalIP" || addr.type_ == "ExternalIP" {
-                if let Some(ip) = parse_ip(&addr.address) {
-                    info.addresses.push(ip);
+        // InternalIPs before ExternalIPs, as upstream's node host IPs are ordered.
+        for kind in ["InternalIP", "ExternalIP"] {
+            for addr in status.addresses.iter().flatten() {
+                if addr.type_ == kind {
+                    if let Some(ip) = parse_ip(&addr.address) {
+                        info.addresses.push(ip);
+                    }
                 }
             }
         }
     }
     info
+}
+
+/// The Service IP ranges of a `ServiceCIDR` object; unparsable entries are reported and
+/// skipped (the API validates them, so none is expected).
+pub fn service_cidr_ranges(object: &ServiceCIDR, warnings: &mut Vec<String>) -> Vec<IpNet> {
+    let name = object.metadata.name.as_deref().unwrap_or("");
+    let mut out = Vec::new();
+    for raw in object.spec.iter().flat_map(|s| s.cidrs.iter().flatten()) {
+        match raw.parse::<IpNet>() {
+            Ok(net) => out.push(net.trunc()),
+            Err(_) => warnings.push(format!(
+                "ServiceCIDR {name}: spec.cidrs: {raw:?} is not a CIDR; ignored"
+            )),
+        }
+    }
+    out
 }

@@ -174,6 +174,16 @@ impl ServicePort {
             .find(|ip| IpFamily::of(ip) == family)
     }
 
+    /// Whether packets whose source is one of this port's load-balancer IPs pass its
+    /// `loadBalancerSourceRanges`, as upstream decides: only when a range holds the node's
+    /// own IP (a VIP bound on the node loops the node's requests back with the VIP as
+    /// their source).
+    pub fn admits_load_balancer_ips_as_sources(&self, node_ip: IpAddr) -> bool {
+        self.load_balancer_source_ranges
+            .iter()
+            .any(|range| range.contains(&node_ip))
+    }
+
     /// External destinations (externalIPs and load-balancer IPs) of one family.
     pub fn external_destinations(&self, family: IpFamily) -> impl Iterator<Item = IpAddr> + '_ {
         self.external_ips
@@ -224,7 +234,24 @@ pub struct NodeInfo {
     /// `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
     pub pod_cidrs: Vec<IpNet>,
+    /// InternalIPs first, then ExternalIPs, each in the Node's order.
     pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// The node's IP of a family as upstream's node-IP detection settles it: the Node's
+    /// first address of that family, else loopback (what upstream falls back to when the
+    /// Node has none).
+    pub fn primary_ip(&self, family: IpFamily) -> IpAddr {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|ip| IpFamily::of(ip) == family)
+            .unwrap_or(match family {
+                IpFamily::V4 => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                IpFamily::V6 => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            })
+    }
 }
 
 /// The desired state: every Service port and its endpoints. Immutable once handed to a
@@ -234,9 +261,21 @@ pub struct ProxyState {
     pub services: BTreeMap<ServicePortName, Arc<ServicePort>>,
     pub endpoints: BTreeMap<ServicePortName, Arc<Vec<Endpoint>>>,
     pub node: NodeInfo,
+    /// The cluster's Service IP ranges (`ServiceCIDR` objects' `spec.cidrs`), sorted and
+    /// without duplicates. Traffic to an address in them that no Service holds is dropped.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl ProxyState {
+    /// The Service IP ranges of one family.
+    pub fn service_cidrs_of(&self, family: IpFamily) -> Vec<IpNet> {
+        self.service_cidrs
+            .iter()
+            .filter(|n| IpFamily::of_net(n) == family)
+            .copied()
+            .collect()
+    }
+
     pub fn endpoints_of(&self, name: &ServicePortName) -> &[Endpoint] {
         self.endpoints
             .get(name)

@@ -7,6 +7,7 @@
 
 use std::time::SystemTime;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -95,6 +96,8 @@ pub struct Objects {
     pub endpoint_slices: Vec<SliceRecord>,
     /// This node's Node object, when the source has it.
     pub node: Option<Node>,
+    /// Every `ServiceCIDR` object's ranges (duplicates allowed; the tracker sorts them).
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl Objects {
@@ -112,6 +115,7 @@ impl Objects {
                 .map(|s| SliceRecord::new(s, node_name))
                 .collect(),
             node,
+            service_cidrs: Vec::new(),
         }
     }
 }
@@ -136,4 +140,6 @@ pub enum SourceUpdate {
     },
     /// This node's Node object changed (or disappeared: `None`).
     Node(Option<Box<Node>>),
+    /// The ranges of every `ServiceCIDR` object, after one of them changed.
+    ServiceCidrs(Vec<IpNet>),
 }

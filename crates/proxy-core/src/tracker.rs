@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use tokio::time::Instant;
 
@@ -35,6 +36,8 @@ pub struct PendingChanges {
     pub endpoints: BTreeMap<ServiceName, Instant>,
     /// The node's own facts (zone, pod CIDRs, addresses) changed.
     pub node: bool,
+    /// The cluster's Service IP ranges changed.
+    pub service_cidrs: bool,
     /// Per changed Service, when its changes were triggered (for network programming
     /// latency): EndpointSlice trigger-time annotations, and when a Service change was
     /// first seen.
@@ -43,7 +46,7 @@ pub struct PendingChanges {
 
 impl PendingChanges {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoints.is_empty() && !self.node
+        self.services.is_empty() && self.endpoints.is_empty() && !self.node && !self.service_cidrs
     }
 
     /// Every Service that needs reprogramming.
@@ -167,7 +170,19 @@ impl ChangeTracker {
                 self.remove_slice(&(namespace, name), now)
             }
             SourceUpdate::Node(node) => self.set_node(node.map(|n| *n)),
+            SourceUpdate::ServiceCidrs(cidrs) => self.set_service_cidrs(cidrs),
         }
+    }
+
+    fn set_service_cidrs(&mut self, mut cidrs: Vec<IpNet>) -> bool {
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        if cidrs == self.state.service_cidrs {
+            return false;
+        }
+        Arc::make_mut(&mut self.state).service_cidrs = cidrs;
+        self.pending.service_cidrs = true;
+        true
     }
 
     fn replace(&mut self, objects: Objects, now: Instant) -> bool {
@@ -221,6 +236,7 @@ impl ChangeTracker {
         }
 
         let mut changed = self.set_node(objects.node);
+        changed |= self.set_service_cidrs(objects.service_cidrs);
         for key in &touched {
             changed |= self.refresh_service(key, now);
         }

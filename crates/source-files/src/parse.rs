@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use proxy_core::convert;
 use proxy_core::source::{Objects, ServiceRecord, SliceRecord};
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -53,6 +55,7 @@ enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
     List,
 }
 
@@ -62,14 +65,18 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
             Kind::List => "List",
         }
     }
 
-    fn api_version(self) -> &'static str {
+    /// The API versions read as this kind; the first is the current one.
+    fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::Service | Kind::Node | Kind::List => "v1",
+            Kind::EndpointSlice => &["discovery.k8s.io/v1"],
+            // v1beta1 (before Kubernetes 1.33) has the same `spec.cidrs`.
+            Kind::ServiceCidr => &["networking.k8s.io/v1", "networking.k8s.io/v1beta1"],
+            Kind::Service | Kind::Node | Kind::List => &["v1"],
         }
     }
 }
@@ -88,13 +95,14 @@ fn classify(meta: &TypeMeta, allow_list: bool) -> Result<Option<Kind>, String> {
         "Service" => Kind::Service,
         "EndpointSlice" => Kind::EndpointSlice,
         "Node" => Kind::Node,
+        "ServiceCIDR" => Kind::ServiceCidr,
         "List" if allow_list => Kind::List,
         _ => return Ok(None),
     };
-    if api_version != known.api_version() {
+    if !known.api_versions().contains(&api_version) {
         return Err(format!(
             "{kind} has apiVersion {api_version:?}, expected {:?}",
-            known.api_version()
+            known.api_versions()[0]
         ));
     }
     Ok(Some(known))
@@ -194,6 +202,10 @@ impl<'a> Loader<'a> {
                 Ok(node) => self.add_node(node, place),
                 Err(err) => self.yaml_problem(file, doc, &err, "Node: "),
             },
+            Ok(Some(Kind::ServiceCidr)) => match parse::<ServiceCidrDocument>(doc.text) {
+                Ok(cidr) => self.add_service_cidr(cidr.into(), place),
+                Err(err) => self.yaml_problem(file, doc, &err, "ServiceCIDR: "),
+            },
             Ok(Some(Kind::List)) => self.add_list(file, doc),
         }
     }
@@ -260,6 +272,7 @@ impl<'a> Loader<'a> {
                 Item::Service(service) => self.add_service(*service, place),
                 Item::EndpointSlice(slice) => self.add_endpoint_slice(*slice, place),
                 Item::Node(node) => self.add_node(*node, place),
+                Item::ServiceCidr(cidr) => self.add_service_cidr(*cidr, place),
                 Item::Skipped => {}
             }
         }
@@ -276,6 +289,17 @@ impl<'a> Loader<'a> {
         if self.register(Kind::EndpointSlice, &mut slice.metadata, &place) {
             let record = SliceRecord::new(&slice, self.node_name);
             self.objects.endpoint_slices.push(record);
+        }
+    }
+
+    fn add_service_cidr(&mut self, mut object: ServiceCIDR, place: Place) {
+        if self.register(Kind::ServiceCidr, &mut object.metadata, &place) {
+            let mut warnings = Vec::new();
+            let ranges = convert::service_cidr_ranges(&object, &mut warnings);
+            for message in warnings {
+                self.problem(&place, message);
+            }
+            self.objects.service_cidrs.extend(ranges);
         }
     }
 
@@ -367,10 +391,31 @@ fn parse<T: DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
     serde_saphyr::from_str_with_options(text, yaml_options())
 }
 
+/// A ServiceCIDR of either API version: k8s-openapi's type accepts only `v1`, and
+/// `v1beta1` (before Kubernetes 1.33) has the same fields.
+#[derive(Deserialize)]
+struct ServiceCidrDocument {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<ServiceCIDRSpec>,
+}
+
+impl From<ServiceCidrDocument> for ServiceCIDR {
+    fn from(doc: ServiceCidrDocument) -> Self {
+        ServiceCIDR {
+            metadata: doc.metadata,
+            spec: doc.spec,
+            status: None,
+        }
+    }
+}
+
 enum Item {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Node(Box<Node>),
+    ServiceCidr(Box<ServiceCIDR>),
     Skipped,
 }
 
@@ -437,6 +482,9 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
                     .next_element()?
                     .map(|s| Item::EndpointSlice(Box::new(s))),
                 Some(Kind::Node) => seq.next_element()?.map(|n| Item::Node(Box::new(n))),
+                Some(Kind::ServiceCidr) => seq
+                    .next_element::<ServiceCidrDocument>()?
+                    .map(|c| Item::ServiceCidr(Box::new(c.into()))),
                 Some(Kind::List) | None => seq.next_element::<IgnoredAny>()?.map(|_| Item::Skipped),
             };
             match item {

@@ -85,6 +85,59 @@ fn multi_document_file() {
 }
 
 #[test]
+fn service_cidrs_of_both_api_versions_and_in_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "\
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [10.96.0.0/16, fd00:96::/108]}
+---
+apiVersion: networking.k8s.io/v1beta1
+kind: ServiceCIDR
+metadata: {name: old}
+spec: {cidrs: [10.97.0.0/16, not-a-cidr]}
+---
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: networking.k8s.io/v1, kind: ServiceCIDR, metadata: {name: listed}, spec: {cidrs: [10.98.0.0/16]}}
+---
+apiVersion: networking.k8s.io/v2
+kind: ServiceCIDR
+metadata: {name: future}
+spec: {cidrs: [10.99.0.0/16]}
+";
+    let file = write(dir.path(), "cidrs.yaml", text);
+    let report = load(&file, "node-a").unwrap();
+    let cidrs: Vec<String> = report
+        .objects
+        .service_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        cidrs,
+        [
+            "10.96.0.0/16",
+            "fd00:96::/108",
+            "10.97.0.0/16",
+            "10.98.0.0/16"
+        ]
+    );
+    let problems: Vec<&str> = report.problems.iter().map(|p| p.message.as_str()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].contains("\"not-a-cidr\" is not a CIDR"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].contains("networking.k8s.io/v2"),
+        "{problems:#?}"
+    );
+}
+
+#[test]
 fn single_file_with_any_extension() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "manifests.txt", SERVICE);

@@ -1,9 +1,9 @@
 //! The Kubernetes API source: watches Services and EndpointSlices (with upstream's label
-//! selector) and this node's Node, and sends `SourceUpdate`s.
+//! selector), this node's Node and the cluster's ServiceCIDRs, and sends `SourceUpdate`s.
 //!
 //! Built on kube-rs's `watcher` (list in chunks, then watch from the list's
 //! resourceVersion; relist on 410 Gone; bookmarks). [`merge`] decides what to send:
-//! nothing until all three initial lists are complete, then one `Replace`, then
+//! nothing until all four initial lists are complete, then one `Replace`, then
 //! incremental updates; a `Replace` again after each relist. While the API server is
 //! unreachable nothing is sent, so the programmed rules stay as they are.
 
@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::utils::Backoff;
@@ -260,14 +261,35 @@ pub async fn watch(
     );
     let nodes = kind_stream(
         "Node",
-        watcher(Api::<Node>::all(client), node_selector),
+        watcher(Api::<Node>::all(client.clone()), node_selector),
         Input::Node,
     );
-    let mut events = futures::stream::select_all([services, slices, nodes]);
+    let service_cidrs = kind_stream(
+        SERVICE_CIDR,
+        watcher(
+            Api::<ServiceCIDR>::all(client),
+            watcher::Config::default().list_semantic(watcher::ListSemantic::MostRecent),
+        ),
+        Input::ServiceCidr,
+    );
+    let mut events = futures::stream::select_all([services, slices, nodes, service_cidrs]);
     let mut merger = Merger::new(node_name);
+    let mut service_cidrs_reported = false;
     while let Some(item) = events.next().await {
         let input = match item {
             Ok(input) => input,
+            Err((SERVICE_CIDR, err)) if resource_unavailable(&err) => {
+                // Older servers lack the resource, and an operator's ClusterRole may not
+                // grant it: Services still work, only the drop of unallocated Service
+                // IPs is missing. The watcher keeps trying, so granting it later works.
+                if !service_cidrs_reported {
+                    tracing::warn!(error = %err, "cannot list ServiceCIDRs; traffic to unallocated Service IPs will not be dropped");
+                    service_cidrs_reported = true;
+                } else {
+                    tracing::debug!(error = %err, "ServiceCIDRs still unavailable");
+                }
+                Input::ServiceCidrsUnavailable
+            }
             Err((kind, err)) => {
                 // The watcher retries by itself after the backoff; the last state stays.
                 tracing::warn!(kind, error = %err, "Kubernetes API watch failed; retrying");
@@ -280,6 +302,7 @@ pub async fn watch(
             Input::Service(watcher::Event::InitDone)
                 | Input::Slice(watcher::Event::InitDone)
                 | Input::Node(watcher::Event::InitDone)
+                | Input::ServiceCidr(watcher::Event::InitDone)
         );
         let update = merger.apply(input);
         status.success(merger.initial_sent());
@@ -290,7 +313,8 @@ pub async fn watch(
                     services = objects.services.len(),
                     endpoint_slices = objects.endpoint_slices.len(),
                     node = objects.node.is_some(),
-                    "listed Services, EndpointSlices and Node from the API"
+                    service_cidrs = objects.service_cidrs.len(),
+                    "listed Services, EndpointSlices, Node and ServiceCIDRs from the API"
                 );
             }
         }
@@ -301,6 +325,19 @@ pub async fn watch(
 }
 
 type KindItem = Result<Input, (&'static str, watcher::Error)>;
+
+const SERVICE_CIDR: &str = "ServiceCIDR";
+
+/// Whether a list failed because the server has no such resource or will not let us
+/// read it (rather than being unreachable).
+fn resource_unavailable(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(status)) => {
+            status.is_not_found() || status.is_forbidden()
+        }
+        _ => false,
+    }
+}
 
 /// One kind's watcher, tagged with its kind, pausing after each error.
 ///

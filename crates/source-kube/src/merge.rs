@@ -1,8 +1,9 @@
 //! Turns the three watch streams' events into `SourceUpdate`s. Pure, so the ordering
 //! rules are tested without a server:
 //!
-//! * nothing is sent until Services, EndpointSlices and the Node have each been listed
-//!   completely; then one `Replace` with all of them;
+//! * nothing is sent until Services, EndpointSlices, the Node and ServiceCIDRs have each
+//!   been listed completely (ServiceCIDRs count as listed, and empty, when the server has
+//!   no such resource or refuses us it); then one `Replace` with all of them;
 //! * after that, each watch event becomes one upsert or delete;
 //! * a relist of any kind (after 410 Gone or a broken watch) is collected on the side and
 //!   becomes one `Replace` of the new complete state when its list is complete; a list that
@@ -12,6 +13,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::Metadata;
 use kube::runtime::watcher::Event;
 use proxy_core::source::{Objects, SourceUpdate};
@@ -32,6 +34,10 @@ pub enum Input {
     Service(Event<Service>),
     Slice(Event<EndpointSlice>),
     Node(Event<Node>),
+    ServiceCidr(Event<ServiceCIDR>),
+    /// The server has no ServiceCIDR resource (before Kubernetes 1.33 without the beta
+    /// API) or forbids us to list it: proceed without Service IP ranges.
+    ServiceCidrsUnavailable,
 }
 
 type Key = (String, String);
@@ -138,6 +144,7 @@ pub struct Merger {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
     /// The first `Replace` went out.
     initial_sent: bool,
 }
@@ -149,6 +156,7 @@ impl Merger {
             services: Store::default(),
             slices: Store::default(),
             node: Store::default(),
+            service_cidrs: Store::default(),
             initial_sent: false,
         }
     }
@@ -194,7 +202,36 @@ impl Merger {
                     Step::Delete(_) => self.live().then_some(SourceUpdate::Node(None)),
                 }
             }
+            Input::ServiceCidr(event) => match self.service_cidrs.apply(event, |_| true) {
+                Step::Nothing => None,
+                Step::Listed => self.replace(),
+                Step::Upsert(_) | Step::Delete(_) => self
+                    .live()
+                    .then(|| SourceUpdate::ServiceCidrs(self.service_cidr_ranges())),
+            },
+            Input::ServiceCidrsUnavailable => {
+                if self.service_cidrs.listed {
+                    return None;
+                }
+                self.service_cidrs.listed = true;
+                self.replace()
+            }
         }
+    }
+
+    /// The ranges of every ServiceCIDR object held.
+    fn service_cidr_ranges(&self) -> Vec<ipnet::IpNet> {
+        let mut warnings = Vec::new();
+        let ranges = self
+            .service_cidrs
+            .live
+            .values()
+            .flat_map(|object| proxy_core::convert::service_cidr_ranges(object, &mut warnings))
+            .collect();
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        ranges
     }
 
     /// Whether incremental updates can go out: the tracker has had a complete state.
@@ -204,16 +241,22 @@ impl Merger {
 
     /// A `Replace` of everything, once every kind has been listed.
     fn replace(&mut self) -> Option<SourceUpdate> {
-        if !(self.services.listed && self.slices.listed && self.node.listed) {
+        if !(self.services.listed
+            && self.slices.listed
+            && self.node.listed
+            && self.service_cidrs.listed)
+        {
             return None;
         }
         self.initial_sent = true;
-        Some(SourceUpdate::Replace(Objects::from_raw(
+        let mut objects = Objects::from_raw(
             self.services.live.values(),
             self.slices.live.values(),
             self.node.live.values().next().cloned(),
             &self.node_name,
-        )))
+        );
+        objects.service_cidrs = self.service_cidr_ranges();
+        Some(SourceUpdate::Replace(objects))
     }
 }
 
@@ -292,7 +335,83 @@ mod tests {
         assert!(!m.initial_sent());
         assert!(m.apply(Input::Node(Event::Init)).is_none());
         assert!(m.apply(Input::Node(Event::InitApply(node("n1")))).is_none());
-        replace_of(m.apply(Input::Node(Event::InitDone)))
+        assert!(m.apply(Input::Node(Event::InitDone)).is_none());
+        assert!(m.apply(Input::ServiceCidr(Event::Init)).is_none());
+        assert!(m
+            .apply(Input::ServiceCidr(Event::InitApply(cidr(
+                "kubernetes",
+                &["10.96.0.0/16", "fd00:96::/108"]
+            ))))
+            .is_none());
+        replace_of(m.apply(Input::ServiceCidr(Event::InitDone)))
+    }
+
+    fn cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
+        ServiceCIDR {
+            metadata: meta("", name, &[]),
+            spec: Some(k8s_openapi::api::networking::v1::ServiceCIDRSpec {
+                cidrs: Some(cidrs.iter().map(|c| c.to_string()).collect()),
+            }),
+            status: None,
+        }
+    }
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn service_cidrs_are_listed_with_the_rest_then_sent_whole_on_each_change() {
+        let mut m = Merger::new("n1");
+        let objects = initial(&mut m);
+        assert_eq!(
+            objects.service_cidrs,
+            nets(&["10.96.0.0/16", "fd00:96::/108"])
+        );
+        match m.apply(Input::ServiceCidr(Event::Apply(cidr(
+            "extra",
+            &["10.97.0.0/16"],
+        )))) {
+            Some(SourceUpdate::ServiceCidrs(all)) => assert_eq!(
+                all,
+                nets(&["10.97.0.0/16", "10.96.0.0/16", "fd00:96::/108"]),
+                "every object's ranges"
+            ),
+            other => panic!("expected ServiceCidrs, got {other:?}"),
+        }
+        match m.apply(Input::ServiceCidr(Event::Delete(cidr("kubernetes", &[])))) {
+            Some(SourceUpdate::ServiceCidrs(all)) => assert_eq!(all, nets(&["10.97.0.0/16"])),
+            other => panic!("expected ServiceCidrs, got {other:?}"),
+        }
+        // A list that fails for good (no such resource, or forbidden) does not block.
+        assert!(m.apply(Input::ServiceCidrsUnavailable).is_none());
+    }
+
+    #[test]
+    fn unavailable_service_cidrs_do_not_hold_back_the_first_replace() {
+        let mut m = Merger::new("n1");
+        for input in [
+            Input::Service(Event::Init),
+            Input::Service(Event::InitDone),
+            Input::Slice(Event::Init),
+            Input::Slice(Event::InitDone),
+            Input::Node(Event::Init),
+            Input::Node(Event::InitDone),
+        ] {
+            assert!(m.apply(input).is_none(), "waits for ServiceCIDRs");
+        }
+        let objects = replace_of(m.apply(Input::ServiceCidrsUnavailable));
+        assert!(objects.service_cidrs.is_empty());
+        // The resource appears later (RBAC granted): its list is a change like any other.
+        assert!(m.apply(Input::ServiceCidr(Event::Init)).is_none());
+        assert!(m
+            .apply(Input::ServiceCidr(Event::InitApply(cidr(
+                "k",
+                &["10.96.0.0/16"]
+            ))))
+            .is_none());
+        let objects = replace_of(m.apply(Input::ServiceCidr(Event::InitDone)));
+        assert_eq!(objects.service_cidrs, nets(&["10.96.0.0/16"]));
     }
 
     #[test]
@@ -317,6 +436,7 @@ mod tests {
             Input::Service(Event::Apply(svc("late", &[]))),
             Input::Node(Event::Init),
             Input::Node(Event::InitDone),
+            Input::ServiceCidrsUnavailable,
             Input::Slice(Event::Init),
         ] {
             assert!(m.apply(input).is_none());

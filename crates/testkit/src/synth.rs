@@ -175,6 +175,7 @@ pub fn state(services: &[SynthService]) -> ProxyState {
         services: ports,
         endpoints: eps,
         node: Default::default(),
+        service_cidrs: Vec::new(),
     }
 }
 
