@@ -144,6 +144,8 @@ impl Data {
 #[derive(Debug, Clone, Default)]
 struct Faults {
     delay: Duration,
+    /// Resources answered with 403 Forbidden (RBAC without the grant).
+    forbidden: Vec<Resource>,
 }
 
 #[derive(Debug)]
@@ -370,6 +372,19 @@ impl FakeApiServer {
         lock(&self.shared.faults).delay = delay;
     }
 
+    /// Answers every request for objects of `kind` with 403 Forbidden, as the real server
+    /// does when the client's role lacks the grant; `false` lifts it.
+    pub fn set_forbidden(&self, kind: &str, forbidden: bool) {
+        let Some(resource) = Resource::from_kind(kind) else {
+            return;
+        };
+        let mut faults = lock(&self.shared.faults);
+        faults.forbidden.retain(|r| *r != resource);
+        if forbidden {
+            faults.forbidden.push(resource);
+        }
+    }
+
     /// Every request so far, as `path?query`.
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared.requests).clone()
@@ -475,9 +490,19 @@ async fn handle(
     uri: axum::http::Uri,
 ) -> Response {
     lock(&shared.requests).push(uri.to_string());
-    let delay = lock(&shared.faults).delay;
+    let (delay, forbidden) = {
+        let faults = lock(&shared.faults);
+        (faults.delay, faults.forbidden.contains(&resource))
+    };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    if forbidden {
+        return status_response(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("{} is forbidden for this user", resource.kind()),
+        );
     }
     let Ok(Query(params)) = query else {
         return status_response(StatusCode::BAD_REQUEST, "BadRequest", "bad query");

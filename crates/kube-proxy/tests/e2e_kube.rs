@@ -406,6 +406,69 @@ fn api_down_at_start_programs_nothing_until_it_answers() {
     assert!(has_service(&n.ruleset(), "10.96.0.10", 80));
 }
 
+/// The IPv4 ranges `cluster-ips-check` drops (nft lists one without braces).
+fn dropped_ranges(rules: &str) -> Vec<String> {
+    rules
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("ip daddr ")?.strip_suffix(" drop"))
+        .map(|set| {
+            set.trim_matches(|c| c == '{' || c == '}' || c == ' ')
+                .split(", ")
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn service_cidr(name: &str, cidr: &str) -> Value {
+    json!({
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": [cidr]},
+    })
+}
+
+#[test]
+fn api_service_cidrs_reach_the_kernel_and_a_refusal_does_not_block() {
+    let Some(mut n) = ApiNode::new("api_service_cidrs", false) else {
+        return;
+    };
+    n.api
+        .apply(service("web", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.api.apply(node_object()).expect("apply");
+    n.api
+        .apply(service_cidr("kubernetes", "10.96.0.0/16"))
+        .expect("apply");
+    // RBAC without the grant: the proxy still programs its Services.
+    n.api.set_forbidden("ServiceCIDR", true);
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "{}", n.log());
+    let rules = n.ruleset();
+    assert!(has_service(&rules, "10.96.0.10", 80));
+    assert!(!rules.contains("10.96.0.0/16"), "{rules}");
+    assert!(n.log().contains("cannot list ServiceCIDRs"), "{}", n.log());
+
+    // Granted later: the watcher's retry lists them and the drop appears; later changes
+    // follow.
+    n.api.set_forbidden("ServiceCIDR", false);
+    n.wait_rules("the ServiceCIDR", Duration::from_secs(30), |r| {
+        dropped_ranges(r) == ["10.96.0.0/16"]
+    });
+    n.api
+        .apply(service_cidr("extra", "10.100.0.0/16"))
+        .expect("apply");
+    n.wait_rules("both ServiceCIDRs", WAIT, |r| {
+        dropped_ranges(r) == ["10.96.0.0/16", "10.100.0.0/16"]
+    });
+    assert!(n.api.delete("ServiceCIDR", "", "kubernetes"));
+    n.wait_rules("the remaining ServiceCIDR", WAIT, |r| {
+        dropped_ranges(r) == ["10.100.0.0/16"]
+    });
+}
+
 #[test]
 fn api_restart_mid_watch_loses_no_rules_and_catches_up() {
     let Some(mut n) = ApiNode::new("api_restart_mid_watch", false) else {
