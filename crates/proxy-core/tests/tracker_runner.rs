@@ -269,7 +269,8 @@ async fn bursts_coalesce_and_min_period_is_honoured() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    // 50 services, one message each, within 100 ms: one sync, 1 s after the first.
+    // 50 services, one message each, within 100 ms: the first syncs at once (upstream's
+    // burst of two), the other 49 in one sync once the budget has a token again.
     for i in 0..50 {
         h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
             &format!("s{i}"),
@@ -283,17 +284,50 @@ async fn bursts_coalesce_and_min_period_is_honoured() {
     let syncs = h.syncs();
     assert_eq!(
         syncs.len(),
-        2,
+        3,
         "{:?}",
         syncs.iter().map(|s| s.0 - t0).collect::<Vec<_>>()
     );
-    assert!(syncs[1].0 - syncs[0].0 >= Duration::from_secs(1));
+    assert!(syncs[1].0 - syncs[0].0 < Duration::from_millis(20));
     assert!(
         !syncs[1].1.full,
         "a change after a full sync is incremental"
     );
-    assert_eq!(syncs[1].1.changed.len(), 50);
-    assert_eq!(syncs[1].1.state.services.len(), 50);
+    assert_eq!(syncs[1].1.changed.len(), 1);
+    // Two tokens spent at once: the third sync waits until one is back.
+    assert!(syncs[2].0 - syncs[0].0 >= Duration::from_secs(1));
+    assert_eq!(syncs[2].1.changed.len(), 49);
+    assert_eq!(syncs[2].1.state.services.len(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_and_its_slice_arriving_together_both_sync_at_once() {
+    let h = start(CONFIG);
+    h.tx.send(SourceUpdate::Replace(Objects::default()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = Instant::now();
+    h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
+        "web",
+        "10.96.0.10",
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(13)).await;
+    h.tx.send(SourceUpdate::EndpointSliceUpsert(Box::new(slice(
+        "web",
+        "web-1",
+        &["10.244.1.2"],
+        true,
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 3, "initial, Service, slice");
+    assert!(syncs[2].0 - before < Duration::from_millis(15));
+    assert_eq!(syncs[2].1.state.endpoints.len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
