@@ -6,11 +6,14 @@
 //!   Service port with endpoints, jumping to its `KUBE-SVC-*` (or `KUBE-SVL-*` for
 //!   `internalTrafficPolicy: Local`), `KUBE-EXT-*` or `KUBE-FW-*`; last, the jump to
 //!   `KUBE-NODEPORTS` for local destinations;
-//! - nat `KUBE-SVC-*`: masquerade-mark traffic from outside the cluster CIDR, then spread
-//!   over `KUBE-SEP-*` with `-m statistic --probability 1/(n-i)`; `KUBE-SEP-*` marks
-//!   hairpin traffic and DNATs; `KUBE-EXT-*` marks external traffic (or, for
-//!   `externalTrafficPolicy: Local`, short-circuits pod and node traffic to `KUBE-SVC-*`
-//!   and sends the rest to `KUBE-SVL-*`); `KUBE-FW-*` admits `loadBalancerSourceRanges`;
+//! - nat `KUBE-SVC-*` (all endpoints) / `KUBE-SVL-*` (this node's): the one the cluster
+//!   IP jumps to first masquerade-marks cluster IP traffic from outside the cluster CIDR,
+//!   then each spreads over `KUBE-SEP-*` with `-m statistic --probability 1/(n-i)`;
+//!   `KUBE-SEP-*` marks hairpin traffic and DNATs; `KUBE-EXT-*` marks external traffic
+//!   (or, for `externalTrafficPolicy: Local`, short-circuits pod and node traffic to
+//!   `KUBE-SVC-*` and sends the rest to `KUBE-SVL-*`; it exists, and the external IPs and
+//!   NodePort jump to it, while the Service has endpoints anywhere);
+//!   `KUBE-FW-*` admits `loadBalancerSourceRanges`;
 //! - filter `KUBE-SERVICES` / `KUBE-EXTERNAL-SERVICES`: REJECT for Service ports without
 //!   endpoints (DROP when only local endpoints are missing); `KUBE-PROXY-FIREWALL` drops
 //!   load-balancer traffic not admitted by `KUBE-FW-*`; `KUBE-NODEPORTS` accepts health
@@ -349,7 +352,9 @@ pub fn plan_port(
     } else {
         ("has no endpoints", "REJECT")
     };
-    let use_fw = !sp.load_balancer_source_ranges.is_empty() && !lb_ips.is_empty();
+    // Destinations that must at least short-circuit pod and node traffic: every one of a
+    // Service with endpoints anywhere, even when none serves outside clients here.
+    let use_fw = has_endpoints && !sp.load_balancer_source_ranges.is_empty() && !lb_ips.is_empty();
 
     // Cluster IP.
     if has_internal {
@@ -381,7 +386,7 @@ pub fn plan_port(
             )
         }));
     for (ip, what, target) in external_targets {
-        if has_external {
+        if has_endpoints {
             out.top.push((
                 TopChain::NatServices,
                 format!(
@@ -389,7 +394,9 @@ pub fn plan_port(
                     host(ip)
                 ),
             ));
-        } else {
+        }
+        // What KUBE-EXT-* did not short-circuit (DNAT) is still addressed to the IP here.
+        if !has_external {
             out.top.push((
                 TopChain::FilterExternalServices,
                 format!(
@@ -413,7 +420,7 @@ pub fn plan_port(
     }
     // NodePort.
     if let Some(node_port) = sp.node_port {
-        if has_external {
+        if has_endpoints {
             out.top.push((
                 TopChain::NatNodeports,
                 format!(
@@ -421,7 +428,8 @@ pub fn plan_port(
                     names.ext
                 ),
             ));
-        } else {
+        }
+        if !has_external {
             out.top.push((
                 TopChain::FilterExternalServices,
                 format!(
@@ -452,28 +460,35 @@ pub fn plan_port(
     };
     let mut sep_endpoints: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
 
+    // Cluster IP traffic from outside the pod network (or all of it with
+    // --masquerade-all) is masqueraded whichever policy picks its endpoints, so the rule
+    // leads the chain the cluster IP jumps to: KUBE-SVL-* under internalTrafficPolicy
+    // Local. Its -d match keeps it off short-circuited external traffic.
+    let masq_match = if config.masquerade_all {
+        Some(String::new())
+    } else {
+        local_cidr.map(|c| format!(" ! -s {c}"))
+    };
+    let cluster_ip_masq = |chain: &str| -> Vec<String> {
+        match &masq_match {
+            Some(m) if has_internal && chain == internal_chain.as_str() => vec![format!(
+                "-A {chain}{m} -m comment --comment \"{spn} cluster IP\" -m {p} -p {p} -d {} --dport {port} -j {KUBE_MARK_MASQ}",
+                host(cluster_ip)
+            )],
+            _ => Vec::new(),
+        }
+    };
+
     // KUBE-SVC-*: all usable endpoints.
     if uses_cluster && !cluster_eps.is_empty() {
-        let mut rules = Vec::new();
-        let masq_match = if config.masquerade_all {
-            Some(String::new())
-        } else {
-            local_cidr.map(|c| format!(" ! -s {c}"))
-        };
-        if let Some(m) = masq_match {
-            rules.push(format!(
-                "-A {}{m} -m comment --comment \"{spn} cluster IP\" -m {p} -p {p} -d {} --dport {port} -j {KUBE_MARK_MASQ}",
-                names.svc,
-                host(cluster_ip)
-            ));
-        }
+        let mut rules = cluster_ip_masq(&names.svc);
         spread_rules(&mut rules, &names.svc, &spn, sp, &cluster_eps);
         sep_endpoints.extend(cluster_eps.iter().map(|e| (e.ip, e.port)));
         add_chain(&names.svc, rules);
     }
     // KUBE-SVL-*: this node's usable endpoints.
     if uses_local && !local_eps.is_empty() {
-        let mut rules = Vec::new();
+        let mut rules = cluster_ip_masq(&names.svl);
         spread_rules(&mut rules, &names.svl, &spn, sp, &local_eps);
         sep_endpoints.extend(local_eps.iter().map(|e| (e.ip, e.port)));
         add_chain(&names.svl, rules);
@@ -510,7 +525,7 @@ pub fn plan_port(
     // and are dropped by filter KUBE-PROXY-FIREWALL. When a range holds the node's IP,
     // the load-balancer IPs are admitted as sources too (a VIP bound on the node loops
     // the node's requests back from the VIP), as upstream.
-    if use_fw && has_external {
+    if use_fw {
         let mut sources: Vec<String> = sp
             .load_balancer_source_ranges
             .iter()
