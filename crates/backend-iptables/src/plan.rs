@@ -7,7 +7,8 @@
 //!   `internalTrafficPolicy: Local`), `KUBE-EXT-*` or `KUBE-FW-*`; last, the jump to
 //!   `KUBE-NODEPORTS` for local destinations;
 //! - nat `KUBE-SVC-*` (all endpoints) / `KUBE-SVL-*` (this node's): the one the cluster
-//!   IP jumps to first masquerade-marks cluster IP traffic from outside the cluster CIDR,
+//!   IP jumps to first masquerade-marks cluster IP traffic from outside the pod network
+//!   (`--detect-local-mode`),
 //!   then each spreads over `KUBE-SEP-*` with `-m statistic --probability 1/(n-i)`;
 //!   `KUBE-SEP-*` marks hairpin traffic and DNATs; `KUBE-EXT-*` marks external traffic
 //!   (or, for `externalTrafficPolicy: Local`, short-circuits pod and node traffic to
@@ -27,7 +28,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proxy_core::model::{
-    Endpoint, IpFamily, NodeInfo, ProxyState, ServicePort, ServicePortName, TrafficPolicy,
+    Endpoint, IpFamily, LocalDetector, NodeInfo, ProxyState, ServicePort, ServicePortName,
+    TrafficPolicy,
 };
 use proxy_core::select::candidates;
 
@@ -44,8 +46,10 @@ pub struct IptConfig {
     pub masquerade_bit: u8,
     /// Masquerade all traffic to cluster IPs (`--masquerade-all`).
     pub masquerade_all: bool,
-    /// Pod CIDRs (local-traffic detection); the first of each family is used.
-    pub cluster_cidrs: Vec<IpNet>,
+    /// How pod traffic is told apart (`--detect-local-mode`): it is not masqueraded to a
+    /// cluster IP and is short-circuited under `externalTrafficPolicy: Local`. A CIDR
+    /// detector uses the first CIDR of each family.
+    pub local: LocalDetector,
     /// `--nodeport-addresses` CIDRs; empty with `nodeport_primary` unset: all local addresses.
     pub nodeport_cidrs: Vec<IpNet>,
     /// `--nodeport-addresses=primary`: the node's primary IP of each family.
@@ -63,7 +67,7 @@ impl Default for IptConfig {
         IptConfig {
             masquerade_bit: 14,
             masquerade_all: false,
-            cluster_cidrs: Vec::new(),
+            local: LocalDetector::None,
             nodeport_cidrs: Vec::new(),
             nodeport_primary: false,
             localhost_node_ports: true,
@@ -78,17 +82,41 @@ impl IptConfig {
         format!("{:#x}", 1u32 << self.masquerade_bit)
     }
 
-    fn local_cidr(&self, family: IpFamily) -> Option<IpNet> {
-        self.cluster_cidrs
-            .iter()
-            .find(|c| IpFamily::of_net(c) == family)
-            .map(IpNet::trunc)
+    /// The matches for pod traffic and for everything else, as upstream writes them;
+    /// `None` when nothing is known to be local in this family.
+    fn local_match(&self, family: IpFamily, node: &NodeInfo) -> Option<LocalMatch> {
+        let cidr = |nets: &[IpNet]| {
+            nets.iter()
+                .find(|c| IpFamily::of_net(c) == family)
+                .map(|c| LocalMatch {
+                    is_local: format!("-s {}", c.trunc()),
+                    not_local: format!("! -s {}", c.trunc()),
+                })
+        };
+        // Interface names were validated at start-up: no spaces or quotes.
+        let interface = |name: String| LocalMatch {
+            is_local: format!("-i {name}"),
+            not_local: format!("! -i {name}"),
+        };
+        match &self.local {
+            LocalDetector::None => None,
+            LocalDetector::ClusterCidr(nets) => cidr(nets),
+            LocalDetector::NodeCidr => cidr(&node.pod_cidrs),
+            LocalDetector::BridgeInterface(name) => Some(interface(name.clone())),
+            LocalDetector::InterfaceNamePrefix(prefix) => Some(interface(format!("{prefix}+"))),
+        }
     }
 
     /// CVE-2020-8558: with `route_localnet` on, block martian traffic to 127.0.0.0/8.
     fn localhost_nodeports_active(&self, family: IpFamily) -> bool {
         family == IpFamily::V4 && self.localhost_node_ports
     }
+}
+
+/// Pod traffic, and everything else, as iptables matches.
+struct LocalMatch {
+    is_local: String,
+    not_local: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -447,7 +475,7 @@ pub fn plan_port(
         ));
     }
 
-    let local_cidr = config.local_cidr(family);
+    let local = config.local_match(family, node);
     let mut add_chain = |name: &str, rules: Vec<String>| {
         out.chains.insert(
             name.to_string(),
@@ -467,7 +495,7 @@ pub fn plan_port(
     let masq_match = if config.masquerade_all {
         Some(String::new())
     } else {
-        local_cidr.map(|c| format!(" ! -s {c}"))
+        local.as_ref().map(|l| format!(" {}", l.not_local))
     };
     let cluster_ip_masq = |chain: &str| -> Vec<String> {
         match &masq_match {
@@ -502,10 +530,10 @@ pub fn plan_port(
                 "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j {KUBE_MARK_MASQ}"
             ));
         } else {
-            if let Some(cidr) = local_cidr {
+            if let Some(l) = &local {
                 rules.push(format!(
-                    "-A {ext} -s {cidr} -m comment --comment \"pod traffic for {spn} external destinations\" -j {}",
-                    names.svc
+                    "-A {ext} {} -m comment --comment \"pod traffic for {spn} external destinations\" -j {}",
+                    l.is_local, names.svc
                 ));
             }
             rules.push(format!(

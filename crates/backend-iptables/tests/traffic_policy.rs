@@ -14,8 +14,8 @@ use std::sync::Arc;
 use backend_iptables::plan::{Chain, FamilyPlan, IptConfig, Table};
 use ipnet::IpNet;
 use proxy_core::model::{
-    Endpoint, IpFamily, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName,
-    TrafficPolicy,
+    Endpoint, IpFamily, LocalDetector, Protocol, ProxyState, ServiceName, ServicePort,
+    ServicePortName, TrafficPolicy,
 };
 
 const POD: &str = "10.0.0.2";
@@ -89,10 +89,10 @@ impl Svc {
 fn config(pod_cidr: bool, masquerade_all: bool) -> IptConfig {
     IptConfig {
         masquerade_all,
-        cluster_cidrs: if pod_cidr {
-            vec![net("10.0.0.0/8")]
+        local: if pod_cidr {
+            LocalDetector::ClusterCidr(vec![net("10.0.0.0/8")])
         } else {
-            vec![]
+            LocalDetector::None
         },
         families: vec![IpFamily::V4],
         ..IptConfig::default()
@@ -104,6 +104,8 @@ fn config(pod_cidr: bool, masquerade_all: bool) -> IptConfig {
 enum Match {
     Src(bool, IpNet),
     Dst(bool, IpNet),
+    /// `-i NAME`; `NAME+` is a prefix.
+    InInterface(bool, String),
     Proto(String),
     Dport(u16),
     SrcLocal,
@@ -170,6 +172,9 @@ fn parse(line: &str) -> (String, Rule) {
             }
             "-s" => rule.matches.push(Match::Src(negate, host_net(arg(1)))),
             "-d" => rule.matches.push(Match::Dst(negate, host_net(arg(1)))),
+            "-i" => rule
+                .matches
+                .push(Match::InInterface(negate, arg(1).to_string())),
             "-p" => rule.matches.push(Match::Proto(arg(1).to_string())),
             "--dport" => rule
                 .matches
@@ -198,6 +203,8 @@ struct Packet {
     src: IpAddr,
     dst: IpAddr,
     dport: u16,
+    /// Where it came in; empty when the node sent it.
+    in_interface: String,
 }
 
 /// The node's addresses, for `-m addrtype --*-type LOCAL`.
@@ -212,6 +219,15 @@ impl Rule {
             let ok = match m {
                 Match::Src(neg, n) => n.contains(&p.src) != *neg,
                 Match::Dst(neg, n) => n.contains(&p.dst) != *neg,
+                Match::InInterface(neg, name) => {
+                    // The node's own packets have no input interface: no name matches.
+                    let hit = !p.in_interface.is_empty()
+                        && match name.strip_suffix('+') {
+                            Some(prefix) => p.in_interface.starts_with(prefix),
+                            None => p.in_interface == *name,
+                        };
+                    hit != *neg
+                }
                 Match::Proto(proto) => proto == "tcp",
                 Match::Dport(port) => *port == p.dport,
                 Match::SrcLocal => is_local(p.src),
@@ -232,6 +248,8 @@ impl Rule {
 
 struct Tracer {
     chains: BTreeMap<(Table, String), Vec<Rule>>,
+    /// The interface pods' packets come in on (outside clients': `eth0`).
+    pod_interface: String,
 }
 
 /// Where one path through a chain ends: a verdict (DNAT target, DROP, REJECT) or back in
@@ -260,7 +278,10 @@ impl Tracer {
                 rules.push(rule);
             }
         }
-        Tracer { chains: out }
+        Tracer {
+            chains: out,
+            pod_interface: "cbr0".into(),
+        }
     }
 
     fn run(&self, table: Table, chain: &str, p: &Packet, masq: bool) -> Vec<Path> {
@@ -313,10 +334,19 @@ impl Tracer {
     /// filter verdict for a packet left undNATed ("DROP", "REJECT", "" for none), and
     /// whether it was marked for masquerade.
     fn trace(&self, src: &str, dst: &str, dport: u16) -> (String, bool) {
+        let src = ip(src);
+        let in_interface = if net("10.0.0.0/8").contains(&src) {
+            self.pod_interface.clone()
+        } else if is_local(src) {
+            String::new()
+        } else {
+            "eth0".into()
+        };
         let p = Packet {
-            src: ip(src),
+            src,
             dst: ip(dst),
             dport,
+            in_interface,
         };
         let paths = self.run(Table::Nat, "KUBE-SERVICES", &p, false);
         let dnat: BTreeSet<&str> = paths.iter().filter_map(|(v, _)| v.as_deref()).collect();
@@ -737,4 +767,54 @@ fn no_local_endpoints_golden() {
         })
         .collect();
     insta::assert_snapshot!("no_local_endpoints", text.join("\n"));
+}
+
+#[test]
+fn every_detect_local_mode_matches_upstream() {
+    // Pods come in on cbr0 (a bridge) or veth* (one interface each); the node's pod CIDR
+    // holds the pod. Each way of telling pods apart gives upstream's answers, and writes
+    // the match upstream writes.
+    let mut state = upstream_state();
+    state.node.pod_cidrs = vec![net("10.0.0.0/24")];
+    let modes = [
+        (
+            LocalDetector::ClusterCidr(vec![net("10.0.0.0/8")]),
+            "cbr0",
+            "-s 10.0.0.0/8",
+        ),
+        (LocalDetector::NodeCidr, "cbr0", "-s 10.0.0.0/24"),
+        (
+            LocalDetector::BridgeInterface("cbr0".into()),
+            "cbr0",
+            "-i cbr0",
+        ),
+        (
+            LocalDetector::InterfaceNamePrefix("veth".into()),
+            "veth12ab",
+            "-i veth+",
+        ),
+    ];
+    for (local, pod_interface, is_local) in modes {
+        let config = IptConfig {
+            local: local.clone(),
+            ..config(false, false)
+        };
+        let chains = FamilyPlan::full(IpFamily::V4, &state, &config).all_chains(&config);
+        let rules: Vec<&String> = chains.iter().flat_map(|c| c.rules.iter()).collect();
+        let masq = format!(" ! {is_local} -m comment --comment \"ns1/svc1:p80 cluster IP\"");
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains(&masq) && r.ends_with("-j KUBE-MARK-MASQ")),
+            "{local:?}: no {masq:?}"
+        );
+        let pod = format!(" {is_local} -m comment --comment \"pod traffic for ns2/svc2:p80");
+        assert!(
+            rules.iter().any(|r| r.contains(&pod)),
+            "{local:?}: no {pod:?}"
+        );
+        let mut tracer = Tracer::new(chains);
+        tracer.pod_interface = pod_interface.into();
+        check(&tracer, &upstream_flows(), &format!("{local:?}"));
+    }
 }
