@@ -65,6 +65,7 @@ impl Mode {
                 "service_ip_checks",
                 "internal_traffic_policy_local_masquerades_like_cluster",
                 "external_traffic_policy_local_short_circuits_pods_and_node",
+                "detect_local_mode_decides_who_is_a_pod",
             ],
             // Upstream's iptables mode has no rule for Service IPs without a Service
             // port: such packets are routed on, untranslated.
@@ -1091,6 +1092,97 @@ fn external_traffic_policy_local_short_circuits_pods_and_node(mode: Mode) {
     }
 }
 
+/// `--detect-local-mode` decides who counts as a pod for the cluster IP's masquerade and
+/// for the `externalTrafficPolicy: Local` short-circuit, in every mode that has them.
+/// be1 (10.244.2.2, on vbe1) is inside the cluster CIDR but outside the node's pod CIDR
+/// and not on the pod client's interface (vpodcl); the pod client is a pod every way.
+fn detect_local_mode_decides_who_is_a_pod(mode: Mode) {
+    if mode.skips("detect_local_mode_decides_who_is_a_pod") {
+        return;
+    }
+    let peer = service_yaml(
+        "dl-peer",
+        "10.96.0.50",
+        "TCP",
+        80,
+        PEER_PORT,
+        "",
+        &[Ep::ready(BE0, "node-b")],
+    );
+    let local_ext = service_yaml(
+        "dl-ext",
+        "10.96.0.51",
+        "TCP",
+        80,
+        PEER_PORT,
+        "  externalTrafficPolicy: Local\n  externalIPs: [192.168.200.51]",
+        &[Ep::ready(BE0, "node-b")],
+    );
+    let node = node_yaml("", "10.244.200.0/24");
+    let manifests = format!("{peer}{local_ext}{node}");
+    // (extra flags, whether be1 counts as a pod)
+    let variants: [(&[&str], bool); 4] = [
+        (&[], true),
+        (&["--detect-local-mode=NodeCIDR"], false),
+        (
+            &[
+                "--detect-local-mode=BridgeInterface",
+                "--pod-bridge-interface=vpodcl",
+            ],
+            false,
+        ),
+        (
+            &[
+                "--detect-local-mode=InterfaceNamePrefix",
+                "--pod-interface-name-prefix=vpod",
+            ],
+            false,
+        ),
+    ];
+    for (flags, be1_is_pod) in variants {
+        let Some(cluster) = Cluster::start(
+            mode,
+            "detect_local_mode_decides_who_is_a_pod",
+            &manifests,
+            flags,
+        ) else {
+            return;
+        };
+        let be1 = &cluster.topo.backends[1].ns;
+        for (who, client, own_ip, is_pod) in [
+            ("pod client", &cluster.topo.pod_client, "10.244.200.2", true),
+            ("be1", be1, BE1, be1_is_pod),
+        ] {
+            // Pods keep their address to the cluster IP; anything else arrives from the
+            // node's address on be0's link.
+            let seen = if is_pod { own_ip } else { "10.244.1.1" };
+            assert_eq!(
+                answers(client, addr("10.96.0.50", 80), 6),
+                vec![format!("be0 {seen}")],
+                "{flags:?}: {who} to the cluster IP"
+            );
+            // Only pods are short-circuited past the missing local endpoint.
+            let reply = testkit::tcp_request(
+                client,
+                addr("192.168.200.51", 80),
+                Duration::from_millis(700),
+            );
+            if is_pod {
+                assert_eq!(
+                    reply.expect("short-circuited"),
+                    format!("be0 {own_ip}"),
+                    "{flags:?}: {who} to the external IP"
+                );
+            } else {
+                assert!(
+                    matches!(reply, Err(RequestError::Timeout)),
+                    "{flags:?}: {who} to the external IP must be dropped: {reply:?}"
+                );
+            }
+        }
+    }
+}
+
 fn single_stack_services_stay_in_their_family(mode: Mode) {
     let v6 = ServiceSpec::new(
         "default",
@@ -1461,6 +1553,10 @@ macro_rules! datapath_suite {
             #[test]
             fn external_traffic_policy_local_short_circuits_pods_and_node() {
                 super::external_traffic_policy_local_short_circuits_pods_and_node(MODE)
+            }
+            #[test]
+            fn detect_local_mode_decides_who_is_a_pod() {
+                super::detect_local_mode_decides_who_is_a_pod(MODE)
             }
             #[test]
             fn single_stack_services_stay_in_their_family() {
