@@ -576,3 +576,50 @@ fn full_load_keeps_remembered_affinity_clients() {
         .unwrap();
     assert!(set.contains("192.168.7.7"), "{set}");
 }
+
+#[test]
+fn local_external_policy_short_circuits_to_all_endpoints() {
+    // Both policies Local and no endpoint on this node: outside clients find none, but
+    // pods and the node reaching the NodePort or LB IP go to every endpoint (upstream's
+    // short-circuit targets the Cluster-policy endpoints whatever the internal policy).
+    let mut state = ProxyState::default();
+    let mut svc = port("default", "local", &["10.96.0.70"], 80, Protocol::Tcp);
+    svc.node_port = Some(30070);
+    svc.load_balancer_ips = vec![ip("192.168.100.70")];
+    svc.internal_traffic_policy = proxy_core::model::TrafficPolicy::Local;
+    svc.external_traffic_policy = proxy_core::model::TrafficPolicy::Local;
+    add(&mut state, svc, vec![ep("10.244.2.2", 8080)]);
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(state, &[], true)).unwrap();
+    let script = &proxier.runner().scripts[0];
+    let elements = |map: &str| -> Vec<String> {
+        let start = format!("add element ip kube-proxy {map} {{");
+        script
+            .lines()
+            .skip_while(|l| *l != start)
+            .skip(1)
+            .take_while(|l| *l != "}")
+            .map(|l| l.trim().trim_end_matches(',').to_string())
+            .collect()
+    };
+    assert_eq!(
+        elements("ip-picks"),
+        [
+            "10.96.0.70 . tcp . 80 : drop",
+            "192.168.100.70 . tcp . 80 : drop"
+        ]
+    );
+    assert_eq!(elements("nodeport-picks"), ["tcp . 30070 : drop"]);
+    assert_eq!(
+        elements("ip-short-circuits"),
+        ["192.168.100.70 . tcp . 80 : goto pick-ip-1"]
+    );
+    assert_eq!(
+        elements("nodeport-short-circuits"),
+        ["tcp . 30070 : goto pick-nodeport-1"]
+    );
+    assert_eq!(
+        elements("slot-0"),
+        ["192.168.100.70 . tcp . 80 : 10.244.2.2 . 8080"]
+    );
+}

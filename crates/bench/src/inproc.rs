@@ -73,7 +73,7 @@ pub fn nft_config() -> NftConfig {
 
 fn ipt_config() -> IptConfig {
     IptConfig {
-        cluster_cidrs: vec![CLUSTER_CIDR.parse().expect("constant CIDR")],
+        local: LocalDetector::ClusterCidr(vec![CLUSTER_CIDR.parse().expect("constant CIDR")]),
         families: vec![IpFamily::V4],
         ..IptConfig::default()
     }

@@ -211,20 +211,11 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     let (backend, sync_period, min_sync_period) = match config.mode {
         ProxyMode::IpTables => {
             let ipt = &config.iptables;
-            if !matches!(
-                config.detect_local_mode,
-                LocalMode::Unset | LocalMode::ClusterCidr
-            ) {
-                tracing::warn!(
-                    mode = config.detect_local_mode.as_str(),
-                    "iptables mode detects local traffic by --cluster-cidr only; the detect-local mode is ignored"
-                );
-            }
             let backend = app::BackendSettings::Iptables(IptConfig {
                 masquerade_bit: u8::try_from(ipt.masquerade_bit.unwrap_or(14))
                     .context("masqueradeBit")?,
                 masquerade_all: ipt.masquerade_all,
-                cluster_cidrs: config.cluster_cidrs(),
+                local: local_detector(config)?,
                 nodeport_cidrs,
                 nodeport_primary,
                 localhost_node_ports: ipt.localhost_node_ports.unwrap_or(true),
