@@ -1216,6 +1216,35 @@ fn single_stack_services_stay_in_their_family(mode: Mode) {
     }
 }
 
+/// Addresses the API has long accepted and still stores: IPv4 with leading zeros. Upstream
+/// reads them as decimal (Go 1.16's grammar, never octal), so each one below is served at
+/// its plain address.
+fn legacy_ip_forms_are_served_like_upstream(mode: Mode) {
+    let svc = service_yaml(
+        "legacy",
+        "\"010.096.000.041\"",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "  externalIPs: [\"192.168.200.041\"]",
+        &[
+            Ep::ready("\"010.244.001.002\"", "node-b"),
+            Ep::ready("\"0010.0244.0002.0002\"", "node-b"),
+        ],
+    );
+    let Some(cluster) = Cluster::start(mode, "legacy_ip_forms_are_served_like_upstream", &svc, &[])
+    else {
+        return;
+    };
+    for dest in [addr("10.96.0.41", 80), addr("192.168.200.41", 80)] {
+        assert_eq!(
+            answers(cluster.client(), dest, 20),
+            vec!["be0", "be1"],
+            "{dest}"
+        );
+    }
+}
+
 fn udp_client_follows_replaced_endpoint(mode: Mode) {
     let dns = |eps: &[Ep]| service_yaml("dns", "10.96.0.53", "UDP", 53, BACKEND_PORT, "", eps);
     let Some(mut cluster) = Cluster::start(
@@ -1561,6 +1590,10 @@ macro_rules! datapath_suite {
             #[test]
             fn single_stack_services_stay_in_their_family() {
                 super::single_stack_services_stay_in_their_family(MODE)
+            }
+            #[test]
+            fn legacy_ip_forms_are_served_like_upstream() {
+                super::legacy_ip_forms_are_served_like_upstream(MODE)
             }
             #[test]
             fn udp_client_follows_replaced_endpoint() {
