@@ -90,6 +90,7 @@ fn request(state: &ProxyState, changed: &[(&str, &str)], full: bool) -> SyncRequ
             .collect::<BTreeSet<_>>(),
         node_changed: false,
         full,
+        periodic: false,
     }
 }
 

@@ -95,6 +95,7 @@ fn one_endpoint_change_at_10000_services() {
                     changed: BTreeSet::new(),
                     node_changed: false,
                     full: true,
+                    periodic: false,
                 })
                 .expect("full sync");
             println!(
@@ -116,6 +117,7 @@ fn one_endpoint_change_at_10000_services() {
                     changed: BTreeSet::from([name.service.clone()]),
                     node_changed: false,
                     full: false,
+                    periodic: false,
                 })
                 .expect("partial sync");
             let took = start.elapsed();

@@ -92,6 +92,7 @@ fn request(state: ProxyState, changed: &[&str], full: bool) -> SyncRequest {
             .collect::<BTreeSet<_>>(),
         node_changed: false,
         full,
+        periodic: false,
     }
 }
 
@@ -622,4 +623,78 @@ fn local_external_policy_short_circuits_to_all_endpoints() {
         elements("slot-0"),
         ["192.168.100.70 . tcp . 80 : 10.244.2.2 . 8080"]
     );
+}
+
+/// The periodic re-sync in a real kernel: nothing sent while the kernel holds what was
+/// programmed; an element deleted or added behind our back comes back (only that map is
+/// touched); a rule changed behind our back makes it rewrite the table.
+#[test]
+fn periodic_resync_reads_back_and_repairs_only_what_differs() {
+    if !testkit::root_or_skip("periodic_resync_reads_back_and_repairs_only_what_differs") {
+        return;
+    }
+    let ns = testkit::Netns::new().unwrap();
+    let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+    let periodic = || SyncRequest {
+        periodic: true,
+        ..request(sample_state(), &[], true)
+    };
+    let mut sync = |req: SyncRequest| {
+        ns.run(|| {
+            let outcome = proxier.sync(&req).unwrap();
+            (outcome, proxier.runner().generation_known())
+        })
+        .unwrap()
+    };
+    let (first, _) = sync(request(sample_state(), &[], true));
+    assert!(first.full);
+    let before = kernel_tables(&ns);
+
+    let (quiet, generation_known) = sync(periodic());
+    assert!(!quiet.full, "nothing to rewrite");
+    assert_eq!(quiet.transaction_bytes, 0, "nothing to send");
+    assert!(
+        generation_known,
+        "no commit since ours: the re-sync needs no read-back"
+    );
+
+    let element = "10.96.0.10 . tcp . 80";
+    ns.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "ip",
+        "kube-proxy",
+        "service-ips",
+        &format!("{{ {element} }}"),
+    ])
+    .unwrap();
+    assert_ne!(kernel_tables(&ns), before);
+    let (repaired, _) = sync(periodic());
+    assert!(!repaired.full);
+    assert!(repaired.transaction_bytes > 0);
+    assert_eq!(kernel_tables(&ns), before, "the deleted element is back");
+
+    // An element we never wrote: the map is loaded again without it.
+    ns.exec(&[
+        "nft",
+        "add",
+        "element",
+        "ip",
+        "kube-proxy",
+        "no-endpoint-services",
+        "{ 10.96.7.7 . tcp . 80 }",
+    ])
+    .unwrap();
+    let (repaired, _) = sync(periodic());
+    assert!(!repaired.full);
+    assert_eq!(kernel_tables(&ns), before, "the stray element is gone");
+
+    // A flushed chain: rules differ, so the table is written again.
+    ns.exec(&["nft", "flush", "chain", "ip", "kube-proxy", "services"])
+        .unwrap();
+    let (rewritten, _) = sync(periodic());
+    assert!(rewritten.full);
+    assert_eq!(kernel_tables(&ns), before);
+    assert_eq!(sync(periodic()).0.transaction_bytes, 0);
 }

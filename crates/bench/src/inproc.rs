@@ -85,6 +85,7 @@ fn full_request(state: &Arc<ProxyState>) -> SyncRequest {
         changed: BTreeSet::new(),
         node_changed: false,
         full: true,
+        periodic: false,
     }
 }
 
@@ -94,6 +95,7 @@ fn partial_request(state: ProxyState, changed: ServiceName) -> SyncRequest {
         changed: BTreeSet::from([changed]),
         node_changed: false,
         full: false,
+        periodic: false,
     }
 }
 

@@ -131,12 +131,14 @@ pub async fn run_observed(
                 let pending = tracker.take_pending();
                 unprogrammed.extend(pending.trigger_times.values().flatten().copied());
                 observer.changes_applied(&change_summary(&tracker, SystemTime::now(), false));
-                let full = need_full || Instant::now() >= next_full;
+                let periodic = Instant::now() >= next_full;
+                let full = need_full || periodic;
                 let request = SyncRequest {
                     state: tracker.state(),
                     changed: pending.touched(),
                     node_changed: pending.node,
                     full,
+                    periodic: periodic && !need_full,
                 };
                 let start = Instant::now();
                 last_start = Some(start);
@@ -169,7 +171,9 @@ pub async fn run_observed(
                             took_ms = took.as_secs_f64() * 1e3,
                             "synced rules"
                         );
-                        if outcome.full {
+                        // A periodic sync counts whether the backend rewrote everything or
+                        // found (and repaired) only differences.
+                        if outcome.full || request.full {
                             next_full = start + config.sync_period;
                         }
                         need_full = false;
