@@ -367,6 +367,10 @@ async fn periodic_full_sync_and_retry_with_backoff() {
         .collect();
     assert_eq!(gaps, vec![1, 2, 4]);
     assert!(syncs.iter().all(|s| s.1.full), "every retry is a full sync");
+    assert!(
+        syncs.iter().all(|s| !s.1.periodic),
+        "a first sync and retries rewrite; they are not the periodic check"
+    );
     assert_eq!(h.status.snapshot().failed_syncs, 3);
     assert!(h.status.snapshot().initial_sync_done);
     // Nothing changes: the next sync is the periodic full one, a sync period later.
@@ -374,5 +378,6 @@ async fn periodic_full_sync_and_retry_with_backoff() {
     let syncs = h.syncs();
     assert_eq!(syncs.len(), 5);
     assert!(syncs[4].1.full);
+    assert!(syncs[4].1.periodic, "the timer's sync may only check");
     assert_eq!((syncs[4].0 - syncs[3].0).as_secs(), 30);
 }
