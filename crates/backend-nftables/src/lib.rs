@@ -449,9 +449,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             plans
                 .iter()
                 .zip(&full_elements)
-                .map(|(plan, elements)| {
-                    Expected::after_full(plan, &[elements, &plan.shared_elements()])
-                })
+                .map(|(plan, elements)| Expected::after_full(plan, elements))
                 .collect()
         } else {
             let mut expected = expected;

@@ -29,20 +29,20 @@ pub fn checked_maps(plan: &FamilyPlan) -> Vec<String> {
 }
 
 impl Expected {
-    /// After a full load of `elements` (per map; shared ones included).
-    pub fn after_full(plan: &FamilyPlan, elements: &[&Elements]) -> Expected {
+    /// After a full load of the ports' `elements` (per map) and the shared ones.
+    pub fn after_full(plan: &FamilyPlan, elements: &Elements) -> Expected {
         let mut maps: BTreeMap<String, SetDigest> = checked_maps(plan)
             .into_iter()
             .map(|name| (name, SetDigest::default()))
             .collect();
-        for per_map in elements {
-            for (map, list) in per_map.iter() {
-                if let Some(digest) = maps.get_mut(&map.name()) {
-                    for e in list {
-                        digest.add(&RawElement::of(e));
-                    }
-                }
+        let mut add = |e: &Element| {
+            if let Some(digest) = maps.get_mut(&e.map.name()) {
+                digest.add(&RawElement::of(e));
             }
+        };
+        elements.values().flatten().for_each(&mut add);
+        for shared in plan.shared_refs.keys() {
+            add(&shared.element());
         }
         Expected { maps, rules: None }
     }

@@ -19,6 +19,7 @@ use kube_proxy::options::{self, Action, KubeProxyConfiguration, LocalMode, Optio
 const MANIFEST_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 fn main() -> ExitCode {
+    keep_large_allocations_returnable();
     let opts = match options::parse(std::env::args_os()) {
         Ok(opts) => opts,
         Err(err) if err.is_help() => {
@@ -343,3 +344,22 @@ fn userspace_settings(
         },
     ))
 }
+
+/// glibc raises its mmap threshold each time a large mmapped block is freed, so after
+/// the first full sync the next syncs' large transient vectors (every element of the
+/// table, the netlink batch) come from the heap and their pages stay resident. Fixed
+/// thresholds keep them mmapped, so they go back to the kernel when freed (10,000
+/// Services x 10 endpoints: 142 -> 106 MiB resident after the first sync).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_large_allocations_returnable() {
+    const THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only sets allocator parameters; it runs before any other thread
+    // exists and touches no memory of ours.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_large_allocations_returnable() {}
