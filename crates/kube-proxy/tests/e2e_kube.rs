@@ -349,7 +349,7 @@ fn api_gone_relists_without_dropping_rules() {
     n.serve();
     n.start_proxy(&["--iptables-min-sync-period=0s"]);
     assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
-    let lists_before = n.log().matches("listed Services").count();
+    let lists_before = n.log().matches("relisted from the API").count();
     // A slow relist: the rules must stay while it is in progress.
     n.api.set_delay(Duration::from_millis(1500));
     n.api.expire_watches();
@@ -371,7 +371,7 @@ fn api_gone_relists_without_dropping_rules() {
     // Each kind relists on its own; the Services' may finish after the slices'.
     assert!(
         testkit::wait_until(WAIT, Duration::from_millis(50), || {
-            n.log().matches("listed Services").count() > lists_before
+            n.log().matches("relisted from the API").count() > lists_before
         }),
         "no relist after 410"
     );

@@ -311,6 +311,14 @@ pub async fn watch(
         status.success(merger.initial_sent());
         let Some(update) = update else { continue };
         if relisted {
+            if let SourceUpdate::Changes(changes) = &update {
+                tracing::info!(
+                    services = changes.services.len(),
+                    endpoint_slices = changes.slices.len(),
+                    removed = changes.removed_services.len() + changes.removed_slices.len(),
+                    "relisted from the API"
+                );
+            }
             if let SourceUpdate::Replace(objects) = &update {
                 tracing::info!(
                     services = objects.services.len(),
