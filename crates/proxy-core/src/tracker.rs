@@ -72,7 +72,8 @@ impl PendingChanges {
 #[derive(Debug)]
 pub struct ChangeTracker {
     node_name: String,
-    services: HashMap<ServiceName, Vec<ServicePort>>,
+    /// Each Service's ports, shared with the state (one copy of each port in memory).
+    services: HashMap<ServiceName, Vec<Arc<ServicePort>>>,
     slices: HashMap<SliceKey, SliceRecord>,
     slices_by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
     node: Option<Node>,
@@ -199,14 +200,18 @@ impl ChangeTracker {
 
     fn replace(&mut self, objects: Objects, now: Instant) -> bool {
         let mut touched: BTreeSet<ServiceName> = BTreeSet::new();
-        let new_services: HashMap<ServiceName, Vec<ServicePort>> = objects
+        let mut new_services: HashMap<ServiceName, Vec<Arc<ServicePort>>> = objects
             .services
             .into_iter()
-            .map(|record| (record.name, record.ports))
+            .map(|record| (record.name, shared(record.ports)))
             .collect();
-        for (key, svc) in &new_services {
-            if self.services.get(key) != Some(svc) {
-                touched.insert(key.clone());
+        for (key, svc) in new_services.iter_mut() {
+            match self.services.get(key) {
+                // Unchanged: keep the ports the state already shares.
+                Some(old) if old == svc => svc.clone_from(old),
+                _ => {
+                    touched.insert(key.clone());
+                }
             }
         }
         touched.extend(
@@ -266,8 +271,12 @@ impl ChangeTracker {
             touched.extend(self.take_slice(&key));
         }
         for record in changes.services {
+            let ports = shared(record.ports);
+            if self.services.get(&record.name) == Some(&ports) {
+                continue; // unchanged: the state keeps sharing the ports it has
+            }
             touched.insert(record.name.clone());
-            self.services.insert(record.name, record.ports);
+            self.services.insert(record.name, ports);
         }
         for slice in changes.slices {
             let (old_owner, new_owner) = self.put_slice(slice);
@@ -347,7 +356,7 @@ impl ChangeTracker {
             .map(|(_, p)| Arc::clone(p))
             .collect();
         let ports_changed =
-            old_ports.len() != ports.len() || old_ports.iter().zip(&ports).any(|(a, b)| **a != *b);
+            old_ports.len() != ports.len() || old_ports.iter().zip(&ports).any(|(a, b)| a != b);
         let mut endpoints_changed = false;
         let mut new_endpoints = Vec::with_capacity(ports.len());
         for port in &ports {
@@ -378,7 +387,7 @@ impl ChangeTracker {
             if !eps.is_empty() {
                 state.endpoints.insert(port.name.clone(), Arc::new(eps));
             }
-            state.services.insert(port.name.clone(), Arc::new(port));
+            state.services.insert(port.name.clone(), port);
         }
         if ports_changed {
             self.service_changes_total += 1;
@@ -418,4 +427,9 @@ impl ChangeTracker {
             .filter(|at| *at >= self.started)
             .max()
     }
+}
+
+/// Ports as the tracker and the state share them.
+fn shared(ports: Vec<ServicePort>) -> Vec<Arc<ServicePort>> {
+    ports.into_iter().map(Arc::new).collect()
 }
