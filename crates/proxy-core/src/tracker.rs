@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::convert;
 use crate::model::{ProxyState, ServiceName, ServicePort};
-use crate::source::{Objects, ServiceRecord, SliceRecord, SourceUpdate};
+use crate::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 
 /// Key of an EndpointSlice: namespace and slice name.
 type SliceKey = (String, String);
@@ -151,24 +151,36 @@ impl ChangeTracker {
         let now = Instant::now();
         match update {
             SourceUpdate::Replace(objects) => self.replace(objects, now),
-            SourceUpdate::ServiceUpsert(svc) => {
-                let record = ServiceRecord::new(&svc);
-                let key = record.name.clone();
-                self.services.insert(key.clone(), record.ports);
-                self.refresh_service(&key, now)
-            }
-            SourceUpdate::ServiceDelete { namespace, name } => {
-                let key = ServiceName::new(namespace, name);
-                self.services.remove(&key);
-                self.refresh_service(&key, now)
-            }
-            SourceUpdate::EndpointSliceUpsert(slice) => {
-                let record = SliceRecord::new(&slice, &self.node_name);
-                self.upsert_slice(record, now)
-            }
-            SourceUpdate::EndpointSliceDelete { namespace, name } => {
-                self.remove_slice(&(namespace, name), now)
-            }
+            // Single objects go the same way as a batch of changes.
+            SourceUpdate::ServiceUpsert(svc) => self.apply_changes(
+                Changes {
+                    services: vec![ServiceRecord::new(&svc)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::ServiceDelete { namespace, name } => self.apply_changes(
+                Changes {
+                    removed_services: vec![ServiceName::new(namespace, name)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::EndpointSliceUpsert(slice) => self.apply_changes(
+                Changes {
+                    slices: vec![SliceRecord::new(&slice, &self.node_name)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::EndpointSliceDelete { namespace, name } => self.apply_changes(
+                Changes {
+                    removed_slices: vec![(namespace, name)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::Changes(changes) => self.apply_changes(changes, now),
             SourceUpdate::Node(node) => self.set_node(node.map(|n| *n)),
             SourceUpdate::ServiceCidrs(cidrs) => self.set_service_cidrs(cidrs),
         }
@@ -243,43 +255,65 @@ impl ChangeTracker {
         changed
     }
 
-    fn upsert_slice(&mut self, slice: SliceRecord, now: Instant) -> bool {
+    /// Stores the records, then re-derives each Service they touch once.
+    fn apply_changes(&mut self, changes: Changes, now: Instant) -> bool {
+        let mut touched: BTreeSet<ServiceName> = BTreeSet::new();
+        for key in changes.removed_services {
+            self.services.remove(&key);
+            touched.insert(key);
+        }
+        for key in changes.removed_slices {
+            touched.extend(self.take_slice(&key));
+        }
+        for record in changes.services {
+            touched.insert(record.name.clone());
+            self.services.insert(record.name, record.ports);
+        }
+        for slice in changes.slices {
+            let (old_owner, new_owner) = self.put_slice(slice);
+            touched.extend(old_owner);
+            touched.extend(new_owner);
+        }
+        let mut changed = false;
+        for key in &touched {
+            changed |= self.refresh_service(key, now);
+        }
+        changed
+    }
+
+    /// Stores a slice record; returns its previous and its new owner.
+    fn put_slice(&mut self, slice: SliceRecord) -> (Option<ServiceName>, Option<ServiceName>) {
         let key = (slice.namespace.clone(), slice.name.clone());
         let new_owner = slice.owner.clone();
-        let old_owner = self.slices.get(&key).and_then(|s| s.owner.clone());
-        if let Some(owner) = &old_owner {
-            if let Some(set) = self.slices_by_service.get_mut(owner) {
-                set.remove(&key);
+        let old_owner = self.slices.insert(key.clone(), slice).and_then(|s| s.owner);
+        if old_owner != new_owner {
+            if let Some(owner) = &old_owner {
+                self.unlink_slice(owner, &key);
             }
         }
         if let Some(owner) = &new_owner {
             self.slices_by_service
                 .entry(owner.clone())
                 .or_default()
-                .insert(key.clone());
+                .insert(key);
         }
-        self.slices.insert(key, slice);
-        let mut changed = false;
-        for owner in old_owner.iter().chain(new_owner.iter()) {
-            changed |= self.refresh_service(owner, now);
-        }
-        changed
+        (old_owner, new_owner)
     }
 
-    fn remove_slice(&mut self, key: &SliceKey, now: Instant) -> bool {
-        let Some(old) = self.slices.remove(key) else {
-            return false;
-        };
-        let Some(owner) = old.owner else {
-            return false;
-        };
-        if let Some(set) = self.slices_by_service.get_mut(&owner) {
+    /// Forgets a slice record; returns the Service it belonged to.
+    fn take_slice(&mut self, key: &SliceKey) -> Option<ServiceName> {
+        let owner = self.slices.remove(key)?.owner?;
+        self.unlink_slice(&owner, key);
+        Some(owner)
+    }
+
+    fn unlink_slice(&mut self, owner: &ServiceName, key: &SliceKey) {
+        if let Some(set) = self.slices_by_service.get_mut(owner) {
             set.remove(key);
             if set.is_empty() {
-                self.slices_by_service.remove(&owner);
+                self.slices_by_service.remove(owner);
             }
         }
-        self.refresh_service(&owner, now)
     }
 
     fn set_node(&mut self, node: Option<Node>) -> bool {

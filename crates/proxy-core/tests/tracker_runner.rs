@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_core::model::{Protocol, ServiceName, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 use proxy_core::runner::{self, RunnerConfig};
-use proxy_core::source::{Objects, SourceUpdate};
+use proxy_core::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 use proxy_core::status::SyncStatus;
 use proxy_core::tracker::ChangeTracker;
 use tokio::sync::{mpsc, watch};
@@ -128,6 +128,141 @@ fn tracker_derives_ports_and_merges_slices() {
     assert!(pending.services.is_empty());
     assert_eq!(pending.endpoints.len(), 1);
     assert_eq!(tracker.state().endpoints_of(&port_name("web")).len(), 1);
+}
+
+fn svc_key(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+fn slice_key(name: &str) -> (String, String) {
+    ("default".into(), name.into())
+}
+
+#[test]
+fn changes_touch_only_the_services_they_name() {
+    let mut tracker = ChangeTracker::new("node-a");
+    tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[
+            service("web", "10.96.0.10"),
+            service("db", "10.96.0.11"),
+            service("idle", "10.96.0.12"),
+        ],
+        &[
+            slice("web", "web-1", &["10.244.1.2"], true),
+            slice("web", "web-2", &["10.244.2.2"], true),
+            slice("idle", "idle-1", &["10.244.3.2"], true),
+        ],
+        None,
+        "node-a",
+    )));
+    tracker.take_pending();
+    let idle_before = tracker.state().endpoints_of(&port_name("idle")).to_vec();
+
+    // One slice updated, one removed, a Service removed and one added, in one update.
+    let changes = Changes {
+        services: vec![ServiceRecord::new(&service("api", "10.96.0.13"))],
+        removed_services: vec![svc_key("db")],
+        slices: vec![SliceRecord::new(
+            &slice("web", "web-1", &["10.244.1.9"], true),
+            "node-a",
+        )],
+        removed_slices: vec![slice_key("web-2")],
+    };
+    assert!(tracker.apply(SourceUpdate::Changes(changes)));
+    let state = tracker.state();
+    let web: Vec<String> = state
+        .endpoints_of(&port_name("web"))
+        .iter()
+        .map(|e| e.ip.to_string())
+        .collect();
+    assert_eq!(web, ["10.244.1.9"]);
+    assert!(!state.services.contains_key(&port_name("db")));
+    assert!(state.services.contains_key(&port_name("api")));
+    assert_eq!(
+        state.endpoints_of(&port_name("idle")),
+        idle_before.as_slice()
+    );
+    let pending = tracker.take_pending();
+    assert_eq!(
+        pending.services.keys().cloned().collect::<Vec<_>>(),
+        [svc_key("api"), svc_key("db")]
+    );
+    assert_eq!(
+        pending.endpoints.keys().cloned().collect::<Vec<_>>(),
+        [svc_key("web")]
+    );
+
+    // The same records again (a file re-read without a change): nothing to do.
+    let same = Changes {
+        services: vec![ServiceRecord::new(&service("api", "10.96.0.13"))],
+        slices: vec![SliceRecord::new(
+            &slice("web", "web-1", &["10.244.1.9"], true),
+            "node-a",
+        )],
+        ..Changes::default()
+    };
+    assert!(!tracker.apply(SourceUpdate::Changes(same)));
+    assert!(tracker.pending().is_empty());
+
+    // Removing what is not there changes nothing either.
+    let absent = Changes {
+        removed_services: vec![svc_key("nope")],
+        removed_slices: vec![slice_key("nope-1")],
+        ..Changes::default()
+    };
+    assert!(!tracker.apply(SourceUpdate::Changes(absent)));
+    assert!(tracker.pending().is_empty());
+}
+
+#[test]
+fn changes_move_a_slice_between_services_and_keep_what_is_both_removed_and_upserted() {
+    let mut tracker = ChangeTracker::new("node-a");
+    tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[service("web", "10.96.0.10"), service("db", "10.96.0.11")],
+        &[slice("web", "shared-1", &["10.244.1.2"], true)],
+        None,
+        "node-a",
+    )));
+    tracker.take_pending();
+
+    // The slice's service-name label now names db: both Services are re-derived.
+    let moved = Changes {
+        slices: vec![SliceRecord::new(
+            &slice("db", "shared-1", &["10.244.1.2"], true),
+            "node-a",
+        )],
+        ..Changes::default()
+    };
+    assert!(tracker.apply(SourceUpdate::Changes(moved)));
+    let state = tracker.state();
+    assert!(state.endpoints_of(&port_name("web")).is_empty());
+    assert_eq!(state.endpoints_of(&port_name("db")).len(), 1);
+    let pending = tracker.take_pending();
+    assert_eq!(
+        pending.endpoints.keys().cloned().collect::<Vec<_>>(),
+        [svc_key("db"), svc_key("web")]
+    );
+
+    // Removed and upserted in the same update: the upsert wins.
+    let both = Changes {
+        services: vec![ServiceRecord::new(&service("db", "10.96.0.21"))],
+        removed_services: vec![svc_key("db")],
+        slices: vec![SliceRecord::new(
+            &slice("db", "shared-1", &["10.244.1.3"], true),
+            "node-a",
+        )],
+        removed_slices: vec![slice_key("shared-1")],
+    };
+    assert!(tracker.apply(SourceUpdate::Changes(both)));
+    let state = tracker.state();
+    assert_eq!(
+        state.services[&port_name("db")].cluster_ips[0].to_string(),
+        "10.96.0.21"
+    );
+    assert_eq!(
+        state.endpoints_of(&port_name("db"))[0].ip.to_string(),
+        "10.244.1.3"
+    );
 }
 
 #[test]
