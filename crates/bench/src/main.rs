@@ -73,6 +73,14 @@ struct Args {
     manifests_changes: usize,
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
+    /// With `--manifests-changes`: another argument for the binary (repeatable), e.g.
+    /// `--proxy-arg=--iptables-sync-period=1h` to keep periodic full syncs out of the idle
+    /// CPU time.
+    #[arg(long, allow_hyphen_values = true)]
+    proxy_arg: Vec<String>,
+    /// With `--manifests-changes`: copy the binary's log here at the end.
+    #[arg(long)]
+    proxy_log: Option<PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -218,6 +226,8 @@ fn main() -> Result<()> {
                 endpoints.clone(),
                 std::time::Duration::from_secs(args.idle_secs),
                 args.manifests_changes,
+                &args.proxy_arg,
+                args.proxy_log.as_deref(),
             )?;
             eprintln!("  {run:?}");
             runs.push(run);

@@ -154,6 +154,8 @@ pub fn run(
     endpoints: std::ops::RangeInclusive<usize>,
     idle: Duration,
     changes: usize,
+    extra_args: &[String],
+    keep_log: Option<&Path>,
 ) -> Result<ManifestsRun> {
     let mut cluster = synth::cluster(services, endpoints);
     let dir = tempfile::tempdir()?;
@@ -162,13 +164,14 @@ pub fn run(
 
     let ns = Netns::new()?;
     let log_path = dir.path().join("proxy.log");
-    let args = [
+    let mut args = vec![
         "--proxy-mode=nftables".to_string(),
         "--manifests".into(),
         manifests.display().to_string(),
         "--hostname-override=node-a".into(),
         "--v=2".into(),
     ];
+    args.extend(extra_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
     let mut proxy = ProxyProcess::start(&ns, binary, &args, &log_path)?;
@@ -213,6 +216,10 @@ pub fn run(
             .next_endpoint_sync(Duration::from_secs(120))
             .with_context(|| format!("change {j}"))?;
         samples.push(synced.duration_since(renamed).unwrap_or_default());
+    }
+    if let Some(keep) = keep_log {
+        std::fs::copy(&log_path, keep)
+            .with_context(|| format!("copying the log to {}", keep.display()))?;
     }
     if !proxy.is_running() {
         bail!("the proxy exited; log:\n{}", proxy.log());
