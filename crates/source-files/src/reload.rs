@@ -74,6 +74,9 @@ impl Reloader {
                 for file in gone {
                     self.forget(&file, &mut delta);
                 }
+                // Errors of files never read (so not in the catalog) that are gone too.
+                self.errors
+                    .retain(|file, _| listed.contains(file.as_path()));
                 for file in &files {
                     self.refresh_or_keep(file, forced.contains(file), &mut delta);
                 }

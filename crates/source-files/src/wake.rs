@@ -51,6 +51,8 @@ impl Wake {
 }
 
 pub(crate) struct Waker {
+    /// The manifests path.
+    path: PathBuf,
     /// The directory watched: the manifests directory, or the single file's parent.
     dir: PathBuf,
     /// For a single file: its name, the only one (with `..data`) whose events count.
@@ -114,6 +116,7 @@ impl Waker {
             config.poll_interval
         };
         Waker {
+            path: path.to_owned(),
             dir,
             only,
             rescan: interval(rescan_period),
@@ -211,13 +214,13 @@ impl Waker {
 
     /// The file to read again after an event for `name` in the directory, if any.
     fn entry_changed(&self, name: &OsStr, created: bool) -> Option<PathBuf> {
-        match &self.only {
+        let file = match &self.only {
             Some(only) if name != only => return None,
-            Some(_) => {}
+            // Named as given, as the source knows it.
+            Some(_) => self.path.clone(),
             None if !name.to_str().is_some_and(is_manifest_name) => return None,
-            None => {}
-        }
-        let file = self.dir.join(name);
+            None => self.dir.join(name),
+        };
         // A regular file just created by open(2) is still being written, and its
         // close-write event follows: reading it now could see half of it. Symlinks and hard
         // links are created whole.
