@@ -235,15 +235,17 @@ fn main() -> Result<()> {
         std::fs::write(&args.json, serde_json::to_string_pretty(&runs)?)
             .with_context(|| format!("writing {}", args.json.display()))?;
         println!(
-            "| Services (files) | start to synced | idle CPU | one file changed: p50 / p99 / max |"
+            "| Services (files) | start to synced | RSS (peak) | idle CPU | one file changed: p50 / p99 / max |"
         );
-        println!("|---|---|---|---|");
+        println!("|---|---|---|---|---|");
         for r in &runs {
             println!(
-                "| {} ({}) | {:.0} ms | {:.0} ms in {} s | {:.1} / {:.1} / {:.1} ms ({} changes) |",
+                "| {} ({}) | {:.0} ms | {:.0} MiB ({:.0} MiB) | {:.0} ms in {} s | {:.1} / {:.1} / {:.1} ms ({} changes) |",
                 r.services,
                 r.files,
                 r.start_to_synced_ms,
+                r.rss_mib,
+                r.peak_rss_mib,
                 r.idle_cpu_ms,
                 r.idle_secs,
                 r.change_p50_ms,

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use testkit::synth::{self, SynthService};
 use testkit::{Netns, ProxyProcess};
 
+use crate::binary::memory_mib;
 use crate::stats::percentile_ms;
 
 /// What one run showed.
@@ -22,6 +23,9 @@ pub struct ManifestsRun {
     pub files: usize,
     /// From starting the process to the first "synced rules" line.
     pub start_to_synced_ms: f64,
+    /// VmRSS after the first sync settled, and VmHWM (peak) at the end.
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
     /// The proxy's CPU time (user + system) over `idle_secs` with nothing changing.
     pub idle_cpu_ms: f64,
     pub idle_secs: u64,
@@ -186,6 +190,7 @@ pub fn run(
 
     // Let the first sync's aftermath (conntrack, memory release) settle, then sit idle.
     std::thread::sleep(Duration::from_secs(2));
+    let (rss_mib, _) = memory_mib(proxy.pid())?;
     let ticks = clock_ticks()?;
     let before = cpu_time(proxy.pid(), ticks)?;
     std::thread::sleep(idle);
@@ -217,6 +222,7 @@ pub fn run(
             .with_context(|| format!("change {j}"))?;
         samples.push(synced.duration_since(renamed).unwrap_or_default());
     }
+    let (_, peak_rss_mib) = memory_mib(proxy.pid())?;
     if let Some(keep) = keep_log {
         std::fs::copy(&log_path, keep)
             .with_context(|| format!("copying the log to {}", keep.display()))?;
@@ -228,6 +234,8 @@ pub fn run(
         services,
         files: cluster.len(),
         start_to_synced_ms,
+        rss_mib,
+        peak_rss_mib,
         idle_cpu_ms: idle_cpu.as_secs_f64() * 1e3,
         idle_secs: idle.as_secs(),
         changes,
