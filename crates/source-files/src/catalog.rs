@@ -7,7 +7,7 @@
 //! a winning definition goes away while another file still defines the object, that file
 //! is read again for its record ([`Delta::promoted`]): rare, it takes a duplicate.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::path::Path;
 use std::sync::Arc;
@@ -49,7 +49,7 @@ struct Def {
 
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
-    files: BTreeMap<Arc<Path>, FileEntry>,
+    files: HashMap<Arc<Path>, FileEntry>,
     /// Per object, its definitions in file name order: the first wins.
     defs: HashMap<Arc<ObjectKey>, Vec<Def>>,
     /// The ServiceCIDR ranges last sent (sorted, without duplicates).
@@ -57,7 +57,7 @@ pub(crate) struct Catalog {
 }
 
 impl Catalog {
-    /// The files read so far, in name order.
+    /// The files read so far.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.keys().map(|f| &**f)
     }

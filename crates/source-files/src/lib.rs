@@ -239,15 +239,15 @@ fn log_problems(problems: &[ManifestProblem]) {
     }
 }
 
-/// The files to read, in order: `path` itself if it is a file, else the manifest files
-/// directly inside the directory, sorted by name.
-pub(crate) fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+/// The files to read, in order, with their metadata (symlinks followed): `path` itself if
+/// it is a file, else the manifest files directly inside the directory, sorted by name.
+pub(crate) fn manifest_files(path: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>, SourceError> {
     let meta = fs::metadata(path).map_err(|source| SourceError::Access {
         path: path.to_owned(),
         source,
     })?;
     if meta.is_file() {
-        return Ok(vec![path.to_owned()]);
+        return Ok(vec![(path.to_owned(), meta)]);
     }
     if !meta.is_dir() {
         return Err(SourceError::NotFileOrDirectory {
@@ -270,11 +270,14 @@ pub(crate) fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
         }
         let file = entry.path();
         // Follows symlinks; dangling links and subdirectories are skipped.
-        if fs::metadata(&file).is_ok_and(|m| m.is_file()) {
-            files.push(file);
+        match fs::metadata(&file) {
+            Ok(meta) if meta.is_file() => files.push((file, meta)),
+            _ => {}
         }
     }
-    files.sort();
+    // By bytes, which for the entries of one directory is the order of their names (and
+    // of `Path`'s comparison), without splitting every path into components.
+    files.sort_unstable_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
     Ok(files)
 }
 

@@ -40,8 +40,8 @@ impl Reloader {
     /// handed over yet, so there are no objects to keep.
     pub fn load_all(&mut self) -> Result<Delta, SourceError> {
         let mut delta = Delta::default();
-        for file in manifest_files(&self.path)? {
-            self.refresh(&file, true, &mut delta)?;
+        for (file, meta) in manifest_files(&self.path)? {
+            self.refresh(&file, Some(meta), true, &mut delta)?;
         }
         self.settle(&mut delta);
         Ok(delta)
@@ -64,7 +64,7 @@ impl Reloader {
                 if self.path_error.take().is_some() {
                     tracing::info!(path = %self.path.display(), "manifests path readable again");
                 }
-                let listed: HashSet<&Path> = files.iter().map(PathBuf::as_path).collect();
+                let listed: HashSet<&Path> = files.iter().map(|(f, _)| f.as_path()).collect();
                 let gone: Vec<PathBuf> = self
                     .catalog
                     .files()
@@ -77,8 +77,9 @@ impl Reloader {
                 // Errors of files never read (so not in the catalog) that are gone too.
                 self.errors
                     .retain(|file, _| listed.contains(file.as_path()));
-                for file in &files {
-                    self.refresh_or_keep(file, forced.contains(file), &mut delta);
+                for (file, meta) in files {
+                    let force = forced.contains(&file);
+                    self.refresh_or_keep(&file, Some(meta), force, &mut delta);
                 }
             }
         }
@@ -95,7 +96,7 @@ impl Reloader {
         // In name order: a file that takes over an object from an earlier one is then
         // read after it (see `settle`).
         for file in files {
-            self.refresh_or_keep(file, true, &mut delta);
+            self.refresh_or_keep(file, None, true, &mut delta);
         }
         self.settle(&mut delta);
         delta
@@ -105,15 +106,21 @@ impl Reloader {
     /// dropped, then the ServiceCIDR ranges.
     fn settle(&mut self, delta: &mut Delta) {
         while let Some(file) = delta.promoted.pop_first() {
-            self.refresh_or_keep(&file, true, delta);
+            self.refresh_or_keep(&file, None, true, delta);
         }
         self.catalog.finish(delta);
     }
 
     /// [`Self::refresh`]; a file that cannot be read keeps its objects and is reported
     /// once per distinct error.
-    fn refresh_or_keep(&mut self, file: &Path, force: bool, delta: &mut Delta) {
-        if let Err(err) = self.refresh(file, force, delta) {
+    fn refresh_or_keep(
+        &mut self,
+        file: &Path,
+        meta: Option<fs::Metadata>,
+        force: bool,
+        delta: &mut Delta,
+    ) {
+        if let Err(err) = self.refresh(file, meta, force, delta) {
             // Read it again next time, whatever its stamp.
             self.catalog.forget_stamp(file);
             let message = err.to_string();
@@ -124,13 +131,20 @@ impl Reloader {
         }
     }
 
-    /// Reads `file` if it changed since it was read (or `force`).
-    fn refresh(&mut self, file: &Path, force: bool, delta: &mut Delta) -> Result<(), SourceError> {
+    /// Reads `file` if it changed since it was read (or `force`); `meta`: its metadata when
+    /// the directory listing just took it.
+    fn refresh(
+        &mut self,
+        file: &Path,
+        meta: Option<fs::Metadata>,
+        force: bool,
+        delta: &mut Delta,
+    ) -> Result<(), SourceError> {
         let read_error = |source| SourceError::ReadFile {
             path: file.to_owned(),
             source,
         };
-        let meta = match fs::metadata(file) {
+        let meta = match meta.map_or_else(|| fs::metadata(file), Ok) {
             Ok(meta) if meta.is_file() => meta,
             // Not a regular file (any more): a directory listing skips it too.
             Ok(_) if !self.single_file => return self.vanished(file, delta),
