@@ -62,6 +62,10 @@ impl Catalog {
         self.files.keys().map(|f| &**f)
     }
 
+    pub fn contains(&self, file: &Path) -> bool {
+        self.files.contains_key(file)
+    }
+
     pub fn stamp(&self, file: &Path) -> Option<&FileStamp> {
         self.files.get(file).and_then(|e| e.stamp.as_ref())
     }

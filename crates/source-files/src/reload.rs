@@ -71,12 +71,16 @@ impl Reloader {
                     .filter(|f| !listed.contains(f))
                     .map(Path::to_owned)
                     .collect();
-                for file in gone {
-                    self.forget(&file, &mut delta);
-                }
-                // Errors of files never read (so not in the catalog) that are gone too.
+                // Errors of files that are gone and were never read (not in the catalog).
+                let catalog = &self.catalog;
                 self.errors
-                    .retain(|file, _| listed.contains(file.as_path()));
+                    .retain(|f, _| listed.contains(f.as_path()) || catalog.contains(f));
+                // Looked at once more: one the listing skipped because its metadata cannot
+                // be read (a symlink loop, say) is unreadable, not gone, and keeps its
+                // objects.
+                for file in gone {
+                    self.refresh_or_keep(&file, None, true, &mut delta);
+                }
                 for (file, meta) in files {
                     let force = forced.contains(&file);
                     self.refresh_or_keep(&file, Some(meta), force, &mut delta);

@@ -488,6 +488,18 @@ async fn a_file_that_turns_unreadable_keeps_its_objects_and_is_reported_once() {
         summary(&changes(&mut rx).await),
         (vec![("a".into(), 81)], vec![], vec![], vec![])
     );
+
+    // A symlink loop: not even its metadata can be read, so a directory listing skips
+    // it; still unreadable, not gone.
+    std::os::unix::fs::symlink("a.yaml", dir.path().join(".loop.tmp")).unwrap();
+    fs::rename(dir.path().join(".loop.tmp"), &a).unwrap();
+    assert_quiet(&mut rx).await;
+    assert_eq!(log_lines_with(&[&a_text, "keeping its objects"]), 2);
+    replace(&a, &service("a", 82));
+    assert_eq!(
+        summary(&changes(&mut rx).await),
+        (vec![("a".into(), 82)], vec![], vec![], vec![])
+    );
 }
 
 #[tokio::test]
