@@ -14,10 +14,6 @@ use tracing_subscriber::EnvFilter;
 use kube_proxy::app;
 use kube_proxy::options::{self, Action, KubeProxyConfiguration, LocalMode, Options, ProxyMode};
 
-/// How often the manifests directory is checked for changes: cheap (a stat per file),
-/// and short enough that an edit shows up within a blink.
-const MANIFEST_POLL_INTERVAL: Duration = Duration::from_millis(250);
-
 fn main() -> ExitCode {
     keep_large_allocations_returnable();
     let opts = match options::parse(std::env::args_os()) {
@@ -160,7 +156,7 @@ fn source_settings(opts: &Options) -> anyhow::Result<app::SourceSettings> {
         }
         return Ok(app::SourceSettings::Manifests {
             path,
-            poll_interval: MANIFEST_POLL_INTERVAL,
+            watch: source_files::WatchConfig::default(),
         });
     }
     Ok(app::SourceSettings::Kube {

@@ -126,7 +126,7 @@ impl Objects {
 #[derive(Debug, Clone)]
 pub enum SourceUpdate {
     /// Everything the source holds now; objects not listed are gone. The file source sends
-    /// this on every (re)load, the API source after each (re)list.
+    /// this after its first load, the API source after each (re)list.
     Replace(Objects),
     ServiceUpsert(Box<Service>),
     ServiceDelete {
