@@ -636,6 +636,12 @@ fn start_api(
     Ok((api, after - before, load_s))
 }
 
+/// The proxy's log: read as bytes, so a stray invalid byte does not blank it.
+fn read_log(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn log_tail(proxy: &ProxyProcess) -> String {
     let log = proxy.log();
     let tail: Vec<&str> = log.lines().rev().take(20).collect();
@@ -685,7 +691,7 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
     let timeout = Duration::from_secs_f64(args.start_timeout);
     let mut first = None;
     while launched_at.elapsed() < timeout {
-        if let Some(line) = proxylog::synced(&proxy.log()).into_iter().next() {
+        if let Some(line) = proxylog::synced(&read_log(&log_path)?).into_iter().next() {
             first = Some(line);
             break;
         }
@@ -849,7 +855,7 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
     let mut expected = cluster.clone();
     expected.extend_from_slice(added);
     out.kernel_cluster_ips_end = count_present(&kernel_service_ips(&node)?, &expected);
-    let log = proxy.log();
+    let log = read_log(&log_path)?;
     let _ = proxy.terminate();
     if let Some(dir) = &args.logs {
         let path = dir.join(format!("{}-{n}.log", source.label().to_lowercase()));
