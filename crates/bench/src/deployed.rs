@@ -10,10 +10,14 @@
 //!    nothing changing but the periodic full syncs (`--sync-period`);
 //! 4. **endpoint changes**: `--changes` EndpointSlice updates (API) or file renames
 //!    (manifests), each timed from the event to the commit of the element carrying the new
-//!    endpoint, as an nftables netlink monitor in the node's namespace sees it;
-//! 5. **added Services**: `--adds` new Services, timed to their cluster IP's element;
+//!    endpoint, as an nftables netlink monitor in the node's namespace sees it (or, past
+//!    `--monitor-window`, a lookup of the element: see [`crate::probe`]);
+//! 5. **added Services**: `--adds` new Services, timed to their cluster IP's first element,
+//!    and to the one that gives it endpoints;
 //! 6. memory again, and the full syncs' own `took_ms` from the log, with the changes that
-//!    landed while one ran.
+//!    had to wait for one.
+//!
+//! The JSON report is written again after each run, so a failure keeps the runs before.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -67,16 +71,16 @@ pub struct Args {
     )]
     source: Vec<Source>,
     /// The proxy's `--iptables-sync-period`, in seconds (a full sync this often).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
     sync_period: f64,
     /// The proxy's `--iptables-min-sync-period`, in seconds (its default: 1).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     min_sync_period: f64,
     /// Seconds after the first sync before reading the proxy's memory.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = non_negative)]
     settle: f64,
     /// Seconds of idle (no changes) over which the proxy's CPU time is read.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = non_negative)]
     idle: f64,
     /// One-endpoint changes timed per run.
     #[arg(long, default_value_t = 100)]
@@ -87,27 +91,27 @@ pub struct Args {
     /// Seconds between changes. A change also waits until `--min-sync-period` has passed
     /// since the previous change was committed, so it is never held back by its
     /// predecessor's sync, only by the proxy's own full syncs.
-    #[arg(long, default_value_t = 1.5)]
+    #[arg(long, default_value_t = 1.5, value_parser = non_negative)]
     change_interval: f64,
     /// Milliseconds the nftables monitor listens after each change (see `probe.rs`).
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = non_negative)]
     monitor_window: f64,
     /// Milliseconds between element lookups after that (at least; 1% of the time since the
     /// change when that is longer).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     poll_interval: f64,
     /// Seconds to wait for a change to reach the kernel before counting it as lost.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = non_negative)]
     change_timeout: f64,
     /// Seconds to wait for the first sync.
-    #[arg(long, default_value_t = 900.0)]
+    #[arg(long, default_value_t = 900.0, value_parser = non_negative)]
     start_timeout: f64,
     /// Services per manifest file (the source refuses files over 64 MiB).
     #[arg(long, default_value_t = 5000)]
     services_per_file: usize,
     /// Seconds between the fake API server's watch bookmarks (kube-apiserver: about one
     /// a minute).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = positive)]
     bookmark_interval: f64,
     /// The proxy binary; default: `kube-proxy` next to this program.
     #[arg(long)]
@@ -118,6 +122,22 @@ pub struct Args {
     /// Keep each run's proxy log in this directory (`SOURCE-SERVICES.log`).
     #[arg(long)]
     logs: Option<PathBuf>,
+}
+
+/// A number of seconds (or milliseconds) ≥ 0.
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("want a number ≥ 0, not {text:?}")),
+    }
+}
+
+/// A number of seconds > 0.
+fn positive(text: &str) -> Result<f64, String> {
+    match non_negative(text)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("want a number > 0".into()),
+    }
 }
 
 impl Args {
@@ -381,14 +401,19 @@ fn loadavg() -> String {
 }
 
 pub fn main(args: Args, binary: &Path, endpoints: std::ops::RangeInclusive<usize>) -> Result<()> {
-    if args.sync_period <= 0.0 || args.min_sync_period < 0.0 || args.change_interval < 0.0 {
-        bail!("--sync-period must be > 0, --min-sync-period and --change-interval ≥ 0");
-    }
     if let Some(dir) = &args.logs {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let loadavg_start = loadavg();
-    let mut runs = Vec::new();
+    let mut report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        kernel: crate::tool_version(&["uname", "-r"]),
+        nft: crate::tool_version(&["nft", "--version"]),
+        loadavg_start: loadavg(),
+        loadavg_end: String::new(),
+        sync_period_s: args.sync_period,
+        min_sync_period_s: args.min_sync_period,
+        runs: Vec::new(),
+    };
     let mut sizes = args.services.clone();
     sizes.sort_unstable();
     for &n in &sizes {
@@ -411,21 +436,12 @@ pub fn main(args: Args, binary: &Path, endpoints: std::ops::RangeInclusive<usize
                 run.endpoint_change.p50_ms,
                 run.add_service.p50_ms
             );
-            runs.push(run);
+            report.runs.push(run);
+            report.loadavg_end = loadavg();
+            std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", args.json.display()))?;
         }
     }
-    let report = Report {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        kernel: crate::tool_version(&["uname", "-r"]),
-        nft: crate::tool_version(&["nft", "--version"]),
-        loadavg_start,
-        loadavg_end: loadavg(),
-        sync_period_s: args.sync_period,
-        min_sync_period_s: args.min_sync_period,
-        runs,
-    };
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
     println!("{}", markdown(&report));
     Ok(())
 }
@@ -1043,6 +1059,16 @@ fn during_cell(l: &Latencies) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_checked() {
+        assert_eq!(non_negative("0"), Ok(0.0));
+        assert_eq!(positive("1.5"), Ok(1.5));
+        assert!(positive("0").is_err());
+        for bad in ["-1", "NaN", "inf", "x"] {
+            assert!(non_negative(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn reads_own_cpu() {

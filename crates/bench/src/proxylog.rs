@@ -40,10 +40,14 @@ pub fn synced(log: &str) -> Vec<Synced> {
 fn parse_line(line: &str) -> Option<Synced> {
     let stamp = line.split_whitespace().next()?;
     let at: jiff::Timestamp = stamp.parse().ok()?;
+    let took_ms: f64 = field(line, "took_ms")?.parse().ok()?;
+    if !took_ms.is_finite() || took_ms < 0.0 {
+        return None;
+    }
     Some(Synced {
         at: SystemTime::from(at),
         full: field(line, "full")? == "true",
-        took_ms: field(line, "took_ms")?.parse().ok()?,
+        took_ms,
         bytes: field(line, "bytes")
             .and_then(|b| b.parse().ok())
             .unwrap_or(0.0),
@@ -67,6 +71,7 @@ mod tests {
                    2025-12-04T02:55:52.000000Z  INFO proxy_core::runner: synced rules full=false services=1 endpoints=0 bytes=352 service_ports=3 took_ms=0.7\n";
         let lines = synced(log);
         assert_eq!(lines.len(), 2);
+        assert!(synced("2025-12-04T02:55:42Z INFO synced rules full=true took_ms=NaN").is_empty());
         assert!(lines[0].full && !lines[1].full);
         assert_eq!(lines[0].took_ms, 12.5);
         assert_eq!(lines[0].bytes, 1234.0);
