@@ -784,6 +784,10 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
         .filter(|s| !s.internal_local && !s.endpoints.is_empty())
         .map(|s| s.index)
         .collect();
+    // The new endpoints' addresses: 172.16.0.0/12.
+    if args.changes > 1 << 20 {
+        bail!("--changes: at most {}", 1 << 20);
+    }
     if args.changes > 0 && candidates.len() < args.changes {
         bail!(
             "{} Services to change, {} suitable ones",
@@ -797,7 +801,7 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
         let index = candidates[k * candidates.len() / args.changes];
         let s = &mut cluster[index];
         let slot = k % s.endpoints.len();
-        let ip = Ipv4Addr::from(0xac10_0000 + k as u32); // 172.16.0.0/12
+        let ip = Ipv4Addr::from(0xac10_0000 | k as u32);
         s.endpoints[slot].0 = ip;
         let probe = Probe::new(
             Target::Endpoint(ip),
