@@ -6,6 +6,9 @@
 //! ./target/release/bench --services 1000,10000,50000 --endpoints 10 --mode all
 //! ```
 //!
+//! `bench deployed` runs the release binary as deployed instead: fed by manifest files or
+//! the fake API server over HTTP, across periodic full syncs (see [`deployed`]).
+//!
 //! Prints a markdown table and writes the figures as JSON (`--json`).
 //!
 //! The manifests source alone (idle CPU, one changed file of one per Service):
@@ -15,8 +18,13 @@
 //! ```
 
 mod binary;
+mod deployed;
 mod inproc;
 mod manifests;
+mod monitor;
+mod objects;
+mod probe;
+mod proxylog;
 mod stats;
 
 use std::fmt::Write as _;
@@ -30,7 +38,27 @@ use crate::binary::BinaryRun;
 use crate::inproc::{InProcess, Mode};
 
 #[derive(Debug, Parser)]
-#[command(about = "Scale benchmarks for kube-proxy-rs (run as root)")]
+#[command(
+    about = "Scale benchmarks for kube-proxy-rs (run as root)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    inproc: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The release binary as deployed: fed by manifests or the fake API server, first
+    /// sync, memory, idle CPU, endpoint-change and add-Service latency to the kernel's
+    /// commit, across periodic full syncs.
+    Deployed(deployed::Args),
+}
+
+/// The in-process benchmark (the default, for profiling) and the binary's start.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Cluster sizes, in Services (one port each).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
@@ -118,7 +146,7 @@ fn parse_endpoints(text: &str) -> Result<std::ops::RangeInclusive<usize>> {
     Ok(low..=high)
 }
 
-fn tool_version(args: &[&str]) -> String {
+pub(crate) fn tool_version(args: &[&str]) -> String {
     std::process::Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -183,10 +211,16 @@ fn main() -> Result<()> {
     if raw.get(1).map(String::as_str) == Some(inproc::CHILD_PEAK) {
         return inproc::child_peak(&raw[2..]);
     }
-    let args = Args::parse();
+    let cli = Cli::parse();
     if !nix_is_root() {
         bail!("run as root: the benchmark builds network namespaces");
     }
+    if let Some(Command::Deployed(args)) = cli.command {
+        let endpoints = parse_endpoints(args.endpoints())?;
+        let binary = proxy_binary(args.binary())?;
+        return deployed::main(args, &binary, endpoints);
+    }
+    let args = cli.inproc;
     let endpoints = parse_endpoints(&args.endpoints)?;
     let modes: Vec<Mode> = match args.mode.as_str() {
         "nftables" => vec![Mode::Nftables],
@@ -194,19 +228,11 @@ fn main() -> Result<()> {
         "all" => vec![Mode::Nftables, Mode::IptablesLegacy],
         other => bail!("--mode: unknown {other:?} (nftables, iptables, all)"),
     };
-    let binary = match &args.binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("exe dir")?
-            .join("kube-proxy"),
+    let binary = if args.no_binary {
+        PathBuf::new()
+    } else {
+        proxy_binary(args.binary.as_deref())?
     };
-    if !args.no_binary && !binary.exists() {
-        bail!(
-            "{} not found: build it (`cargo build --release -p kube-proxy`) or pass --binary / --no-binary",
-            binary.display()
-        );
-    }
     let mut sizes = args.services.clone();
     sizes.sort_unstable();
     if let Some(path) = &args.dump_nft {
@@ -314,6 +340,24 @@ fn main() -> Result<()> {
         .with_context(|| format!("writing {}", args.json.display()))?;
     println!("{}", markdown(&report));
     Ok(())
+}
+
+/// `--binary`, or `kube-proxy` next to this program; it must exist.
+fn proxy_binary(given: Option<&std::path::Path>) -> Result<PathBuf> {
+    let binary = match given {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("kube-proxy"),
+    };
+    if !binary.exists() {
+        bail!(
+            "{} not found: build it (`cargo build --release -p kube-proxy`) or pass --binary (or --no-binary)",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 fn nix_is_root() -> bool {

@@ -596,32 +596,26 @@ fn list_response(shared: &Shared, resource: Resource, p: &Params, filter: &Filte
     let from_cache = after.is_none()
         && p.resource_version.as_deref() == Some("0")
         && p.resource_version_match.as_deref() != Some("Exact");
-    let snapshot = data.snapshot(resource, rv);
-    drop(data);
     let limit = p
         .limit
         .filter(|l| *l > 0 && !from_cache)
         .unwrap_or(u64::MAX);
-    let mut items = Vec::new();
-    let mut last = None;
-    let mut more = false;
-    for (key, obj) in &snapshot {
-        if after.as_ref().is_some_and(|a| key <= a) || !filter.matches(obj) {
-            continue;
-        }
-        if items.len() as u64 == limit {
-            more = true;
-            break;
-        }
-        // Real lists carry kind and apiVersion on the list only.
-        let mut item = obj.clone();
-        if let Some(map) = item.as_object_mut() {
-            map.remove("kind");
-            map.remove("apiVersion");
-        }
-        items.push(item);
-        last = Some(key.clone());
-    }
+    let (items, last, more) = if rv >= data.rv {
+        // The current state: walk this resource's objects from where the last page ended,
+        // under the lock, copying only the page (not every object for every page).
+        let from = after
+            .clone()
+            .unwrap_or((resource, String::new(), String::new()));
+        let objects = data
+            .objects
+            .range(from..)
+            .take_while(|(k, _)| k.0 == resource);
+        page(objects, after.as_ref(), filter, limit)
+    } else {
+        let snapshot = data.snapshot(resource, rv);
+        drop(data);
+        page(snapshot.iter(), after.as_ref(), filter, limit)
+    };
     let mut metadata = json!({ "resourceVersion": rv.to_string() });
     if more {
         if let Some((_, ns, name)) = last {
@@ -640,6 +634,35 @@ fn list_response(shared: &Shared, resource: Resource, p: &Params, filter: &Filte
         body.to_string(),
     )
         .into_response()
+}
+
+/// One page of a list: up to `limit` objects after `after` that match `filter`, the key of
+/// the last, and whether more follow.
+fn page<'a>(
+    objects: impl Iterator<Item = (&'a Key, &'a Value)>,
+    after: Option<&Key>,
+    filter: &Filter,
+    limit: u64,
+) -> (Vec<Value>, Option<Key>, bool) {
+    let mut items = Vec::new();
+    let mut last = None;
+    for (key, obj) in objects {
+        if after.is_some_and(|a| key <= a) || !filter.matches(obj) {
+            continue;
+        }
+        if items.len() as u64 == limit {
+            return (items, last, true);
+        }
+        // Real lists carry kind and apiVersion on the list only.
+        let mut item = obj.clone();
+        if let Some(map) = item.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+        items.push(item);
+        last = Some(key.clone());
+    }
+    (items, last, false)
 }
 
 /// The event a watcher with `filter` sees for `change`: objects entering the selector are

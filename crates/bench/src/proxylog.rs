@@ -1,0 +1,86 @@
+//! What the proxy's log says about its syncs: each "synced rules" line with its timestamp
+//! (tracing's default format: RFC 3339 in UTC, first on the line), whether the sync was
+//! full, and the proxy's own `took_ms`.
+
+use std::time::{Duration, SystemTime};
+
+/// One "synced rules" line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Synced {
+    /// When the line was written: just after the sync returned.
+    pub at: SystemTime,
+    pub full: bool,
+    pub took_ms: f64,
+    pub bytes: f64,
+}
+
+impl Synced {
+    /// When the sync started, by the proxy's clock: `at - took_ms`.
+    pub fn started(&self) -> SystemTime {
+        self.at - Duration::from_secs_f64(self.took_ms.max(0.0) / 1e3)
+    }
+
+    /// Whether an event at `t` had to wait for this sync: it came while the sync ran, or
+    /// less than `min_gap` (the min sync period) after it started, before which the runner
+    /// starts no other sync.
+    pub fn holds(&self, t: SystemTime, min_gap: Duration) -> bool {
+        let start = self.started();
+        start <= t && t <= self.at.max(start + min_gap)
+    }
+}
+
+/// Every "synced rules" line of `log` that parses, in order.
+pub fn synced(log: &str) -> Vec<Synced> {
+    log.lines()
+        .filter(|l| l.contains("synced rules"))
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Synced> {
+    let stamp = line.split_whitespace().next()?;
+    let at: jiff::Timestamp = stamp.parse().ok()?;
+    let took_ms: f64 = field(line, "took_ms")?.parse().ok()?;
+    if !took_ms.is_finite() || took_ms < 0.0 {
+        return None;
+    }
+    Some(Synced {
+        at: SystemTime::from(at),
+        full: field(line, "full")? == "true",
+        took_ms,
+        bytes: field(line, "bytes")
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(0.0),
+    })
+}
+
+/// The value of `key=value` on `line`.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_synced_lines() {
+        let log = "2025-12-04T02:55:42.500000Z  INFO proxy_core::runner: sources delivered their initial state\n\
+                   2025-12-04T02:55:42.512500Z  INFO proxy_core::runner: synced rules full=true services=3 endpoints=3 bytes=1234 service_ports=3 took_ms=12.5\n\
+                   2025-12-04T02:55:52.000000Z  INFO proxy_core::runner: synced rules full=false services=1 endpoints=0 bytes=352 service_ports=3 took_ms=0.7\n";
+        let lines = synced(log);
+        assert_eq!(lines.len(), 2);
+        assert!(synced("2025-12-04T02:55:42Z INFO synced rules full=true took_ms=NaN").is_empty());
+        assert!(lines[0].full && !lines[1].full);
+        assert_eq!(lines[0].took_ms, 12.5);
+        assert_eq!(lines[0].bytes, 1234.0);
+        let start = lines[0].started();
+        let expected: jiff::Timestamp = "2025-12-04T02:55:42.500Z".parse().unwrap();
+        assert_eq!(start, SystemTime::from(expected));
+        assert!(lines[0].holds(start + Duration::from_millis(5), Duration::ZERO));
+        assert!(!lines[0].holds(start + Duration::from_millis(20), Duration::ZERO));
+        assert!(lines[0].holds(start + Duration::from_millis(20), Duration::from_secs(1)));
+        assert!(!lines[0].holds(start - Duration::from_millis(1), Duration::from_secs(1)));
+    }
+}
