@@ -46,7 +46,8 @@ fn parse_line(line: &str) -> Option<Synced> {
     }
     Some(Synced {
         at: SystemTime::from(at),
-        full: field(line, "full")? == "true",
+        // A periodic sync that only checked the kernel logs `full=false periodic=true`.
+        full: field(line, "full")? == "true" || field(line, "periodic") == Some("true"),
         took_ms,
         bytes: field(line, "bytes")
             .and_then(|b| b.parse().ok())

@@ -164,6 +164,7 @@ pub async fn run_observed(
                     Ok(outcome) => {
                         tracing::info!(
                             full = outcome.full,
+                            periodic = request.periodic,
                             services = pending.services.len(),
                             endpoints = pending.endpoints.len(),
                             bytes = outcome.transaction_bytes,
