@@ -11,7 +11,11 @@ use std::collections::BTreeMap;
 use netlink::{DecodeError, Message, NLM_F_REQUEST};
 use proxy_core::model::IpFamily;
 
-use crate::netlink::{encode_fields, nfgen_header, nfproto, NFNL_SUBSYS_NFTABLES};
+use crate::netlink::{
+    encode_fields, nfgen_header, nfproto, NFNL_SUBSYS_NFTABLES, NFTA_DATA_VALUE, NFTA_DATA_VERDICT,
+    NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NFT_GOTO, NF_DROP,
+};
 use crate::plan::{Element, Value, TABLE};
 
 const NFT_MSG_GETRULE: u16 = 7;
@@ -22,19 +26,6 @@ const NFT_MSG_GETSETELEM: u16 = 13;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
-
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
-
-const NF_DROP: i32 = 0;
-const NFT_GOTO: i32 = -4;
 
 /// An element as the kernel holds it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
