@@ -119,6 +119,10 @@ pub struct Args {
     /// Where to write the JSON figures.
     #[arg(long, default_value = "bench-deployed.json")]
     json: PathBuf,
+    /// One more flag for the proxy, e.g. `--proxy-arg=--kube-api-qps=50` (repeatable;
+    /// later flags win over the bench's own).
+    #[arg(long = "proxy-arg", allow_hyphen_values = true)]
+    proxy_arg: Vec<String>,
     /// Keep each run's proxy log in this directory (`SOURCE-SERVICES.log`).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -611,6 +615,7 @@ fn proxy_args(args: &Args, source: Source, dir: &Path) -> Vec<String> {
             out.push(dir.join("kubeconfig").display().to_string());
         }
     }
+    out.extend(args.proxy_arg.iter().cloned());
     out
 }
 
