@@ -6,11 +6,15 @@
 //!   Service port with endpoints, jumping to its `KUBE-SVC-*` (or `KUBE-SVL-*` for
 //!   `internalTrafficPolicy: Local`), `KUBE-EXT-*` or `KUBE-FW-*`; last, the jump to
 //!   `KUBE-NODEPORTS` for local destinations;
-//! - nat `KUBE-SVC-*`: masquerade-mark traffic from outside the cluster CIDR, then spread
-//!   over `KUBE-SEP-*` with `-m statistic --probability 1/(n-i)`; `KUBE-SEP-*` marks
-//!   hairpin traffic and DNATs; `KUBE-EXT-*` marks external traffic (or, for
-//!   `externalTrafficPolicy: Local`, short-circuits pod and node traffic to `KUBE-SVC-*`
-//!   and sends the rest to `KUBE-SVL-*`); `KUBE-FW-*` admits `loadBalancerSourceRanges`;
+//! - nat `KUBE-SVC-*` (all endpoints) / `KUBE-SVL-*` (this node's): the one the cluster
+//!   IP jumps to first masquerade-marks cluster IP traffic from outside the pod network
+//!   (`--detect-local-mode`),
+//!   then each spreads over `KUBE-SEP-*` with `-m statistic --probability 1/(n-i)`;
+//!   `KUBE-SEP-*` marks hairpin traffic and DNATs; `KUBE-EXT-*` marks external traffic
+//!   (or, for `externalTrafficPolicy: Local`, short-circuits pod and node traffic to
+//!   `KUBE-SVC-*` and sends the rest to `KUBE-SVL-*`; it exists, and the external IPs and
+//!   NodePort jump to it, while the Service has endpoints anywhere);
+//!   `KUBE-FW-*` admits `loadBalancerSourceRanges`;
 //! - filter `KUBE-SERVICES` / `KUBE-EXTERNAL-SERVICES`: REJECT for Service ports without
 //!   endpoints (DROP when only local endpoints are missing); `KUBE-PROXY-FIREWALL` drops
 //!   load-balancer traffic not admitted by `KUBE-FW-*`; `KUBE-NODEPORTS` accepts health
@@ -24,7 +28,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proxy_core::model::{
-    Endpoint, IpFamily, NodeInfo, ProxyState, ServicePort, ServicePortName, TrafficPolicy,
+    Endpoint, IpFamily, LocalDetector, NodeInfo, ProxyState, ServicePort, ServicePortName,
+    TrafficPolicy,
 };
 use proxy_core::select::candidates;
 
@@ -41,8 +46,10 @@ pub struct IptConfig {
     pub masquerade_bit: u8,
     /// Masquerade all traffic to cluster IPs (`--masquerade-all`).
     pub masquerade_all: bool,
-    /// Pod CIDRs (local-traffic detection); the first of each family is used.
-    pub cluster_cidrs: Vec<IpNet>,
+    /// How pod traffic is told apart (`--detect-local-mode`): it is not masqueraded to a
+    /// cluster IP and is short-circuited under `externalTrafficPolicy: Local`. A CIDR
+    /// detector uses the first CIDR of each family.
+    pub local: LocalDetector,
     /// `--nodeport-addresses` CIDRs; empty with `nodeport_primary` unset: all local addresses.
     pub nodeport_cidrs: Vec<IpNet>,
     /// `--nodeport-addresses=primary`: the node's primary IP of each family.
@@ -60,7 +67,7 @@ impl Default for IptConfig {
         IptConfig {
             masquerade_bit: 14,
             masquerade_all: false,
-            cluster_cidrs: Vec::new(),
+            local: LocalDetector::None,
             nodeport_cidrs: Vec::new(),
             nodeport_primary: false,
             localhost_node_ports: true,
@@ -75,17 +82,41 @@ impl IptConfig {
         format!("{:#x}", 1u32 << self.masquerade_bit)
     }
 
-    fn local_cidr(&self, family: IpFamily) -> Option<IpNet> {
-        self.cluster_cidrs
-            .iter()
-            .find(|c| IpFamily::of_net(c) == family)
-            .map(IpNet::trunc)
+    /// The matches for pod traffic and for everything else, as upstream writes them;
+    /// `None` when nothing is known to be local in this family.
+    fn local_match(&self, family: IpFamily, node: &NodeInfo) -> Option<LocalMatch> {
+        let cidr = |nets: &[IpNet]| {
+            nets.iter()
+                .find(|c| IpFamily::of_net(c) == family)
+                .map(|c| LocalMatch {
+                    is_local: format!("-s {}", c.trunc()),
+                    not_local: format!("! -s {}", c.trunc()),
+                })
+        };
+        // Interface names were validated at start-up: no spaces or quotes.
+        let interface = |name: String| LocalMatch {
+            is_local: format!("-i {name}"),
+            not_local: format!("! -i {name}"),
+        };
+        match &self.local {
+            LocalDetector::None => None,
+            LocalDetector::ClusterCidr(nets) => cidr(nets),
+            LocalDetector::NodeCidr => cidr(&node.pod_cidrs),
+            LocalDetector::BridgeInterface(name) => Some(interface(name.clone())),
+            LocalDetector::InterfaceNamePrefix(prefix) => Some(interface(format!("{prefix}+"))),
+        }
     }
 
     /// CVE-2020-8558: with `route_localnet` on, block martian traffic to 127.0.0.0/8.
     fn localhost_nodeports_active(&self, family: IpFamily) -> bool {
         family == IpFamily::V4 && self.localhost_node_ports
     }
+}
+
+/// Pod traffic, and everything else, as iptables matches.
+struct LocalMatch {
+    is_local: String,
+    not_local: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -349,7 +380,9 @@ pub fn plan_port(
     } else {
         ("has no endpoints", "REJECT")
     };
-    let use_fw = !sp.load_balancer_source_ranges.is_empty() && !lb_ips.is_empty();
+    // Destinations that must at least short-circuit pod and node traffic: every one of a
+    // Service with endpoints anywhere, even when none serves outside clients here.
+    let use_fw = has_endpoints && !sp.load_balancer_source_ranges.is_empty() && !lb_ips.is_empty();
 
     // Cluster IP.
     if has_internal {
@@ -381,7 +414,7 @@ pub fn plan_port(
             )
         }));
     for (ip, what, target) in external_targets {
-        if has_external {
+        if has_endpoints {
             out.top.push((
                 TopChain::NatServices,
                 format!(
@@ -389,7 +422,9 @@ pub fn plan_port(
                     host(ip)
                 ),
             ));
-        } else {
+        }
+        // What KUBE-EXT-* did not short-circuit (DNAT) is still addressed to the IP here.
+        if !has_external {
             out.top.push((
                 TopChain::FilterExternalServices,
                 format!(
@@ -413,7 +448,7 @@ pub fn plan_port(
     }
     // NodePort.
     if let Some(node_port) = sp.node_port {
-        if has_external {
+        if has_endpoints {
             out.top.push((
                 TopChain::NatNodeports,
                 format!(
@@ -421,7 +456,8 @@ pub fn plan_port(
                     names.ext
                 ),
             ));
-        } else {
+        }
+        if !has_external {
             out.top.push((
                 TopChain::FilterExternalServices,
                 format!(
@@ -439,7 +475,7 @@ pub fn plan_port(
         ));
     }
 
-    let local_cidr = config.local_cidr(family);
+    let local = config.local_match(family, node);
     let mut add_chain = |name: &str, rules: Vec<String>| {
         out.chains.insert(
             name.to_string(),
@@ -452,28 +488,35 @@ pub fn plan_port(
     };
     let mut sep_endpoints: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
 
+    // Cluster IP traffic from outside the pod network (or all of it with
+    // --masquerade-all) is masqueraded whichever policy picks its endpoints, so the rule
+    // leads the chain the cluster IP jumps to: KUBE-SVL-* under internalTrafficPolicy
+    // Local. Its -d match keeps it off short-circuited external traffic.
+    let masq_match = if config.masquerade_all {
+        Some(String::new())
+    } else {
+        local.as_ref().map(|l| format!(" {}", l.not_local))
+    };
+    let cluster_ip_masq = |chain: &str| -> Vec<String> {
+        match &masq_match {
+            Some(m) if has_internal && chain == internal_chain.as_str() => vec![format!(
+                "-A {chain}{m} -m comment --comment \"{spn} cluster IP\" -m {p} -p {p} -d {} --dport {port} -j {KUBE_MARK_MASQ}",
+                host(cluster_ip)
+            )],
+            _ => Vec::new(),
+        }
+    };
+
     // KUBE-SVC-*: all usable endpoints.
     if uses_cluster && !cluster_eps.is_empty() {
-        let mut rules = Vec::new();
-        let masq_match = if config.masquerade_all {
-            Some(String::new())
-        } else {
-            local_cidr.map(|c| format!(" ! -s {c}"))
-        };
-        if let Some(m) = masq_match {
-            rules.push(format!(
-                "-A {}{m} -m comment --comment \"{spn} cluster IP\" -m {p} -p {p} -d {} --dport {port} -j {KUBE_MARK_MASQ}",
-                names.svc,
-                host(cluster_ip)
-            ));
-        }
+        let mut rules = cluster_ip_masq(&names.svc);
         spread_rules(&mut rules, &names.svc, &spn, sp, &cluster_eps);
         sep_endpoints.extend(cluster_eps.iter().map(|e| (e.ip, e.port)));
         add_chain(&names.svc, rules);
     }
     // KUBE-SVL-*: this node's usable endpoints.
     if uses_local && !local_eps.is_empty() {
-        let mut rules = Vec::new();
+        let mut rules = cluster_ip_masq(&names.svl);
         spread_rules(&mut rules, &names.svl, &spn, sp, &local_eps);
         sep_endpoints.extend(local_eps.iter().map(|e| (e.ip, e.port)));
         add_chain(&names.svl, rules);
@@ -487,10 +530,10 @@ pub fn plan_port(
                 "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j {KUBE_MARK_MASQ}"
             ));
         } else {
-            if let Some(cidr) = local_cidr {
+            if let Some(l) = &local {
                 rules.push(format!(
-                    "-A {ext} -s {cidr} -m comment --comment \"pod traffic for {spn} external destinations\" -j {}",
-                    names.svc
+                    "-A {ext} {} -m comment --comment \"pod traffic for {spn} external destinations\" -j {}",
+                    l.is_local, names.svc
                 ));
             }
             rules.push(format!(
@@ -510,7 +553,7 @@ pub fn plan_port(
     // and are dropped by filter KUBE-PROXY-FIREWALL. When a range holds the node's IP,
     // the load-balancer IPs are admitted as sources too (a VIP bound on the node loops
     // the node's requests back from the VIP), as upstream.
-    if use_fw && has_external {
+    if use_fw {
         let mut sources: Vec<String> = sp
             .load_balancer_source_ranges
             .iter()

@@ -10,8 +10,8 @@ use backend_iptables::apply::{Backend, IptablesCommand, IptablesRunner, Recordin
 use backend_iptables::plan::{FamilyPlan, IptConfig};
 use backend_iptables::IptablesProxier;
 use proxy_core::model::{
-    Endpoint, IpFamily, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName,
-    TrafficPolicy,
+    Endpoint, IpFamily, LocalDetector, Protocol, ProxyState, ServiceName, ServicePort,
+    ServicePortName, TrafficPolicy,
 };
 use proxy_core::proxier::{Proxier, SyncRequest};
 
@@ -44,7 +44,7 @@ fn add(state: &mut ProxyState, svc: ServicePort, eps: Vec<Endpoint>) {
 
 fn config() -> IptConfig {
     IptConfig {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        local: LocalDetector::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
         families: vec![IpFamily::V4],
         ..IptConfig::default()
     }
@@ -90,6 +90,7 @@ fn request(state: &ProxyState, changed: &[(&str, &str)], full: bool) -> SyncRequ
             .collect::<BTreeSet<_>>(),
         node_changed: false,
         full,
+        periodic: false,
     }
 }
 
@@ -251,10 +252,10 @@ fn ipv6_rules_use_ipv6_addresses_only() {
     );
     let cfg = IptConfig {
         families: vec![IpFamily::V4, IpFamily::V6],
-        cluster_cidrs: vec![
+        local: LocalDetector::ClusterCidr(vec![
             "10.244.0.0/16".parse().unwrap(),
             "fd00:244::/48".parse().unwrap(),
-        ],
+        ]),
         ..IptConfig::default()
     };
     let plan = FamilyPlan::full(IpFamily::V6, &state, &cfg);

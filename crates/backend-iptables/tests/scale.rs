@@ -17,8 +17,8 @@ use backend_iptables::apply::{Backend, IptablesCommand};
 use backend_iptables::plan::IptConfig;
 use backend_iptables::IptablesProxier;
 use proxy_core::model::{
-    Endpoint, IpFamily, Protocol, ProxyState, ServiceName, ServicePort, ServicePortName,
-    TrafficPolicy,
+    Endpoint, IpFamily, LocalDetector, Protocol, ProxyState, ServiceName, ServicePort,
+    ServicePortName, TrafficPolicy,
 };
 use proxy_core::proxier::{Proxier, SyncRequest};
 
@@ -82,7 +82,7 @@ fn one_endpoint_change_at_10000_services() {
         let ns = testkit::Netns::new().expect("netns");
         ns.run(|| {
             let config = IptConfig {
-                cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+                local: LocalDetector::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
                 families: vec![IpFamily::V4],
                 ..IptConfig::default()
             };
@@ -95,6 +95,7 @@ fn one_endpoint_change_at_10000_services() {
                     changed: BTreeSet::new(),
                     node_changed: false,
                     full: true,
+                    periodic: false,
                 })
                 .expect("full sync");
             println!(
@@ -116,6 +117,7 @@ fn one_endpoint_change_at_10000_services() {
                     changed: BTreeSet::from([name.service.clone()]),
                     node_changed: false,
                     full: false,
+                    periodic: false,
                 })
                 .expect("partial sync");
             let took = start.elapsed();

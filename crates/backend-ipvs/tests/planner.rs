@@ -88,6 +88,7 @@ fn request(state: &ProxyState, changed: &[&str], full: bool) -> SyncRequest {
             .collect::<BTreeSet<_>>(),
         node_changed: false,
         full,
+        periodic: false,
     }
 }
 

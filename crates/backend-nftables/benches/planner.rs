@@ -18,6 +18,7 @@ fn request(
 ) -> SyncRequest {
     SyncRequest {
         full: changed.is_empty(),
+        periodic: false,
         state,
         changed,
         node_changed: false,

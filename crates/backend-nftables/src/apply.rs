@@ -3,6 +3,8 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
+use std::collections::BTreeMap;
+
 use proxy_core::proxier::ProxierError;
 
 use std::fmt::Write as _;
@@ -13,6 +15,10 @@ use crate::netlink::{
     encode_batch, list_requests, parse_chain, parse_set, Deletion, ElementOp, Object,
 };
 use crate::plan::{family_names, TABLE};
+use crate::readback::{
+    elements_request, generation_request, parse_elements, parse_generation, rules_request,
+    RawElement, RulesDigest, SetDigest,
+};
 use crate::render::render_element_command;
 
 /// Runs one `nft` script as one atomic transaction.
@@ -47,6 +53,42 @@ pub trait NftRunner {
         let _ = family;
         Ok(None)
     }
+
+    /// Our table of `family` as the kernel holds it: its chains and named sets, a digest
+    /// of its rules, and a digest of the elements of each map in `maps`. `None` when this
+    /// runner cannot read the kernel back (a re-sync then rewrites everything).
+    fn read_back(
+        &mut self,
+        family: IpFamily,
+        maps: &[String],
+    ) -> Result<Option<KernelTable>, ProxierError> {
+        let _ = (family, maps);
+        Ok(None)
+    }
+
+    /// Whether nothing anywhere in nftables has been committed since this runner's last
+    /// commit; `false` when it cannot tell.
+    fn unchanged_since_last_commit(&mut self) -> Result<bool, ProxierError> {
+        Ok(false)
+    }
+
+    /// The elements of one map of our table of `family`, as the kernel holds them.
+    fn map_elements(
+        &mut self,
+        family: IpFamily,
+        map: &str,
+    ) -> Result<Option<Vec<RawElement>>, ProxierError> {
+        let _ = (family, map);
+        Ok(None)
+    }
+}
+
+/// What [`NftRunner::read_back`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KernelTable {
+    pub objects: Vec<Object>,
+    pub rules: RulesDigest,
+    pub maps: BTreeMap<String, SetDigest>,
 }
 
 /// A whole full load as one `nft` script.
@@ -94,6 +136,9 @@ pub struct NftCommand {
     /// `--check`: parse and validate against the kernel without committing.
     check_only: bool,
     socket: Option<netlink::Socket>,
+    /// The ruleset generation right after our last commit, when nobody else committed
+    /// around it: while the kernel still reports it, nothing anywhere has changed.
+    generation: Option<u32>,
 }
 
 impl std::fmt::Debug for NftCommand {
@@ -112,6 +157,7 @@ impl Default for NftCommand {
             program: "nft".into(),
             check_only: false,
             socket: None,
+            generation: None,
         }
     }
 }
@@ -120,6 +166,12 @@ impl NftCommand {
     /// Whether element changes have gone over netlink (for tests).
     pub fn netlink_open(&self) -> bool {
         self.socket.is_some()
+    }
+
+    /// Whether it knows the ruleset generation of its last commit (the periodic re-sync
+    /// then needs one request while nobody else commits), for tests.
+    pub fn generation_known(&self) -> bool {
+        self.generation.is_some()
     }
 
     /// A runner that only validates (`nft --check`), for tests.
@@ -145,6 +197,108 @@ fn summarize(stderr: &[u8]) -> String {
 
 impl NftRunner for NftCommand {
     fn run(&mut self, script: &str) -> Result<(), ProxierError> {
+        self.committing(1, |me| me.run_nft(script))
+    }
+
+    fn apply_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+        if self.check_only {
+            let script = element_script(ops);
+            self.run_nft(&script)?;
+            return Ok(script.len());
+        }
+        self.committing(1, |me| me.send_batch(ops, &[]))
+    }
+
+    /// The skeleton through `nft` (small: a few dozen chains and maps), then every element
+    /// as one netlink batch. Two transactions: the skeleton keeps existing maps and
+    /// their elements (see `FullMode::Update`), so the old elements serve traffic until
+    /// the batch replaces them all at once.
+    fn apply_full(
+        &mut self,
+        skeleton: &str,
+        ops: &[ElementOp<'_>],
+        deletions: &[Deletion],
+    ) -> Result<usize, ProxierError> {
+        if self.check_only {
+            let script = full_load_script(skeleton, ops, deletions);
+            self.run_nft(&script)?;
+            return Ok(script.len());
+        }
+        self.committing(2, |me| {
+            me.run_nft(skeleton)?;
+            Ok(skeleton.len() + me.send_batch(ops, deletions)?)
+        })
+    }
+
+    fn unchanged_since_last_commit(&mut self) -> Result<bool, ProxierError> {
+        let Some(ours) = self.generation else {
+            return Ok(false);
+        };
+        Ok(self.read_generation()? == ours)
+    }
+
+    fn existing_objects(&mut self, family: IpFamily) -> Result<Option<Vec<Object>>, ProxierError> {
+        if self.check_only {
+            return Ok(None);
+        }
+        let socket = self.socket()?;
+        let failed = |e: netlink::RequestError| {
+            ProxierError::Other(format!("listing our nftables objects: {e}"))
+        };
+        let [chains, sets] = list_requests(family, || socket.next_seq());
+        let mut out = Vec::new();
+        for payload in socket.request(&chains).map_err(failed)? {
+            out.extend(parse_chain(&payload).map_err(|e| failed(e.into()))?);
+        }
+        for payload in socket.request(&sets).map_err(failed)? {
+            out.extend(parse_set(&payload).map_err(|e| failed(e.into()))?);
+        }
+        Ok(Some(out))
+    }
+
+    fn read_back(
+        &mut self,
+        family: IpFamily,
+        maps: &[String],
+    ) -> Result<Option<KernelTable>, ProxierError> {
+        if self.check_only {
+            return Ok(None);
+        }
+        match self.read_back_over_netlink(family, maps) {
+            Ok(table) => Ok(table),
+            // No table at all: the caller rewrites it.
+            Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => {
+                Ok(Some(KernelTable::default()))
+            }
+            Err(e) => Err(ProxierError::Other(format!(
+                "reading our nftables table back: {e}"
+            ))),
+        }
+    }
+
+    fn map_elements(
+        &mut self,
+        family: IpFamily,
+        map: &str,
+    ) -> Result<Option<Vec<RawElement>>, ProxierError> {
+        if self.check_only {
+            return Ok(None);
+        }
+        let socket = self.socket()?;
+        let request = elements_request(family, map, socket.next_seq());
+        let mut out = Vec::new();
+        socket
+            .request_each(&request, |payload| {
+                parse_elements(payload, |element| out.push(element))
+            })
+            .map_err(|e| ProxierError::Other(format!("reading map {map} back: {e}")))?;
+        Ok(Some(out))
+    }
+}
+
+impl NftCommand {
+    /// Runs one `nft -f -` transaction (no generation bookkeeping: see `committing`).
+    fn run_nft(&mut self, script: &str) -> Result<(), ProxierError> {
         let mut cmd = Command::new(&self.program);
         if self.check_only {
             cmd.arg("--check");
@@ -178,55 +332,73 @@ impl NftRunner for NftCommand {
         write_result.map_err(|e| ProxierError::Other(format!("writing to nft: {e}")))
     }
 
-    fn apply_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
-        if self.check_only {
-            let script = element_script(ops);
-            self.run(&script)?;
-            return Ok(script.len());
-        }
-        self.send_batch(ops, &[])
-    }
-
-    /// The skeleton through `nft` (small: a few dozen chains and maps), then every element
-    /// as one netlink batch. Two transactions: the skeleton keeps existing maps and
-    /// their elements (see `FullMode::Update`), so the old elements serve traffic until
-    /// the batch replaces them all at once.
-    fn apply_full(
+    /// Runs `op`, which commits `commits` transactions, and remembers the ruleset
+    /// generation after it if nobody else committed in between (the generation then grew
+    /// by exactly `commits`); otherwise forgets it, so the next re-sync reads back.
+    fn committing<T>(
         &mut self,
-        skeleton: &str,
-        ops: &[ElementOp<'_>],
-        deletions: &[Deletion],
-    ) -> Result<usize, ProxierError> {
-        if self.check_only {
-            let script = full_load_script(skeleton, ops, deletions);
-            self.run(&script)?;
-            return Ok(script.len());
-        }
-        self.run(skeleton)?;
-        Ok(skeleton.len() + self.send_batch(ops, deletions)?)
+        commits: u32,
+        op: impl FnOnce(&mut Self) -> Result<T, ProxierError>,
+    ) -> Result<T, ProxierError> {
+        let before = self.read_generation().ok();
+        let result = op(self);
+        let after = self.read_generation().ok();
+        self.generation = match (before, after, &result) {
+            (Some(b), Some(a), Ok(_)) if a == b.wrapping_add(commits) => Some(a),
+            _ => None,
+        };
+        result
     }
 
-    fn existing_objects(&mut self, family: IpFamily) -> Result<Option<Vec<Object>>, ProxierError> {
+    /// The kernel's nftables ruleset generation (it grows with every commit, in any table).
+    fn read_generation(&mut self) -> Result<u32, ProxierError> {
         if self.check_only {
-            return Ok(None);
+            return Err(ProxierError::Other("no generation in check mode".into()));
         }
         let socket = self.socket()?;
-        let failed = |e: netlink::RequestError| {
-            ProxierError::Other(format!("listing our nftables objects: {e}"))
-        };
-        let [chains, sets] = list_requests(family, || socket.next_seq());
-        let mut out = Vec::new();
-        for payload in socket.request(&chains).map_err(failed)? {
-            out.extend(parse_chain(&payload).map_err(|e| failed(e.into()))?);
-        }
-        for payload in socket.request(&sets).map_err(failed)? {
-            out.extend(parse_set(&payload).map_err(|e| failed(e.into()))?);
-        }
-        Ok(Some(out))
+        let request = generation_request(socket.next_seq());
+        let mut generation = None;
+        socket
+            .request_each(&request, |payload| {
+                generation = Some(parse_generation(payload)?);
+                Ok(())
+            })
+            .map_err(|e| ProxierError::Other(format!("reading the nftables generation: {e}")))?;
+        generation.ok_or_else(|| ProxierError::Other("no nftables generation in the reply".into()))
     }
-}
 
-impl NftCommand {
+    fn read_back_over_netlink(
+        &mut self,
+        family: IpFamily,
+        maps: &[String],
+    ) -> Result<Option<KernelTable>, netlink::RequestError> {
+        let Some(objects) = self
+            .existing_objects(family)
+            .map_err(|e| netlink::RequestError::Socket(std::io::Error::other(e.to_string())))?
+        else {
+            return Ok(None);
+        };
+        let socket = self
+            .socket()
+            .map_err(|e| netlink::RequestError::Socket(std::io::Error::other(e.to_string())))?;
+        let mut table = KernelTable {
+            objects,
+            ..KernelTable::default()
+        };
+        let request = rules_request(family, socket.next_seq());
+        socket.request_each(&request, |payload| table.rules.add_reply(payload))?;
+        for map in maps {
+            if !table.objects.iter().any(|o| o.name() == map) {
+                continue; // missing: the objects already tell
+            }
+            let mut digest = SetDigest::default();
+            let request = elements_request(family, map, socket.next_seq());
+            socket.request_each(&request, |payload| digest.add_reply(payload))?;
+            table.maps.insert(map.clone(), digest);
+        }
+        Ok(Some(table))
+    }
+
     /// The netlink socket, opened on first use and kept.
     fn socket(&mut self) -> Result<&mut netlink::Socket, ProxierError> {
         if self.socket.is_none() {

@@ -5,7 +5,9 @@
 pub mod apply;
 pub mod netlink;
 pub mod plan;
+pub mod readback;
 pub mod render;
+pub mod resync;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -16,11 +18,14 @@ use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 use crate::apply::NftRunner;
 use crate::netlink::{Deletion, ElementOp, Object};
 use crate::plan::{
-    family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, NftConfig, TABLE,
+    family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig,
+    TABLE,
 };
+use crate::readback::{RawElement, SetDigest};
 use crate::render::{
     by_map, chain_names, render_delta, render_skeleton, table_maps, ElementVerb, FullMode,
 };
+use crate::resync::{checked_maps, compare, Expected, Finding};
 
 /// At most this many conflict warnings are logged per sync; the rest are counted.
 const MAX_WARNINGS_LOGGED: usize = 20;
@@ -32,6 +37,9 @@ pub struct NftablesProxier<R: NftRunner> {
     /// What the kernel holds, per family; `None` until the first full sync succeeds, and
     /// again after any failure (the next sync then rewrites the tables).
     programmed: Option<Vec<FamilyPlan>>,
+    /// Digests of what the kernel should hold, per family as in `programmed`, for the
+    /// periodic re-sync to compare with what it reads back.
+    expected: Vec<Expected>,
 }
 
 impl<R: NftRunner> NftablesProxier<R> {
@@ -40,6 +48,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             config,
             runner,
             programmed: None,
+            expected: Vec::new(),
         }
     }
 
@@ -216,6 +225,180 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
     }
 
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
+        // The periodic sync checks the kernel against what was programmed and repairs
+        // only what differs; it rewrites the tables only when chains, sets or rules do.
+        if request.periodic && !request.node_changed && self.programmed.is_some() {
+            let changes = SyncRequest {
+                full: false,
+                periodic: false,
+                ..request.clone()
+            };
+            let mut outcome = self.sync_changes(&changes)?;
+            match self.check_and_repair() {
+                Ok(Some(bytes)) => {
+                    outcome.transaction_bytes += bytes;
+                    return Ok(outcome);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot check the nftables tables; rewriting them");
+                }
+            }
+        }
+        self.sync_changes(request)
+    }
+
+    fn cleanup(&mut self) -> Result<(), ProxierError> {
+        self.programmed = None;
+        self.expected.clear();
+        self.runner.run(&cleanup_script())
+    }
+}
+
+impl<R: NftRunner> NftablesProxier<R> {
+    /// Reads each family's table back and compares it with what was programmed: `Some`
+    /// (the bytes sent) when it matched or only map elements differed, which are then
+    /// repaired; `None` when the tables must be rewritten.
+    fn check_and_repair(&mut self) -> Result<Option<usize>, ProxierError> {
+        let Some(plans) = self.programmed.take() else {
+            return Ok(None);
+        };
+        let result = self.check_plans(&plans);
+        if matches!(result, Ok(Some(_))) {
+            self.programmed = Some(plans);
+        }
+        result
+    }
+
+    fn check_plans(&mut self, plans: &[FamilyPlan]) -> Result<Option<usize>, ProxierError> {
+        // Nobody committed anything since our last change: nothing to read back.
+        if self.runner.unchanged_since_last_commit()? {
+            tracing::debug!("periodic re-sync: no nftables commit since ours");
+            return Ok(Some(0));
+        }
+        let mut repairs: Vec<(usize, String)> = Vec::new();
+        for (i, plan) in plans.iter().enumerate() {
+            let Some(expected) = self.expected.get(i) else {
+                return Ok(None);
+            };
+            let Some(kernel) = self.runner.read_back(plan.family(), &checked_maps(plan))? else {
+                return Ok(None);
+            };
+            match compare(plan, expected, &kernel) {
+                Finding::Matches => {}
+                Finding::Maps(maps) => repairs.extend(maps.into_iter().map(|m| (i, m))),
+                Finding::Rewrite(reason) => {
+                    tracing::warn!(family = ?plan.family(), %reason, "nftables table differs from what was programmed; rewriting it");
+                    return Ok(None);
+                }
+            }
+        }
+        if repairs.is_empty() {
+            tracing::debug!("periodic re-sync: the kernel holds what was programmed");
+            return Ok(Some(0));
+        }
+        self.repair_maps(plans, &repairs).map(Some)
+    }
+
+    /// Brings the named maps back to the plan: adds what is missing, or, when the kernel
+    /// holds elements we never wrote, empties the map and loads it again (one batch).
+    fn repair_maps(
+        &mut self,
+        plans: &[FamilyPlan],
+        repairs: &[(usize, String)],
+    ) -> Result<usize, ProxierError> {
+        let mut wanted: Vec<(usize, MapId, Vec<Element>)> = Vec::new();
+        for (i, map) in repairs {
+            let Some(plan) = plans.get(*i) else { continue };
+            let Some(id) = table_maps(plan).into_iter().find_map(|o| match o {
+                ClassObject::Map(id) if id.name() == *map => Some(id),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let mut elements: Vec<Element> = plan
+                .ports
+                .values()
+                .flat_map(|port| plan.port_elements(port))
+                .filter(|e| e.map == id)
+                .collect();
+            elements.extend(plan.shared_elements().remove(&id).unwrap_or_default());
+            elements.sort();
+            elements.dedup();
+            wanted.push((*i, id, elements));
+        }
+        let mut ops = Vec::new();
+        let mut summary = Vec::new();
+        for (i, id, elements) in &wanted {
+            let family = plans[*i].family();
+            let kernel: BTreeSet<RawElement> = self
+                .runner
+                .map_elements(family, &id.name())?
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let raw: Vec<RawElement> = elements.iter().map(RawElement::of).collect();
+            let expected: BTreeSet<&RawElement> = raw.iter().collect();
+            let extra = kernel.iter().filter(|e| !expected.contains(e)).count();
+            let missing: Vec<&Element> = elements
+                .iter()
+                .zip(&raw)
+                .filter(|(_, r)| !kernel.contains(*r))
+                .map(|(e, _)| e)
+                .collect();
+            summary.push(format!(
+                "{} (missing {}, extra {extra})",
+                id.name(),
+                missing.len()
+            ));
+            if extra == 0 {
+                ops.push(ElementOp {
+                    family,
+                    verb: ElementVerb::Add,
+                    map: *id,
+                    elements: missing,
+                });
+            } else {
+                ops.push(ElementOp {
+                    family,
+                    verb: ElementVerb::Flush,
+                    map: *id,
+                    elements: Vec::new(),
+                });
+                ops.push(ElementOp {
+                    family,
+                    verb: ElementVerb::Add,
+                    map: *id,
+                    elements: elements.iter().collect(),
+                });
+            }
+        }
+        tracing::warn!(maps = %summary.join(", "), "nftables maps differed from what was programmed; repairing them");
+        let bytes = self.runner.apply_elements(&ops)?;
+        for (i, id, elements) in &wanted {
+            if let Some(expected) = self.expected.get_mut(*i) {
+                expected.maps.insert(id.name(), SetDigest::of(elements));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Reads back the rules of each family after they changed, for the next re-sync.
+    fn remember_rules(&mut self, plans: &[FamilyPlan]) {
+        for (plan, expected) in plans.iter().zip(self.expected.iter_mut()) {
+            if expected.rules.is_some() {
+                continue;
+            }
+            match self.runner.read_back(plan.family(), &[]) {
+                Ok(table) => expected.rules = table.map(|t| t.rules),
+                Err(err) => {
+                    tracing::debug!(error = %err, "cannot read our nftables rules back; the next re-sync rewrites them");
+                }
+            }
+        }
+    }
+
+    fn sync_changes(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
         let started = std::time::Instant::now();
         let mut warnings = Vec::new();
         // A node change can alter what "local" means everywhere: rewrite.
@@ -239,6 +422,7 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
         log_warnings(&warnings);
         let planned_at = std::time::Instant::now();
         self.programmed = None;
+        let expected = std::mem::take(&mut self.expected);
         let transaction_bytes = if full {
             self.apply_full(&plans, &full_elements)?
         } else if deltas.iter().all(Delta::elements_only) {
@@ -261,6 +445,20 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
             apply_ms = planned_at.elapsed().as_secs_f64() * 1e3,
             "nftables sync"
         );
+        self.expected = if full {
+            plans
+                .iter()
+                .zip(&full_elements)
+                .map(|(plan, elements)| Expected::after_full(plan, elements))
+                .collect()
+        } else {
+            let mut expected = expected;
+            for ((plan, delta), e) in plans.iter().zip(&deltas).zip(expected.iter_mut()) {
+                e.apply(plan, delta);
+            }
+            expected
+        };
+        self.remember_rules(&plans);
         let service_ports = plans.first().map_or(0, |p| p.ports.len());
         self.programmed = Some(plans);
         Ok(SyncOutcome {
@@ -268,11 +466,6 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
             transaction_bytes,
             service_ports,
         })
-    }
-
-    fn cleanup(&mut self) -> Result<(), ProxierError> {
-        self.programmed = None;
-        self.runner.run(&cleanup_script())
     }
 }
 

@@ -11,7 +11,7 @@ use proxy_core::model::{IpFamily, Protocol};
 use crate::plan::{Element, Field, Fields, MapId, Value, TABLE};
 use crate::render::ElementVerb;
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_GETCHAIN: u16 = 4;
@@ -152,12 +152,12 @@ pub struct Batch {
     pub last_seq: u32,
 }
 
-fn nfgen_header(family: u8, res_id: u16) -> [u8; 4] {
+pub(crate) fn nfgen_header(family: u8, res_id: u16) -> [u8; 4] {
     let id = res_id.to_be_bytes();
     [family, 0, id[0], id[1]]
 }
 
-fn nfproto(family: IpFamily) -> u8 {
+pub(crate) fn nfproto(family: IpFamily) -> u8 {
     match family {
         IpFamily::V4 => NFPROTO_IPV4,
         IpFamily::V6 => NFPROTO_IPV6,

@@ -9,7 +9,7 @@
 //!   send a destination to an *entry* chain, which marks for masquerade as the traffic
 //!   policy says: `internal` (cluster IPs), `external` / `nodeport`, and for
 //!   `externalTrafficPolicy: Local` `external-local` / `nodeport-local` (outside clients
-//!   keep their address; pods and the node short-circuit as if they used the cluster IP).
+//!   keep their address; pods and the node short-circuit to all endpoints).
 //! - Entry chains look the destination up again in `ip-picks` / `nodeport-picks` (or
 //!   `*-short-circuits`), whose verdict is a *pick* chain: one per key kind, role (all
 //!   endpoints or this node's), endpoint count N and affinity timeout. `pick-ip-10`
@@ -136,8 +136,8 @@ pub enum MapId {
     ServiceNodeports,
     /// Destination → pick chain (or `drop`): where its entry chain sends it.
     Picks(KeyKind),
-    /// Destination of an `externalTrafficPolicy: Local` port → pick chain of its internal
-    /// policy, for pods and the node.
+    /// Destination of an `externalTrafficPolicy: Local` port → pick chain over all its
+    /// endpoints, for pods and the node.
     ShortCircuits(KeyKind),
     NoEndpointServices,
     NoEndpointNodeports,
@@ -994,10 +994,10 @@ fn plan_picks(
         );
         push_verdict(out, MapId::Picks(KeyKind::Ip), &key, verdict);
         if entry == "external-local" {
-            // Pods and the node reach an external address of a Local Service as if they
-            // had used the cluster IP (upstream's short-circuit).
-            let eps = endpoints_of(internal);
-            let verdict = pick(port, eps, KeyKind::Ip, &key, internal, previous_slots, out);
+            // Pods and the node reach an external address of a Local Service on all of
+            // its endpoints, whatever the internal policy (upstream's short-circuit).
+            let eps = endpoints_of(Role::All);
+            let verdict = pick(port, eps, KeyKind::Ip, &key, Role::All, previous_slots, out);
             push_verdict(out, MapId::ShortCircuits(KeyKind::Ip), &key, verdict);
         }
         push_verdict(out, MapId::ServiceIps, &key, Value::Goto(entry.into()));
@@ -1017,13 +1017,13 @@ fn plan_picks(
         let entry = match external {
             Role::All => "nodeport",
             Role::Local => {
-                let eps = endpoints_of(internal);
+                let eps = endpoints_of(Role::All);
                 let verdict = pick(
                     port,
                     eps,
                     KeyKind::NodePort,
                     &key,
-                    internal,
+                    Role::All,
                     previous_slots,
                     out,
                 );

@@ -92,6 +92,7 @@ fn request(state: ProxyState, changed: &[&str], full: bool) -> SyncRequest {
             .collect::<BTreeSet<_>>(),
         node_changed: false,
         full,
+        periodic: false,
     }
 }
 
@@ -575,4 +576,125 @@ fn full_load_keeps_remembered_affinity_clients() {
         .exec(&["nft", "list", "set", "ip", "kube-proxy", "aff-1"])
         .unwrap();
     assert!(set.contains("192.168.7.7"), "{set}");
+}
+
+#[test]
+fn local_external_policy_short_circuits_to_all_endpoints() {
+    // Both policies Local and no endpoint on this node: outside clients find none, but
+    // pods and the node reaching the NodePort or LB IP go to every endpoint (upstream's
+    // short-circuit targets the Cluster-policy endpoints whatever the internal policy).
+    let mut state = ProxyState::default();
+    let mut svc = port("default", "local", &["10.96.0.70"], 80, Protocol::Tcp);
+    svc.node_port = Some(30070);
+    svc.load_balancer_ips = vec![ip("192.168.100.70")];
+    svc.internal_traffic_policy = proxy_core::model::TrafficPolicy::Local;
+    svc.external_traffic_policy = proxy_core::model::TrafficPolicy::Local;
+    add(&mut state, svc, vec![ep("10.244.2.2", 8080)]);
+    let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
+    proxier.sync(&request(state, &[], true)).unwrap();
+    let script = &proxier.runner().scripts[0];
+    let elements = |map: &str| -> Vec<String> {
+        let start = format!("add element ip kube-proxy {map} {{");
+        script
+            .lines()
+            .skip_while(|l| *l != start)
+            .skip(1)
+            .take_while(|l| *l != "}")
+            .map(|l| l.trim().trim_end_matches(',').to_string())
+            .collect()
+    };
+    assert_eq!(
+        elements("ip-picks"),
+        [
+            "10.96.0.70 . tcp . 80 : drop",
+            "192.168.100.70 . tcp . 80 : drop"
+        ]
+    );
+    assert_eq!(elements("nodeport-picks"), ["tcp . 30070 : drop"]);
+    assert_eq!(
+        elements("ip-short-circuits"),
+        ["192.168.100.70 . tcp . 80 : goto pick-ip-1"]
+    );
+    assert_eq!(
+        elements("nodeport-short-circuits"),
+        ["tcp . 30070 : goto pick-nodeport-1"]
+    );
+    assert_eq!(
+        elements("slot-0"),
+        ["192.168.100.70 . tcp . 80 : 10.244.2.2 . 8080"]
+    );
+}
+
+/// The periodic re-sync in a real kernel: nothing sent while the kernel holds what was
+/// programmed; an element deleted or added behind our back comes back (only that map is
+/// touched); a rule changed behind our back makes it rewrite the table.
+#[test]
+fn periodic_resync_reads_back_and_repairs_only_what_differs() {
+    if !testkit::root_or_skip("periodic_resync_reads_back_and_repairs_only_what_differs") {
+        return;
+    }
+    let ns = testkit::Netns::new().unwrap();
+    let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+    let periodic = || SyncRequest {
+        periodic: true,
+        ..request(sample_state(), &[], true)
+    };
+    let mut sync = |req: SyncRequest| {
+        ns.run(|| {
+            let outcome = proxier.sync(&req).unwrap();
+            (outcome, proxier.runner().generation_known())
+        })
+        .unwrap()
+    };
+    let (first, _) = sync(request(sample_state(), &[], true));
+    assert!(first.full);
+    let before = kernel_tables(&ns);
+
+    let (quiet, generation_known) = sync(periodic());
+    assert!(!quiet.full, "nothing to rewrite");
+    assert_eq!(quiet.transaction_bytes, 0, "nothing to send");
+    assert!(
+        generation_known,
+        "no commit since ours: the re-sync needs no read-back"
+    );
+
+    let element = "10.96.0.10 . tcp . 80";
+    ns.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "ip",
+        "kube-proxy",
+        "service-ips",
+        &format!("{{ {element} }}"),
+    ])
+    .unwrap();
+    assert_ne!(kernel_tables(&ns), before);
+    let (repaired, _) = sync(periodic());
+    assert!(!repaired.full);
+    assert!(repaired.transaction_bytes > 0);
+    assert_eq!(kernel_tables(&ns), before, "the deleted element is back");
+
+    // An element we never wrote: the map is loaded again without it.
+    ns.exec(&[
+        "nft",
+        "add",
+        "element",
+        "ip",
+        "kube-proxy",
+        "no-endpoint-services",
+        "{ 10.96.7.7 . tcp . 80 }",
+    ])
+    .unwrap();
+    let (repaired, _) = sync(periodic());
+    assert!(!repaired.full);
+    assert_eq!(kernel_tables(&ns), before, "the stray element is gone");
+
+    // A flushed chain: rules differ, so the table is written again.
+    ns.exec(&["nft", "flush", "chain", "ip", "kube-proxy", "services"])
+        .unwrap();
+    let (rewritten, _) = sync(periodic());
+    assert!(rewritten.full);
+    assert_eq!(kernel_tables(&ns), before);
+    assert_eq!(sync(periodic()).0.transaction_bytes, 0);
 }

@@ -73,7 +73,7 @@ pub fn nft_config() -> NftConfig {
 
 fn ipt_config() -> IptConfig {
     IptConfig {
-        cluster_cidrs: vec![CLUSTER_CIDR.parse().expect("constant CIDR")],
+        local: LocalDetector::ClusterCidr(vec![CLUSTER_CIDR.parse().expect("constant CIDR")]),
         families: vec![IpFamily::V4],
         ..IptConfig::default()
     }
@@ -85,6 +85,7 @@ fn full_request(state: &Arc<ProxyState>) -> SyncRequest {
         changed: BTreeSet::new(),
         node_changed: false,
         full: true,
+        periodic: false,
     }
 }
 
@@ -94,6 +95,7 @@ fn partial_request(state: ProxyState, changed: ServiceName) -> SyncRequest {
         changed: BTreeSet::from([changed]),
         node_changed: false,
         full: false,
+        periodic: false,
     }
 }
 

@@ -10,10 +10,17 @@
 //! the fake API server over HTTP, across periodic full syncs (see [`deployed`]).
 //!
 //! Prints a markdown table and writes the figures as JSON (`--json`).
+//!
+//! The manifests source alone (idle CPU, one changed file of one per Service):
+//!
+//! ```sh
+//! ./target/release/bench --manifests-changes 100 --services 10000 --endpoints 10
+//! ```
 
 mod binary;
 mod deployed;
 mod inproc;
+mod manifests;
 mod monitor;
 mod objects;
 mod probe;
@@ -87,6 +94,21 @@ struct Args {
     /// (to profile `nft` by hand).
     #[arg(long)]
     dump_nft: Option<PathBuf>,
+    /// Measure only the manifests source with the binary: one file per Service, its CPU
+    /// time while idle for `--idle-secs`, then this many one-file changes (renamed into
+    /// place), from the rename to the sync.
+    #[arg(long, default_value_t = 0)]
+    manifests_changes: usize,
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// With `--manifests-changes`: another argument for the binary (repeatable), e.g.
+    /// `--proxy-arg=--iptables-sync-period=1h` to keep periodic full syncs out of the idle
+    /// CPU time.
+    #[arg(long, allow_hyphen_values = true)]
+    proxy_arg: Vec<String>,
+    /// With `--manifests-changes`: copy the binary's log here at the end.
+    #[arg(long)]
+    proxy_log: Option<PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -217,6 +239,47 @@ fn main() -> Result<()> {
         let cluster = synth::cluster(sizes.first().copied().unwrap_or(1000), endpoints);
         let script = inproc::nft_full_script(&cluster)?;
         std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
+        return Ok(());
+    }
+
+    if args.manifests_changes > 0 {
+        let mut runs = Vec::new();
+        for &n in &sizes {
+            eprintln!("manifests: {n} Services, one file each...");
+            let run = manifests::run(
+                &binary,
+                n,
+                endpoints.clone(),
+                std::time::Duration::from_secs(args.idle_secs),
+                args.manifests_changes,
+                &args.proxy_arg,
+                args.proxy_log.as_deref(),
+            )?;
+            eprintln!("  {run:?}");
+            runs.push(run);
+        }
+        std::fs::write(&args.json, serde_json::to_string_pretty(&runs)?)
+            .with_context(|| format!("writing {}", args.json.display()))?;
+        println!(
+            "| Services (files) | start to synced | RSS (peak) | idle CPU | one file changed: p50 / p99 / max |"
+        );
+        println!("|---|---|---|---|---|");
+        for r in &runs {
+            println!(
+                "| {} ({}) | {:.0} ms | {:.0} MiB ({:.0} MiB) | {:.0} ms in {} s | {:.1} / {:.1} / {:.1} ms ({} changes) |",
+                r.services,
+                r.files,
+                r.start_to_synced_ms,
+                r.rss_mib,
+                r.peak_rss_mib,
+                r.idle_cpu_ms,
+                r.idle_secs,
+                r.change_p50_ms,
+                r.change_p99_ms,
+                r.change_max_ms,
+                r.changes
+            );
+        }
         return Ok(());
     }
 

@@ -4,7 +4,8 @@
 //!
 //! * lists: `{"kind":"ServiceList","metadata":{"resourceVersion","continue"},"items":[..]}`,
 //!   chunked by `limit` + `continue` (pages are cut from a consistent snapshot at the
-//!   list's resourceVersion), `resourceVersionMatch=Exact` honoured;
+//!   list's resourceVersion), `resourceVersionMatch=Exact` honoured; `resourceVersion=0` is
+//!   answered whole (the watch cache ignores `limit`);
 //! * watches (`?watch=true`): newline-delimited `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK|ERROR","object":..}`
 //!   from a resourceVersion (replayed from the event log), `allowWatchBookmarks`,
 //!   `timeoutSeconds`; objects moving out of a selector are sent as DELETED, as the real
@@ -590,7 +591,15 @@ fn list_response(shared: &Shared, resource: Resource, p: &Params, filter: &Filte
             }
         }
     };
-    let limit = p.limit.filter(|l| *l > 0).unwrap_or(u64::MAX);
+    // `resourceVersion=0` without `Exact` is served from the real server's watch cache,
+    // which ignores `limit`: the whole list comes in one response.
+    let from_cache = after.is_none()
+        && p.resource_version.as_deref() == Some("0")
+        && p.resource_version_match.as_deref() != Some("Exact");
+    let limit = p
+        .limit
+        .filter(|l| *l > 0 && !from_cache)
+        .unwrap_or(u64::MAX);
     let (items, last, more) = if rv >= data.rv {
         // The current state: walk this resource's objects from where the last page ended,
         // under the lock, copying only the page (not every object for every page).

@@ -9,7 +9,7 @@ use fake_apiserver::FakeApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{ListParams, WatchEvent, WatchParams};
+use kube::api::{ListParams, ObjectList, WatchEvent, WatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, Config};
 use serde_json::json;
@@ -34,6 +34,28 @@ async fn timeout<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
     tokio::time::timeout(Duration::from_secs(10), f)
         .await
         .context("timed out")
+}
+
+#[tokio::test]
+async fn resource_version_zero_is_answered_whole_as_from_the_watch_cache() -> Result<()> {
+    let (server, client) = start()?;
+    for i in 0..5 {
+        server.apply(service(&format!("s{i}"), json!({})))?;
+    }
+    // client-go's reflectors ask this way; the real server's watch cache ignores limit.
+    let request = http::Request::get("/api/v1/services?resourceVersion=0&limit=2").body(vec![])?;
+    let list: ObjectList<Service> = client.request(request).await?;
+    assert_eq!(
+        list.items.len(),
+        5,
+        "limit ignored, as the watch cache does"
+    );
+    assert!(list.metadata.continue_.is_none_or(|c| c.is_empty()));
+    // kube-rs drops resourceVersion=0 when a limit is set, so the proxy lists without one.
+    let api: Api<Service> = Api::all(client);
+    let all = api.list(&ListParams::default().match_any()).await?;
+    assert_eq!(all.items.len(), 5);
+    Ok(())
 }
 
 #[tokio::test]

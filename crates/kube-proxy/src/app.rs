@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use backend_iptables::apply::IptablesCommand;
@@ -55,10 +54,10 @@ pub struct ObservabilitySettings {
 /// Where Services and endpoints come from.
 #[derive(Debug, Clone)]
 pub enum SourceSettings {
-    /// `--manifests PATH`, checked for changes every `poll_interval`.
+    /// `--manifests PATH`, watched for changes as `watch` says.
     Manifests {
         path: PathBuf,
-        poll_interval: Duration,
+        watch: source_files::WatchConfig,
     },
     /// The Kubernetes API server (`--kubeconfig`, `--master` or in-cluster).
     Kube { connection: source_kube::Connection },
@@ -168,15 +167,12 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
 
     // A source that cannot start (e.g. a wrong manifests path) ends the proxy with its error.
     let source = match &settings.source {
-        SourceSettings::Manifests {
-            path,
-            poll_interval,
-        } => {
+        SourceSettings::Manifests { path, watch } => {
             tracing::info!(manifests = %path.display(), "reading Services from manifests");
             let watch = source_files::watch(
                 path.clone(),
                 settings.node_name.clone(),
-                *poll_interval,
+                watch.clone(),
                 updates_tx,
             );
             tokio::spawn(async move { watch.await.context("reading manifests") })

@@ -63,6 +63,9 @@ impl Mode {
                 "load_balancer_source_ranges",
                 "masquerade_follows_detect_local_mode",
                 "service_ip_checks",
+                "internal_traffic_policy_local_masquerades_like_cluster",
+                "external_traffic_policy_local_short_circuits_pods_and_node",
+                "detect_local_mode_decides_who_is_a_pod",
             ],
             // Upstream's iptables mode has no rule for Service IPs without a Service
             // port: such packets are routed on, untranslated.
@@ -929,6 +932,257 @@ fn masquerade_follows_detect_local_mode(mode: Mode) {
     }
 }
 
+/// `internalTrafficPolicy: Local` picks this node's endpoints but masquerades as the
+/// Cluster policy does: traffic to the cluster IP from outside the pod network (the node
+/// itself, a client routed to the node) reaches the endpoint from the node's address;
+/// pod traffic keeps its source unless `--masquerade-all`.
+fn internal_traffic_policy_local_masquerades_like_cluster(mode: Mode) {
+    if mode.skips("internal_traffic_policy_local_masquerades_like_cluster") {
+        return;
+    }
+    let svc = service_yaml(
+        "itp-masq",
+        "10.96.0.47",
+        "TCP",
+        80,
+        PEER_PORT,
+        "  internalTrafficPolicy: Local",
+        &[Ep::ready(BE0, "node-a"), Ep::ready(BE1, "node-b")],
+    );
+    // be0's side of its link to the node: the address a masqueraded connection has.
+    const NODE_TO_BE0: &str = "10.244.1.1";
+    // (extra flags, what be0 sees of the pod client)
+    let variants: [(&[&str], &str); 2] =
+        [(&[], "10.244.200.2"), (&["--masquerade-all"], NODE_TO_BE0)];
+    for (flags, pod_seen) in variants {
+        let Some(cluster) = Cluster::start(
+            mode,
+            "internal_traffic_policy_local_masquerades_like_cluster",
+            &svc,
+            flags,
+        ) else {
+            return;
+        };
+        let dest = addr("10.96.0.47", 80);
+        for (who, client, seen) in [
+            ("pod", &cluster.topo.pod_client, pod_seen),
+            ("outside client", cluster.client(), NODE_TO_BE0),
+            ("node", &cluster.topo.node, NODE_TO_BE0),
+        ] {
+            assert_eq!(
+                answers(client, dest, 10),
+                vec![format!("be0 {seen}")],
+                "{flags:?}: {who} to the cluster IP"
+            );
+        }
+    }
+}
+
+/// `externalTrafficPolicy: Local`: pods and the node reaching the Service through an
+/// external IP, load-balancer IP or NodePort are sent to all of its endpoints, as if
+/// they had used the cluster IP, even when none is on this node; the node is
+/// masqueraded, pods are not. Outside clients keep their address and reach only this
+/// node's endpoints (none: dropped).
+fn external_traffic_policy_local_short_circuits_pods_and_node(mode: Mode) {
+    if mode.skips("external_traffic_policy_local_short_circuits_pods_and_node") {
+        return;
+    }
+    // Two Services, internal policy Cluster and Local: the short-circuit goes to all
+    // endpoints either way. (cluster IP, NodePort, externalIP, LB IP, internal policy)
+    let services = [
+        (
+            "10.96.0.48",
+            30048,
+            "192.168.200.48",
+            "192.168.200.148",
+            "Cluster",
+        ),
+        (
+            "10.96.0.49",
+            30049,
+            "192.168.200.49",
+            "192.168.200.149",
+            "Local",
+        ),
+    ];
+    let manifests = |with_local_endpoint: bool| -> String {
+        let specs: Vec<ServiceSpec> = services
+            .iter()
+            .map(|(cluster_ip, node_port, external_ip, lb_ip, itp)| {
+                let mut svc = ServiceSpec::new(
+                    "default",
+                    &format!("etp-sc-{node_port}"),
+                    &[ip(cluster_ip)],
+                    vec![PortSpec::new("p", "TCP", 80, PEER_PORT).node_port(*node_port)],
+                );
+                svc.type_ = "LoadBalancer".into();
+                svc.external_ips = vec![ip(external_ip)];
+                svc.load_balancer_ips = vec![ip(lb_ip)];
+                svc.extra_spec = vec![
+                    "  externalTrafficPolicy: Local".into(),
+                    format!("  internalTrafficPolicy: {itp}"),
+                ];
+                let mut eps = vec![ip(BE1)];
+                let mut nodes = vec!["node-b".to_string()];
+                if with_local_endpoint {
+                    eps.insert(0, ip(BE0));
+                    nodes.insert(0, "node-a".to_string());
+                }
+                svc = svc.endpoints(&eps);
+                svc.endpoint_nodes = nodes;
+                svc
+            })
+            .collect();
+        render(&specs)
+    };
+    let Some(mut cluster) = Cluster::start(
+        mode,
+        "external_traffic_policy_local_short_circuits_pods_and_node",
+        &manifests(false),
+        &[],
+    ) else {
+        return;
+    };
+    for (_, node_port, external_ip, lb_ip, itp) in services {
+        let external = [
+            ("external IP", addr(external_ip, 80)),
+            ("LB IP", addr(lb_ip, 80)),
+            ("NodePort", addr("192.168.100.1", node_port)),
+        ];
+        for (what, dest) in external {
+            // Only endpoint on another node: still reached, pods keep their address, the
+            // node's connection leaves from its address on be1's link.
+            for (who, client, seen) in [
+                ("pod", &cluster.topo.pod_client, "10.244.200.2"),
+                ("node", &cluster.topo.node, "10.244.2.1"),
+            ] {
+                assert_eq!(
+                    answers(client, dest, 6),
+                    vec![format!("be1 {seen}")],
+                    "iTP {itp}: {who} to the {what} {dest}"
+                );
+            }
+            let outside = testkit::tcp_request(cluster.client(), dest, Duration::from_millis(700));
+            assert!(
+                matches!(outside, Err(RequestError::Timeout)),
+                "iTP {itp}: outside client to the {what} {dest} must be dropped: {outside:?}"
+            );
+        }
+    }
+    // With an endpoint here too: outside clients reach only it and keep their address;
+    // pods still reach every endpoint.
+    cluster.update(&manifests(true));
+    for (_, node_port, external_ip, lb_ip, itp) in services {
+        for (what, dest) in [
+            ("external IP", addr(external_ip, 80)),
+            ("LB IP", addr(lb_ip, 80)),
+            ("NodePort", addr("192.168.100.1", node_port)),
+        ] {
+            assert_eq!(
+                answers(cluster.client(), dest, 12),
+                vec!["be0 192.168.100.2"],
+                "iTP {itp}: outside client to the {what} {dest}"
+            );
+            assert_eq!(
+                answers(&cluster.topo.pod_client, dest, 30),
+                vec!["be0 10.244.200.2", "be1 10.244.200.2"],
+                "iTP {itp}: pod to the {what} {dest}"
+            );
+        }
+    }
+}
+
+/// `--detect-local-mode` decides who counts as a pod for the cluster IP's masquerade and
+/// for the `externalTrafficPolicy: Local` short-circuit, in every mode that has them.
+/// be1 (10.244.2.2, on vbe1) is inside the cluster CIDR but outside the node's pod CIDR
+/// and not on the pod client's interface (vpodcl); the pod client is a pod every way.
+fn detect_local_mode_decides_who_is_a_pod(mode: Mode) {
+    if mode.skips("detect_local_mode_decides_who_is_a_pod") {
+        return;
+    }
+    let peer = service_yaml(
+        "dl-peer",
+        "10.96.0.50",
+        "TCP",
+        80,
+        PEER_PORT,
+        "",
+        &[Ep::ready(BE0, "node-b")],
+    );
+    let local_ext = service_yaml(
+        "dl-ext",
+        "10.96.0.51",
+        "TCP",
+        80,
+        PEER_PORT,
+        "  externalTrafficPolicy: Local\n  externalIPs: [192.168.200.51]",
+        &[Ep::ready(BE0, "node-b")],
+    );
+    let node = node_yaml("", "10.244.200.0/24");
+    let manifests = format!("{peer}{local_ext}{node}");
+    // (extra flags, whether be1 counts as a pod)
+    let variants: [(&[&str], bool); 4] = [
+        (&[], true),
+        (&["--detect-local-mode=NodeCIDR"], false),
+        (
+            &[
+                "--detect-local-mode=BridgeInterface",
+                "--pod-bridge-interface=vpodcl",
+            ],
+            false,
+        ),
+        (
+            &[
+                "--detect-local-mode=InterfaceNamePrefix",
+                "--pod-interface-name-prefix=vpod",
+            ],
+            false,
+        ),
+    ];
+    for (flags, be1_is_pod) in variants {
+        let Some(cluster) = Cluster::start(
+            mode,
+            "detect_local_mode_decides_who_is_a_pod",
+            &manifests,
+            flags,
+        ) else {
+            return;
+        };
+        let be1 = &cluster.topo.backends[1].ns;
+        for (who, client, own_ip, is_pod) in [
+            ("pod client", &cluster.topo.pod_client, "10.244.200.2", true),
+            ("be1", be1, BE1, be1_is_pod),
+        ] {
+            // Pods keep their address to the cluster IP; anything else arrives from the
+            // node's address on be0's link.
+            let seen = if is_pod { own_ip } else { "10.244.1.1" };
+            assert_eq!(
+                answers(client, addr("10.96.0.50", 80), 6),
+                vec![format!("be0 {seen}")],
+                "{flags:?}: {who} to the cluster IP"
+            );
+            // Only pods are short-circuited past the missing local endpoint.
+            let reply = testkit::tcp_request(
+                client,
+                addr("192.168.200.51", 80),
+                Duration::from_millis(700),
+            );
+            if is_pod {
+                assert_eq!(
+                    reply.expect("short-circuited"),
+                    format!("be0 {own_ip}"),
+                    "{flags:?}: {who} to the external IP"
+                );
+            } else {
+                assert!(
+                    matches!(reply, Err(RequestError::Timeout)),
+                    "{flags:?}: {who} to the external IP must be dropped: {reply:?}"
+                );
+            }
+        }
+    }
+}
+
 fn single_stack_services_stay_in_their_family(mode: Mode) {
     let v6 = ServiceSpec::new(
         "default",
@@ -958,6 +1212,35 @@ fn single_stack_services_stay_in_their_family(mode: Mode) {
         assert!(
             !v4.contains("7777"),
             "IPv6-only Service leaked into the IPv4 table:\n{v4}"
+        );
+    }
+}
+
+/// Addresses the API has long accepted and still stores: IPv4 with leading zeros. Upstream
+/// reads them as decimal (Go 1.16's grammar, never octal), so each one below is served at
+/// its plain address.
+fn legacy_ip_forms_are_served_like_upstream(mode: Mode) {
+    let svc = service_yaml(
+        "legacy",
+        "\"010.096.000.041\"",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "  externalIPs: [\"192.168.200.041\"]",
+        &[
+            Ep::ready("\"010.244.001.002\"", "node-b"),
+            Ep::ready("\"0010.0244.0002.0002\"", "node-b"),
+        ],
+    );
+    let Some(cluster) = Cluster::start(mode, "legacy_ip_forms_are_served_like_upstream", &svc, &[])
+    else {
+        return;
+    };
+    for dest in [addr("10.96.0.41", 80), addr("192.168.200.41", 80)] {
+        assert_eq!(
+            answers(cluster.client(), dest, 20),
+            vec!["be0", "be1"],
+            "{dest}"
         );
     }
 }
@@ -1293,8 +1576,24 @@ macro_rules! datapath_suite {
                 super::masquerade_follows_detect_local_mode(MODE)
             }
             #[test]
+            fn internal_traffic_policy_local_masquerades_like_cluster() {
+                super::internal_traffic_policy_local_masquerades_like_cluster(MODE)
+            }
+            #[test]
+            fn external_traffic_policy_local_short_circuits_pods_and_node() {
+                super::external_traffic_policy_local_short_circuits_pods_and_node(MODE)
+            }
+            #[test]
+            fn detect_local_mode_decides_who_is_a_pod() {
+                super::detect_local_mode_decides_who_is_a_pod(MODE)
+            }
+            #[test]
             fn single_stack_services_stay_in_their_family() {
                 super::single_stack_services_stay_in_their_family(MODE)
+            }
+            #[test]
+            fn legacy_ip_forms_are_served_like_upstream() {
+                super::legacy_ip_forms_are_served_like_upstream(MODE)
             }
             #[test]
             fn udp_client_follows_replaced_endpoint() {

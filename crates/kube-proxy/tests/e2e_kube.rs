@@ -281,10 +281,18 @@ fn api_initial_sync_then_changes_reach_the_kernel_and_traffic() {
     assert!(n.api.delete("EndpointSlice", "default", "web-1"));
     n.wait_rules("web gone", WAIT, |r| !has_service(r, "10.96.0.10", 80));
     assert!(has_service(&n.ruleset(), "10.96.0.11", 443));
-    // The initial lists were paged (limit) and the Node was asked for by name.
+    // The initial lists were served as client-go's reflectors get them (from the watch
+    // cache, `resourceVersion=0`: one response, no paging), and the Node asked by name.
     let requests = n.api.requests();
+    let lists: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?") && !r.contains("watch="))
+        .collect();
     assert!(
-        requests.iter().any(|r| r.contains("limit=500")),
+        !lists.is_empty()
+            && lists
+                .iter()
+                .all(|r| r.contains("resourceVersion=0") && !r.contains("limit=")),
         "{requests:?}"
     );
     assert!(
@@ -341,7 +349,7 @@ fn api_gone_relists_without_dropping_rules() {
     n.serve();
     n.start_proxy(&["--iptables-min-sync-period=0s"]);
     assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
-    let lists_before = n.log().matches("listed Services").count();
+    let lists_before = n.log().matches("relisted from the API").count();
     // A slow relist: the rules must stay while it is in progress.
     n.api.set_delay(Duration::from_millis(1500));
     n.api.expire_watches();
@@ -363,7 +371,7 @@ fn api_gone_relists_without_dropping_rules() {
     // Each kind relists on its own; the Services' may finish after the slices'.
     assert!(
         testkit::wait_until(WAIT, Duration::from_millis(50), || {
-            n.log().matches("listed Services").count() > lists_before
+            n.log().matches("relisted from the API").count() > lists_before
         }),
         "no relist after 410"
     );

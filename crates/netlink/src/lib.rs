@@ -189,18 +189,46 @@ pub fn read_u32(data: &[u8], at: usize) -> Result<u32, DecodeError> {
 }
 
 /// The attributes of a block, as (type without flags, payload).
-pub fn attrs(mut data: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
-    let mut out = Vec::new();
-    while data.len() >= 4 {
-        let len = read_u16(data, 0)? as usize;
-        let kind = read_u16(data, 2)? & NLA_TYPE_MASK;
-        if len < 4 || len > data.len() {
-            return Err(DecodeError::Truncated);
+pub fn attrs(data: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
+    Attrs(data).collect()
+}
+
+/// The attributes of a block one by one, without collecting them: dumps of large tables
+/// decode hundreds of thousands of small nests.
+#[derive(Debug, Clone)]
+pub struct Attrs<'a>(pub &'a [u8]);
+
+impl<'a> Iterator for Attrs<'a> {
+    type Item = Result<(u16, &'a [u8]), DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let data = self.0;
+        if data.len() < 4 {
+            return None;
         }
-        out.push((kind, &data[4..len]));
-        data = &data[align4(len).min(data.len())..];
+        let parsed = read_u16(data, 0).and_then(|len| Ok((len as usize, read_u16(data, 2)?)));
+        let (len, kind) = match parsed {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        if len < 4 || len > data.len() {
+            self.0 = &[];
+            return Some(Err(DecodeError::Truncated));
+        }
+        self.0 = &data[align4(len).min(data.len())..];
+        Some(Ok((kind & NLA_TYPE_MASK, &data[4..len])))
     }
-    Ok(out)
+}
+
+/// The payload of the first attribute of type `kind` in a block, if any.
+pub fn attr(data: &[u8], kind: u16) -> Result<Option<&[u8]>, DecodeError> {
+    for item in Attrs(data) {
+        let (k, payload) = item?;
+        if k == kind {
+            return Ok(Some(payload));
+        }
+    }
+    Ok(None)
 }
 
 pub fn find<'a>(
@@ -257,9 +285,26 @@ impl Socket {
     /// Sends one request and collects the payloads of the replies until the
     /// acknowledgement (or, for dumps, `NLMSG_DONE`).
     pub fn request(&mut self, message: &[u8]) -> Result<Vec<Vec<u8>>, RequestError> {
+        let mut out = Vec::new();
+        self.request_each(message, |payload| {
+            out.push(payload.to_vec());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Sends one request and hands each reply's payload to `each` as it arrives, until
+    /// the acknowledgement (or, for dumps, `NLMSG_DONE`): a dump of a large table is
+    /// never held whole. An error from `each` ends the request (the rest of the dump is
+    /// read and dropped, so the socket stays usable).
+    pub fn request_each(
+        &mut self,
+        message: &[u8],
+        mut each: impl FnMut(&[u8]) -> Result<(), DecodeError>,
+    ) -> Result<(), RequestError> {
         let seq = read_u32(message, 8)?;
         self.socket.send(message).map_err(RequestError::Socket)?;
-        let mut out = Vec::new();
+        let mut failed: Option<DecodeError> = None;
         loop {
             let n = (&self.socket)
                 .read(&mut self.buf)
@@ -269,15 +314,16 @@ impl Socket {
                     continue; // a late reply to an earlier request
                 }
                 match msg.kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return failed.map_or(Ok(()), |e| Err(e.into())),
                     NLMSG_ERROR => {
                         let errno = error_code(msg.payload)?;
-                        if errno == 0 {
-                            return Ok(out);
+                        if errno != 0 {
+                            return Err(kernel_error(errno));
                         }
-                        return Err(kernel_error(errno));
+                        return failed.map_or(Ok(()), |e| Err(e.into()));
                     }
-                    _ => out.push(msg.payload.to_vec()),
+                    _ if failed.is_none() => failed = each(msg.payload).err(),
+                    _ => {}
                 }
             }
         }

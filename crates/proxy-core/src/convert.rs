@@ -4,6 +4,11 @@
 //! from users (manifests) or from an API server that may be older or newer than us: treat
 //! every field as hostile. Names end up in kernel rule comments, so they are checked against
 //! the API's own syntax rules and a Service that breaks them is refused as a whole.
+//!
+//! IPs and CIDRs are read with the legacy grammar the API stores (leading zeros in IPv4;
+//! see [`crate::ipparse`]), in exactly the fields where upstream reads them that way.
+//! Whitespace is trimmed only where upstream trims: `loadBalancerSourceRanges` (its
+//! validation let padding through) and the node's pod CIDRs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -13,6 +18,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
+use crate::ipparse::{parse_cidr_sloppy, parse_ip_sloppy};
 use crate::model::{
     Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
     TrafficPolicy,
@@ -120,10 +126,6 @@ pub fn service_name(svc: &Service) -> Result<ServiceName, ConvertError> {
     Ok(ServiceName::new(namespace, name))
 }
 
-fn parse_ip(value: &str) -> Option<IpAddr> {
-    value.trim().parse().ok()
-}
-
 /// Converts a Service to its ports. ExternalName and headless Services have none.
 pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
     let service = service_name(svc)?;
@@ -152,7 +154,7 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
     }
     let mut cluster_ips = Vec::new();
     for raw in &raw_ips {
-        let ip = parse_ip(raw)
+        let ip = parse_ip_sloppy(raw)
             .ok_or_else(|| invalid("spec.clusterIPs", format!("{raw:?} is not an IP address")))?;
         if cluster_ips
             .iter()
@@ -168,7 +170,7 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
 
     let mut external_ips = Vec::new();
     for raw in spec.external_ips.iter().flatten() {
-        match parse_ip(raw) {
+        match parse_ip_sloppy(raw) {
             Some(ip) => external_ips.push(ip),
             None => out.warnings.push(format!(
                 "Service {service}: spec.externalIPs: {raw:?} is not an IP address; ignored"
@@ -189,7 +191,7 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
                 continue;
             }
             if let Some(raw) = &entry.ip {
-                match parse_ip(raw) {
+                match parse_ip_sloppy(raw) {
                     Some(ip) => load_balancer_ips.push(ip),
                     None => out.warnings.push(format!(
                         "Service {service}: status.loadBalancer.ingress: {raw:?} is not an IP address; ignored"
@@ -200,9 +202,9 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
     }
     let mut source_ranges = Vec::new();
     for raw in spec.load_balancer_source_ranges.iter().flatten() {
-        match raw.trim().parse::<IpNet>() {
-            Ok(net) => source_ranges.push(net.trunc()),
-            Err(_) => out.warnings.push(format!(
+        match parse_cidr_sloppy(raw.trim()) {
+            Some(net) => source_ranges.push(net),
+            None => out.warnings.push(format!(
                 "Service {service}: spec.loadBalancerSourceRanges: {raw:?} is not a CIDR; ignored"
             )),
         }
@@ -429,7 +431,7 @@ pub fn slice_endpoints(
                 let Some(raw) = ep.addresses.first() else {
                     continue;
                 };
-                let Some(ip) = parse_ip(raw).filter(|ip| IpFamily::of(ip) == family) else {
+                let Some(ip) = parse_ip_sloppy(raw).filter(|ip| IpFamily::of(ip) == family) else {
                     warnings.push(format!(
                         "EndpointSlice {slice_name}: address {:?} is not an {family:?} address; skipped",
                         raw.chars().take(64).collect::<String>()
@@ -480,7 +482,7 @@ pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
     if let Some(spec) = &node.spec {
         let cidrs = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
         for raw in cidrs {
-            if let Ok(net) = raw.parse::<IpNet>() {
+            if let Some(net) = parse_cidr_sloppy(raw.trim()) {
                 if !info.pod_cidrs.contains(&net) {
                     info.pod_cidrs.push(net);
                 }
@@ -492,7 +494,7 @@ pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
         for kind in ["InternalIP", "ExternalIP"] {
             for addr in status.addresses.iter().flatten() {
                 if addr.type_ == kind {
-                    if let Some(ip) = parse_ip(&addr.address) {
+                    if let Some(ip) = parse_ip_sloppy(&addr.address) {
                         info.addresses.push(ip);
                     }
                 }

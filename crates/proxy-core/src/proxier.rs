@@ -17,6 +17,10 @@ pub struct SyncRequest {
     /// Rewrite everything rather than only what changed: the first sync, after a failure,
     /// and every sync period.
     pub full: bool,
+    /// This full sync is only the periodic one (`--iptables-sync-period`): a backend that
+    /// can read the kernel back may check it against what it programmed and repair only
+    /// the differences instead of rewriting everything.
+    pub periodic: bool,
 }
 
 /// What a successful sync did, for logs and metrics.

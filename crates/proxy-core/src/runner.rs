@@ -4,9 +4,10 @@
 //! - **waiting for sources**: nothing is programmed until the source delivered its first
 //!   complete state, so a restarting proxy never installs an empty ruleset;
 //! - **idle**: the rules match the state; the next sync is the periodic full one;
-//! - **pending**: changes are queued; the sync runs at once if the last one started at
-//!   least `min_sync_period` ago, otherwise when that much time has passed (bursts
-//!   coalesce into one sync);
+//! - **pending**: changes are queued; the sync runs at once while the sync budget allows
+//!   (upstream's bounded-frequency runner: a token every `min_sync_period`, at most two
+//!   saved, so a Service and its EndpointSlice arriving together both sync at once),
+//!   otherwise when the next token comes (bursts coalesce into one sync);
 //! - **backing off**: the last sync failed; the previous rules are still in place; the
 //!   next attempt is a full sync after an exponentially growing delay (capped at the
 //!   sync period).
@@ -77,6 +78,7 @@ pub async fn run_observed(
     let mut have_initial_state = false;
     let mut sources_open = true;
     let mut need_full = true;
+    let mut budget = SyncBudget::new(config.min_sync_period, Instant::now());
     let mut last_start: Option<Instant> = None;
     let mut next_full = Instant::now();
     let mut retry_at: Option<Instant> = None;
@@ -88,7 +90,7 @@ pub async fn run_observed(
         } else if let Some(at) = retry_at {
             Some(at)
         } else if !tracker.pending().is_empty() || last_start.is_none() {
-            Some(last_start.map_or_else(Instant::now, |s| s + config.min_sync_period))
+            Some(budget.ready_at(Instant::now()))
         } else {
             Some(next_full)
         };
@@ -129,15 +131,18 @@ pub async fn run_observed(
                 let pending = tracker.take_pending();
                 unprogrammed.extend(pending.trigger_times.values().flatten().copied());
                 observer.changes_applied(&change_summary(&tracker, SystemTime::now(), false));
-                let full = need_full || Instant::now() >= next_full;
+                let periodic = Instant::now() >= next_full;
+                let full = need_full || periodic;
                 let request = SyncRequest {
                     state: tracker.state(),
                     changed: pending.touched(),
                     node_changed: pending.node,
                     full,
+                    periodic: periodic && !need_full,
                 };
                 let start = Instant::now();
                 last_start = Some(start);
+                budget.take(start);
                 let (returned, result, request) = tokio::task::spawn_blocking(move || {
                     let result = proxier.sync(&request);
                     (proxier, result, request)
@@ -166,7 +171,9 @@ pub async fn run_observed(
                             took_ms = took.as_secs_f64() * 1e3,
                             "synced rules"
                         );
-                        if outcome.full {
+                        // A periodic sync counts whether the backend rewrote everything or
+                        // found (and repaired) only differences.
+                        if outcome.full || request.full {
                             next_full = start + config.sync_period;
                         }
                         need_full = false;
@@ -186,6 +193,54 @@ pub async fn run_observed(
         }
     }
     proxier
+}
+
+/// When syncs may start: upstream's bounded-frequency runner, a token bucket that gains
+/// a token every `period` and holds at most [`SyncBudget::BURST`].
+#[derive(Debug, Clone, Copy)]
+struct SyncBudget {
+    period: Duration,
+    tokens: f64,
+    at: Instant,
+}
+
+impl SyncBudget {
+    /// Upstream's `burstSyncs` for the iptables and nftables proxiers.
+    const BURST: f64 = 2.0;
+
+    fn new(period: Duration, now: Instant) -> Self {
+        SyncBudget {
+            period,
+            tokens: Self::BURST,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if self.period.is_zero() {
+            self.tokens = Self::BURST;
+        } else {
+            let gained =
+                now.saturating_duration_since(self.at).as_secs_f64() / self.period.as_secs_f64();
+            self.tokens = (self.tokens + gained).min(Self::BURST);
+        }
+        self.at = now;
+    }
+
+    /// The earliest time a sync may start.
+    fn ready_at(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            now
+        } else {
+            now + self.period.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    fn take(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
 }
 
 fn change_summary(tracker: &ChangeTracker, at: SystemTime, queued: bool) -> ChangeSummary {

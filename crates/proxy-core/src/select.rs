@@ -48,9 +48,11 @@ pub fn uses_local(port: &ServicePort) -> bool {
         || (externally_accessible(port) && port.external_traffic_policy == TrafficPolicy::Local)
 }
 
+/// Whether any of the port's traffic goes to all endpoints: under `externalTrafficPolicy:
+/// Local` pods and the node reaching an external destination still do (upstream's
+/// short-circuit), so every externally reachable port uses them.
 fn uses_cluster(port: &ServicePort) -> bool {
-    port.internal_traffic_policy == TrafficPolicy::Cluster
-        || (externally_accessible(port) && port.external_traffic_policy == TrafficPolicy::Cluster)
+    port.internal_traffic_policy == TrafficPolicy::Cluster || externally_accessible(port)
 }
 
 /// Topology-aware routing applies when the Service asks for it, the node has a zone,

@@ -126,7 +126,7 @@ impl Objects {
 #[derive(Debug, Clone)]
 pub enum SourceUpdate {
     /// Everything the source holds now; objects not listed are gone. The file source sends
-    /// this on every (re)load, the API source after each (re)list.
+    /// this after its first load, the API source after each (re)list.
     Replace(Objects),
     ServiceUpsert(Box<Service>),
     ServiceDelete {
@@ -142,4 +142,27 @@ pub enum SourceUpdate {
     Node(Option<Box<Node>>),
     /// The ranges of every `ServiceCIDR` object, after one of them changed.
     ServiceCidrs(Vec<IpNet>),
+    /// Records that changed, already converted (the manifests source re-reading the files
+    /// that changed). Objects not named stay as they are.
+    Changes(Changes),
+}
+
+/// Upserts and deletions of records, applied together: deletions first, then upserts, so
+/// an object named in both is kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub services: Vec<ServiceRecord>,
+    pub removed_services: Vec<ServiceName>,
+    pub slices: Vec<SliceRecord>,
+    /// Namespace and name of each removed EndpointSlice.
+    pub removed_slices: Vec<(String, String)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.removed_services.is_empty()
+            && self.slices.is_empty()
+            && self.removed_slices.is_empty()
+    }
 }

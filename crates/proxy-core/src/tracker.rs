@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::convert;
 use crate::model::{ProxyState, ServiceName, ServicePort};
-use crate::source::{Objects, ServiceRecord, SliceRecord, SourceUpdate};
+use crate::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 
 /// Key of an EndpointSlice: namespace and slice name.
 type SliceKey = (String, String);
@@ -72,7 +72,8 @@ impl PendingChanges {
 #[derive(Debug)]
 pub struct ChangeTracker {
     node_name: String,
-    services: HashMap<ServiceName, Vec<ServicePort>>,
+    /// Each Service's ports, shared with the state (one copy of each port in memory).
+    services: HashMap<ServiceName, Vec<Arc<ServicePort>>>,
     slices: HashMap<SliceKey, SliceRecord>,
     slices_by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
     node: Option<Node>,
@@ -151,24 +152,36 @@ impl ChangeTracker {
         let now = Instant::now();
         match update {
             SourceUpdate::Replace(objects) => self.replace(objects, now),
-            SourceUpdate::ServiceUpsert(svc) => {
-                let record = ServiceRecord::new(&svc);
-                let key = record.name.clone();
-                self.services.insert(key.clone(), record.ports);
-                self.refresh_service(&key, now)
-            }
-            SourceUpdate::ServiceDelete { namespace, name } => {
-                let key = ServiceName::new(namespace, name);
-                self.services.remove(&key);
-                self.refresh_service(&key, now)
-            }
-            SourceUpdate::EndpointSliceUpsert(slice) => {
-                let record = SliceRecord::new(&slice, &self.node_name);
-                self.upsert_slice(record, now)
-            }
-            SourceUpdate::EndpointSliceDelete { namespace, name } => {
-                self.remove_slice(&(namespace, name), now)
-            }
+            // Single objects go the same way as a batch of changes.
+            SourceUpdate::ServiceUpsert(svc) => self.apply_changes(
+                Changes {
+                    services: vec![ServiceRecord::new(&svc)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::ServiceDelete { namespace, name } => self.apply_changes(
+                Changes {
+                    removed_services: vec![ServiceName::new(namespace, name)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::EndpointSliceUpsert(slice) => self.apply_changes(
+                Changes {
+                    slices: vec![SliceRecord::new(&slice, &self.node_name)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::EndpointSliceDelete { namespace, name } => self.apply_changes(
+                Changes {
+                    removed_slices: vec![(namespace, name)],
+                    ..Changes::default()
+                },
+                now,
+            ),
+            SourceUpdate::Changes(changes) => self.apply_changes(changes, now),
             SourceUpdate::Node(node) => self.set_node(node.map(|n| *n)),
             SourceUpdate::ServiceCidrs(cidrs) => self.set_service_cidrs(cidrs),
         }
@@ -187,14 +200,18 @@ impl ChangeTracker {
 
     fn replace(&mut self, objects: Objects, now: Instant) -> bool {
         let mut touched: BTreeSet<ServiceName> = BTreeSet::new();
-        let new_services: HashMap<ServiceName, Vec<ServicePort>> = objects
+        let mut new_services: HashMap<ServiceName, Vec<Arc<ServicePort>>> = objects
             .services
             .into_iter()
-            .map(|record| (record.name, record.ports))
+            .map(|record| (record.name, shared(record.ports)))
             .collect();
-        for (key, svc) in &new_services {
-            if self.services.get(key) != Some(svc) {
-                touched.insert(key.clone());
+        for (key, svc) in new_services.iter_mut() {
+            match self.services.get(key) {
+                // Unchanged: keep the ports the state already shares.
+                Some(old) if old == svc => svc.clone_from(old),
+                _ => {
+                    touched.insert(key.clone());
+                }
             }
         }
         touched.extend(
@@ -243,43 +260,69 @@ impl ChangeTracker {
         changed
     }
 
-    fn upsert_slice(&mut self, slice: SliceRecord, now: Instant) -> bool {
+    /// Stores the records, then re-derives each Service they touch once.
+    fn apply_changes(&mut self, changes: Changes, now: Instant) -> bool {
+        let mut touched: BTreeSet<ServiceName> = BTreeSet::new();
+        for key in changes.removed_services {
+            self.services.remove(&key);
+            touched.insert(key);
+        }
+        for key in changes.removed_slices {
+            touched.extend(self.take_slice(&key));
+        }
+        for record in changes.services {
+            let ports = shared(record.ports);
+            if self.services.get(&record.name) == Some(&ports) {
+                continue; // unchanged: the state keeps sharing the ports it has
+            }
+            touched.insert(record.name.clone());
+            self.services.insert(record.name, ports);
+        }
+        for slice in changes.slices {
+            let (old_owner, new_owner) = self.put_slice(slice);
+            touched.extend(old_owner);
+            touched.extend(new_owner);
+        }
+        let mut changed = false;
+        for key in &touched {
+            changed |= self.refresh_service(key, now);
+        }
+        changed
+    }
+
+    /// Stores a slice record; returns its previous and its new owner.
+    fn put_slice(&mut self, slice: SliceRecord) -> (Option<ServiceName>, Option<ServiceName>) {
         let key = (slice.namespace.clone(), slice.name.clone());
         let new_owner = slice.owner.clone();
-        let old_owner = self.slices.get(&key).and_then(|s| s.owner.clone());
-        if let Some(owner) = &old_owner {
-            if let Some(set) = self.slices_by_service.get_mut(owner) {
-                set.remove(&key);
+        let old_owner = self.slices.insert(key.clone(), slice).and_then(|s| s.owner);
+        if old_owner != new_owner {
+            if let Some(owner) = &old_owner {
+                self.unlink_slice(owner, &key);
             }
         }
         if let Some(owner) = &new_owner {
             self.slices_by_service
                 .entry(owner.clone())
                 .or_default()
-                .insert(key.clone());
+                .insert(key);
         }
-        self.slices.insert(key, slice);
-        let mut changed = false;
-        for owner in old_owner.iter().chain(new_owner.iter()) {
-            changed |= self.refresh_service(owner, now);
-        }
-        changed
+        (old_owner, new_owner)
     }
 
-    fn remove_slice(&mut self, key: &SliceKey, now: Instant) -> bool {
-        let Some(old) = self.slices.remove(key) else {
-            return false;
-        };
-        let Some(owner) = old.owner else {
-            return false;
-        };
-        if let Some(set) = self.slices_by_service.get_mut(&owner) {
+    /// Forgets a slice record; returns the Service it belonged to.
+    fn take_slice(&mut self, key: &SliceKey) -> Option<ServiceName> {
+        let owner = self.slices.remove(key)?.owner?;
+        self.unlink_slice(&owner, key);
+        Some(owner)
+    }
+
+    fn unlink_slice(&mut self, owner: &ServiceName, key: &SliceKey) {
+        if let Some(set) = self.slices_by_service.get_mut(owner) {
             set.remove(key);
             if set.is_empty() {
-                self.slices_by_service.remove(&owner);
+                self.slices_by_service.remove(owner);
             }
         }
-        self.refresh_service(&owner, now)
     }
 
     fn set_node(&mut self, node: Option<Node>) -> bool {
@@ -313,7 +356,7 @@ impl ChangeTracker {
             .map(|(_, p)| Arc::clone(p))
             .collect();
         let ports_changed =
-            old_ports.len() != ports.len() || old_ports.iter().zip(&ports).any(|(a, b)| **a != *b);
+            old_ports.len() != ports.len() || old_ports.iter().zip(&ports).any(|(a, b)| a != b);
         let mut endpoints_changed = false;
         let mut new_endpoints = Vec::with_capacity(ports.len());
         for port in &ports {
@@ -344,7 +387,7 @@ impl ChangeTracker {
             if !eps.is_empty() {
                 state.endpoints.insert(port.name.clone(), Arc::new(eps));
             }
-            state.services.insert(port.name.clone(), Arc::new(port));
+            state.services.insert(port.name.clone(), port);
         }
         if ports_changed {
             self.service_changes_total += 1;
@@ -384,4 +427,9 @@ impl ChangeTracker {
             .filter(|at| *at >= self.started)
             .max()
     }
+}
+
+/// Ports as the tracker and the state share them.
+fn shared(ports: Vec<ServicePort>) -> Vec<Arc<ServicePort>> {
+    ports.into_iter().map(Arc::new).collect()
 }

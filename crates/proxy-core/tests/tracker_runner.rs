@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_core::model::{Protocol, ServiceName, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 use proxy_core::runner::{self, RunnerConfig};
-use proxy_core::source::{Objects, SourceUpdate};
+use proxy_core::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 use proxy_core::status::SyncStatus;
 use proxy_core::tracker::ChangeTracker;
 use tokio::sync::{mpsc, watch};
@@ -128,6 +128,141 @@ fn tracker_derives_ports_and_merges_slices() {
     assert!(pending.services.is_empty());
     assert_eq!(pending.endpoints.len(), 1);
     assert_eq!(tracker.state().endpoints_of(&port_name("web")).len(), 1);
+}
+
+fn svc_key(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+fn slice_key(name: &str) -> (String, String) {
+    ("default".into(), name.into())
+}
+
+#[test]
+fn changes_touch_only_the_services_they_name() {
+    let mut tracker = ChangeTracker::new("node-a");
+    tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[
+            service("web", "10.96.0.10"),
+            service("db", "10.96.0.11"),
+            service("idle", "10.96.0.12"),
+        ],
+        &[
+            slice("web", "web-1", &["10.244.1.2"], true),
+            slice("web", "web-2", &["10.244.2.2"], true),
+            slice("idle", "idle-1", &["10.244.3.2"], true),
+        ],
+        None,
+        "node-a",
+    )));
+    tracker.take_pending();
+    let idle_before = tracker.state().endpoints_of(&port_name("idle")).to_vec();
+
+    // One slice updated, one removed, a Service removed and one added, in one update.
+    let changes = Changes {
+        services: vec![ServiceRecord::new(&service("api", "10.96.0.13"))],
+        removed_services: vec![svc_key("db")],
+        slices: vec![SliceRecord::new(
+            &slice("web", "web-1", &["10.244.1.9"], true),
+            "node-a",
+        )],
+        removed_slices: vec![slice_key("web-2")],
+    };
+    assert!(tracker.apply(SourceUpdate::Changes(changes)));
+    let state = tracker.state();
+    let web: Vec<String> = state
+        .endpoints_of(&port_name("web"))
+        .iter()
+        .map(|e| e.ip.to_string())
+        .collect();
+    assert_eq!(web, ["10.244.1.9"]);
+    assert!(!state.services.contains_key(&port_name("db")));
+    assert!(state.services.contains_key(&port_name("api")));
+    assert_eq!(
+        state.endpoints_of(&port_name("idle")),
+        idle_before.as_slice()
+    );
+    let pending = tracker.take_pending();
+    assert_eq!(
+        pending.services.keys().cloned().collect::<Vec<_>>(),
+        [svc_key("api"), svc_key("db")]
+    );
+    assert_eq!(
+        pending.endpoints.keys().cloned().collect::<Vec<_>>(),
+        [svc_key("web")]
+    );
+
+    // The same records again (a file re-read without a change): nothing to do.
+    let same = Changes {
+        services: vec![ServiceRecord::new(&service("api", "10.96.0.13"))],
+        slices: vec![SliceRecord::new(
+            &slice("web", "web-1", &["10.244.1.9"], true),
+            "node-a",
+        )],
+        ..Changes::default()
+    };
+    assert!(!tracker.apply(SourceUpdate::Changes(same)));
+    assert!(tracker.pending().is_empty());
+
+    // Removing what is not there changes nothing either.
+    let absent = Changes {
+        removed_services: vec![svc_key("nope")],
+        removed_slices: vec![slice_key("nope-1")],
+        ..Changes::default()
+    };
+    assert!(!tracker.apply(SourceUpdate::Changes(absent)));
+    assert!(tracker.pending().is_empty());
+}
+
+#[test]
+fn changes_move_a_slice_between_services_and_keep_what_is_both_removed_and_upserted() {
+    let mut tracker = ChangeTracker::new("node-a");
+    tracker.apply(SourceUpdate::Replace(Objects::from_raw(
+        &[service("web", "10.96.0.10"), service("db", "10.96.0.11")],
+        &[slice("web", "shared-1", &["10.244.1.2"], true)],
+        None,
+        "node-a",
+    )));
+    tracker.take_pending();
+
+    // The slice's service-name label now names db: both Services are re-derived.
+    let moved = Changes {
+        slices: vec![SliceRecord::new(
+            &slice("db", "shared-1", &["10.244.1.2"], true),
+            "node-a",
+        )],
+        ..Changes::default()
+    };
+    assert!(tracker.apply(SourceUpdate::Changes(moved)));
+    let state = tracker.state();
+    assert!(state.endpoints_of(&port_name("web")).is_empty());
+    assert_eq!(state.endpoints_of(&port_name("db")).len(), 1);
+    let pending = tracker.take_pending();
+    assert_eq!(
+        pending.endpoints.keys().cloned().collect::<Vec<_>>(),
+        [svc_key("db"), svc_key("web")]
+    );
+
+    // Removed and upserted in the same update: the upsert wins.
+    let both = Changes {
+        services: vec![ServiceRecord::new(&service("db", "10.96.0.21"))],
+        removed_services: vec![svc_key("db")],
+        slices: vec![SliceRecord::new(
+            &slice("db", "shared-1", &["10.244.1.3"], true),
+            "node-a",
+        )],
+        removed_slices: vec![slice_key("shared-1")],
+    };
+    assert!(tracker.apply(SourceUpdate::Changes(both)));
+    let state = tracker.state();
+    assert_eq!(
+        state.services[&port_name("db")].cluster_ips[0].to_string(),
+        "10.96.0.21"
+    );
+    assert_eq!(
+        state.endpoints_of(&port_name("db"))[0].ip.to_string(),
+        "10.244.1.3"
+    );
 }
 
 #[test]
@@ -269,7 +404,8 @@ async fn bursts_coalesce_and_min_period_is_honoured() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    // 50 services, one message each, within 100 ms: one sync, 1 s after the first.
+    // 50 services, one message each, within 100 ms: the first syncs at once (upstream's
+    // burst of two), the other 49 in one sync once the budget has a token again.
     for i in 0..50 {
         h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
             &format!("s{i}"),
@@ -283,17 +419,50 @@ async fn bursts_coalesce_and_min_period_is_honoured() {
     let syncs = h.syncs();
     assert_eq!(
         syncs.len(),
-        2,
+        3,
         "{:?}",
         syncs.iter().map(|s| s.0 - t0).collect::<Vec<_>>()
     );
-    assert!(syncs[1].0 - syncs[0].0 >= Duration::from_secs(1));
+    assert!(syncs[1].0 - syncs[0].0 < Duration::from_millis(20));
     assert!(
         !syncs[1].1.full,
         "a change after a full sync is incremental"
     );
-    assert_eq!(syncs[1].1.changed.len(), 50);
-    assert_eq!(syncs[1].1.state.services.len(), 50);
+    assert_eq!(syncs[1].1.changed.len(), 1);
+    // Two tokens spent at once: the third sync waits until one is back.
+    assert!(syncs[2].0 - syncs[0].0 >= Duration::from_secs(1));
+    assert_eq!(syncs[2].1.changed.len(), 49);
+    assert_eq!(syncs[2].1.state.services.len(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_and_its_slice_arriving_together_both_sync_at_once() {
+    let h = start(CONFIG);
+    h.tx.send(SourceUpdate::Replace(Objects::default()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = Instant::now();
+    h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
+        "web",
+        "10.96.0.10",
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(13)).await;
+    h.tx.send(SourceUpdate::EndpointSliceUpsert(Box::new(slice(
+        "web",
+        "web-1",
+        &["10.244.1.2"],
+        true,
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 3, "initial, Service, slice");
+    assert!(syncs[2].0 - before < Duration::from_millis(15));
+    assert_eq!(syncs[2].1.state.endpoints.len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -333,6 +502,10 @@ async fn periodic_full_sync_and_retry_with_backoff() {
         .collect();
     assert_eq!(gaps, vec![1, 2, 4]);
     assert!(syncs.iter().all(|s| s.1.full), "every retry is a full sync");
+    assert!(
+        syncs.iter().all(|s| !s.1.periodic),
+        "a first sync and retries rewrite; they are not the periodic check"
+    );
     assert_eq!(h.status.snapshot().failed_syncs, 3);
     assert!(h.status.snapshot().initial_sync_done);
     // Nothing changes: the next sync is the periodic full one, a sync period later.
@@ -340,5 +513,6 @@ async fn periodic_full_sync_and_retry_with_backoff() {
     let syncs = h.syncs();
     assert_eq!(syncs.len(), 5);
     assert!(syncs[4].1.full);
+    assert!(syncs[4].1.periodic, "the timer's sync may only check");
     assert_eq!((syncs[4].0 - syncs[3].0).as_secs(), 30);
 }

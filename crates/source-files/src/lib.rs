@@ -1,5 +1,7 @@
 //! The manifests source: Services, EndpointSlices and this node's Node read from a YAML file
-//! or a directory of them, reloaded when the files change.
+//! or a directory of them. After the first load, inotify says which files changed and only
+//! those are read again; what they define is compared with what they defined before, so
+//! one changed file among thousands costs about one file (see `wake`, `reload`, `catalog`).
 //!
 //! Problems in the manifests (bad YAML, wrong types, duplicates) are reported per document
 //! and never stop the other documents from applying. Only failing to read the path itself is
@@ -8,19 +10,23 @@
 
 #![forbid(unsafe_code)]
 
+mod catalog;
 mod parse;
+mod reload;
 mod split;
+mod wake;
 
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use proxy_core::source::{Objects, SourceUpdate};
 use tokio::sync::mpsc;
 
-use crate::parse::Loader;
+use crate::reload::Reloader;
+use crate::wake::Waker;
 
 /// Files larger than this are skipped with a problem, so a hostile or mistaken file (a log,
 /// a disk image) cannot make the proxy allocate without bound.
@@ -77,8 +83,9 @@ pub enum SourceError {
     /// The directory cannot be listed.
     #[error("cannot list manifests directory {}: {source}", path.display())]
     ListDirectory { path: PathBuf, source: io::Error },
-    /// A manifest file exists but cannot be read (e.g. permissions). This fails the whole load
-    /// rather than silently dropping that file's objects.
+    /// A manifest file exists but cannot be read (e.g. permissions). This fails a first
+    /// load rather than silently dropping that file's objects; later, the file keeps the
+    /// objects it last defined.
     #[error("cannot read manifest file {}: {source}", path.display())]
     ReadFile { path: PathBuf, source: io::Error },
     /// The background task reading the files died.
@@ -90,107 +97,134 @@ pub enum SourceError {
 ///
 /// `node_name`: only the Node with this `metadata.name` is kept (others are ignored).
 pub fn load(path: &Path, node_name: &str) -> Result<LoadReport, SourceError> {
-    let files = manifest_files(path)?;
-    let mut loader = Loader::new(node_name);
-    let mut read = 0;
-    for file in &files {
-        match read_manifest(file)? {
-            FileContent::Text(text) => {
-                read += 1;
-                loader.add_file(file, &text);
-            }
-            FileContent::Invalid(message) => {
-                read += 1;
-                loader.file_problem(file, message);
-            }
-            FileContent::Gone => {}
-        }
-    }
-    let (objects, problems) = loader.finish();
+    let mut reloader = Reloader::new(path.to_owned(), node_name.to_owned());
+    let mut delta = reloader.load_all()?;
+    let files = delta.files_read;
+    let problems = std::mem::take(&mut delta.problems);
     Ok(LoadReport {
-        objects,
+        objects: delta.into_objects(),
         problems,
-        files: read,
+        files,
     })
 }
 
-/// Loads `path`, sends [`SourceUpdate::Replace`], then polls every `interval` and reloads and
-/// sends `Replace` again whenever a file was added, removed or modified.
+/// How [`watch`] notices changes.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// While inotify watches the directory: how often every file is compared with what was
+    /// read anyway, for changes no event reports (a symlink into another directory, a
+    /// network filesystem). 20 s, as the kubelet checks its static-pod manifests: at
+    /// 10,000 files a comparison costs tens of milliseconds of CPU.
+    pub resync_interval: Duration,
+    /// Without inotify, or while the directory cannot be watched: how often every file is
+    /// compared.
+    pub poll_interval: Duration,
+    /// While watched: how often the path is resolved again, to watch the new directory when
+    /// it now leads elsewhere (a symlink swapped above it) or exists again; a single file is
+    /// compared this often. One `stat`.
+    pub path_check_interval: Duration,
+    /// Events are applied once none came for this long, so a burst is one reload.
+    pub coalesce: Duration,
+    /// Use inotify; false polls only.
+    pub inotify: bool,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            resync_interval: Duration::from_secs(20),
+            poll_interval: Duration::from_millis(250),
+            path_check_interval: Duration::from_secs(1),
+            coalesce: Duration::from_millis(5),
+            inotify: true,
+        }
+    }
+}
+
+/// Loads `path` and sends [`SourceUpdate::Replace`]; then, whenever files change, reads
+/// those files again and sends what changed in them ([`SourceUpdate::Changes`], and
+/// [`SourceUpdate::Node`] / [`SourceUpdate::ServiceCidrs`] when those changed).
 ///
-/// Problems are logged as warnings. If the path becomes unreadable the last objects stay in
-/// force (nothing is sent) until it can be read again. Returns when the receiver is dropped;
-/// errors only if the first load fails.
+/// Problems are logged as warnings. A file that becomes unreadable keeps its objects, as
+/// does the whole path while it cannot be listed, until it can be read again (logged once).
+/// Returns when the receiver is dropped; errors only if the first load fails.
 pub async fn watch(
     path: PathBuf,
     node_name: String,
-    interval: Duration,
+    config: WatchConfig,
     tx: mpsc::Sender<SourceUpdate>,
 ) -> Result<(), SourceError> {
-    let (mut last_fingerprint, report) = load_blocking(&path, &node_name).await?;
+    // Watching starts before the first read, so a change during it is not missed.
+    let mut waker = Waker::new(&path, config);
+    let reloader = Reloader::new(path.clone(), node_name);
+    let (mut reloader, delta) = blocking(reloader, |r| r.load_all()).await?;
+    let mut delta = delta?;
     tracing::info!(
         path = %path.display(),
-        files = report.files,
-        services = report.objects.services.len(),
-        endpoint_slices = report.objects.endpoint_slices.len(),
-        problems = report.problems.len(),
+        files = delta.files_read,
+        services = delta.summary().services,
+        endpoint_slices = delta.summary().endpoint_slices,
+        problems = delta.problems.len(),
         "loaded manifests"
     );
-    log_problems(&report.problems);
+    log_problems(&std::mem::take(&mut delta.problems));
     if tx
-        .send(SourceUpdate::Replace(report.objects))
+        .send(SourceUpdate::Replace(delta.into_objects()))
         .await
         .is_err()
     {
         return Ok(());
     }
 
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await; // The first tick is immediate; we just loaded.
-                         // The last read error, so a persistent one is logged once rather than every interval.
-    let mut last_error: Option<String> = None;
-
     loop {
-        tokio::select! {
+        let wake = tokio::select! {
             _ = tx.closed() => return Ok(()),
-            _ = ticker.tick() => {}
-        }
-
-        let result = match fingerprint_blocking(&path).await {
-            Ok(fp) if fp == last_fingerprint => continue,
-            Ok(_) => load_blocking(&path, &node_name).await,
-            Err(err) => Err(err),
+            wake = waker.next() => wake,
         };
-        match result {
-            Ok((fingerprint, report)) => {
-                last_error = None;
-                last_fingerprint = fingerprint;
-                tracing::info!(
-                    path = %path.display(),
-                    files = report.files,
-                    services = report.objects.services.len(),
-                    endpoint_slices = report.objects.endpoint_slices.len(),
-                    problems = report.problems.len(),
-                    "manifests changed, reloaded"
-                );
-                log_problems(&report.problems);
-                if tx
-                    .send(SourceUpdate::Replace(report.objects))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
+        let (back, mut delta) = blocking(reloader, move |r| {
+            if wake.rescan {
+                r.rescan(&wake.files)
+            } else {
+                r.changed(&wake.files)
             }
-            Err(err) => {
-                let message = err.to_string();
-                if last_error.as_deref() != Some(message.as_str()) {
-                    tracing::warn!("{message}; keeping the previously loaded objects");
-                    last_error = Some(message);
-                }
+        })
+        .await?;
+        reloader = back;
+        let summary = delta.summary();
+        if !summary.is_empty() || !delta.problems.is_empty() {
+            tracing::info!(
+                path = %path.display(),
+                files = delta.files_read,
+                services = summary.services,
+                removed_services = summary.removed_services,
+                endpoint_slices = summary.endpoint_slices,
+                removed_endpoint_slices = summary.removed_endpoint_slices,
+                node = summary.node,
+                service_cidrs = summary.service_cidrs,
+                problems = delta.problems.len(),
+                "manifests changed, re-read the changed files"
+            );
+        }
+        log_problems(&std::mem::take(&mut delta.problems));
+        for update in delta.into_updates() {
+            if tx.send(update).await.is_err() {
+                return Ok(());
             }
         }
     }
+}
+
+/// Runs `f` on the reloader off the async runtime (it reads files), and hands it back.
+async fn blocking<T: Send + 'static>(
+    mut reloader: Reloader,
+    f: impl FnOnce(&mut Reloader) -> T + Send + 'static,
+) -> Result<(Reloader, T), SourceError> {
+    tokio::task::spawn_blocking(move || {
+        let out = f(&mut reloader);
+        (reloader, out)
+    })
+    .await
+    .map_err(|err| SourceError::Task(err.to_string()))
 }
 
 fn log_problems(problems: &[ManifestProblem]) {
@@ -205,80 +239,15 @@ fn log_problems(problems: &[ManifestProblem]) {
     }
 }
 
-/// Cheap summary of the manifest files: (name, size, mtime, inode) of each. Symlinks are
-/// followed, so the atomic `..data` swap of a mounted ConfigMap shows up as a change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint(Vec<FileStamp>);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    path: PathBuf,
-    len: u64,
-    modified: Option<SystemTime>,
-    inode: u64,
-}
-
-fn fingerprint(path: &Path) -> Result<Fingerprint, SourceError> {
-    let mut stamps = Vec::new();
-    for file in manifest_files(path)? {
-        match fs::metadata(&file) {
-            Ok(meta) => stamps.push(FileStamp {
-                len: meta.len(),
-                modified: meta.modified().ok(),
-                inode: inode(&meta),
-                path: file,
-            }),
-            // Removed since the listing; the next poll sees the directory without it.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(SourceError::ReadFile { path: file, source }),
-        }
-    }
-    Ok(Fingerprint(stamps))
-}
-
-#[cfg(unix)]
-fn inode(meta: &fs::Metadata) -> u64 {
-    std::os::unix::fs::MetadataExt::ino(meta)
-}
-
-#[cfg(not(unix))]
-fn inode(_meta: &fs::Metadata) -> u64 {
-    0
-}
-
-/// Fingerprint then load, off the async runtime. The fingerprint is taken first so a change
-/// racing with the read is seen by the next poll.
-async fn load_blocking(
-    path: &Path,
-    node_name: &str,
-) -> Result<(Fingerprint, LoadReport), SourceError> {
-    let path = path.to_owned();
-    let node_name = node_name.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let fp = fingerprint(&path)?;
-        let report = load(&path, &node_name)?;
-        Ok((fp, report))
-    })
-    .await
-    .map_err(|err| SourceError::Task(err.to_string()))?
-}
-
-async fn fingerprint_blocking(path: &Path) -> Result<Fingerprint, SourceError> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || fingerprint(&path))
-        .await
-        .map_err(|err| SourceError::Task(err.to_string()))?
-}
-
-/// The files to read, in order: `path` itself if it is a file, else the manifest files
-/// directly inside the directory, sorted by name.
-fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+/// The files to read, in order, with their metadata (symlinks followed): `path` itself if
+/// it is a file, else the manifest files directly inside the directory, sorted by name.
+pub(crate) fn manifest_files(path: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>, SourceError> {
     let meta = fs::metadata(path).map_err(|source| SourceError::Access {
         path: path.to_owned(),
         source,
     })?;
     if meta.is_file() {
-        return Ok(vec![path.to_owned()]);
+        return Ok(vec![(path.to_owned(), meta)]);
     }
     if !meta.is_dir() {
         return Err(SourceError::NotFileOrDirectory {
@@ -301,15 +270,18 @@ fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
         }
         let file = entry.path();
         // Follows symlinks; dangling links and subdirectories are skipped.
-        if fs::metadata(&file).is_ok_and(|m| m.is_file()) {
-            files.push(file);
+        match fs::metadata(&file) {
+            Ok(meta) if meta.is_file() => files.push((file, meta)),
+            _ => {}
         }
     }
-    files.sort();
+    // By bytes, which for the entries of one directory is the order of their names (and
+    // of `Path`'s comparison), without splitting every path into components.
+    files.sort_unstable_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
     Ok(files)
 }
 
-fn is_manifest_name(name: &str) -> bool {
+pub(crate) fn is_manifest_name(name: &str) -> bool {
     // Hidden files include editor lock files (`.#foo.yaml`) and swap files (`.foo.yaml.swp`).
     if name.starts_with('.') || name.ends_with('~') {
         return false;
@@ -319,7 +291,7 @@ fn is_manifest_name(name: &str) -> bool {
         .any(|ext| name.len() > ext.len() && name.ends_with(ext))
 }
 
-enum FileContent {
+pub(crate) enum FileContent {
     Text(String),
     /// Readable but unusable as a whole; the message says why.
     Invalid(String),
@@ -327,7 +299,7 @@ enum FileContent {
     Gone,
 }
 
-fn read_manifest(path: &Path) -> Result<FileContent, SourceError> {
+pub(crate) fn read_manifest(path: &Path) -> Result<FileContent, SourceError> {
     let read_error = |source| SourceError::ReadFile {
         path: path.to_owned(),
         source,

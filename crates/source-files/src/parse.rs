@@ -4,12 +4,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{ServiceCIDR, ServiceCIDRSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_core::convert;
-use proxy_core::source::{Objects, ServiceRecord, SliceRecord};
+use proxy_core::source::{ServiceRecord, SliceRecord};
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::{MessageFormatter, Spanned};
@@ -50,8 +51,8 @@ struct TypeMeta {
     kind: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Kind {
     Service,
     EndpointSlice,
     Node,
@@ -108,12 +109,50 @@ fn classify(meta: &TypeMeta, allow_list: bool) -> Result<Option<Kind>, String> {
     Ok(Some(known))
 }
 
+/// Identity of an object among all the files: kind, namespace, name.
+pub(crate) type ObjectKey = (Kind, String, String);
+
+/// Where in its file an object is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spot {
+    pub document: usize,
+    pub line: u64,
+}
+
 /// Where an object was read, to name both places when a duplicate shows up.
 #[derive(Debug, Clone)]
-struct Place {
-    file: PathBuf,
-    document: usize,
-    line: u64,
+pub(crate) struct Place {
+    pub file: PathBuf,
+    pub document: usize,
+    pub line: u64,
+}
+
+impl Place {
+    pub fn new(file: &Path, spot: Spot) -> Self {
+        Place {
+            file: file.to_owned(),
+            document: spot.document,
+            line: spot.line,
+        }
+    }
+
+    fn spot(&self) -> Spot {
+        Spot {
+            document: self.document,
+            line: self.line,
+        }
+    }
+
+    /// A problem at this place.
+    pub fn problem(&self, message: String) -> ManifestProblem {
+        ManifestProblem {
+            file: self.file.clone(),
+            document: self.document,
+            line: Some(self.line),
+            column: None,
+            message,
+        }
+    }
 }
 
 impl fmt::Display for Place {
@@ -128,39 +167,57 @@ impl fmt::Display for Place {
     }
 }
 
-/// Accumulates objects and problems over all files of one load.
+/// The problem text for a second definition of `key`.
+pub(crate) fn duplicate_message(key: &ObjectKey, first: &Place) -> String {
+    match key.0 {
+        Kind::Node => format!("duplicate Node {:?}: first defined at {first}", key.2),
+        kind => format!(
+            "duplicate {} {}/{}: first defined at {first}",
+            kind.name(),
+            key.1,
+            key.2
+        ),
+    }
+}
+
+/// An object as this source keeps it, converted as it is read.
+#[derive(Debug)]
+pub(crate) enum Object {
+    Service(ServiceRecord),
+    Slice(SliceRecord),
+    Node(Box<Node>),
+    ServiceCidr(Vec<IpNet>),
+}
+
+/// One object a file defines.
+#[derive(Debug)]
+pub(crate) struct Defined {
+    pub key: ObjectKey,
+    pub spot: Spot,
+    pub object: Object,
+}
+
+/// Reads the documents of one file: its objects (within the file, the first definition of
+/// a name wins and later ones are problems) and its problems.
 pub(crate) struct Loader<'a> {
     node_name: &'a str,
-    objects: Objects,
+    objects: Vec<Defined>,
     problems: Vec<ManifestProblem>,
-    seen: HashMap<(Kind, String, String), Place>,
-    node_place: Option<Place>,
+    seen: HashMap<ObjectKey, Place>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(node_name: &'a str) -> Self {
         Self {
             node_name,
-            objects: Objects::default(),
+            objects: Vec::new(),
             problems: Vec::new(),
             seen: HashMap::new(),
-            node_place: None,
         }
     }
 
-    pub fn finish(self) -> (Objects, Vec<ManifestProblem>) {
+    pub fn finish(self) -> (Vec<Defined>, Vec<ManifestProblem>) {
         (self.objects, self.problems)
-    }
-
-    /// Records a problem that concerns a whole file rather than one document.
-    pub fn file_problem(&mut self, file: &Path, message: String) {
-        self.problems.push(ManifestProblem {
-            file: file.to_owned(),
-            document: 0,
-            line: None,
-            column: None,
-            message,
-        });
     }
 
     pub fn add_file(&mut self, file: &Path, text: &str) {
@@ -279,27 +336,27 @@ impl<'a> Loader<'a> {
     }
 
     fn add_service(&mut self, mut service: Service, place: Place) {
-        if self.register(Kind::Service, &mut service.metadata, &place) {
+        if let Some(key) = self.register(Kind::Service, &mut service.metadata, &place) {
             // Converted at once: a cluster's raw objects are not kept (see `Objects`).
-            self.objects.services.push(ServiceRecord::new(&service));
+            self.define(key, &place, Object::Service(ServiceRecord::new(&service)));
         }
     }
 
     fn add_endpoint_slice(&mut self, mut slice: EndpointSlice, place: Place) {
-        if self.register(Kind::EndpointSlice, &mut slice.metadata, &place) {
+        if let Some(key) = self.register(Kind::EndpointSlice, &mut slice.metadata, &place) {
             let record = SliceRecord::new(&slice, self.node_name);
-            self.objects.endpoint_slices.push(record);
+            self.define(key, &place, Object::Slice(record));
         }
     }
 
     fn add_service_cidr(&mut self, mut object: ServiceCIDR, place: Place) {
-        if self.register(Kind::ServiceCidr, &mut object.metadata, &place) {
+        if let Some(key) = self.register(Kind::ServiceCidr, &mut object.metadata, &place) {
             let mut warnings = Vec::new();
             let ranges = convert::service_cidr_ranges(&object, &mut warnings);
             for message in warnings {
                 self.problem(&place, message);
             }
-            self.objects.service_cidrs.extend(ranges);
+            self.define(key, &place, Object::ServiceCidr(ranges));
         }
     }
 
@@ -313,22 +370,25 @@ impl<'a> Loader<'a> {
             );
             return;
         }
-        if let Some(first) = &self.node_place {
-            let message = format!(
-                "duplicate Node {:?}: first defined at {first}",
-                self.node_name
-            );
-            return self.problem(&place, message);
+        let key = (Kind::Node, String::new(), self.node_name.to_owned());
+        if self.claim(&key, &place) {
+            self.define(key, &place, Object::Node(Box::new(node)));
         }
-        self.objects.node = Some(node);
-        self.node_place = Some(place);
     }
 
-    /// Defaults the namespace and checks name and uniqueness; `false` means skip the object.
-    fn register(&mut self, kind: Kind, meta: &mut ObjectMeta, place: &Place) -> bool {
+    fn define(&mut self, key: ObjectKey, place: &Place, object: Object) {
+        self.objects.push(Defined {
+            key,
+            spot: place.spot(),
+            object,
+        });
+    }
+
+    /// Defaults the namespace and checks name and uniqueness; `None` means skip the object.
+    fn register(&mut self, kind: Kind, meta: &mut ObjectMeta, place: &Place) -> Option<ObjectKey> {
         let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
             self.problem(place, format!("{} has no metadata.name", kind.name()));
-            return false;
+            return None;
         };
         let namespace = match meta.namespace.as_deref() {
             Some(ns) if !ns.is_empty() => ns.to_owned(),
@@ -338,28 +398,22 @@ impl<'a> Loader<'a> {
             }
         };
         let key = (kind, namespace, name);
-        if let Some(first) = self.seen.get(&key) {
-            let message = format!(
-                "duplicate {} {}/{}: first defined at {first}",
-                kind.name(),
-                key.1,
-                key.2
-            );
+        self.claim(&key, place).then_some(key)
+    }
+
+    /// Whether `key` is new in this file; a second definition is a problem.
+    fn claim(&mut self, key: &ObjectKey, place: &Place) -> bool {
+        if let Some(first) = self.seen.get(key) {
+            let message = duplicate_message(key, first);
             self.problem(place, message);
             return false;
         }
-        self.seen.insert(key, place.clone());
+        self.seen.insert(key.clone(), place.clone());
         true
     }
 
     fn problem(&mut self, place: &Place, message: String) {
-        self.problems.push(ManifestProblem {
-            file: place.file.clone(),
-            document: place.document,
-            line: Some(place.line),
-            column: None,
-            message,
-        });
+        self.problems.push(place.problem(message));
     }
 
     fn yaml_problem(

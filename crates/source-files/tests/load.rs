@@ -116,13 +116,14 @@ spec: {cidrs: [10.99.0.0/16]}
         .iter()
         .map(ToString::to_string)
         .collect();
+    // Sorted, as the tracker keeps them.
     assert_eq!(
         cidrs,
         [
             "10.96.0.0/16",
-            "fd00:96::/108",
             "10.97.0.0/16",
-            "10.98.0.0/16"
+            "10.98.0.0/16",
+            "fd00:96::/108"
         ]
     );
     let problems: Vec<&str> = report.problems.iter().map(|p| p.message.as_str()).collect();

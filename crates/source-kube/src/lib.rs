@@ -240,15 +240,18 @@ pub async fn watch(
     updates: mpsc::Sender<SourceUpdate>,
     status: std::sync::Arc<SourceStatus>,
 ) {
-    let selector = watcher::Config::default()
-        .labels(LABEL_SELECTOR)
-        // Consistent reads from the server, in chunks (`limit` + `continue`), as
-        // client-go's paginated lists.
-        .list_semantic(watcher::ListSemantic::MostRecent)
-        .page_size(500);
-    let node_selector = watcher::Config::default()
-        .fields(&format!("metadata.name={node_name}"))
-        .list_semantic(watcher::ListSemantic::MostRecent);
+    // Lists as client-go's reflectors get them: `resourceVersion=0`, which the API server
+    // answers from its watch cache in one response (it ignores client-go's `limit=500`
+    // there), without a consistent read of etcd; then a watch from that version. No page
+    // size: kube-rs would drop `resourceVersion=0` for one. At 10,000 Services the
+    // consistent paged reads took ~42 requests and 7 s behind the client-side rate limit.
+    let from_cache = |config: watcher::Config| watcher::Config {
+        page_size: None,
+        ..config.list_semantic(watcher::ListSemantic::Any)
+    };
+    let selector = from_cache(watcher::Config::default().labels(LABEL_SELECTOR));
+    let node_selector =
+        from_cache(watcher::Config::default().fields(&format!("metadata.name={node_name}")));
     let services = kind_stream(
         "Service",
         watcher(Api::<Service>::all(client.clone()), selector.clone()),
@@ -268,7 +271,7 @@ pub async fn watch(
         SERVICE_CIDR,
         watcher(
             Api::<ServiceCIDR>::all(client),
-            watcher::Config::default().list_semantic(watcher::ListSemantic::MostRecent),
+            from_cache(watcher::Config::default()),
         ),
         Input::ServiceCidr,
     );
@@ -308,6 +311,14 @@ pub async fn watch(
         status.success(merger.initial_sent());
         let Some(update) = update else { continue };
         if relisted {
+            if let SourceUpdate::Changes(changes) = &update {
+                tracing::info!(
+                    services = changes.services.len(),
+                    endpoint_slices = changes.slices.len(),
+                    removed = changes.removed_services.len() + changes.removed_slices.len(),
+                    "relisted from the API"
+                );
+            }
             if let SourceUpdate::Replace(objects) = &update {
                 tracing::info!(
                     services = objects.services.len(),

@@ -5,18 +5,25 @@
 //!   been listed completely (ServiceCIDRs count as listed, and empty, when the server has
 //!   no such resource or refuses us it); then one `Replace` with all of them;
 //! * after that, each watch event becomes one upsert or delete;
-//! * a relist of any kind (after 410 Gone or a broken watch) is collected on the side and
-//!   becomes one `Replace` of the new complete state when its list is complete; a list that
-//!   fails halfway leaves the last state as it was (no update at all).
+//! * a relist of any kind (after 410 Gone or a broken watch) is collected on the side and,
+//!   when its list is complete, replaces what that kind held: for Services and
+//!   EndpointSlices one `Changes` (every listed record, and the removal of what the list
+//!   no longer has), for the Node and ServiceCIDRs their new state; a list that fails
+//!   halfway leaves the last state as it was (no update at all).
+//!
+//! Services and EndpointSlices are converted to records as they are listed, and only
+//! their keys are kept afterwards (the tracker holds the records): a cluster's raw
+//! objects never stay in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::Metadata;
 use kube::runtime::watcher::Event;
-use proxy_core::source::{Objects, SourceUpdate};
+use proxy_core::model::ServiceName;
+use proxy_core::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 
 /// Objects with this label belong to another proxy (upstream's `LabelServiceProxyName`).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -88,7 +95,7 @@ enum Step<K> {
     /// A (re)list completed.
     Listed,
     Upsert(K),
-    Delete(Key),
+    Delete,
 }
 
 impl<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>> Store<K> {
@@ -121,7 +128,7 @@ impl<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
                     Step::Upsert(obj)
                 } else if self.live.remove(&k).is_some() {
                     // Relabelled away from us: gone as far as we are concerned.
-                    Step::Delete(k)
+                    Step::Delete
                 } else {
                     Step::Nothing
                 }
@@ -129,7 +136,7 @@ impl<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
             Event::Delete(obj) => {
                 let k = key(&obj);
                 match self.live.remove(&k) {
-                    Some(_) => Step::Delete(k),
+                    Some(_) => Step::Delete,
                     None => Step::Nothing,
                 }
             }
@@ -137,12 +144,120 @@ impl<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta
     }
 }
 
-/// The merged state of the three watches.
+/// Services or EndpointSlices: their keys once handed to the tracker, records while a
+/// list is in progress or before the first complete state went out.
+#[derive(Debug)]
+struct RecordStore<R> {
+    live: BTreeSet<Key>,
+    /// Some while a (re)list is in progress.
+    listing: Option<BTreeMap<Key, R>>,
+    /// The first list's records, until every kind is listed and they go out together.
+    unsent: Option<BTreeMap<Key, R>>,
+    listed: bool,
+}
+
+impl<R> Default for RecordStore<R> {
+    fn default() -> Self {
+        RecordStore {
+            live: BTreeSet::new(),
+            listing: None,
+            unsent: None,
+            listed: false,
+        }
+    }
+}
+
+/// Where a Service or EndpointSlice event leaves things.
+enum RecordStep<K, R> {
+    Nothing,
+    /// A relist after the first completed: every listed record, and the keys it no
+    /// longer has.
+    Relisted(Vec<R>, Vec<Key>),
+    /// The first list completed.
+    FirstListed,
+    Upsert(K),
+    Delete(Key),
+}
+
+impl<R> RecordStore<R> {
+    fn apply<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+        &mut self,
+        event: Event<K>,
+        record: impl Fn(&K) -> R,
+    ) -> RecordStep<K, R> {
+        match event {
+            Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                RecordStep::Nothing
+            }
+            Event::InitApply(obj) => {
+                if wanted(&obj) {
+                    self.listing
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key(&obj), record(&obj));
+                }
+                RecordStep::Nothing
+            }
+            Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let keys: BTreeSet<Key> = listed.keys().cloned().collect();
+                let gone: Vec<Key> = self.live.difference(&keys).cloned().collect();
+                self.live = keys;
+                if self.listed {
+                    return RecordStep::Relisted(listed.into_values().collect(), gone);
+                }
+                self.listed = true;
+                self.unsent = Some(listed);
+                RecordStep::FirstListed
+            }
+            Event::Apply(obj) => {
+                let k = key(&obj);
+                if wanted(&obj) {
+                    self.live.insert(k.clone());
+                    if let Some(unsent) = &mut self.unsent {
+                        unsent.insert(k, record(&obj));
+                    }
+                    RecordStep::Upsert(obj)
+                } else if self.forget(&k) {
+                    // Relabelled away from us: gone as far as we are concerned.
+                    RecordStep::Delete(k)
+                } else {
+                    RecordStep::Nothing
+                }
+            }
+            Event::Delete(obj) => {
+                let k = key(&obj);
+                if self.forget(&k) {
+                    RecordStep::Delete(k)
+                } else {
+                    RecordStep::Nothing
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, k: &Key) -> bool {
+        if let Some(unsent) = &mut self.unsent {
+            unsent.remove(k);
+        }
+        self.live.remove(k)
+    }
+
+    /// The first list's records, once.
+    fn take_unsent(&mut self) -> Vec<R> {
+        self.unsent
+            .take()
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The merged state of the four watches.
 #[derive(Debug)]
 pub struct Merger {
     node_name: String,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    services: RecordStore<ServiceRecord>,
+    slices: RecordStore<SliceRecord>,
     node: Store<Node>,
     service_cidrs: Store<ServiceCIDR>,
     /// The first `Replace` went out.
@@ -153,8 +268,8 @@ impl Merger {
     pub fn new(node_name: impl Into<String>) -> Self {
         Merger {
             node_name: node_name.into(),
-            services: Store::default(),
-            slices: Store::default(),
+            services: RecordStore::default(),
+            slices: RecordStore::default(),
             node: Store::default(),
             service_cidrs: Store::default(),
             initial_sent: false,
@@ -169,43 +284,66 @@ impl Merger {
     /// Feeds one event; returns the update to send, if any.
     pub fn apply(&mut self, input: Input) -> Option<SourceUpdate> {
         match input {
-            Input::Service(event) => match self.services.apply(event, wanted) {
-                Step::Nothing => None,
-                Step::Listed => self.replace(),
-                Step::Upsert(svc) => self
+            Input::Service(event) => match self.services.apply(event, ServiceRecord::new) {
+                RecordStep::Nothing => None,
+                RecordStep::FirstListed => self.replace(),
+                RecordStep::Relisted(services, gone) => Some(SourceUpdate::Changes(Changes {
+                    services,
+                    removed_services: gone
+                        .into_iter()
+                        .map(|(ns, name)| ServiceName::new(ns, name))
+                        .collect(),
+                    ..Changes::default()
+                })),
+                RecordStep::Upsert(svc) => self
                     .live()
                     .then(|| SourceUpdate::ServiceUpsert(Box::new(svc))),
-                Step::Delete((namespace, name)) => self
+                RecordStep::Delete((namespace, name)) => self
                     .live()
                     .then_some(SourceUpdate::ServiceDelete { namespace, name }),
             },
-            Input::Slice(event) => match self.slices.apply(event, wanted) {
-                Step::Nothing => None,
-                Step::Listed => self.replace(),
-                Step::Upsert(slice) => self
-                    .live()
-                    .then(|| SourceUpdate::EndpointSliceUpsert(Box::new(slice))),
-                Step::Delete((namespace, name)) => self
-                    .live()
-                    .then_some(SourceUpdate::EndpointSliceDelete { namespace, name }),
-            },
+            Input::Slice(event) => {
+                let node_name = self.node_name.clone();
+                let record = move |s: &EndpointSlice| SliceRecord::new(s, &node_name);
+                match self.slices.apply(event, record) {
+                    RecordStep::Nothing => None,
+                    RecordStep::FirstListed => self.replace(),
+                    RecordStep::Relisted(slices, gone) => Some(SourceUpdate::Changes(Changes {
+                        slices,
+                        removed_slices: gone,
+                        ..Changes::default()
+                    })),
+                    RecordStep::Upsert(slice) => self
+                        .live()
+                        .then(|| SourceUpdate::EndpointSliceUpsert(Box::new(slice))),
+                    RecordStep::Delete((namespace, name)) => self
+                        .live()
+                        .then_some(SourceUpdate::EndpointSliceDelete { namespace, name }),
+                }
+            }
             Input::Node(event) => {
                 let name = self.node_name.clone();
                 // The field selector asks for our Node only; anything else is ignored.
                 let ours = move |n: &Node| n.metadata.name.as_deref() == Some(name.as_str());
                 match self.node.apply(event, ours) {
                     Step::Nothing => None,
+                    Step::Listed if self.live() => Some(SourceUpdate::Node(
+                        self.node.live.values().next().cloned().map(Box::new),
+                    )),
                     Step::Listed => self.replace(),
                     Step::Upsert(node) => self
                         .live()
                         .then(|| SourceUpdate::Node(Some(Box::new(node)))),
-                    Step::Delete(_) => self.live().then_some(SourceUpdate::Node(None)),
+                    Step::Delete => self.live().then_some(SourceUpdate::Node(None)),
                 }
             }
             Input::ServiceCidr(event) => match self.service_cidrs.apply(event, |_| true) {
                 Step::Nothing => None,
+                Step::Listed if self.live() => {
+                    Some(SourceUpdate::ServiceCidrs(self.service_cidr_ranges()))
+                }
                 Step::Listed => self.replace(),
-                Step::Upsert(_) | Step::Delete(_) => self
+                Step::Upsert(_) | Step::Delete => self
                     .live()
                     .then(|| SourceUpdate::ServiceCidrs(self.service_cidr_ranges())),
             },
@@ -214,6 +352,9 @@ impl Merger {
                     return None;
                 }
                 self.service_cidrs.listed = true;
+                if self.live() {
+                    return None; // was never listed, so nothing to take back
+                }
                 self.replace()
             }
         }
@@ -241,22 +382,21 @@ impl Merger {
 
     /// A `Replace` of everything, once every kind has been listed.
     fn replace(&mut self) -> Option<SourceUpdate> {
-        if !(self.services.listed
-            && self.slices.listed
-            && self.node.listed
-            && self.service_cidrs.listed)
+        if self.initial_sent
+            || !(self.services.listed
+                && self.slices.listed
+                && self.node.listed
+                && self.service_cidrs.listed)
         {
             return None;
         }
         self.initial_sent = true;
-        let mut objects = Objects::from_raw(
-            self.services.live.values(),
-            self.slices.live.values(),
-            self.node.live.values().next().cloned(),
-            &self.node_name,
-        );
-        objects.service_cidrs = self.service_cidr_ranges();
-        Some(SourceUpdate::Replace(objects))
+        Some(SourceUpdate::Replace(Objects {
+            services: self.services.take_unsent(),
+            endpoint_slices: self.slices.take_unsent(),
+            node: self.node.live.values().next().cloned(),
+            service_cidrs: self.service_cidr_ranges(),
+        }))
     }
 }
 
@@ -410,8 +550,10 @@ mod tests {
                 &["10.96.0.0/16"]
             ))))
             .is_none());
-        let objects = replace_of(m.apply(Input::ServiceCidr(Event::InitDone)));
-        assert_eq!(objects.service_cidrs, nets(&["10.96.0.0/16"]));
+        match m.apply(Input::ServiceCidr(Event::InitDone)) {
+            Some(SourceUpdate::ServiceCidrs(all)) => assert_eq!(all, nets(&["10.96.0.0/16"])),
+            other => panic!("expected ServiceCidrs, got {other:?}"),
+        }
     }
 
     #[test]
@@ -492,13 +634,38 @@ mod tests {
         assert!(m
             .apply(Input::Service(Event::InitApply(svc("c", &[]))))
             .is_none());
-        let objects = replace_of(m.apply(Input::Service(Event::InitDone)));
-        assert_eq!(
-            names(&objects.services),
-            ["b", "c"],
-            "a is gone, x never was"
-        );
-        assert_eq!(objects.endpoint_slices.len(), 1, "other kinds kept");
-        assert!(objects.node.is_some());
+        // The relist replaces the Services only: every listed record, and `a` removed.
+        match m.apply(Input::Service(Event::InitDone)) {
+            Some(SourceUpdate::Changes(changes)) => {
+                assert_eq!(names(&changes.services), ["b", "c"], "x never was");
+                assert_eq!(changes.removed_services, [ServiceName::new("ns", "a")]);
+                assert!(changes.slices.is_empty() && changes.removed_slices.is_empty());
+            }
+            other => panic!("expected Changes, got {other:?}"),
+        }
+        // Only keys stay in the merger: a later delete of b is still recognised.
+        assert!(matches!(
+            m.apply(Input::Service(Event::Delete(svc("b", &[])))),
+            Some(SourceUpdate::ServiceDelete { ref name, .. }) if name == "b"
+        ));
+        // A slice relist removes the slices the list no longer has.
+        assert!(m.apply(Input::Slice(Event::Init)).is_none());
+        match m.apply(Input::Slice(Event::InitDone)) {
+            Some(SourceUpdate::Changes(changes)) => {
+                assert!(changes.slices.is_empty());
+                assert_eq!(
+                    changes.removed_slices,
+                    [("ns".to_string(), "a-1".to_string())]
+                );
+            }
+            other => panic!("expected Changes, got {other:?}"),
+        }
+        // A Node relist hands over the Node alone.
+        assert!(m.apply(Input::Node(Event::Init)).is_none());
+        assert!(m.apply(Input::Node(Event::InitApply(node("n1")))).is_none());
+        assert!(matches!(
+            m.apply(Input::Node(Event::InitDone)),
+            Some(SourceUpdate::Node(Some(_)))
+        ));
     }
 }
