@@ -1,5 +1,5 @@
 //! `bench deployed`: the release binary as a user runs it, fed by a real source, watched
-//! across periodic full syncs. Per source (`--manifests` files, or the fake API server over
+//! across periodic syncs. Per source (`--manifests` files, or the fake API server over
 //! HTTP inside the node's namespace) and size, in a fresh network namespace:
 //!
 //! 1. **first sync**: from launching the process to the first "synced rules" line (its
@@ -7,15 +7,15 @@
 //!    it does not yet, the kernel is polled and the time of the complete check counts);
 //! 2. **memory** (`VmRSS`, `VmHWM`) `--settle` seconds after that;
 //! 3. **idle**: CPU (utime + stime, and the `nft` children's) over `--idle` seconds with
-//!    nothing changing but the periodic full syncs (`--sync-period`);
+//!    nothing changing but the periodic syncs (`--sync-period`);
 //! 4. **endpoint changes**: `--changes` EndpointSlice updates (API) or file renames
 //!    (manifests), each timed from the event to the commit of the element carrying the new
 //!    endpoint, as an nftables netlink monitor in the node's namespace sees it (or, past
 //!    `--monitor-window`, a lookup of the element: see [`crate::probe`]);
 //! 5. **added Services**: `--adds` new Services, timed to their cluster IP's first element,
 //!    and to the one that gives it endpoints;
-//! 6. memory again, and the full syncs' own `took_ms` from the log, with the changes that
-//!    had to wait for one.
+//! 6. memory again, and the periodic syncs' own `took_ms` from the log (the lines after
+//!    the first that carry no change), with the changes that met one.
 //!
 //! The JSON report is written again after each run, so a failure keeps the runs before.
 
@@ -70,7 +70,7 @@ pub struct Args {
         default_value = "manifests,api"
     )]
     source: Vec<Source>,
-    /// The proxy's `--iptables-sync-period`, in seconds (a full sync this often).
+    /// The proxy's `--iptables-sync-period`, in seconds (a periodic sync this often).
     #[arg(long, default_value_t = 10.0, value_parser = positive)]
     sync_period: f64,
     /// The proxy's `--iptables-min-sync-period`, in seconds (its default: 1).
@@ -90,7 +90,7 @@ pub struct Args {
     adds: usize,
     /// Seconds between changes. A change also waits until `--min-sync-period` has passed
     /// since the previous change was committed, so it is never held back by its
-    /// predecessor's sync, only by the proxy's own full syncs.
+    /// predecessor's sync, only by the proxy's own periodic syncs.
     #[arg(long, default_value_t = 1.5, value_parser = non_negative)]
     change_interval: f64,
     /// Milliseconds the nftables monitor listens after each change (see `probe.rs`).
@@ -119,6 +119,10 @@ pub struct Args {
     /// Where to write the JSON figures.
     #[arg(long, default_value = "bench-deployed.json")]
     json: PathBuf,
+    /// One more flag for the proxy, e.g. `--proxy-arg=--kube-api-qps=50` (repeatable;
+    /// later flags win over the bench's own).
+    #[arg(long = "proxy-arg", allow_hyphen_values = true)]
+    proxy_arg: Vec<String>,
     /// Keep each run's proxy log in this directory (`SOURCE-SERVICES.log`).
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -193,7 +197,7 @@ pub struct FirstSync {
     pub bench_cpu_s: f64,
 }
 
-/// A periodic full sync, as the log reports it.
+/// The periodic syncs, as the log reports them.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Resyncs {
     pub count: usize,
@@ -231,8 +235,8 @@ pub struct Sample {
     pub set: String,
     /// Whether the monitor saw the commit, or a lookup the element.
     pub via: Option<Via>,
-    /// Whether the event had to wait for a periodic full sync: it came while one ran, or
-    /// less than the min sync period after one started.
+    /// Whether the event met a periodic sync: it came while one ran, or less than the min
+    /// sync period after one started.
     pub during_resync: bool,
 }
 
@@ -245,8 +249,8 @@ pub struct Latencies {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// Changes held by a periodic full sync (see [`Sample::during_resync`]), and their
-    /// worst latency.
+    /// Changes that met a periodic sync (see [`Sample::during_resync`]), and their worst
+    /// latency.
     pub during_resync: usize,
     pub during_resync_max_ms: f64,
     /// The median of the other changes, to compare with.
@@ -360,9 +364,9 @@ pub struct Run {
     pub memory_settled: Memory,
     pub idle_s: f64,
     pub idle_cpu: Cpu,
-    /// Periodic full syncs while idle (no monitor open).
+    /// Periodic syncs while idle (no monitor open).
     pub resyncs_idle: Resyncs,
-    /// Periodic full syncs during the change phases (the monitor listens for at most
+    /// Periodic syncs during the change phases (the monitor listens for at most
     /// `--monitor-window` after each change; a full sync committing then also builds a
     /// message per element for it).
     pub resyncs_changes: Resyncs,
@@ -611,6 +615,7 @@ fn proxy_args(args: &Args, source: Source, dir: &Path) -> Vec<String> {
             out.push(dir.join("kubeconfig").display().to_string());
         }
     }
+    out.extend(args.proxy_arg.iter().cloned());
     out
 }
 
@@ -882,7 +887,7 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
         std::fs::write(&path, &log).with_context(|| format!("writing {}", path.display()))?;
     }
     let syncs = proxylog::synced(&log);
-    let periodic: Vec<&Synced> = syncs.iter().skip(1).filter(|s| s.full).collect();
+    let periodic: Vec<&Synced> = syncs.iter().skip(1).filter(|s| s.periodic()).collect();
     let within = |from: SystemTime, to: SystemTime| -> Vec<&Synced> {
         periodic
             .iter()
@@ -969,7 +974,7 @@ fn markdown(report: &Report) -> String {
             r.idle_s
         )
     });
-    row("periodic full sync `took_ms`, p50 / max (n)", &|r| {
+    row("periodic sync `took_ms`, p50 / max (n)", &|r| {
         format!(
             "{} / {} ({})",
             fmt_ms(r.resyncs_idle.p50_ms),
@@ -988,9 +993,10 @@ fn markdown(report: &Report) -> String {
     row("one endpoint change, p50 / p99 / max (n)", &|r| {
         latency_cell(&r.endpoint_change)
     });
-    row("… landing during a full sync: count, max", &|r| {
-        during_cell(&r.endpoint_change)
-    });
+    row(
+        "… meeting a periodic sync (during, or < min sync period after its start): count, max",
+        &|r| during_cell(&r.endpoint_change),
+    );
     row("add one Service (cluster IP), p50 / p99 / max (n)", &|r| {
         latency_cell(&r.add_service)
     });
@@ -1001,7 +1007,7 @@ fn markdown(report: &Report) -> String {
         (Some(a), Some(b)) => format!("{} / {}", fmt_ms(a), fmt_ms(b)),
         _ => "–".into(),
     });
-    row("… landing during a full sync: count, max", &|r| {
+    row("… meeting a periodic sync: count, max", &|r| {
         during_cell(&r.add_service)
     });
     row("other work on the machine (cores busy, avg), steal", &|r| {

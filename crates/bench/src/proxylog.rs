@@ -1,6 +1,7 @@
 //! What the proxy's log says about its syncs: each "synced rules" line with its timestamp
 //! (tracing's default format: RFC 3339 in UTC, first on the line), whether the sync was
-//! full, and the proxy's own `took_ms`.
+//! full, how many changed Services and endpoint sets it carried, and the proxy's own
+//! `took_ms`.
 
 use std::time::{Duration, SystemTime};
 
@@ -10,6 +11,9 @@ pub struct Synced {
     /// When the line was written: just after the sync returned.
     pub at: SystemTime,
     pub full: bool,
+    /// Changed Services and endpoint sets the sync carried.
+    pub services: u64,
+    pub endpoints: u64,
     pub took_ms: f64,
     pub bytes: f64,
 }
@@ -20,9 +24,17 @@ impl Synced {
         self.at - Duration::from_secs_f64(self.took_ms.max(0.0) / 1e3)
     }
 
-    /// Whether an event at `t` had to wait for this sync: it came while the sync ran, or
-    /// less than `min_gap` (the min sync period) after it started, before which the runner
-    /// starts no other sync.
+    /// Whether the sync carried no change: the runner's periodic sync (after the first;
+    /// also a retry, or a Node change, which the bench does not make). A periodic sync
+    /// that rewrote everything says `full=true`; one that only checked the kernel (as
+    /// later versions do) may not.
+    pub fn periodic(&self) -> bool {
+        self.full || (self.services == 0 && self.endpoints == 0)
+    }
+
+    /// Whether an event at `t` met this sync: it came while the sync ran, or less than
+    /// `min_gap` (the min sync period) after it started, when the runner may hold the
+    /// next sync back.
     pub fn holds(&self, t: SystemTime, min_gap: Duration) -> bool {
         let start = self.started();
         start <= t && t <= self.at.max(start + min_gap)
@@ -48,6 +60,12 @@ fn parse_line(line: &str) -> Option<Synced> {
         at: SystemTime::from(at),
         // A periodic sync that only checked the kernel logs `full=false periodic=true`.
         full: field(line, "full")? == "true" || field(line, "periodic") == Some("true"),
+        services: field(line, "services")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        endpoints: field(line, "endpoints")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         took_ms,
         bytes: field(line, "bytes")
             .and_then(|b| b.parse().ok())
@@ -74,6 +92,10 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(synced("2025-12-04T02:55:42Z INFO synced rules full=true took_ms=NaN").is_empty());
         assert!(lines[0].full && !lines[1].full);
+        assert!(lines[0].periodic() && !lines[1].periodic());
+        assert_eq!((lines[1].services, lines[1].endpoints), (1, 0));
+        let check = "2025-12-04T02:56:02Z INFO synced rules full=false services=0 endpoints=0 bytes=0 took_ms=1.0";
+        assert!(synced(check)[0].periodic());
         assert_eq!(lines[0].took_ms, 12.5);
         assert_eq!(lines[0].bytes, 1234.0);
         let start = lines[0].started();
