@@ -329,7 +329,7 @@ pub fn plan_port(
     let port = sp.port;
     let names = PortChains::new(&sp.name);
 
-    let (cluster_eps, local_eps) = candidates(sp, endpoints, family, node);
+    let (cluster_eps, local_eps) = candidates(endpoints, family, node);
 
     let external_ips: Vec<IpAddr> = sp
         .external_ips

@@ -39,6 +39,7 @@ fn endpoint(i: u32, j: u32) -> Endpoint {
         terminating: false,
         is_local: false,
         zone_hints: vec![],
+        node_hints: vec![],
     }
 }
 
@@ -62,7 +63,6 @@ fn state() -> ProxyState {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
-            prefer_close: false,
         };
         state.services.insert(name.clone(), Arc::new(port));
         state

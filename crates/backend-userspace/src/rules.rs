@@ -143,7 +143,6 @@ mod tests {
             external_traffic_policy: Default::default(),
             internal_traffic_policy: Default::default(),
             health_check_node_port: None,
-            prefer_close: false,
         }
     }
 

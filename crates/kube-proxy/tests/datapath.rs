@@ -560,6 +560,7 @@ struct Ep {
     terminating: bool,
     node: &'static str,
     zone_hint: Option<&'static str>,
+    node_hint: Option<&'static str>,
 }
 
 impl Ep {
@@ -571,6 +572,7 @@ impl Ep {
             terminating: false,
             node,
             zone_hint: None,
+            node_hint: None,
         }
     }
 }
@@ -602,8 +604,15 @@ fn service_yaml(
             "  - addresses: [{}]\n    nodeName: {}\n    conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
             ep.ip, ep.node, ep.ready, ep.serving, ep.terminating
         ));
+        let mut hints = Vec::new();
         if let Some(zone) = ep.zone_hint {
-            y.push_str(&format!("    hints: {{forZones: [{{name: {zone}}}]}}\n"));
+            hints.push(format!("forZones: [{{name: {zone}}}]"));
+        }
+        if let Some(node) = ep.node_hint {
+            hints.push(format!("forNodes: [{{name: {node}}}]"));
+        }
+        if !hints.is_empty() {
+            y.push_str(&format!("    hints: {{{}}}\n", hints.join(", ")));
         }
     }
     if eps.is_empty() {
@@ -802,6 +811,7 @@ fn endpoint_selection_like_upstream(mode: Mode) {
                 terminating: true,
                 node: "node-b",
                 zone_hint: None,
+                node_hint: None,
             },
             Ep {
                 ip: BE1,
@@ -810,6 +820,7 @@ fn endpoint_selection_like_upstream(mode: Mode) {
                 terminating: true,
                 node: "node-b",
                 zone_hint: None,
+                node_hint: None,
             },
         ],
     );
@@ -819,7 +830,7 @@ fn endpoint_selection_like_upstream(mode: Mode) {
         "TCP",
         80,
         BACKEND_PORT,
-        "  trafficDistribution: PreferClose",
+        "  trafficDistribution: PreferSameZone",
         &[
             Ep {
                 zone_hint: Some("zone-a"),
@@ -847,8 +858,76 @@ fn endpoint_selection_like_upstream(mode: Mode) {
             },
         ],
     );
+    // (name, cluster IP, trafficDistribution, (node hint, zone hint) of be0 and be1, answers)
+    type Hints = (Option<&'static str>, Option<&'static str>);
+    let same_node_cases: [(&str, &str, &str, [Hints; 2], &[&str]); 4] = [
+        // This node's hint wins over zone hints that would pick both.
+        (
+            "samenode",
+            "10.96.0.54",
+            "PreferSameNode",
+            [
+                (Some("node-b"), Some("zone-a")),
+                (Some("node-a"), Some("zone-a")),
+            ],
+            &["be1"],
+        ),
+        // No node hint names this node: zone hints; hints count without trafficDistribution.
+        (
+            "othernode",
+            "10.96.0.55",
+            "",
+            [
+                (Some("node-b"), Some("zone-a")),
+                (Some("node-c"), Some("zone-b")),
+            ],
+            &["be0"],
+        ),
+        // be1 has no node hint: zone hints, although be0 is hinted for this node.
+        (
+            "partialnode",
+            "10.96.0.56",
+            "PreferSameNode",
+            [(Some("node-a"), Some("zone-b")), (None, Some("zone-a"))],
+            &["be1"],
+        ),
+        // Neither kind complete: every endpoint.
+        (
+            "nohints",
+            "10.96.0.57",
+            "PreferSameNode",
+            [(Some("node-a"), Some("zone-a")), (None, None)],
+            &["be0", "be1"],
+        ),
+    ];
+    let mut same_node = String::new();
+    for (name, cluster_ip, distribution, hints, _) in same_node_cases {
+        let spec = if distribution.is_empty() {
+            String::new()
+        } else {
+            format!("  trafficDistribution: {distribution}")
+        };
+        let eps = [BE0, BE1]
+            .into_iter()
+            .zip(hints)
+            .map(|(ip, (node_hint, zone_hint))| Ep {
+                node_hint,
+                zone_hint,
+                ..Ep::ready(ip, "node-b")
+            });
+        let eps: Vec<Ep> = eps.collect();
+        same_node.push_str(&service_yaml(
+            name,
+            cluster_ip,
+            "TCP",
+            80,
+            BACKEND_PORT,
+            &spec,
+            &eps,
+        ));
+    }
     let node = node_yaml("topology.kubernetes.io/zone: zone-a", "10.244.0.0/16");
-    let manifests = format!("{terminating}{topology}{not_ready}{node}");
+    let manifests = format!("{terminating}{topology}{not_ready}{same_node}{node}");
     let Some(cluster) = Cluster::start(mode, "endpoint_selection_like_upstream", &manifests, &[])
     else {
         return;
@@ -868,6 +947,13 @@ fn endpoint_selection_like_upstream(mode: Mode) {
         vec!["be0"],
         "not-ready endpoint skipped"
     );
+    for (name, cluster_ip, _, _, expected) in same_node_cases {
+        assert_eq!(
+            answers(cluster.client(), addr(cluster_ip, 80), 20),
+            expected,
+            "node hints: {name}"
+        );
+    }
 }
 
 fn masquerade_follows_detect_local_mode(mode: Mode) {

@@ -264,17 +264,6 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
         }
         _ => None,
     };
-    // Topology-aware routing: trafficDistribution, or the older annotations.
-    let topology_annotation = svc.metadata.annotations.as_ref().and_then(|a| {
-        a.get("service.kubernetes.io/topology-mode")
-            .or_else(|| a.get("service.kubernetes.io/topology-aware-hints"))
-    });
-    let prefer_close = spec.traffic_distribution.as_deref() == Some("PreferClose")
-        || matches!(
-            topology_annotation.map(String::as_str),
-            Some("Auto" | "auto")
-        );
-
     let ports = spec.ports.as_deref().unwrap_or(&[]);
     let mut seen = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
@@ -333,7 +322,6 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
             external_traffic_policy,
             internal_traffic_policy,
             health_check_node_port,
-            prefer_close,
         });
     }
     Ok(out)
@@ -443,11 +431,14 @@ pub fn slice_endpoints(
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                 let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
                 let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-                let zone_hints = ep
-                    .hints
-                    .as_ref()
+                let hints = ep.hints.as_ref();
+                let zone_hints = hints
                     .and_then(|h| h.for_zones.as_ref())
                     .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default();
+                let node_hints = hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect())
                     .unwrap_or_default();
                 bucket.entry((ip, port)).or_insert(Endpoint {
                     ip,
@@ -457,6 +448,7 @@ pub fn slice_endpoints(
                     terminating,
                     is_local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
                     zone_hints,
+                    node_hints,
                 });
             }
         }

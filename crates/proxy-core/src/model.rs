@@ -134,8 +134,6 @@ pub struct ServicePort {
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     pub health_check_node_port: Option<u16>,
-    /// `trafficDistribution: PreferClose` (or topology-aware hints annotation).
-    pub prefer_close: bool,
 }
 
 impl ServicePort {
@@ -154,7 +152,6 @@ impl ServicePort {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
-            prefer_close: false,
         }
     }
 
@@ -206,10 +203,12 @@ pub struct Endpoint {
     pub is_local: bool,
     /// Zones this endpoint is hinted for (topology-aware routing).
     pub zone_hints: Vec<String>,
+    /// Nodes this endpoint is hinted for (`trafficDistribution: PreferSameNode`).
+    pub node_hints: Vec<String>,
 }
 
 impl Endpoint {
-    /// A ready endpoint on another node, without zone hints.
+    /// A ready endpoint on another node, without topology hints.
     pub fn ready(ip: IpAddr, port: u16) -> Self {
         Endpoint {
             ip,
@@ -219,6 +218,7 @@ impl Endpoint {
             terminating: false,
             is_local: false,
             zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 

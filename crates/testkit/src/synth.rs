@@ -143,7 +143,6 @@ pub fn service_port(s: &SynthService) -> ServicePort {
         external_traffic_policy: policy(s.external_local),
         internal_traffic_policy: policy(s.internal_local),
         health_check_node_port: None,
-        prefer_close: false,
     }
 }
 
@@ -159,6 +158,7 @@ pub fn endpoints(s: &SynthService) -> Vec<Endpoint> {
             terminating: false,
             is_local,
             zone_hints: vec![],
+            node_hints: vec![],
         })
         .collect()
 }
