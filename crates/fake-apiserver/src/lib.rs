@@ -12,7 +12,9 @@
 //!   server does;
 //! * `410 Gone`: a watch or continue token older than the last compaction gets an ERROR
 //!   event / a 410 Status; [`FakeApiServer::expire_watches`] ends every open watch that way;
-//! * label selectors (`k`, `!k`, `k=v`, `k!=v`) and field selectors on `metadata.name`;
+//! * label selectors (`k`, `!k`, `k=v`, `k!=v`) and field selectors (`=`, `==`, `!=`) on
+//!   `metadata.name`, `metadata.namespace`, and for Services `spec.clusterIP` and
+//!   `spec.type` (others answer 400 `field label not supported`, as the real server);
 //! * failures on demand: dropped connections, slow responses, stop and restart on the same
 //!   address with the same data.
 //!
@@ -37,7 +39,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::selector::{FieldSelector, LabelSelector};
+use crate::selector::{FieldLabel, FieldSelector, LabelSelector, METADATA_FIELDS};
 
 /// The resources this server knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,6 +80,27 @@ impl Resource {
 
     fn namespaced(self) -> bool {
         !matches!(self, Resource::Nodes | Resource::ServiceCidrs)
+    }
+
+    /// The field labels the real server accepts in a field selector on this resource
+    /// (the ones the proxy's callers use; others are refused as unsupported).
+    fn field_labels(self) -> &'static [FieldLabel] {
+        const SERVICE_FIELDS: [FieldLabel; 4] = [
+            METADATA_FIELDS[0],
+            METADATA_FIELDS[1],
+            FieldLabel {
+                name: "spec.clusterIP",
+                pointer: "/spec/clusterIP",
+            },
+            FieldLabel {
+                name: "spec.type",
+                pointer: "/spec/type",
+            },
+        ];
+        match self {
+            Resource::Services => &SERVICE_FIELDS,
+            _ => &METADATA_FIELDS,
+        }
     }
 }
 
@@ -512,7 +535,8 @@ async fn handle(
         Ok(s) => s,
         Err(e) => return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
     };
-    let fields = match FieldSelector::parse(params.field_selector.as_deref().unwrap_or("")) {
+    let field_text = params.field_selector.as_deref().unwrap_or("");
+    let fields = match FieldSelector::parse(field_text, resource.field_labels()) {
         Ok(s) => s,
         Err(e) => return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
     };

@@ -69,12 +69,41 @@ impl LabelSelector {
     }
 }
 
-/// A parsed field selector on `metadata.name` / `metadata.namespace`.
+/// A field label a resource can be selected by, and where its value sits in the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldLabel {
+    pub name: &'static str,
+    pub pointer: &'static str,
+}
+
+/// The labels every object has; a resource adds its own (Services: `spec.clusterIP`, ...).
+pub const METADATA_FIELDS: [FieldLabel; 2] = [
+    FieldLabel {
+        name: "metadata.name",
+        pointer: "/metadata/name",
+    },
+    FieldLabel {
+        name: "metadata.namespace",
+        pointer: "/metadata/namespace",
+    },
+];
+
+/// A parsed field selector over the field labels of one resource.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldSelector(Vec<(String, bool, String)>);
+pub struct FieldSelector(Vec<(&'static str, bool, String)>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldSelectorError {
+    #[error(transparent)]
+    Syntax(#[from] SelectorError),
+    /// The API server's words for a label the resource does not support.
+    #[error("field label not supported: {0}")]
+    Unsupported(String),
+}
 
 impl FieldSelector {
-    pub fn parse(text: &str) -> Result<Self, SelectorError> {
+    /// Parses `text`, accepting only the field labels in `supported`.
+    pub fn parse(text: &str, supported: &[FieldLabel]) -> Result<Self, FieldSelectorError> {
         let mut out = Vec::new();
         for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
@@ -82,24 +111,21 @@ impl FieldSelector {
             } else if let Some((f, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (f, true, v)
             } else {
-                return Err(SelectorError(term.to_string()));
+                return Err(SelectorError(term.to_string()).into());
             };
             let field = field.trim();
-            if field != "metadata.name" && field != "metadata.namespace" {
-                return Err(SelectorError(term.to_string()));
-            }
-            out.push((field.to_string(), equal, value.trim().to_string()));
+            let label = supported
+                .iter()
+                .find(|l| l.name == field)
+                .ok_or_else(|| FieldSelectorError::Unsupported(field.to_string()))?;
+            out.push((label.pointer, equal, value.trim().to_string()));
         }
         Ok(FieldSelector(out))
     }
 
     pub fn matches(&self, object: &Value) -> bool {
-        self.0.iter().all(|(field, equal, value)| {
-            let pointer = if field == "metadata.name" {
-                "/metadata/name"
-            } else {
-                "/metadata/namespace"
-            };
+        self.0.iter().all(|(pointer, equal, value)| {
+            // A field the object lacks compares as empty, as the server's field sets have it.
             let actual = object
                 .pointer(pointer)
                 .and_then(Value::as_str)
@@ -145,18 +171,24 @@ mod tests {
 
     #[test]
     fn field_forms() {
+        let parse = |text| FieldSelector::parse(text, &METADATA_FIELDS).unwrap();
         let obj = json!({"metadata": {"name": "n1", "namespace": "ns"}});
-        assert!(FieldSelector::parse("metadata.name=n1")
-            .unwrap()
-            .matches(&obj));
-        assert!(!FieldSelector::parse("metadata.name=n2")
-            .unwrap()
-            .matches(&obj));
-        assert!(
-            FieldSelector::parse("metadata.name!=n2,metadata.namespace==ns")
-                .unwrap()
-                .matches(&obj)
+        assert!(parse("metadata.name=n1").matches(&obj));
+        assert!(!parse("metadata.name=n2").matches(&obj));
+        assert!(parse("metadata.name!=n2,metadata.namespace==ns").matches(&obj));
+        assert_eq!(
+            FieldSelector::parse("spec.clusterIP!=None", &METADATA_FIELDS)
+                .unwrap_err()
+                .to_string(),
+            "field label not supported: spec.clusterIP"
         );
-        assert!(FieldSelector::parse("spec.nodeName=x").is_err());
+        let cluster_ip = FieldLabel {
+            name: "spec.clusterIP",
+            pointer: "/spec/clusterIP",
+        };
+        let headless = FieldSelector::parse("spec.clusterIP!=None", &[cluster_ip]).unwrap();
+        assert!(!headless.matches(&json!({"spec": {"clusterIP": "None"}})));
+        assert!(headless.matches(&json!({"spec": {"clusterIP": "10.0.0.1"}})));
+        assert!(headless.matches(&json!({"spec": {"type": "ExternalName"}})));
     }
 }

@@ -253,3 +253,56 @@ async fn runtime_watcher_relists_after_gone_and_survives_drops() -> Result<()> {
     let _: Api<EndpointSlice> = Api::all(client);
     Ok(())
 }
+
+#[tokio::test]
+async fn field_selectors_filter_lists_and_watches_and_unsupported_labels_are_refused() -> Result<()>
+{
+    let (server, client) = start()?;
+    let mut headless = service("headless", json!({}));
+    headless["spec"] = json!({"clusterIP": "None"});
+    server.apply(headless)?;
+    server.apply(service("plain", json!({})))?;
+    let api: Api<Service> = Api::all(client.clone());
+    let not_headless = ListParams::default().fields("spec.clusterIP!=None");
+    let list = timeout(api.list(&not_headless)).await??;
+    let names: Vec<_> = list
+        .items
+        .iter()
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["plain"]);
+    // A watch from that list sees a new headless Service never, a plain one at once.
+    let rv = list
+        .metadata
+        .resource_version
+        .context("list resourceVersion")?;
+    let params = WatchParams::default()
+        .fields("spec.clusterIP!=None")
+        .timeout(5);
+    let mut events = timeout(api.watch(&params, &rv)).await??.boxed();
+    let mut late_headless = service("late-headless", json!({}));
+    late_headless["spec"] = json!({"clusterIP": "None"});
+    server.apply(late_headless)?;
+    server.apply(service("late-plain", json!({})))?;
+    loop {
+        match timeout(events.next()).await?.context("watch ended")?? {
+            WatchEvent::Bookmark(_) => continue,
+            WatchEvent::Added(svc) => {
+                assert_eq!(svc.metadata.name.as_deref(), Some("late-plain"));
+                break;
+            }
+            other => panic!("expected late-plain ADDED, got {other:?}"),
+        }
+    }
+    // EndpointSlices have no spec.clusterIP: the server refuses the selector.
+    let slices: Api<EndpointSlice> = Api::all(client);
+    let err = timeout(slices.list(&not_headless))
+        .await?
+        .expect_err("unsupported field label");
+    assert!(
+        err.to_string()
+            .contains("field label not supported: spec.clusterIP"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -230,6 +230,9 @@ fn api_initial_sync_then_changes_reach_the_kernel_and_traffic() {
             json!({"service.kubernetes.io/service-proxy-name": "other"}),
         ))
         .expect("apply");
+    let mut headless = service("dns-only", "None", 53, json!({}));
+    headless["spec"]["clusterIPs"] = json!(["None"]);
+    n.api.apply(headless).expect("apply");
     n.api.apply(node_object()).expect("apply");
     n.serve();
     n.start_proxy(&["--iptables-min-sync-period=0s"]);
@@ -299,6 +302,19 @@ fn api_initial_sync_then_changes_reach_the_kernel_and_traffic() {
         requests.iter().any(|r| r.starts_with("/api/v1/nodes")
             && r.contains("fieldSelector=metadata.name%3Dnode-a")),
         "{requests:?}"
+    );
+    // Headless Services are left out by the server (upstream v1.32+'s field selector, which
+    // the fake server applies), on the list and the watch alike.
+    let services: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services?"))
+        .collect();
+    assert!(
+        services.iter().any(|r| r.contains("watch=true"))
+            && services
+                .iter()
+                .all(|r| r.contains("fieldSelector=spec.clusterIP%21%3DNone")),
+        "{services:?}"
     );
     // Every API request is counted as upstream's client does (rest_client_* metrics).
     let host = n.addr.to_string();

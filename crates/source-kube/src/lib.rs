@@ -27,7 +27,7 @@ use kube::{Api, Client, Config};
 use proxy_core::source::SourceUpdate;
 use tokio::sync::mpsc;
 
-use crate::merge::{Input, Merger, LABEL_SELECTOR};
+use crate::merge::{Input, Merger, LABEL_SELECTOR, SERVICE_FIELD_SELECTOR};
 use crate::observe::ObserveLayer;
 use crate::ratelimit::RateLimitLayer;
 use proxy_core::observer::ApiRequestObserver;
@@ -250,11 +250,12 @@ pub async fn watch(
         ..config.list_semantic(watcher::ListSemantic::Any)
     };
     let selector = from_cache(watcher::Config::default().labels(LABEL_SELECTOR));
+    let service_selector = selector.clone().fields(SERVICE_FIELD_SELECTOR);
     let node_selector =
         from_cache(watcher::Config::default().fields(&format!("metadata.name={node_name}")));
     let services = kind_stream(
         "Service",
-        watcher(Api::<Service>::all(client.clone()), selector.clone()),
+        watcher(Api::<Service>::all(client.clone()), service_selector),
         Input::Service,
     );
     let slices = kind_stream(

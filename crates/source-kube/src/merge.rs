@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Metadata;
 use kube::runtime::watcher::Event;
 use proxy_core::model::ServiceName;
@@ -32,6 +33,9 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The label selector upstream uses for Services and EndpointSlices.
 pub const LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The field selector upstream (v1.32+) adds for Services: headless ones are DNS's
+/// business, so the server does not even send them.
+pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
 
 /// One event from one of the three watches.
 // Each event is moved once, from the watcher into the merger: boxing buys nothing.
@@ -79,14 +83,28 @@ fn key<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
 }
 
 /// Whether the proxy handles this Service or EndpointSlice. The API server already
-/// filters with `LABEL_SELECTOR`; checking again costs nothing and keeps a server that
-/// ignores selectors from feeding us another proxy's objects.
-fn wanted<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
-    obj: &K,
-) -> bool {
-    obj.metadata().labels.as_ref().is_none_or(|labels| {
+/// filters with `LABEL_SELECTOR` (and `SERVICE_FIELD_SELECTOR`); checking again costs
+/// nothing and keeps a server that ignores selectors from feeding us another proxy's
+/// objects or headless Services.
+trait Wanted: Metadata<Ty = ObjectMeta> {
+    fn wanted(&self) -> bool {
+        labels_wanted(self.metadata())
+    }
+}
+
+fn labels_wanted(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().is_none_or(|labels| {
         !labels.contains_key(SERVICE_PROXY_NAME_LABEL) && !labels.contains_key(HEADLESS_LABEL)
     })
+}
+
+impl Wanted for EndpointSlice {}
+
+impl Wanted for Service {
+    fn wanted(&self) -> bool {
+        let headless = self.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+        !headless && labels_wanted(&self.metadata)
+    }
 }
 
 /// Where a kind's event leaves things.
@@ -180,18 +198,14 @@ enum RecordStep<K, R> {
 }
 
 impl<R> RecordStore<R> {
-    fn apply<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
-        &mut self,
-        event: Event<K>,
-        record: impl Fn(&K) -> R,
-    ) -> RecordStep<K, R> {
+    fn apply<K: Wanted>(&mut self, event: Event<K>, record: impl Fn(&K) -> R) -> RecordStep<K, R> {
         match event {
             Event::Init => {
                 self.listing = Some(BTreeMap::new());
                 RecordStep::Nothing
             }
             Event::InitApply(obj) => {
-                if wanted(&obj) {
+                if obj.wanted() {
                     self.listing
                         .get_or_insert_with(BTreeMap::new)
                         .insert(key(&obj), record(&obj));
@@ -212,7 +226,7 @@ impl<R> RecordStore<R> {
             }
             Event::Apply(obj) => {
                 let k = key(&obj);
-                if wanted(&obj) {
+                if obj.wanted() {
                     self.live.insert(k.clone());
                     if let Some(unsent) = &mut self.unsent {
                         unsent.insert(k, record(&obj));
@@ -466,6 +480,15 @@ mod tests {
                 &[(SERVICE_PROXY_NAME_LABEL, "x")]
             ))))
             .is_none());
+        // Headless, from a server that ignored the field selector.
+        let mut headless = svc("headless", &[]);
+        headless.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ..Default::default()
+        });
+        assert!(m
+            .apply(Input::Service(Event::InitApply(headless)))
+            .is_none());
         assert!(m.apply(Input::Service(Event::InitDone)).is_none());
         assert!(m.apply(Input::Slice(Event::Init)).is_none());
         assert!(m
@@ -561,7 +584,11 @@ mod tests {
         let mut m = Merger::new("n1");
         let objects = initial(&mut m);
         assert!(m.initial_sent());
-        assert_eq!(names(&objects.services), ["a"], "labelled Service skipped");
+        assert_eq!(
+            names(&objects.services),
+            ["a"],
+            "labelled and headless Services skipped"
+        );
         assert_eq!(objects.endpoint_slices.len(), 1);
         assert_eq!(
             objects.node.and_then(|n| n.metadata.name).as_deref(),
