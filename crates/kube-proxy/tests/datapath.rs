@@ -860,7 +860,14 @@ fn endpoint_selection_like_upstream(mode: Mode) {
     );
     // (name, cluster IP, trafficDistribution, (node hint, zone hint) of be0 and be1, answers)
     type Hints = (Option<&'static str>, Option<&'static str>);
-    let same_node_cases: [(&str, &str, &str, [Hints; 2], &[&str]); 4] = [
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        [Hints; 2],
+        &'static [&'static str],
+    );
+    let same_node_cases: [Case; 4] = [
         // This node's hint wins over zone hints that would pick both.
         (
             "samenode",
