@@ -1,221 +1,234 @@
-//! Conntrack: deleting stale flows with the `conntrack` tool, and the `--conntrack-*`
-//! sysctls.
+//! Conntrack: the UDP entries the reconciler lists and deletes, over ctnetlink (no
+//! `conntrack` tool on the node), and the `--conntrack-*` sysctls.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use proxy_core::model::{IpFamily, Protocol};
-use proxy_core::stale::{ConntrackCleaner, StaleFlow};
+use netlink::{DecodeError, Message, RequestError, Socket, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use proxy_core::model::IpFamily;
+use proxy_core::stale::{Conntrack, FlowEntry, FlowTuple};
 
-/// Deletes flows by running `conntrack -D` (conntrack-tools).
-#[derive(Debug, Clone)]
-pub struct ConntrackTool {
-    program: String,
-}
+// ctnetlink (linux/netfilter/nfnetlink_conntrack.h).
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const IPPROTO_UDP: u8 = 17;
+/// `nfgenmsg` is 4 bytes: family, version, resource id.
+const NFGENMSG_LEN: usize = 4;
 
-impl Default for ConntrackTool {
-    fn default() -> Self {
-        ConntrackTool {
-            program: "conntrack".into(),
-        }
-    }
-}
-
-fn family_arg(family: IpFamily) -> &'static str {
+fn af(family: IpFamily) -> u8 {
     match family {
-        IpFamily::V4 => "ipv4",
-        IpFamily::V6 => "ipv6",
+        IpFamily::V4 => libc::AF_INET as u8,
+        IpFamily::V6 => libc::AF_INET6 as u8,
     }
 }
 
-/// The `conntrack -D` arguments that select exactly the flow's entries.
-pub fn delete_args(flow: &StaleFlow) -> Vec<String> {
-    let mut args: Vec<String> = vec!["-D".into()];
-    let mut push = |a: &str, b: String| {
-        args.push(a.into());
-        args.push(b);
-    };
-    let protocol = |p: Protocol| p.as_str().to_string();
-    match flow {
-        StaleFlow::ServiceToEndpoint {
-            protocol: p,
-            service_ip,
-            port,
-            endpoint,
-        } => {
-            push("-f", family_arg(IpFamily::of(service_ip)).into());
-            push("-p", protocol(*p));
-            push("--orig-dst", service_ip.to_string());
-            push("--orig-port-dst", port.to_string());
-            push("--reply-src", endpoint.to_string());
-        }
-        StaleFlow::NodePortToEndpoint {
-            protocol: p,
-            family,
-            node_port,
-            endpoint,
-        } => {
-            push("-f", family_arg(*family).into());
-            push("-p", protocol(*p));
-            push("--orig-port-dst", node_port.to_string());
-            push("--reply-src", endpoint.to_string());
-        }
-        StaleFlow::Service {
-            protocol: p,
-            service_ip,
-            port,
-        } => {
-            push("-f", family_arg(IpFamily::of(service_ip)).into());
-            push("-p", protocol(*p));
-            push("--orig-dst", service_ip.to_string());
-            push("--orig-port-dst", port.to_string());
-        }
-        StaleFlow::NodePort {
-            protocol: p,
-            family,
-            node_port,
-        } => {
-            push("-f", family_arg(*family).into());
-            push("-p", protocol(*p));
-            push("--orig-port-dst", node_port.to_string());
-        }
-    }
-    args
+fn nfgenmsg(family: IpFamily) -> [u8; NFGENMSG_LEN] {
+    [af(family), 0, 0, 0]
 }
 
-/// What the cleanup needs of one conntrack entry: the original destination and where the
-/// reply comes from (the endpoint, once NATed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub protocol: Protocol,
-    pub orig_dst: IpAddr,
-    pub orig_dport: u16,
-    pub reply_src: IpAddr,
+/// The conntrack table over a kept-open `NETLINK_NETFILTER` socket.
+#[derive(Default)]
+pub struct ConntrackNetlink {
+    socket: Option<Socket>,
 }
 
-/// Parses `conntrack -L` output: per line the protocol, then the original tuple's
-/// `src= dst= sport= dport=`, then the reply tuple's. Lines it cannot read are skipped.
-pub fn parse_entries(text: &str) -> Vec<Entry> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let protocol = match words.next()? {
-                "udp" => Protocol::Udp,
-                "sctp" => Protocol::Sctp,
-                "tcp" => Protocol::Tcp,
-                _ => return None,
-            };
-            let fields: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
-            let nth = |key: &str, n: usize| {
-                fields
-                    .iter()
-                    .filter(|(k, _)| *k == key)
-                    .nth(n)
-                    .map(|(_, v)| *v)
-            };
-            Some(Entry {
-                protocol,
-                orig_dst: nth("dst", 0)?.parse().ok()?,
-                orig_dport: nth("dport", 0)?.parse().ok()?,
-                reply_src: nth("src", 1)?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-/// Whether `entry` is one of the entries `flow` stands for.
-pub fn matches(flow: &StaleFlow, entry: &Entry) -> bool {
-    if flow.protocol() != entry.protocol || flow.family() != IpFamily::of(&entry.orig_dst) {
-        return false;
-    }
-    match flow {
-        StaleFlow::ServiceToEndpoint {
-            service_ip,
-            port,
-            endpoint,
-            ..
-        } => {
-            entry.orig_dst == *service_ip
-                && entry.orig_dport == *port
-                && entry.reply_src == *endpoint
+impl ConntrackNetlink {
+    fn socket(&mut self) -> Result<&mut Socket, RequestError> {
+        if self.socket.is_none() {
+            self.socket = Some(Socket::open(libc::NETLINK_NETFILTER)?);
         }
-        StaleFlow::NodePortToEndpoint {
-            node_port,
-            endpoint,
-            ..
-        } => entry.orig_dport == *node_port && entry.reply_src == *endpoint,
-        StaleFlow::Service {
-            service_ip, port, ..
-        } => entry.orig_dst == *service_ip && entry.orig_dport == *port,
-        StaleFlow::NodePort { node_port, .. } => entry.orig_dport == *node_port,
+        // Just filled in when it was empty.
+        self.socket
+            .as_mut()
+            .ok_or(RequestError::Decode(DecodeError::Truncated))
     }
 }
 
-impl ConntrackTool {
-    /// The entries of one family and protocol (`conntrack -L`).
-    fn list(&self, family: IpFamily, protocol: Protocol) -> Result<Vec<Entry>, String> {
-        let output = Command::new(&self.program)
-            .args(["-L", "-f", family_arg(family), "-p", protocol.as_str()])
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.program))?;
-        if !output.status.success() {
-            return Err(format!(
-                "{} -L: {}",
-                self.program,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        Ok(parse_entries(&String::from_utf8_lossy(&output.stdout)))
-    }
+fn be16(data: &[u8], name: &'static str) -> Result<u16, DecodeError> {
+    data.get(..2)
+        .and_then(|b| b.try_into().ok())
+        .map(u16::from_be_bytes)
+        .ok_or(DecodeError::Missing(name))
 }
 
-impl ConntrackCleaner for ConntrackTool {
-    /// Lists the table once per family and protocol and deletes only the flows that have
-    /// entries: at start-up every UDP Service counts as new, and one `conntrack -D` per
-    /// Service would take seconds at 10,000 Services.
-    fn delete_all(&mut self, flows: &BTreeSet<StaleFlow>) -> Vec<String> {
-        let kinds: BTreeSet<(IpFamily, Protocol)> =
-            flows.iter().map(|f| (f.family(), f.protocol())).collect();
-        let mut entries = Vec::new();
-        for (family, protocol) in kinds {
-            match self.list(family, protocol) {
-                Ok(listed) => entries.extend(listed),
-                // Without a listing, fall back to asking for every flow.
-                Err(_) => {
-                    return flows
-                        .iter()
-                        .filter_map(|flow| self.delete(flow).err())
-                        .collect()
+fn address(data: &[u8]) -> Result<IpAddr, DecodeError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(data) {
+        return Ok(IpAddr::V4(Ipv4Addr::from(v4)));
+    }
+    <[u8; 16]>::try_from(data)
+        .map(|v6| IpAddr::V6(Ipv6Addr::from(v6)))
+        .map_err(|_| DecodeError::Unsupported("CTA_IP address"))
+}
+
+/// A tuple nest; `None` when it is not UDP.
+fn decode_tuple(data: &[u8]) -> Result<Option<FlowTuple>, DecodeError> {
+    let mut ips = (None, None);
+    let mut ports = (None, None);
+    let mut udp = false;
+    for item in netlink::Attrs(data) {
+        let (kind, payload) = item?;
+        match kind {
+            CTA_TUPLE_IP => {
+                for item in netlink::Attrs(payload) {
+                    let (kind, payload) = item?;
+                    match kind {
+                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => ips.0 = Some(address(payload)?),
+                        CTA_IP_V4_DST | CTA_IP_V6_DST => ips.1 = Some(address(payload)?),
+                        _ => {}
+                    }
                 }
             }
+            CTA_TUPLE_PROTO => {
+                for item in netlink::Attrs(payload) {
+                    let (kind, payload) = item?;
+                    match kind {
+                        CTA_PROTO_NUM => udp = payload.first() == Some(&IPPROTO_UDP),
+                        CTA_PROTO_SRC_PORT => ports.0 = Some(be16(payload, "CTA_PROTO_SRC_PORT")?),
+                        CTA_PROTO_DST_PORT => ports.1 = Some(be16(payload, "CTA_PROTO_DST_PORT")?),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
         }
-        flows
-            .iter()
-            .filter(|flow| entries.iter().any(|e| matches(flow, e)))
-            .filter_map(|flow| self.delete(flow).err())
-            .collect()
+    }
+    if !udp {
+        return Ok(None);
+    }
+    Ok(Some(FlowTuple {
+        src: ips.0.ok_or(DecodeError::Missing("CTA_IP source"))?,
+        dst: ips.1.ok_or(DecodeError::Missing("CTA_IP destination"))?,
+        src_port: ports.0.ok_or(DecodeError::Missing("CTA_PROTO_SRC_PORT"))?,
+        dst_port: ports.1.ok_or(DecodeError::Missing("CTA_PROTO_DST_PORT"))?,
+    }))
+}
+
+/// One `IPCTNL_MSG_CT_NEW` message of a dump; `None` for entries other than UDP.
+pub fn decode_entry(payload: &[u8]) -> Result<Option<FlowEntry>, DecodeError> {
+    let attrs = payload.get(NFGENMSG_LEN..).ok_or(DecodeError::Truncated)?;
+    let (mut original, mut reply, mut zone) = (None, None, 0);
+    for item in netlink::Attrs(attrs) {
+        let (kind, payload) = item?;
+        match kind {
+            CTA_TUPLE_ORIG => match decode_tuple(payload)? {
+                Some(t) => original = Some(t),
+                None => return Ok(None),
+            },
+            CTA_TUPLE_REPLY => reply = decode_tuple(payload)?,
+            CTA_ZONE => zone = be16(payload, "CTA_ZONE")?,
+            _ => {}
+        }
+    }
+    match (original, reply) {
+        (Some(original), Some(reply)) => Ok(Some(FlowEntry {
+            original,
+            reply,
+            zone,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// The `IPCTNL_MSG_CT_DELETE` request for one entry, found by its original tuple.
+pub fn delete_message(entry: &FlowEntry, seq: u32) -> Vec<u8> {
+    let family = IpFamily::of(&entry.original.dst);
+    let mut m = Message::new(
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        &nfgenmsg(family),
+    );
+    let t = &entry.original;
+    m.begin_nested(CTA_TUPLE_ORIG);
+    m.begin_nested(CTA_TUPLE_IP);
+    let octets = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let (src, dst) = match family {
+        IpFamily::V4 => (CTA_IP_V4_SRC, CTA_IP_V4_DST),
+        IpFamily::V6 => (CTA_IP_V6_SRC, CTA_IP_V6_DST),
+    };
+    m.attr(src, &octets(t.src));
+    m.attr(dst, &octets(t.dst));
+    m.end_nested();
+    m.begin_nested(CTA_TUPLE_PROTO);
+    m.attr(CTA_PROTO_NUM, &[IPPROTO_UDP]);
+    m.attr(CTA_PROTO_SRC_PORT, &t.src_port.to_be_bytes());
+    m.attr(CTA_PROTO_DST_PORT, &t.dst_port.to_be_bytes());
+    m.end_nested();
+    m.end_nested();
+    if entry.zone != 0 {
+        m.attr(CTA_ZONE, &entry.zone.to_be_bytes());
+    }
+    m.finish()
+}
+
+impl Conntrack for ConntrackNetlink {
+    fn list_udp(&mut self, family: IpFamily) -> Result<Vec<FlowEntry>, String> {
+        let socket = self.socket().map_err(|e| e.to_string())?;
+        let seq = socket.next_seq();
+        let request = Message::new(
+            (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            &nfgenmsg(family),
+        )
+        .finish();
+        let mut out = Vec::new();
+        let result = socket.request_each(&request, |payload| {
+            if let Some(entry) = decode_entry(payload)? {
+                out.push(entry);
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(out),
+            // The table changed under the dump: go on with what was read, as upstream.
+            Err(RequestError::Kernel { errno, .. }) if errno == libc::EINTR => Ok(out),
+            Err(e) => {
+                // A socket left mid-dump is reopened next time.
+                self.socket = None;
+                Err(format!("listing conntrack entries: {e}"))
+            }
+        }
     }
 
-    fn delete(&mut self, flow: &StaleFlow) -> Result<(), String> {
-        let output = Command::new(&self.program)
-            .args(delete_args(flow))
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.program))?;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        // conntrack exits 1 when nothing matched: that is success for us.
-        if output.status.success() || stderr.contains("0 flow entries") {
-            return Ok(());
+    fn delete(&mut self, entries: &[FlowEntry]) -> (u64, Vec<String>) {
+        let mut deleted = 0;
+        let mut errors = Vec::new();
+        for entry in entries {
+            let socket = match self.socket() {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    break;
+                }
+            };
+            let seq = socket.next_seq();
+            match socket.request(&delete_message(entry, seq)) {
+                Ok(_) => deleted += 1,
+                // Gone already (expired, or deleted by someone else): nothing to do.
+                Err(RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => {}
+                Err(e) => errors.push(format!("{:?}: {e}", entry.original)),
+            }
         }
-        Err(format!(
-            "{} {:?}: {}",
-            self.program,
-            delete_args(flow),
-            stderr.trim()
-        ))
+        (deleted, errors)
     }
 }
 
@@ -297,65 +310,68 @@ pub fn apply_sysctls(settings: &ConntrackSettings, cpus: usize) -> Vec<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn listed_entries_select_the_flows_to_delete() {
-        let listing = "udp      17 29 src=10.0.0.1 dst=10.96.0.53 sport=40000 dport=53 src=10.244.1.2 dst=10.0.0.1 sport=5353 dport=40000 mark=0 use=1\n\
-                       udp      17 20 src=10.0.0.1 dst=192.168.1.1 sport=40001 dport=30053 [UNREPLIED] src=192.168.1.1 dst=10.0.0.1 sport=30053 dport=40001 mark=0 use=1\n\
-                       garbage line\n";
-        let entries = parse_entries(listing);
-        assert_eq!(entries.len(), 2);
-        assert_eq!(
-            entries[0].reply_src,
-            "10.244.1.2".parse::<IpAddr>().unwrap()
-        );
-        let to_endpoint = StaleFlow::ServiceToEndpoint {
-            protocol: Protocol::Udp,
-            service_ip: "10.96.0.53".parse().unwrap(),
-            port: 53,
-            endpoint: "10.244.1.2".parse().unwrap(),
-        };
-        assert!(matches(&to_endpoint, &entries[0]));
-        let other_endpoint = StaleFlow::ServiceToEndpoint {
-            protocol: Protocol::Udp,
-            service_ip: "10.96.0.53".parse().unwrap(),
-            port: 53,
-            endpoint: "10.244.9.9".parse().unwrap(),
-        };
-        assert!(!matches(&other_endpoint, &entries[0]));
-        let node_port = StaleFlow::NodePort {
-            protocol: Protocol::Udp,
-            family: IpFamily::V4,
-            node_port: 30053,
-        };
-        assert!(matches(&node_port, &entries[1]));
-        let sctp = StaleFlow::NodePort {
-            protocol: Protocol::Sctp,
-            family: IpFamily::V4,
-            node_port: 30053,
-        };
-        assert!(!matches(&sctp, &entries[1]));
+    fn entry() -> FlowEntry {
+        FlowEntry {
+            original: FlowTuple {
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.96.0.53".parse().unwrap(),
+                src_port: 40000,
+                dst_port: 53,
+            },
+            reply: FlowTuple {
+                src: "10.244.1.2".parse().unwrap(),
+                dst: "10.0.0.1".parse().unwrap(),
+                src_port: 5353,
+                dst_port: 40000,
+            },
+            zone: 7,
+        }
+    }
+
+    /// A dump message as the kernel sends it: nfgenmsg, both tuples, the zone.
+    fn listed(e: &FlowEntry, proto: u8) -> Vec<u8> {
+        let mut m = Message::new(0, 0, 1, &nfgenmsg(IpFamily::V4));
+        for (kind, t) in [(CTA_TUPLE_ORIG, &e.original), (CTA_TUPLE_REPLY, &e.reply)] {
+            let v4 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.octets(),
+                IpAddr::V6(_) => unreachable!(),
+            };
+            m.begin_nested(kind);
+            m.begin_nested(CTA_TUPLE_IP);
+            m.attr(CTA_IP_V4_SRC, &v4(t.src));
+            m.attr(CTA_IP_V4_DST, &v4(t.dst));
+            m.end_nested();
+            m.begin_nested(CTA_TUPLE_PROTO);
+            m.attr(CTA_PROTO_NUM, &[proto]);
+            m.attr(CTA_PROTO_SRC_PORT, &t.src_port.to_be_bytes());
+            m.attr(CTA_PROTO_DST_PORT, &t.dst_port.to_be_bytes());
+            m.end_nested();
+            m.end_nested();
+        }
+        m.attr(CTA_ZONE, &e.zone.to_be_bytes());
+        m.finish()[netlink::NLMSG_HDRLEN..].to_vec()
     }
 
     #[test]
-    fn delete_args_select_the_flow() {
-        let flow = StaleFlow::ServiceToEndpoint {
-            protocol: Protocol::Udp,
-            service_ip: "10.96.0.53".parse().unwrap(),
-            port: 53,
-            endpoint: "10.244.1.2".parse().unwrap(),
-        };
-        assert_eq!(
-            delete_args(&flow).join(" "),
-            "-D -f ipv4 -p udp --orig-dst 10.96.0.53 --orig-port-dst 53 --reply-src 10.244.1.2"
-        );
-        let flow = StaleFlow::NodePort {
-            protocol: Protocol::Sctp,
-            family: IpFamily::V6,
-            node_port: 30053,
-        };
-        assert_eq!(
-            delete_args(&flow).join(" "),
-            "-D -f ipv6 -p sctp --orig-port-dst 30053"
-        );
+    fn listed_udp_entries_decode_and_others_are_skipped() {
+        let e = entry();
+        assert_eq!(decode_entry(&listed(&e, IPPROTO_UDP)), Ok(Some(e)));
+        assert_eq!(decode_entry(&listed(&e, 6)), Ok(None));
+        assert!(decode_entry(&[0, 0]).is_err());
+    }
+
+    /// The delete request names the entry by its original tuple and zone, in the layout
+    /// the decoder reads.
+    #[test]
+    fn delete_request_names_the_original_tuple() {
+        let e = entry();
+        let bytes = delete_message(&e, 1);
+        assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), 0x102);
+        let expected = listed(&e, IPPROTO_UDP);
+        let payload = &bytes[netlink::NLMSG_HDRLEN..];
+        // nfgenmsg + the original tuple are the same bytes; then the zone.
+        let orig_len = u16::from_ne_bytes([payload[4], payload[5]]) as usize;
+        assert_eq!(payload[..4 + orig_len], expected[..4 + orig_len]);
+        assert_eq!(&payload[4 + orig_len..], &[6, 0, 18, 0, 0, 7, 0, 0]);
     }
 }

@@ -13,10 +13,11 @@ use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
 use backend_userspace::{UserspaceConfig, UserspaceProxier};
-use conntrack::{ConntrackSettings, ConntrackTool};
+use conntrack::{ConntrackNetlink, ConntrackSettings};
 use observability::health::Health;
 use observability::metrics::ProxyMetrics;
 use observability::observer::ProxyObserver;
+use proxy_core::model::IpFamily;
 use proxy_core::observer::{ApiRequestObserver, SyncObserver};
 use proxy_core::proxier::Proxier;
 use proxy_core::runner::{self, RunnerConfig};
@@ -96,6 +97,16 @@ impl BackendSettings {
                 Box::new(UserspaceProxier::new(config.clone(), NftCommand::default()))
             }
             BackendSettings::Ipvs(config) => Box::new(IpvsProxier::new(config.clone())),
+        }
+    }
+
+    /// The IP families the backend programs.
+    fn families(&self) -> Vec<IpFamily> {
+        match self {
+            BackendSettings::Nftables(config) => config.families.clone(),
+            BackendSettings::Iptables(config) => config.families.clone(),
+            BackendSettings::Userspace(config) => config.families.clone(),
+            BackendSettings::Ipvs(config) => config.families.clone(),
         }
     }
 
@@ -194,7 +205,9 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let proxier: Box<dyn Proxier> = if settings.backend.uses_kernel_nat() {
         Box::new(CleaningProxier::new(
             settings.backend.proxier(),
-            ConntrackTool::default(),
+            ConntrackNetlink::default(),
+            settings.backend.families(),
+            Arc::clone(&observer),
         ))
     } else {
         settings.backend.proxier()

@@ -66,10 +66,15 @@ impl Mode {
                 "internal_traffic_policy_local_masquerades_like_cluster",
                 "external_traffic_policy_local_short_circuits_pods_and_node",
                 "detect_local_mode_decides_who_is_a_pod",
+                // The proxy process holds the UDP sessions; conntrack only redirects to it.
+                "udp_stale_flows_reconciled_like_upstream",
             ],
             // Upstream's iptables mode has no rule for Service IPs without a Service
-            // port: such packets are routed on, untranslated.
-            "iptables" => &["service_ip_checks"],
+            // port: such packets are routed on, untranslated. Kernel modes keep a UDP
+            // flow when its Service scales to zero, as upstream's conntrack reconciler:
+            // udp_stale_flows_reconciled_like_upstream covers them.
+            "iptables" => &["service_ip_checks", "udp_client_follows_replaced_endpoint"],
+            "nftables" => &["udp_client_follows_replaced_endpoint"],
             _ => &[],
         };
         let skip = skipped.contains(&behaviour);
@@ -1338,7 +1343,11 @@ fn legacy_ip_forms_are_served_like_upstream(mode: Mode) {
     }
 }
 
+/// Userspace mode: the proxy's own UDP sessions follow endpoint changes.
 fn udp_client_follows_replaced_endpoint(mode: Mode) {
+    if mode.skips("udp_client_follows_replaced_endpoint") {
+        return;
+    }
     let dns = |eps: &[Ep]| service_yaml("dns", "10.96.0.53", "UDP", 53, BACKEND_PORT, "", eps);
     let Some(mut cluster) = Cluster::start(
         mode,
@@ -1359,6 +1368,128 @@ fn udp_client_follows_replaced_endpoint(mode: Mode) {
     assert!(matches!(ask(&cluster), Err(RequestError::Refused)));
     cluster.update(&dns(&[Ep::ready(BE0, "node-b")]));
     assert_eq!(ask(&cluster).expect("after endpoints came back"), "be0");
+}
+
+/// The UDP conntrack entries in `node` whose original source port is `sport`, as the
+/// address each was DNATed to (the reply's source).
+fn udp_flows_from(node: &Netns, sport: u16) -> Vec<String> {
+    let listing = node
+        .exec(&["conntrack", "-L", "-p", "udp"])
+        .expect("conntrack -L");
+    let needle = format!("sport={sport} ");
+    listing
+        .lines()
+        .filter(|l| {
+            // The original tuple's source port is the first `sport=`.
+            l.split_whitespace().find(|w| w.starts_with("sport=")) == Some(needle.trim_end())
+        })
+        .filter_map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.strip_prefix("src="))
+                .nth(1)
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// As upstream's conntrack reconciler (v1.32+): once a UDP Service's endpoints change,
+/// flows to its cluster IP, external IP and NodePort that were DNATed to an endpoint no
+/// longer serving are deleted and the others kept; a Service scaled to zero keeps its
+/// flows (new clients are refused) until it has endpoints again.
+fn udp_stale_flows_reconciled_like_upstream(mode: Mode) {
+    if mode.skips("udp_stale_flows_reconciled_like_upstream") {
+        return;
+    }
+    let dns = |eps: &[Ep]| {
+        service_yaml(
+            "dns",
+            "10.96.0.53",
+            "UDP",
+            53,
+            BACKEND_PORT,
+            "  type: NodePort\n  externalIPs: [192.168.200.53]",
+            eps,
+        )
+        .replace(
+            &format!("targetPort: {BACKEND_PORT}}}"),
+            &format!("targetPort: {BACKEND_PORT}, nodePort: 30053}}"),
+        )
+    };
+    let node = node_yaml("", "10.244.0.0/16");
+    let both = format!(
+        "{}{node}",
+        dns(&[Ep::ready(BE0, "node-b"), Ep::ready(BE1, "node-b")])
+    );
+    let Some(mut cluster) =
+        Cluster::start(mode, "udp_stale_flows_reconciled_like_upstream", &both, &[])
+    else {
+        return;
+    };
+    let destinations = [
+        addr("10.96.0.53", 53),
+        addr("192.168.200.53", 53),
+        addr("192.168.100.1", 30053),
+    ];
+    // Per destination, a client port whose flow went to be0 and one whose flow went to be1.
+    let mut flows: Vec<(SocketAddr, u16, u16)> = Vec::new();
+    let mut next_port = 41000;
+    for dest in destinations {
+        let (mut to_be0, mut to_be1) = (None, None);
+        while to_be0.is_none() || to_be1.is_none() {
+            assert!(next_port < 41200, "{dest}: no spread over both endpoints");
+            let answer = testkit::udp_request_from(cluster.client(), next_port, dest, TIMEOUT)
+                .expect("udp request");
+            match answer.as_str() {
+                "be0" if to_be0.is_none() => to_be0 = Some(next_port),
+                "be1" if to_be1.is_none() => to_be1 = Some(next_port),
+                _ => {}
+            }
+            next_port += 1;
+        }
+        flows.push((dest, to_be0.unwrap_or_default(), to_be1.unwrap_or_default()));
+    }
+    let node_ns = &cluster.topo.node;
+    for (dest, p0, p1) in &flows {
+        assert_eq!(udp_flows_from(node_ns, *p0), [BE0], "{dest} flow to be0");
+        assert_eq!(udp_flows_from(node_ns, *p1), [BE1], "{dest} flow to be1");
+    }
+
+    // be0 leaves: its flows go, be1's stay.
+    cluster.update(&format!("{}{node}", dns(&[Ep::ready(BE1, "node-b")])));
+    let node_ns = &cluster.topo.node;
+    for (dest, p0, p1) in &flows {
+        assert!(
+            udp_flows_from(node_ns, *p0).is_empty(),
+            "{dest}: the flow to the removed endpoint must be deleted"
+        );
+        assert_eq!(
+            udp_flows_from(node_ns, *p1),
+            [BE1],
+            "{dest}: be1's flow kept"
+        );
+        let again = testkit::udp_request_from(cluster.client(), *p0, *dest, TIMEOUT);
+        assert_eq!(again.expect("after be0 left"), "be1", "{dest}");
+    }
+
+    // Scaled to zero: upstream leaves the flows alone; a new client is refused.
+    cluster.update(&format!("{}{node}", dns(&[])));
+    let node_ns = &cluster.topo.node;
+    for (dest, p0, p1) in &flows {
+        assert_eq!(udp_flows_from(node_ns, *p1), [BE1], "{dest}: kept at zero");
+        assert_eq!(udp_flows_from(node_ns, *p0), [BE1], "{dest}: kept at zero");
+    }
+    let fresh = testkit::udp_request_from(cluster.client(), 41500, destinations[0], TIMEOUT);
+    assert!(matches!(fresh, Err(RequestError::Refused)), "{fresh:?}");
+
+    // Endpoints again (be0 only): every flow to be1 is stale now.
+    cluster.update(&format!("{}{node}", dns(&[Ep::ready(BE0, "node-b")])));
+    let node_ns = &cluster.topo.node;
+    for (dest, p0, p1) in &flows {
+        assert!(udp_flows_from(node_ns, *p0).is_empty(), "{dest}");
+        assert!(udp_flows_from(node_ns, *p1).is_empty(), "{dest}");
+        let again = testkit::udp_request_from(cluster.client(), *p1, *dest, TIMEOUT);
+        assert_eq!(again.expect("after endpoints came back"), "be0", "{dest}");
+    }
 }
 
 fn starting_removes_the_other_modes_rules(mode: Mode) {
@@ -1691,6 +1822,10 @@ macro_rules! datapath_suite {
             #[test]
             fn udp_client_follows_replaced_endpoint() {
                 super::udp_client_follows_replaced_endpoint(MODE)
+            }
+            #[test]
+            fn udp_stale_flows_reconciled_like_upstream() {
+                super::udp_stale_flows_reconciled_like_upstream(MODE)
             }
             #[test]
             fn service_ip_checks() {

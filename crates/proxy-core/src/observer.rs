@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::model::ProxyState;
+use crate::model::{IpFamily, ProxyState};
 use crate::proxier::{ProxierError, SyncOutcome};
 
 /// The tracker's change bookkeeping after source updates were applied.
@@ -46,6 +46,11 @@ pub struct SyncReport<'a> {
 pub trait SyncObserver: Send + Sync {
     fn changes_applied(&self, _changes: &ChangeSummary) {}
     fn sync_finished(&self, _report: &SyncReport<'_>) {}
+    /// One family's conntrack reconciliation after a sync (`stale::CleaningProxier`): how
+    /// long listing and deleting took and how many entries were deleted. Upstream's
+    /// `kubeproxy_conntrack_reconciler_sync_duration_seconds` and
+    /// `kubeproxy_conntrack_reconciler_deleted_entries_total`, labelled by `ip_family`.
+    fn conntrack_reconciled(&self, _family: IpFamily, _duration: Duration, _deleted: u64) {}
 }
 
 /// The observer used when nobody listens.

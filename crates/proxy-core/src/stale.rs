@@ -1,238 +1,192 @@
-//! Stale conntrack entries: which flows must be forgotten after a sync, so that packets
-//! follow the new rules at once.
+//! Stale conntrack entries: the UDP flows whose NAT decision no longer matches a serving
+//! endpoint, deleted so that their next packets follow the current rules.
 //!
 //! NAT decisions live in conntrack entries: a UDP client that keeps sending from the same
 //! source port (a DNS resolver) would keep reaching a removed endpoint for as long as its
-//! entry lives, and a client that sent to a Service while it had no endpoints keeps its
-//! un-NATed entry. Like upstream, after each successful sync we delete (UDP and SCTP only;
-//! TCP notices on its own) the entries to endpoints that were removed, and the entries of
-//! Service IPs whose Service went from no endpoints to some.
+//! entry lives. As upstream since v1.32 (`pkg/proxy/conntrack/cleanup.go`), this is a
+//! reconciler rather than a diff of the changes: after a successful sync in which some UDP
+//! Service port's endpoints changed, the conntrack table is listed, per family, and every
+//! UDP entry is deleted whose original destination is a Service IP and port (cluster IP,
+//! external IP or load-balancer IP) or a NodePort of a Service port with serving endpoints,
+//! and whose reply source (where it was DNATed to) is none of that port's serving
+//! endpoints (IP and target port). Policies, topology and terminating state are not
+//! consulted, so a UDP flow lives as long as a TCP connection would. A Service port with no
+//! serving endpoint is left alone, as upstream: its flows are judged once it has some.
 
-use std::collections::BTreeSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::model::{IpFamily, Protocol, ProxyState, ServicePort};
+use crate::model::{IpFamily, Protocol, ProxyState};
+use crate::observer::SyncObserver;
 use crate::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
-use crate::select::select;
 
-/// One set of conntrack entries to delete.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum StaleFlow {
-    /// Entries to `service_ip:port` that were NATed to `endpoint`.
-    ServiceToEndpoint {
-        protocol: Protocol,
-        service_ip: IpAddr,
-        port: u16,
-        endpoint: IpAddr,
-    },
-    /// Entries to a NodePort that were NATed to `endpoint`.
-    NodePortToEndpoint {
-        protocol: Protocol,
-        family: IpFamily,
-        node_port: u16,
-        endpoint: IpAddr,
-    },
-    /// All entries to `service_ip:port` (the Service had no endpoints).
-    Service {
-        protocol: Protocol,
-        service_ip: IpAddr,
-        port: u16,
-    },
-    /// All entries to a NodePort (the Service had no endpoints).
-    NodePort {
-        protocol: Protocol,
-        family: IpFamily,
-        node_port: u16,
-    },
+/// One direction of a conntrack entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
-fn needs_cleanup(protocol: Protocol) -> bool {
-    matches!(protocol, Protocol::Udp | Protocol::Sctp)
+/// A UDP conntrack entry: what the client sent to, and where the replies come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowEntry {
+    pub original: FlowTuple,
+    pub reply: FlowTuple,
+    /// The conntrack zone (0 unless someone else uses zones); part of the entry's key.
+    pub zone: u16,
 }
 
-/// Endpoint IPs a port's traffic may reach in one family (what the backend programmed).
-fn reachable(port: &ServicePort, state: &ProxyState, family: IpFamily) -> BTreeSet<IpAddr> {
-    let selection = select(port, state.endpoints_of(&port.name), family, &state.node);
-    selection
-        .cluster
-        .iter()
-        .chain(selection.local.iter())
-        .map(|e| e.ip)
-        .collect()
+/// The kernel's conntrack table, as the reconciler needs it.
+pub trait Conntrack: Send + 'static {
+    /// The UDP entries of one family. A partial listing (the table changed during the
+    /// dump) is returned as it is, as upstream continues with a partial result.
+    fn list_udp(&mut self, family: IpFamily) -> Result<Vec<FlowEntry>, String>;
+
+    /// Deletes the entries; returns how many were deleted (entries already gone do not
+    /// count and are no error) and what failed.
+    fn delete(&mut self, entries: &[FlowEntry]) -> (u64, Vec<String>);
 }
 
-fn service_ips(port: &ServicePort, family: IpFamily) -> Vec<IpAddr> {
-    port.cluster_ip(family)
-        .into_iter()
-        .chain(port.external_destinations(family))
-        .collect()
+/// Whether a sync from `old` to `new` calls for a reconciliation: some UDP Service port's
+/// endpoints changed (appeared, went, or differ), as upstream's `ConntrackCleanupRequired`.
+pub fn cleanup_required(old: &ProxyState, new: &ProxyState) -> bool {
+    let udp_changed = |a: &ProxyState, b: &ProxyState| {
+        a.endpoints.iter().any(|(name, eps)| {
+            name.protocol == Protocol::Udp
+                && b.endpoints
+                    .get(name)
+                    .is_none_or(|other| !Arc::ptr_eq(eps, other))
+        })
+    };
+    udp_changed(old, new) || udp_changed(new, old)
 }
 
-/// The flows made stale by going from `old` to `new`. Only ports whose definition or
-/// endpoints changed are examined (shared `Arc`s are skipped cheaply).
-pub fn stale_flows(old: &ProxyState, new: &ProxyState) -> BTreeSet<StaleFlow> {
-    let mut out = BTreeSet::new();
-    for (name, port) in &new.services {
-        let protocol = port.protocol();
-        if !needs_cleanup(protocol) {
+/// The entries of `family` that `state` makes stale (see the module's description).
+pub fn stale_entries<'a>(
+    state: &ProxyState,
+    family: IpFamily,
+    entries: &'a [FlowEntry],
+) -> Vec<&'a FlowEntry> {
+    // Serving endpoints (IP, port) per Service IP and port, and per NodePort.
+    let mut by_service_ip: HashMap<(IpAddr, u16), HashSet<(IpAddr, u16)>> = HashMap::new();
+    let mut by_node_port: HashMap<u16, HashSet<(IpAddr, u16)>> = HashMap::new();
+    for (name, port) in &state.services {
+        if name.protocol != Protocol::Udp {
             continue;
         }
-        let old_port = old.services.get(name);
-        let unchanged = old_port.is_some_and(|p| Arc::ptr_eq(p, port))
-            && match (old.endpoints.get(name), new.endpoints.get(name)) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
-            && old.node == new.node;
-        if unchanged {
-            continue;
-        }
-        for family in [IpFamily::V4, IpFamily::V6] {
-            let now = reachable(port, new, family);
-            let before = old_port
-                .map(|p| reachable(p, old, family))
-                .unwrap_or_default();
-            if before.is_empty() && !now.is_empty() {
-                for service_ip in service_ips(port, family) {
-                    out.insert(StaleFlow::Service {
-                        protocol,
-                        service_ip,
-                        port: port.port,
-                    });
-                }
-                if let Some(node_port) = port.node_port {
-                    out.insert(StaleFlow::NodePort {
-                        protocol,
-                        family,
-                        node_port,
-                    });
-                }
-            }
-            let Some(old_port) = old_port else { continue };
-            for endpoint in before.difference(&now) {
-                for service_ip in service_ips(old_port, family) {
-                    out.insert(StaleFlow::ServiceToEndpoint {
-                        protocol,
-                        service_ip,
-                        port: old_port.port,
-                        endpoint: *endpoint,
-                    });
-                }
-                if let Some(node_port) = old_port.node_port {
-                    out.insert(StaleFlow::NodePortToEndpoint {
-                        protocol,
-                        family,
-                        node_port,
-                        endpoint: *endpoint,
-                    });
-                }
-            }
-        }
-    }
-    // Ports that disappeared: their endpoints are gone too.
-    for (name, old_port) in &old.services {
-        let protocol = old_port.protocol();
-        if !needs_cleanup(protocol) || new.services.contains_key(name) {
-            continue;
-        }
-        for family in [IpFamily::V4, IpFamily::V6] {
-            for endpoint in reachable(old_port, old, family) {
-                for service_ip in service_ips(old_port, family) {
-                    out.insert(StaleFlow::ServiceToEndpoint {
-                        protocol,
-                        service_ip,
-                        port: old_port.port,
-                        endpoint,
-                    });
-                }
-                if let Some(node_port) = old_port.node_port {
-                    out.insert(StaleFlow::NodePortToEndpoint {
-                        protocol,
-                        family,
-                        node_port,
-                        endpoint,
-                    });
-                }
-            }
-        }
-    }
-    out
-}
-
-impl StaleFlow {
-    pub fn protocol(&self) -> Protocol {
-        match self {
-            StaleFlow::ServiceToEndpoint { protocol, .. }
-            | StaleFlow::NodePortToEndpoint { protocol, .. }
-            | StaleFlow::Service { protocol, .. }
-            | StaleFlow::NodePort { protocol, .. } => *protocol,
-        }
-    }
-
-    pub fn family(&self) -> IpFamily {
-        match self {
-            StaleFlow::ServiceToEndpoint { service_ip, .. }
-            | StaleFlow::Service { service_ip, .. } => IpFamily::of(service_ip),
-            StaleFlow::NodePortToEndpoint { family, .. } | StaleFlow::NodePort { family, .. } => {
-                *family
-            }
-        }
-    }
-}
-
-/// Deletes conntrack entries. Implementations must treat "no such entry" as success.
-pub trait ConntrackCleaner: Send + 'static {
-    fn delete(&mut self, flow: &StaleFlow) -> Result<(), String>;
-
-    /// Deletes the entries of every flow; returns what could not be done. By default one
-    /// `delete` per flow.
-    fn delete_all(&mut self, flows: &BTreeSet<StaleFlow>) -> Vec<String> {
-        flows
+        let serving: HashSet<(IpAddr, u16)> = state
+            .endpoints_of(name)
             .iter()
-            .filter_map(|flow| self.delete(flow).err().map(|e| format!("{flow:?}: {e}")))
-            .collect()
+            .filter(|e| e.serving && e.family() == family)
+            .map(|e| (e.ip, e.port))
+            .collect();
+        if serving.is_empty() {
+            continue;
+        }
+        for ip in port
+            .cluster_ip(family)
+            .into_iter()
+            .chain(port.external_destinations(family))
+        {
+            by_service_ip
+                .entry((ip, port.port))
+                .or_default()
+                .extend(serving.iter().copied());
+        }
+        if let Some(node_port) = port.node_port {
+            by_node_port
+                .entry(node_port)
+                .or_default()
+                .extend(serving.iter().copied());
+        }
     }
+    entries
+        .iter()
+        .filter(|e| IpFamily::of(&e.original.dst) == family)
+        .filter(|e| {
+            let backend = (e.reply.src, e.reply.src_port);
+            let stale_for = |serving: Option<&HashSet<(IpAddr, u16)>>| {
+                serving.is_some_and(|s| !s.contains(&backend))
+            };
+            stale_for(by_service_ip.get(&(e.original.dst, e.original.dst_port)))
+                || stale_for(by_node_port.get(&e.original.dst_port))
+        })
+        .collect()
 }
 
-/// Wraps a backend: after each successful sync, deletes the flows the sync made stale.
-/// Failures to delete are logged, not fatal: the rules are right, only old flows linger.
-pub struct CleaningProxier<C: ConntrackCleaner> {
+/// Wraps a backend: after each successful sync that changed a UDP Service's endpoints,
+/// reconciles the conntrack table of each family. Failures are logged, not fatal: the
+/// rules are right, only old flows linger until the next reconciliation.
+pub struct CleaningProxier<C: Conntrack> {
     inner: Box<dyn Proxier>,
-    cleaner: C,
+    conntrack: C,
+    families: Vec<IpFamily>,
+    observer: Arc<dyn SyncObserver>,
     last: Option<Arc<ProxyState>>,
 }
 
-impl<C: ConntrackCleaner> CleaningProxier<C> {
-    pub fn new(inner: Box<dyn Proxier>, cleaner: C) -> Self {
+impl<C: Conntrack> CleaningProxier<C> {
+    pub fn new(
+        inner: Box<dyn Proxier>,
+        conntrack: C,
+        families: Vec<IpFamily>,
+        observer: Arc<dyn SyncObserver>,
+    ) -> Self {
         CleaningProxier {
             inner,
-            cleaner,
+            conntrack,
+            families,
+            observer,
             last: None,
         }
     }
+
+    /// One family's reconciliation; returns how many entries were deleted.
+    fn reconcile(&mut self, state: &ProxyState, family: IpFamily) -> u64 {
+        let entries = match self.conntrack.list_udp(family) {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::warn!(%error, ?family, "could not list conntrack entries");
+                return 0;
+            }
+        };
+        let stale: Vec<FlowEntry> = stale_entries(state, family, &entries)
+            .into_iter()
+            .copied()
+            .collect();
+        if stale.is_empty() {
+            return 0;
+        }
+        let (deleted, errors) = self.conntrack.delete(&stale);
+        for error in errors {
+            tracing::warn!(%error, "could not delete a stale conntrack entry");
+        }
+        deleted
+    }
 }
 
-impl<C: ConntrackCleaner> Proxier for CleaningProxier<C> {
+impl<C: Conntrack> Proxier for CleaningProxier<C> {
     fn mode(&self) -> &'static str {
         self.inner.mode()
     }
 
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
         let outcome = self.inner.sync(request)?;
-        // On the first sync we do not know what the previous process programmed: compare
-        // with an empty state, which clears the entries of every UDP Service that now has
-        // endpoints (as upstream does after a restart).
+        // On the first sync every UDP Service's endpoints are new, so the table is
+        // reconciled against what this process programmed, as upstream after a restart.
         let old = self.last.take().unwrap_or_default();
-        let flows = stale_flows(&old, &request.state);
-        if !flows.is_empty() {
-            for err in self.cleaner.delete_all(&flows) {
-                tracing::warn!(error = %err, "could not delete stale conntrack entries");
+        if cleanup_required(&old, &request.state) {
+            for family in self.families.clone() {
+                let start = Instant::now();
+                let deleted = self.reconcile(&request.state, family);
+                let took: Duration = start.elapsed();
+                tracing::debug!(?family, deleted, ?took, "reconciled conntrack entries");
+                self.observer.conntrack_reconciled(family, took, deleted);
             }
-        }
-        if !flows.is_empty() {
-            tracing::debug!(flows = flows.len(), "deleted stale conntrack entries");
         }
         self.last = Some(Arc::clone(&request.state));
         Ok(outcome)
@@ -240,5 +194,153 @@ impl<C: ConntrackCleaner> Proxier for CleaningProxier<C> {
 
     fn cleanup(&mut self) -> Result<(), ProxierError> {
         self.inner.cleanup()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, ServiceName, ServicePort, ServicePortName};
+
+    const CLUSTER_IP: &str = "172.30.1.1";
+    const EXTERNAL_IP: &str = "192.168.99.100";
+    const LB_IP: &str = "1.2.3.4";
+    const SERVING: &str = "10.240.0.4";
+    const NOT_SERVING: &str = "10.240.1.5";
+    const DELETED: &str = "10.240.2.6";
+    const PORT: u16 = 8000;
+    const TARGET: u16 = 8080;
+    const NODE_PORT: u16 = 32000;
+    const OTHER_PORT: u16 = 3000;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn name(protocol: Protocol) -> ServicePortName {
+        ServicePortName {
+            service: ServiceName::new("test", "cleanup-test"),
+            port: protocol.as_str().into(),
+            protocol,
+        }
+    }
+
+    /// One Service with a TCP and a UDP port, both on the same numbers, one serving and
+    /// one non-serving endpoint each.
+    fn state(endpoints: &[(&str, bool)]) -> ProxyState {
+        let mut state = ProxyState::default();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let mut port = ServicePort::new(name(protocol), vec![ip(CLUSTER_IP)], PORT);
+            port.external_ips = vec![ip(EXTERNAL_IP)];
+            port.load_balancer_ips = vec![ip(LB_IP)];
+            port.node_port = Some(NODE_PORT);
+            state.services.insert(name(protocol), Arc::new(port));
+            let eps = endpoints
+                .iter()
+                .map(|(addr, serving)| Endpoint {
+                    serving: *serving,
+                    ready: *serving,
+                    ..Endpoint::ready(ip(addr), TARGET)
+                })
+                .collect();
+            state.endpoints.insert(name(protocol), Arc::new(eps));
+        }
+        state
+    }
+
+    fn entry(dst: &str, dst_port: u16, reply_src: &str, reply_port: u16) -> FlowEntry {
+        FlowEntry {
+            original: FlowTuple {
+                src: ip("10.0.0.9"),
+                dst: ip(dst),
+                src_port: 40000,
+                dst_port,
+            },
+            reply: FlowTuple {
+                src: ip(reply_src),
+                dst: ip("10.0.0.9"),
+                src_port: reply_port,
+                dst_port: 40000,
+            },
+            zone: 0,
+        }
+    }
+
+    #[test]
+    fn entries_not_dnated_to_a_serving_endpoint_of_the_port_are_stale() {
+        let state = state(&[(SERVING, true), (NOT_SERVING, false)]);
+        let mut entries = Vec::new();
+        let mut expected = Vec::new();
+        for backend in [SERVING, NOT_SERVING, DELETED] {
+            for dst in [CLUSTER_IP, EXTERNAL_IP, LB_IP] {
+                for port in [PORT, OTHER_PORT] {
+                    let e = entry(dst, port, backend, TARGET);
+                    entries.push(e);
+                    if port == PORT && backend != SERVING {
+                        expected.push(e);
+                    }
+                }
+            }
+            // To the NodePort on any node address.
+            let e = entry("192.168.100.1", NODE_PORT, backend, TARGET);
+            entries.push(e);
+            if backend != SERVING {
+                expected.push(e);
+            }
+        }
+        // The serving endpoint's IP on another port is not that endpoint.
+        let wrong_port = entry(CLUSTER_IP, PORT, SERVING, 9999);
+        entries.push(wrong_port);
+        expected.push(wrong_port);
+        // Not DNATed at all (sent while there was no rule): stale on the Service port.
+        for dst in [CLUSTER_IP, EXTERNAL_IP, LB_IP] {
+            let e = entry(dst, PORT, dst, PORT);
+            entries.push(e);
+            expected.push(e);
+            entries.push(entry(dst, OTHER_PORT, dst, OTHER_PORT));
+        }
+        let stale: Vec<FlowEntry> = stale_entries(&state, IpFamily::V4, &entries)
+            .into_iter()
+            .copied()
+            .collect();
+        assert_eq!(stale, expected);
+        assert!(stale_entries(&state, IpFamily::V6, &entries).is_empty());
+    }
+
+    #[test]
+    fn a_port_without_serving_endpoints_is_left_alone() {
+        let entries = [
+            entry(CLUSTER_IP, PORT, SERVING, TARGET),
+            entry(CLUSTER_IP, PORT, DELETED, TARGET),
+            entry("192.168.100.1", NODE_PORT, DELETED, TARGET),
+        ];
+        for endpoints in [&[][..], &[(NOT_SERVING, false)][..]] {
+            assert!(stale_entries(&state(endpoints), IpFamily::V4, &entries).is_empty());
+        }
+        // A Service that is gone is not judged either.
+        assert!(stale_entries(&ProxyState::default(), IpFamily::V4, &entries).is_empty());
+    }
+
+    #[test]
+    fn only_udp_endpoint_changes_call_for_a_reconciliation() {
+        let before = state(&[(SERVING, true)]);
+        assert!(!cleanup_required(&before, &before.clone()));
+        assert!(cleanup_required(&ProxyState::default(), &before));
+        assert!(cleanup_required(&before, &ProxyState::default()));
+        let mut tcp_only = before.clone();
+        tcp_only
+            .endpoints
+            .insert(name(Protocol::Tcp), Arc::new(Vec::new()));
+        assert!(!cleanup_required(&before, &tcp_only));
+        let mut udp = before.clone();
+        udp.endpoints
+            .insert(name(Protocol::Udp), Arc::new(Vec::new()));
+        assert!(cleanup_required(&before, &udp));
+        // A Service change alone does not.
+        let mut service = before.clone();
+        let mut port = (*service.services[&name(Protocol::Udp)]).clone();
+        port.port = 9000;
+        service.services.insert(name(Protocol::Udp), Arc::new(port));
+        assert!(!cleanup_required(&before, &service));
     }
 }
