@@ -155,6 +155,9 @@ pub fn cleanup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What upstream v1.35+ logs when it starts in ipvs mode.
+pub const IPVS_DEPRECATION: &str = "The ipvs proxier is now deprecated and may be removed in a future release. Please use 'nftables' instead.";
+
 /// Runs the proxy until SIGTERM or SIGINT. Rules stay in place on exit, as upstream's do,
 /// so traffic keeps flowing while the proxy restarts.
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
@@ -164,6 +167,11 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         "starting kube-proxy"
     );
     remove_other_modes(settings.backend.mode());
+    if let BackendSettings::Ipvs(_) = settings.backend {
+        // Upstream v1.35's words (KEP-5495), at error level as upstream logs them; the
+        // mode keeps working.
+        tracing::error!("{IPVS_DEPRECATION}");
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for warning in conntrack::apply_sysctls(&settings.conntrack, cpus) {
         tracing::warn!("{warning}");

@@ -1848,3 +1848,35 @@ macro_rules! datapath_suite {
 datapath_suite!(nftables);
 datapath_suite!(userspace);
 datapath_suite!(iptables);
+
+/// ipvs mode starts with upstream v1.35's deprecation warning and still syncs (the ipvs
+/// datapath itself is tested in a VM: `ipvs_vm.rs`).
+#[test]
+fn ipvs_mode_logs_upstreams_deprecation_warning() {
+    if !testkit::root_or_skip("ipvs_mode_logs_upstreams_deprecation_warning") {
+        return;
+    }
+    let topo = Topology::new(0).expect("topology");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifests(dir.path(), &node_yaml("", "10.244.0.0/16"));
+    let mut proxy = start_proxy(&topo, dir.path(), Mode("ipvs"), &[]);
+    let warning = kube_proxy::app::IPVS_DEPRECATION;
+    assert!(
+        proxy.wait_for_log(warning, 1, Duration::from_secs(10)),
+        "no deprecation warning; log:\n{}",
+        proxy.log()
+    );
+    let log = proxy.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_default();
+    assert!(
+        line.contains("ERROR"),
+        "logged at error level as upstream: {line}"
+    );
+    assert!(
+        proxy.is_running(),
+        "ipvs mode must keep running; log:\n{log}"
+    );
+}
