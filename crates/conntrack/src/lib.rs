@@ -263,12 +263,26 @@ fn set(path: &Path, value: u64, warnings: &mut Vec<String>) {
     }
 }
 
+/// The largest `nf_conntrack_max` the proxy sets (upstream v1.36): beyond it the table's
+/// memory, not its size, becomes the limit on big machines.
+pub const CONNTRACK_MAX_CAP: u64 = 1 << 20;
+
+/// The `nf_conntrack_max` to set: `--conntrack-max-per-core` × cores, at least
+/// `--conntrack-min`, at most [`CONNTRACK_MAX_CAP`]; `None` when per-core is 0 (leave the
+/// limit alone).
+pub fn conntrack_max(settings: &ConntrackSettings, cpus: usize) -> Option<u64> {
+    if settings.max_per_core == 0 {
+        return None;
+    }
+    let scaled = u64::from(settings.max_per_core).saturating_mul(cpus as u64);
+    Some(scaled.max(u64::from(settings.min)).min(CONNTRACK_MAX_CAP))
+}
+
 /// Applies the settings where writable; returns a warning per setting that was not.
 pub fn apply_sysctls(settings: &ConntrackSettings, cpus: usize) -> Vec<String> {
     let mut warnings = Vec::new();
     let dir = Path::new(NETFILTER);
-    if settings.max_per_core > 0 {
-        let max = (u64::from(settings.max_per_core) * cpus as u64).max(u64::from(settings.min));
+    if let Some(max) = conntrack_max(settings, cpus) {
         set(&dir.join("nf_conntrack_max"), max, &mut warnings);
         // The hash table should hold a quarter of the entries, as upstream sets it; only
         // ever grow it.
@@ -350,6 +364,22 @@ mod tests {
         }
         m.attr(CTA_ZONE, &e.zone.to_be_bytes());
         m.finish()[netlink::NLMSG_HDRLEN..].to_vec()
+    }
+
+    #[test]
+    fn conntrack_max_scales_with_cores_between_min_and_the_cap() {
+        let settings = |max_per_core, min| ConntrackSettings {
+            max_per_core,
+            min,
+            ..Default::default()
+        };
+        assert_eq!(conntrack_max(&settings(0, 131_072), 8), None);
+        assert_eq!(conntrack_max(&settings(32_768, 131_072), 2), Some(131_072));
+        assert_eq!(conntrack_max(&settings(32_768, 131_072), 8), Some(262_144));
+        assert_eq!(conntrack_max(&settings(32_768, 131_072), 32), Some(1_048_576));
+        assert_eq!(conntrack_max(&settings(32_768, 131_072), 96), Some(1_048_576));
+        assert_eq!(conntrack_max(&settings(32_768, 4_000_000), 2), Some(1_048_576));
+        assert_eq!(conntrack_max(&settings(u32::MAX, 0), usize::MAX), Some(1_048_576));
     }
 
     #[test]

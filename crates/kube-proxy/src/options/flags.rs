@@ -288,7 +288,8 @@ pub struct Flags {
     pub pod_interface_name_prefix: Option<String>,
 
     // --- Conntrack ---
-    /// Conntrack entries to allow per CPU core; 0 leaves the limit as is. [default: 32768]
+    /// Conntrack entries to allow per CPU core (the total capped at 1048576); 0 leaves the
+    /// limit as is. [default: 32768]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..))]
     pub conntrack_max_per_core: Option<i32>,
 
