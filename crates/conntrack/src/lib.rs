@@ -376,10 +376,22 @@ mod tests {
         assert_eq!(conntrack_max(&settings(0, 131_072), 8), None);
         assert_eq!(conntrack_max(&settings(32_768, 131_072), 2), Some(131_072));
         assert_eq!(conntrack_max(&settings(32_768, 131_072), 8), Some(262_144));
-        assert_eq!(conntrack_max(&settings(32_768, 131_072), 32), Some(1_048_576));
-        assert_eq!(conntrack_max(&settings(32_768, 131_072), 96), Some(1_048_576));
-        assert_eq!(conntrack_max(&settings(32_768, 4_000_000), 2), Some(1_048_576));
-        assert_eq!(conntrack_max(&settings(u32::MAX, 0), usize::MAX), Some(1_048_576));
+        assert_eq!(
+            conntrack_max(&settings(32_768, 131_072), 32),
+            Some(1_048_576)
+        );
+        assert_eq!(
+            conntrack_max(&settings(32_768, 131_072), 96),
+            Some(1_048_576)
+        );
+        assert_eq!(
+            conntrack_max(&settings(32_768, 4_000_000), 2),
+            Some(1_048_576)
+        );
+        assert_eq!(
+            conntrack_max(&settings(u32::MAX, 0), usize::MAX),
+            Some(1_048_576)
+        );
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct RunSettings {
     pub runner: RunnerConfig,
     pub conntrack: ConntrackSettings,
     pub observability: ObservabilitySettings,
+    /// The `AllowServiceExternalIPs` feature gate: serve Services' `externalIPs`.
+    pub serve_external_ips: bool,
 }
 
 /// The metrics and health servers (`--metrics-bind-address`, `--healthz-bind-address`,
@@ -222,7 +224,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     };
     let sync_loop = tokio::spawn(runner::run_observed(
         updates_rx,
-        ChangeTracker::new(settings.node_name.clone()),
+        ChangeTracker::new(settings.node_name.clone())
+            .with_external_ips(settings.serve_external_ips),
         proxier,
         settings.runner,
         Arc::clone(&status),

@@ -276,7 +276,18 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             ..RunnerConfig::default()
         },
         observability: observability_settings(config),
+        serve_external_ips: feature_gates(config)?
+            .enabled(options::features::ALLOW_SERVICE_EXTERNAL_IPS),
     })
+}
+
+/// The resolved feature gates (already validated when the options were parsed).
+fn feature_gates(
+    config: &KubeProxyConfiguration,
+) -> anyhow::Result<options::features::FeatureGates> {
+    options::features::FeatureGates::resolve(&config.feature_gates)
+        .map(|(gates, _)| gates)
+        .map_err(|e| anyhow::anyhow!("featureGates: {e}"))
 }
 
 /// A duration in whole seconds for the kernel; negative (refused by validation) is 0.

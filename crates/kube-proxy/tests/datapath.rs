@@ -1492,6 +1492,42 @@ fn udp_stale_flows_reconciled_like_upstream(mode: Mode) {
     }
 }
 
+/// `--feature-gates=AllowServiceExternalIPs=false` (upstream v1.36+): externalIPs are not
+/// served; the cluster IP still is.
+fn external_ips_not_served_without_their_feature_gate(mode: Mode) {
+    let svc = service_yaml(
+        "extip",
+        "10.96.0.58",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "  externalIPs: [192.168.200.58]",
+        &[Ep::ready(BE0, "node-b"), Ep::ready(BE1, "node-b")],
+    );
+    let Some(cluster) = Cluster::start(
+        mode,
+        "external_ips_not_served_without_their_feature_gate",
+        &format!("{svc}{}", node_yaml("", "10.244.0.0/16")),
+        &["--feature-gates=AllowServiceExternalIPs=false"],
+    ) else {
+        return;
+    };
+    assert_eq!(
+        answers(cluster.client(), addr("10.96.0.58", 80), 20),
+        vec!["be0", "be1"],
+        "cluster IP"
+    );
+    let external = testkit::tcp_request(
+        cluster.client(),
+        addr("192.168.200.58", 80),
+        Duration::from_millis(700),
+    );
+    assert!(
+        external.is_err(),
+        "externalIP must not be served: {external:?}"
+    );
+}
+
 fn starting_removes_the_other_modes_rules(mode: Mode) {
     for other in mode.others() {
         let Some(mut cluster) = Cluster::start(
@@ -1822,6 +1858,10 @@ macro_rules! datapath_suite {
             #[test]
             fn udp_client_follows_replaced_endpoint() {
                 super::udp_client_follows_replaced_endpoint(MODE)
+            }
+            #[test]
+            fn external_ips_not_served_without_their_feature_gate() {
+                super::external_ips_not_served_without_their_feature_gate(MODE)
             }
             #[test]
             fn udp_stale_flows_reconciled_like_upstream() {

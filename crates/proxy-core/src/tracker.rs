@@ -84,6 +84,9 @@ pub struct ChangeTracker {
     started: SystemTime,
     service_changes_total: u64,
     endpoint_changes_total: u64,
+    /// False when the `AllowServiceExternalIPs` feature gate is off: Services' externalIPs
+    /// are then left out of the state, so no backend serves them.
+    external_ips: bool,
 }
 
 impl ChangeTracker {
@@ -104,7 +107,14 @@ impl ChangeTracker {
             started: SystemTime::now(),
             service_changes_total: 0,
             endpoint_changes_total: 0,
+            external_ips: true,
         }
+    }
+
+    /// Whether Services' `externalIPs` are served (upstream's `AllowServiceExternalIPs`).
+    pub fn with_external_ips(mut self, serve: bool) -> Self {
+        self.external_ips = serve;
+        self
     }
 
     /// The current desired state; cheap to clone and never changes under the holder.
@@ -203,7 +213,7 @@ impl ChangeTracker {
         let mut new_services: HashMap<ServiceName, Vec<Arc<ServicePort>>> = objects
             .services
             .into_iter()
-            .map(|record| (record.name, shared(record.ports)))
+            .map(|record| (record.name, shared(record.ports, self.external_ips)))
             .collect();
         for (key, svc) in new_services.iter_mut() {
             match self.services.get(key) {
@@ -271,7 +281,7 @@ impl ChangeTracker {
             touched.extend(self.take_slice(&key));
         }
         for record in changes.services {
-            let ports = shared(record.ports);
+            let ports = shared(record.ports, self.external_ips);
             if self.services.get(&record.name) == Some(&ports) {
                 continue; // unchanged: the state keeps sharing the ports it has
             }
@@ -430,6 +440,14 @@ impl ChangeTracker {
 }
 
 /// Ports as the tracker and the state share them.
-fn shared(ports: Vec<ServicePort>) -> Vec<Arc<ServicePort>> {
-    ports.into_iter().map(Arc::new).collect()
+fn shared(ports: Vec<ServicePort>, external_ips: bool) -> Vec<Arc<ServicePort>> {
+    ports
+        .into_iter()
+        .map(|mut port| {
+            if !external_ips {
+                port.external_ips.clear();
+            }
+            Arc::new(port)
+        })
+        .collect()
 }

@@ -63,6 +63,7 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "ipvs-tcp-timeout",
     "ipvs-tcpfin-timeout",
     "ipvs-udp-timeout",
+    "feature-gates",
 ];
 
 /// Flags upstream still honours when `--config` is given (`Options.Complete`:
@@ -92,6 +93,7 @@ pub const FLAGS_APPLIED_WITH_CONFIG_FILE: &[&str] = &[
 /// they gave on the command line fails validation.
 pub const FIELD_FLAGS: &[(&str, &str)] = &[
     ("mode", "proxy-mode"),
+    ("featureGates", "feature-gates"),
     ("bindAddress", "bind-address"),
     ("healthzBindAddress", "healthz-bind-address"),
     ("metricsBindAddress", "metrics-bind-address"),
@@ -344,7 +346,12 @@ pub struct Flags {
     pub config_sync_period: Option<GoDuration>,
 
     // --- Process and observability ---
-    /// Feature gates as key=value pairs, e.g. 'A=true,B=false'.
+    /// Feature gates as key=value pairs: AllAlpha, AllBeta, AllowServiceExternalIPs
+    /// (deprecated, default true), ContextualLogging (beta, true), KubeProxyIPVS
+    /// (deprecated, true), LoggingAlphaOptions (alpha, false), LoggingBetaOptions (beta,
+    /// true), and GA gates locked to true: MultiCIDRServiceAllocator, NFTablesProxyMode,
+    /// PreferSameTrafficDistribution, ServiceTrafficDistribution, TopologyAwareHints,
+    /// WinDSR, WinOverlay.
     #[arg(long, value_name = "K=V,...", value_delimiter = ',', value_parser = parse_feature_gate)]
     pub feature_gates: Option<Vec<(String, bool)>>,
 
@@ -434,7 +441,6 @@ const ALL_OTHER_FLAGS: &[&str] = &[
     "metrics-port",
     "iptables-localhost-nodeports",
     "config-sync-period",
-    "feature-gates",
     "oom-score-adj",
     "profiling",
     "show-hidden-metrics-for-version",
@@ -686,15 +692,18 @@ fn parse_node_port_address(s: &str) -> Result<String, String> {
     parse_cidr_flag(s).map_err(|e| format!("{e} or \"primary\""))
 }
 
+/// One `key=value` of `--feature-gates`, with component-base's error texts.
 fn parse_feature_gate(s: &str) -> Result<(String, bool), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not key=value (e.g. SomeFeature=true)"))?;
-    let k = k.trim();
+    let Some((k, v)) = s.split_once('=') else {
+        return Err(format!("missing bool value for {}", s.trim()));
+    };
+    let (k, v) = (k.trim(), v.trim());
     if k.is_empty() {
         return Err(format!("{s:?} has an empty feature name"));
     }
-    let v = parse_go_bool(v.trim()).map_err(|e| format!("feature gate {k}: {e}"))?;
+    let v = parse_go_bool(v).map_err(|_| {
+        format!("invalid value of {k}={v}, err: strconv.ParseBool: parsing {v:?}: invalid syntax")
+    })?;
     Ok((k.to_string(), v))
 }
 

@@ -14,6 +14,7 @@
 
 mod config;
 mod duration;
+pub mod features;
 mod flags;
 mod validate;
 
@@ -223,6 +224,10 @@ where
         }
     };
 
+    // Errors were reported by `check`; what is left are upstream's warnings.
+    if let Ok((_, gate_warnings)) = features::FeatureGates::resolve(&config.feature_gates) {
+        warnings.extend(gate_warnings);
+    }
     for flag in &given {
         let honoured = flags.config.is_none() || FLAGS_APPLIED_WITH_CONFIG_FILE.contains(flag);
         if honoured && !IMPLEMENTED_FLAGS.contains(flag) {

@@ -145,7 +145,7 @@ fn bad_values_name_the_flag() {
         (&["--proxy-mode=kernelspace"], "--proxy-mode"),
         (&["--detect-local-mode=Magic"], "--detect-local-mode"),
         (&["--oom-score-adj=-1001"], "--oom-score-adj"),
-        (&["--feature-gates=A=maybe"], "--feature-gates"),
+        (&["--feature-gates=AllBeta=maybe"], "--feature-gates"),
         (&["--v=-1"], "--v"),
         (&["--logging-format=xml"], "--logging-format"),
     ] {
@@ -187,9 +187,9 @@ fn addresses_lists_and_maps() {
         "--metrics-bind-address=[::1]:9000",
         "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
         "--nodeport-addresses=10.0.0.0/8,192.168.0.0/16",
-        "--feature-gates=A=true,B=false",
+        "--feature-gates=AllowServiceExternalIPs=true,LoggingBetaOptions=false",
         "--feature-gates",
-        "C=1",
+        "LoggingAlphaOptions=1",
         "--hostname-override= Node-A ",
         "-v",
         "4",
@@ -207,7 +207,11 @@ fn addresses_lists_and_maps() {
             .iter()
             .map(|(k, v)| (k.as_str(), *v))
             .collect::<Vec<_>>(),
-        vec![("A", true), ("B", false), ("C", true)]
+        vec![
+            ("AllowServiceExternalIPs", true),
+            ("LoggingAlphaOptions", true),
+            ("LoggingBetaOptions", false)
+        ]
     );
     assert_eq!(c.hostname_override, "node-a");
     assert_eq!(c.logging.verbosity, 4);
@@ -256,7 +260,6 @@ fn unimplemented_flags_warn() {
         "--proxy-port-range=1000-2000",
         "--kubeconfig=/k",
         "--config-sync-period=1m",
-        "--feature-gates=A=true",
         "--oom-score-adj=-500",
         "--conntrack-min=5",
         "--init-only",
@@ -265,7 +268,6 @@ fn unimplemented_flags_warn() {
         "--profiling",
         "--proxy-port-range",
         "--config-sync-period",
-        "--feature-gates",
         "--oom-score-adj",
         "--init-only",
     ] {
@@ -574,7 +576,7 @@ fn write_then_load_round_trips() {
         "--iptables-min-sync-period=0",
         "--masquerade-all",
         "--iptables-masquerade-bit=0",
-        "--feature-gates=X=true",
+        "--feature-gates=LoggingAlphaOptions=true",
         "--hostname-override=n1",
         "--metrics-bind-address=",
         "--conntrack-max-per-core=0",
@@ -661,4 +663,49 @@ fn userspace_mode_and_udp_timeout_are_accepted() {
         ProxyMode::Userspace
     );
     assert_eq!(ok(&[]).udp_timeout, None);
+}
+
+#[test]
+fn feature_gates_follow_upstreams_rules_from_flags_and_file() {
+    let msg = err(&["--feature-gates=NoSuchGate=true"]);
+    assert!(
+        msg.contains("unrecognized feature gate: NoSuchGate"),
+        "{msg}"
+    );
+    assert!(msg.contains("--feature-gates"), "{msg}");
+    let msg = err(&["--feature-gates=TopologyAwareHints=false"]);
+    assert!(
+        msg.contains(
+            "cannot set feature gate TopologyAwareHints to false, feature is locked to true"
+        ),
+        "{msg}"
+    );
+    let msg = err(&["--feature-gates=AllowServiceExternalIPs=maybe"]);
+    assert!(
+        msg.contains("invalid value of AllowServiceExternalIPs=maybe"),
+        "{msg}"
+    );
+    assert!(err(&["--feature-gates=AllowServiceExternalIPs"]).contains("missing bool value"));
+    let msg = err(&["--proxy-mode=ipvs", "--feature-gates=KubeProxyIPVS=false"]);
+    assert!(msg.contains("KubeProxyIPVS"), "{msg}");
+
+    let o = ok(&["--feature-gates=AllowServiceExternalIPs=false,AllAlpha=true"]);
+    assert!(
+        o.warnings.iter().any(|w| w
+            == "Setting deprecated feature gate AllowServiceExternalIPs=false. It will be removed in a future release."),
+        "{:?}",
+        o.warnings
+    );
+
+    let f = config_file(&format!("{HEADER}featureGates:\n  Bogus: true\n"));
+    let msg = err(&["--config", f.path().to_str().unwrap()]);
+    assert!(msg.contains("unrecognized feature gate: Bogus"), "{msg}");
+    let f = config_file(&format!(
+        "{HEADER}featureGates:\n  AllowServiceExternalIPs: false\n"
+    ));
+    let o = ok(&["--config", f.path().to_str().unwrap()]);
+    assert_eq!(
+        o.config.feature_gates.get("AllowServiceExternalIPs"),
+        Some(&false)
+    );
 }

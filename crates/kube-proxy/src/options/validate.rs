@@ -110,6 +110,18 @@ pub fn validate(cfg: &KubeProxyConfiguration) -> Vec<FieldError> {
         ),
     }
 
+    match super::features::FeatureGates::resolve(&cfg.feature_gates) {
+        Err(message) => e.add("featureGates", message),
+        Ok((gates, _)) => {
+            if cfg.mode == ProxyMode::Ipvs && !gates.enabled(super::features::KUBE_PROXY_IPVS) {
+                e.add(
+                    "mode",
+                    "\"ipvs\" needs the KubeProxyIPVS feature gate, which is disabled",
+                );
+            }
+        }
+    }
+
     let ipt = &cfg.iptables;
     e.masquerade_bit("iptables.masqueradeBit", ipt.masquerade_bit);
     e.positive("iptables.syncPeriod", ipt.sync_period);
