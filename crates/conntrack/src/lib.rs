@@ -144,26 +144,18 @@ pub fn decode_entry(payload: &[u8]) -> Result<Option<FlowEntry>, DecodeError> {
     }
 }
 
-/// The `IPCTNL_MSG_CT_DELETE` request for one entry, found by its original tuple.
-pub fn delete_message(entry: &FlowEntry, seq: u32) -> Vec<u8> {
-    let family = IpFamily::of(&entry.original.dst);
-    let mut m = Message::new(
-        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-        &nfgenmsg(family),
-    );
-    let t = &entry.original;
-    m.begin_nested(CTA_TUPLE_ORIG);
-    m.begin_nested(CTA_TUPLE_IP);
+/// Writes a UDP tuple nest (`CTA_TUPLE_ORIG` or `CTA_TUPLE_REPLY`).
+fn put_tuple(m: &mut Message, kind: u16, t: &FlowTuple) {
+    let (src, dst) = match IpFamily::of(&t.dst) {
+        IpFamily::V4 => (CTA_IP_V4_SRC, CTA_IP_V4_DST),
+        IpFamily::V6 => (CTA_IP_V6_SRC, CTA_IP_V6_DST),
+    };
     let octets = |ip: IpAddr| match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     };
-    let (src, dst) = match family {
-        IpFamily::V4 => (CTA_IP_V4_SRC, CTA_IP_V4_DST),
-        IpFamily::V6 => (CTA_IP_V6_SRC, CTA_IP_V6_DST),
-    };
+    m.begin_nested(kind);
+    m.begin_nested(CTA_TUPLE_IP);
     m.attr(src, &octets(t.src));
     m.attr(dst, &octets(t.dst));
     m.end_nested();
@@ -173,6 +165,18 @@ pub fn delete_message(entry: &FlowEntry, seq: u32) -> Vec<u8> {
     m.attr(CTA_PROTO_DST_PORT, &t.dst_port.to_be_bytes());
     m.end_nested();
     m.end_nested();
+}
+
+/// The `IPCTNL_MSG_CT_DELETE` request for one entry, found by its original tuple.
+pub fn delete_message(entry: &FlowEntry, seq: u32) -> Vec<u8> {
+    let family = IpFamily::of(&entry.original.dst);
+    let mut m = Message::new(
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        &nfgenmsg(family),
+    );
+    put_tuple(&mut m, CTA_TUPLE_ORIG, &entry.original);
     if entry.zone != 0 {
         m.attr(CTA_ZONE, &entry.zone.to_be_bytes());
     }
@@ -342,28 +346,24 @@ mod tests {
         }
     }
 
-    /// A dump message as the kernel sends it: nfgenmsg, both tuples, the zone.
+    /// A dump message as the kernel sends it: nfgenmsg, both tuples, the zone; `proto`
+    /// replaces UDP's number to make other entries.
     fn listed(e: &FlowEntry, proto: u8) -> Vec<u8> {
         let mut m = Message::new(0, 0, 1, &nfgenmsg(IpFamily::V4));
-        for (kind, t) in [(CTA_TUPLE_ORIG, &e.original), (CTA_TUPLE_REPLY, &e.reply)] {
-            let v4 = |ip: IpAddr| match ip {
-                IpAddr::V4(v4) => v4.octets(),
-                IpAddr::V6(_) => unreachable!(),
-            };
-            m.begin_nested(kind);
-            m.begin_nested(CTA_TUPLE_IP);
-            m.attr(CTA_IP_V4_SRC, &v4(t.src));
-            m.attr(CTA_IP_V4_DST, &v4(t.dst));
-            m.end_nested();
-            m.begin_nested(CTA_TUPLE_PROTO);
-            m.attr(CTA_PROTO_NUM, &[proto]);
-            m.attr(CTA_PROTO_SRC_PORT, &t.src_port.to_be_bytes());
-            m.attr(CTA_PROTO_DST_PORT, &t.dst_port.to_be_bytes());
-            m.end_nested();
-            m.end_nested();
-        }
+        put_tuple(&mut m, CTA_TUPLE_ORIG, &e.original);
+        put_tuple(&mut m, CTA_TUPLE_REPLY, &e.reply);
         m.attr(CTA_ZONE, &e.zone.to_be_bytes());
-        m.finish()[netlink::NLMSG_HDRLEN..].to_vec()
+        let mut bytes = m.finish()[netlink::NLMSG_HDRLEN..].to_vec();
+        if proto != IPPROTO_UDP {
+            // CTA_PROTO_NUM attributes: length 5, type 1, then the number.
+            let pattern = [5, 0, CTA_PROTO_NUM as u8, 0, IPPROTO_UDP];
+            for i in 0..bytes.len().saturating_sub(pattern.len()) {
+                if bytes[i..i + pattern.len()] == pattern {
+                    bytes[i + 4] = proto;
+                }
+            }
+        }
+        bytes
     }
 
     #[test]
