@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::model::ProxyState;
+use crate::model::{IpFamily, ProxyState};
 use crate::proxier::{ProxierError, SyncOutcome};
 
 /// The tracker's change bookkeeping after source updates were applied.
@@ -46,6 +46,9 @@ pub struct SyncReport<'a> {
 pub trait SyncObserver: Send + Sync {
     fn changes_applied(&self, _changes: &ChangeSummary) {}
     fn sync_finished(&self, _report: &SyncReport<'_>) {}
+    /// One conntrack reconciler pass over `family`: how long it took and how many
+    /// conntrack entries it deleted (upstream's `kubeproxy_conntrack_reconciler_*`).
+    fn conntrack_reconciled(&self, _family: IpFamily, _duration: Duration, _deleted_entries: u64) {}
 }
 
 /// The observer used when nobody listens.
