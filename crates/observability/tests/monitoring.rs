@@ -173,3 +173,32 @@ fn metric_name_extraction() {
         "label values are not metric names"
     );
 }
+
+#[test]
+fn scrape_configs_target_the_metrics_server_and_our_prefix() {
+    let default_url = "\"http://127.0.0.1:10249/metrics\"";
+    let names = all_modes();
+    for file in ["prometheus.toml", "kube-proxy.conf"] {
+        let text = std::fs::read_to_string(monitoring_dir().join(file)).expect(file);
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with("urls") && l.contains(default_url)),
+            "{file} does not scrape {default_url}"
+        );
+        assert!(
+            text.contains("ip_family"),
+            "{file} does not mention ip_family"
+        );
+        // Every measurement prefix Datakit maps must match metrics we export.
+        for line in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("prefix"))
+        {
+            let prefix = line.split('"').nth(1).expect("quoted prefix");
+            assert!(
+                names.iter().any(|n| n.starts_with(prefix)),
+                "{file}: prefix {prefix:?} matches nothing we export"
+            );
+        }
+    }
+}
