@@ -167,3 +167,111 @@ fn no_local_endpoints(state: &ProxyState, family: IpFamily) -> (usize, usize) {
     }
     (internal, external)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use proxy_core::model::{IpFamily, ProxyState};
+    use proxy_core::observer::{SyncObserver, SyncReport};
+    use proxy_core::proxier::{ProxierError, SyncOutcome};
+
+    use super::*;
+    use crate::metrics::{BuildInfo, MetricsMode};
+
+    fn observer(mode: MetricsMode) -> (ProxyObserver, ProxyMetrics, Arc<Health>) {
+        let metrics = ProxyMetrics::new(&BuildInfo::default(), mode).expect("metrics");
+        let families = [IpFamily::V4, IpFamily::V6];
+        let health = Arc::new(Health::new(Duration::from_secs(60), &families));
+        let (o, _targets) = ProxyObserver::new(metrics.clone(), Arc::clone(&health), &families);
+        (o, metrics, health)
+    }
+
+    #[test]
+    fn each_sync_is_recorded_once_per_family_and_failures_in_the_modes_counter() {
+        let (o, m, health) = observer(MetricsMode::Nftables);
+        let state = ProxyState::default();
+        let outcome = SyncOutcome::default();
+        let now = SystemTime::now();
+        let ok = SyncReport {
+            full: true,
+            duration: Duration::from_millis(5),
+            finished_at: now,
+            result: Ok(&outcome),
+            state: &state,
+            programmed_trigger_times: &[now - Duration::from_secs(2)],
+        };
+        o.sync_finished(&ok);
+        let error = ProxierError::Other("refused".into());
+        let failed = SyncReport {
+            full: false,
+            result: Err(&error),
+            programmed_trigger_times: &[],
+            ..ok
+        };
+        o.sync_finished(&failed);
+        for family in ["IPv4", "IPv6"] {
+            let f = [family];
+            assert_eq!(
+                m.sync_proxy_rules_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                2
+            );
+            assert_eq!(
+                m.sync_full_proxy_rules_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                1
+            );
+            assert_eq!(
+                m.sync_partial_proxy_rules_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                1
+            );
+            assert_eq!(
+                m.network_programming_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                1
+            );
+            assert_eq!(
+                m.nftables_sync_failures_total.with_label_values(&f).get(),
+                1
+            );
+            assert!(
+                m.sync_proxy_rules_last_timestamp
+                    .with_label_values(&f)
+                    .get()
+                    > 0.0
+            );
+        }
+        assert_eq!(health.check(now).last_updated, Some(now));
+    }
+
+    #[test]
+    fn the_conntrack_reconciler_hook_reaches_the_metrics() {
+        let (o, m, _) = observer(MetricsMode::Iptables);
+        // What the runner holds: the observer as a trait object.
+        let hook: &dyn SyncObserver = &o;
+        hook.conntrack_reconciled(IpFamily::V6, Duration::from_millis(20), 4);
+        hook.conntrack_reconciled(IpFamily::V6, Duration::from_millis(1), 0);
+        let v6 = ["IPv6"];
+        assert_eq!(
+            m.conntrack_reconciler_deleted_entries_total
+                .with_label_values(&v6)
+                .get(),
+            4
+        );
+        assert_eq!(
+            m.conntrack_reconciler_sync_duration
+                .with_label_values(&v6)
+                .get_sample_count(),
+            2
+        );
+        assert!(m.render().contains(
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv6\"} 4\n"
+        ));
+    }
+}
