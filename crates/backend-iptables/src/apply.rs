@@ -189,8 +189,18 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Prox
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The sysctls this mode sets before it programs anything (also what `--init-only` sets).
+pub fn node_sysctls(localhost_node_ports: bool) -> Vec<(&'static str, &'static str)> {
+    if localhost_node_ports {
+        // NodePorts on 127.0.0.1 need packets from 127/8 to be routable to pods.
+        vec![("net/ipv4/conf/all/route_localnet", "1")]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Writes a sysctl under /proc/sys (`net/ipv4/conf/all/route_localnet`).
-fn write_sysctl(key: &str, value: &str) -> Result<(), ProxierError> {
+pub fn write_sysctl(key: &str, value: &str) -> Result<(), ProxierError> {
     let path = format!("/proc/sys/{key}");
     std::fs::write(&path, value).map_err(|e| ProxierError::Other(format!("setting {path}: {e}")))
 }
@@ -220,9 +230,8 @@ impl IptablesRunner for IptablesCommand {
     }
 
     fn prepare(&mut self, localhost_node_ports: bool) -> Result<(), ProxierError> {
-        if localhost_node_ports {
-            // NodePorts on 127.0.0.1 need packets from 127/8 to be routable to pods.
-            write_sysctl("net/ipv4/conf/all/route_localnet", "1")?;
+        for (key, value) in node_sysctls(localhost_node_ports) {
+            write_sysctl(key, value)?;
         }
         // Rules left in the other backend (an earlier run, or upstream's kube-proxy)
         // would still see packets; remove them. IPv6 tools may be missing: best effort.

@@ -99,23 +99,10 @@ impl<H: Host> IpvsProxier<H> {
         &mut self.host
     }
 
-    /// Sysctls upstream sets in ipvs mode. Failures are logged: a missing knob (no IPv6,
-    /// an older kernel) must not stop the proxy.
+    /// Sets [`node_sysctls`]. Failures are logged: a missing knob (no IPv6, an older
+    /// kernel) must not stop the proxy.
     fn sysctls(&mut self) {
-        let mut knobs = vec![
-            // Let conntrack (and so nftables masquerade) see IPVS connections.
-            ("net/ipv4/vs/conntrack", "1"),
-            // Drop connections to deleted real servers at once rather than hanging.
-            ("net/ipv4/vs/expire_nodest_conn", "1"),
-            ("net/ipv4/vs/expire_quiescent_template", "1"),
-            ("net/ipv4/ip_forward", "1"),
-        ];
-        if self.config.strict_arp {
-            // Do not answer ARP for the Service IPs on kube-ipvs0 from other interfaces.
-            knobs.push(("net/ipv4/conf/all/arp_ignore", "1"));
-            knobs.push(("net/ipv4/conf/all/arp_announce", "2"));
-        }
-        for (path, value) in knobs {
+        for (path, value) in node_sysctls(&self.config) {
             if let Err(err) = self.host.sysctl(path, value) {
                 tracing::warn!(error = %err, "could not set sysctl");
             }
@@ -238,4 +225,22 @@ impl<H: Host + 'static> Proxier for IpvsProxier<H> {
         self.nft_scripts.clear();
         Ok(())
     }
+}
+
+/// The sysctls upstream sets in ipvs mode (also what `--init-only` sets).
+pub fn node_sysctls(config: &IpvsConfig) -> Vec<(&'static str, &'static str)> {
+    let mut knobs = vec![
+        // Let conntrack (and so nftables masquerade) see IPVS connections.
+        ("net/ipv4/vs/conntrack", "1"),
+        // Drop connections to deleted real servers at once rather than hanging.
+        ("net/ipv4/vs/expire_nodest_conn", "1"),
+        ("net/ipv4/vs/expire_quiescent_template", "1"),
+        ("net/ipv4/ip_forward", "1"),
+    ];
+    if config.strict_arp {
+        // Do not answer ARP for the Service IPs on kube-ipvs0 from other interfaces.
+        knobs.push(("net/ipv4/conf/all/arp_ignore", "1"));
+        knobs.push(("net/ipv4/conf/all/arp_announce", "2"));
+    }
+    knobs
 }

@@ -15,7 +15,7 @@ use backend_nftables::NftablesProxier;
 use backend_userspace::{UserspaceConfig, UserspaceProxier};
 use conntrack::{ConntrackNetlink, ConntrackSettings};
 use observability::health::Health;
-use observability::metrics::ProxyMetrics;
+use observability::metrics::{MetricsMode, ProxyMetrics};
 use observability::observer::ProxyObserver;
 use proxy_core::model::IpFamily;
 use proxy_core::observer::{ApiRequestObserver, SyncObserver};
@@ -52,6 +52,8 @@ pub struct ObservabilitySettings {
     /// The effective configuration, for `/configz`.
     pub config: serde_json::Value,
     pub build: observability::metrics::BuildInfo,
+    /// `/statusz` and `/flagz`, each present when its feature gate is on.
+    pub zpages: observability::zpages::Zpages,
 }
 
 /// Where Services and endpoints come from.
@@ -85,6 +87,27 @@ impl BackendSettings {
         }
     }
 
+    /// The IP families the backend programs.
+    pub fn families(&self) -> &[IpFamily] {
+        match self {
+            BackendSettings::Nftables(c) => &c.families,
+            BackendSettings::Iptables(c) => &c.families,
+            BackendSettings::Userspace(c) => &c.families,
+            BackendSettings::Ipvs(c) => &c.families,
+        }
+    }
+
+    /// The sysctls the mode needs before it programs anything (besides conntrack's).
+    fn node_sysctls(&self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            BackendSettings::Iptables(c) => {
+                backend_iptables::apply::node_sysctls(c.localhost_node_ports)
+            }
+            BackendSettings::Ipvs(c) => backend_ipvs::node_sysctls(c),
+            BackendSettings::Nftables(_) | BackendSettings::Userspace(_) => Vec::new(),
+        }
+    }
+
     /// Builds the backend.
     pub fn proxier(&self) -> Box<dyn Proxier> {
         match self {
@@ -99,16 +122,6 @@ impl BackendSettings {
                 Box::new(UserspaceProxier::new(config.clone(), NftCommand::default()))
             }
             BackendSettings::Ipvs(config) => Box::new(IpvsProxier::new(config.clone())),
-        }
-    }
-
-    /// The IP families the backend programs.
-    fn families(&self) -> Vec<IpFamily> {
-        match self {
-            BackendSettings::Nftables(config) => config.families.clone(),
-            BackendSettings::Iptables(config) => config.families.clone(),
-            BackendSettings::Userspace(config) => config.families.clone(),
-            BackendSettings::Ipvs(config) => config.families.clone(),
         }
     }
 
@@ -160,6 +173,33 @@ pub fn cleanup() -> anyhow::Result<()> {
 /// What upstream v1.35+ logs when it starts in ipvs mode.
 pub const IPVS_DEPRECATION: &str = "The ipvs proxier is now deprecated and may be removed in a future release. Please use 'nftables' instead.";
 
+/// The conntrack sysctls (`--conntrack-*`), which upstream sets before it creates the
+/// proxier; settings the kernel does not let us write are logged.
+fn set_conntrack_sysctls(settings: &RunSettings) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for warning in conntrack::apply_sysctls(&settings.conntrack, cpus) {
+        tracing::warn!("{warning}");
+    }
+}
+
+/// `--init-only`: the privileged set-up upstream does before it would start syncing
+/// (conntrack sysctls, then the mode's own: `route_localnet` for iptables with
+/// localhost NodePorts, the IPVS knobs for ipvs), then return. Needs no source and
+/// programs no rules.
+pub fn init_only(settings: &RunSettings) -> anyhow::Result<()> {
+    set_conntrack_sysctls(settings);
+    for (key, value) in settings.backend.node_sysctls() {
+        backend_iptables::apply::write_sysctl(key, value)
+            .with_context(|| format!("{} mode set-up", settings.backend.mode()))?;
+        tracing::info!(sysctl = key, value, "set sysctl");
+    }
+    tracing::info!(
+        mode = settings.backend.mode(),
+        "system initialized and --init-only specified"
+    );
+    Ok(())
+}
+
 /// Runs the proxy until SIGTERM or SIGINT. Rules stay in place on exit, as upstream's do,
 /// so traffic keeps flowing while the proxy restarts.
 pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
@@ -174,10 +214,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         // mode keeps working.
         tracing::error!("{IPVS_DEPRECATION}");
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for warning in conntrack::apply_sysctls(&settings.conntrack, cpus) {
-        tracing::warn!("{warning}");
-    }
+    set_conntrack_sysctls(&settings);
     let (updates_tx, updates_rx) = mpsc::channel(64);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let status = Arc::new(SyncStatus::default());
@@ -216,7 +253,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         Box::new(CleaningProxier::new(
             settings.backend.proxier(),
             ConntrackNetlink::default(),
-            settings.backend.families(),
+            settings.backend.families().to_vec(),
             Arc::clone(&observer),
         ))
     } else {
@@ -268,15 +305,18 @@ struct Observability {
 async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observability> {
     use observability::server;
     let obs = &settings.observability;
-    let metrics = ProxyMetrics::new(&obs.build).context("registering metrics")?;
+    let mode = MetricsMode::from_name(settings.backend.mode()).unwrap_or(MetricsMode::Nftables);
+    let metrics = ProxyMetrics::new(&obs.build, mode).context("registering metrics")?;
+    let families = settings.backend.families();
     // Upstream's health timeout: two sync periods.
-    let health = Arc::new(Health::new(settings.runner.sync_period * 2));
-    let (observer, targets) = ProxyObserver::new(metrics.clone(), Arc::clone(&health));
+    let health = Arc::new(Health::new(settings.runner.sync_period * 2, families));
+    let (observer, targets) = ProxyObserver::new(metrics.clone(), Arc::clone(&health), families);
     if let Some(address) = server::parse_address("metrics", &obs.metrics_bind_address)? {
         let router = server::metrics_router(server::MetricsContext {
             metrics: metrics.clone(),
             mode: settings.backend.mode(),
             config: Arc::new(obs.config.clone()),
+            zpages: Arc::new(obs.zpages.clone()),
         });
         server::spawn("metrics", address, router, obs.bind_address_hard_fail).await?;
     }

@@ -53,6 +53,7 @@ fn run(opts: Options) -> anyhow::Result<()> {
             Ok(())
         }
         Action::Cleanup => app::cleanup(),
+        Action::InitOnly => app::init_only(&run_settings(&opts)?),
         Action::Run => {
             let settings = run_settings(&opts)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -275,7 +276,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
             sync_period: sync_period.to_std().unwrap_or(Duration::from_secs(30)),
             ..RunnerConfig::default()
         },
-        observability: observability_settings(config),
+        observability: observability_settings(opts),
         serve_external_ips: feature_gates(config)?
             .enabled(options::features::ALLOW_SERVICE_EXTERNAL_IPS),
     })
@@ -297,14 +298,15 @@ fn whole_seconds(d: options::GoDuration) -> u32 {
 }
 
 /// Metrics and health servers from the configuration.
-fn observability_settings(config: &KubeProxyConfiguration) -> app::ObservabilitySettings {
+fn observability_settings(opts: &Options) -> app::ObservabilitySettings {
+    let config = &opts.config;
     app::ObservabilitySettings {
         metrics_bind_address: config.metrics_bind_address.clone(),
         healthz_bind_address: config.healthz_bind_address.clone(),
         bind_address_hard_fail: config.bind_address_hard_fail,
         config: serde_json::to_value(config).unwrap_or_default(),
         build: observability::metrics::BuildInfo {
-            git_version: format!("v1.30.0-kube-proxy-rs.{}", env!("CARGO_PKG_VERSION")),
+            git_version: options::git_version(),
             git_commit: String::new(),
             build_date: String::new(),
             features: config
@@ -313,7 +315,35 @@ fn observability_settings(config: &KubeProxyConfiguration) -> app::Observability
                 .map(|(name, enabled)| (name.clone(), String::new(), *enabled))
                 .collect(),
         },
+        zpages: zpages(opts),
     }
+}
+
+/// `/statusz` and `/flagz` behind upstream's `ComponentStatusz` and `ComponentFlagz`
+/// gates (alpha in v1.35: off unless `--feature-gates` turns them on).
+fn zpages(opts: &Options) -> observability::zpages::Zpages {
+    let gate = |name: &str| {
+        opts.config
+            .feature_gates
+            .get(name)
+            .copied()
+            .unwrap_or(false)
+    };
+    let version = options::git_version();
+    let statusz = gate("ComponentStatusz").then(|| observability::zpages::Statusz {
+        started: std::time::SystemTime::now(),
+        binary_version: version.trim_start_matches('v').to_owned(),
+        emulation_version: options::UPSTREAM_VERSION
+            .trim_start_matches('v')
+            .rsplit_once('.')
+            .map_or_else(String::new, |(major_minor, _)| major_minor.to_owned()),
+        paths: observability::server::METRICS_PATHS
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect(),
+    });
+    let flagz = gate("ComponentFlagz").then(|| opts.given_flags.clone());
+    observability::zpages::Zpages { statusz, flagz }
 }
 
 /// Userspace mode: redirect rules as root, listeners on `--bind-address` otherwise.

@@ -76,6 +76,10 @@ struct Node {
 
 impl Node {
     fn start(test: &str, manifests: &str) -> Option<Node> {
+        Node::start_with(test, manifests, &[])
+    }
+
+    fn start_with(test: &str, manifests: &str, extra: &[&str]) -> Option<Node> {
         if !testkit::root_or_skip(test) {
             return None;
         }
@@ -100,7 +104,7 @@ impl Node {
         std::fs::write(mdir.join("cluster.yaml"), manifests).expect("manifests");
         let path_env = format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
         let bin_path = binary();
-        let args = [
+        let mut args = vec![
             path_env.as_str(),
             bin_path.to_str().expect("utf-8 path"),
             "--manifests",
@@ -114,6 +118,7 @@ impl Node {
             "--healthz-bind-address",
             HEALTHZ,
         ];
+        args.extend_from_slice(extra);
         let log = dir.path().join("proxy.log");
         let mut proxy =
             ProxyProcess::start(&ns, Path::new("/usr/bin/env"), &args, &log).expect("start proxy");
@@ -168,20 +173,33 @@ fn live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it() {
         return;
     };
     let scrape = node.scrape();
+    // v1.33+: per-proxier metrics carry ip_family (both families here: IPv6 is on).
     for name in [
-        "kubeproxy_sync_proxy_rules_duration_seconds_count",
-        "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
-        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
-        "kubeproxy_network_programming_duration_seconds_count",
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "process_resident_memory_bytes",
         "process_start_time_seconds",
+        "process_virtual_memory_max_bytes",
+        "process_network_receive_bytes_total",
+        "registered_metrics_total{deprecated_version=\"\",stability_level=\"ALPHA\"}",
     ] {
         assert!(sample(&scrape, name).is_some(), "{name} missing:\n{scrape}");
     }
-    assert!(scrape.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"0\"} "));
+    assert!(scrape.contains(
+        "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0\"} "
+    ));
+    // nftables mode registers no iptables metric (upstream's RegisterMetrics(mode)),
+    // and the failure counters have no series before a failure.
+    assert!(!scrape.contains("iptables"), "{scrape}");
+    assert!(
+        !scrape.contains("process_threads"),
+        "not a Go process metric"
+    );
     assert_eq!(
         get(&node.ns, METRICS, "/proxyMode").map(|a| a.body),
         Some("nftables".into())
@@ -192,13 +210,21 @@ fn live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it() {
     );
     let configz = get(&node.ns, METRICS, "/configz").expect("configz");
     let cfg: serde_json::Value = serde_json::from_str(&configz.body).expect("configz is JSON");
-    assert_eq!(
-        cfg["kubeproxy.config.k8s.io"]["metricsBindAddress"],
-        serde_json::json!(METRICS)
-    );
+    let cfg = &cfg["kubeproxy.config.k8s.io"];
+    assert_eq!(cfg["metricsBindAddress"], serde_json::json!(METRICS));
+    assert_eq!(cfg["apiVersion"], "kubeproxy.config.k8s.io/v1alpha1");
+    assert_eq!(cfg["kind"], "KubeProxyConfiguration");
+    // The z-pages are alpha in v1.35: off unless their gates are given.
+    for page in ["/statusz", "/flagz"] {
+        assert_eq!(
+            get(&node.ns, METRICS, page).map(|a| a.status),
+            Some(404),
+            "{page}"
+        );
+    }
 
-    // promtool lints the live scrape. Upstream's own names draw two known lints (a
-    // gauge named *_total, camelCase build-info labels); anything else fails.
+    // promtool lints the live scrape. Upstream's own names draw one known lint (a gauge
+    // named *_total); anything else fails.
     let promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -215,8 +241,7 @@ fn live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it() {
     let out = promtool.wait_with_output().expect("promtool");
     let report = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     for line in report.lines().filter(|l| !l.trim().is_empty()) {
-        let known = line == "kubeproxy_sync_proxy_rules_no_local_endpoints_total non-counter metrics should not have \"_total\" suffix"
-            || line == "kubernetes_build_info label names should be written in 'snake_case' not 'camelCase'";
+        let known = line == "kubeproxy_sync_proxy_rules_no_local_endpoints_total non-counter metrics should not have \"_total\" suffix";
         assert!(known, "promtool: {line}\n{report}");
     }
 
@@ -253,7 +278,7 @@ fn live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("prometheus installed");
-    let query = "/api/v1/query?query=kubeproxy_sync_proxy_rules_duration_seconds_count";
+    let query = "/api/v1/query?query=kubeproxy_sync_proxy_rules_duration_seconds_count%7Bip_family%3D%22IPv4%22%7D";
     let mut last = String::new();
     let found = testkit::wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
         let Some(a) = get(&node.ns, &web, query) else {
@@ -287,12 +312,13 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
     let a = get(&node.ns, HEALTHZ, "/healthz").expect("healthz");
     assert_eq!(a.status, 200, "{a:?}");
     assert!(a.headers.contains("content-type: application/json"));
-    assert!(a.body.starts_with("{\"lastUpdated\": \""), "{}", a.body);
-    assert!(
-        a.body.ends_with("\", \"nodeEligible\": true}"),
-        "{}",
-        a.body
-    );
+    // v1.33's body: compact JSON, per-family status once synced.
+    assert!(a.body.starts_with("{\"lastUpdated\":\""), "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("healthz JSON");
+    assert_eq!(v["nodeEligible"], true, "{v}");
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["status"]["IPv4"]["healthy"], true, "{v}");
+    assert_eq!(v["lastUpdated"], v["currentTime"], "{v}");
 
     // Syncs fail from now on; a change is queued and stays unsynced past 2 × 1 s. The
     // change needs new chains (a first Service with affinity), so it goes through `nft`
@@ -306,6 +332,14 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
     wait_for("healthz 503", Duration::from_secs(10), || {
         get(&node.ns, HEALTHZ, "/healthz").is_some_and(|a| a.status == 503)
     });
+    let a = get(&node.ns, HEALTHZ, "/healthz").expect("healthz");
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("healthz JSON");
+    assert_eq!(v["healthy"], false, "{v}");
+    assert_eq!(v["status"]["IPv4"]["healthy"], false, "{v}");
+    assert_ne!(
+        v["lastUpdated"], v["currentTime"],
+        "the last sync, not now: {v}"
+    );
     assert_eq!(
         get(&node.ns, HEALTHZ, "/livez").map(|a| a.status),
         Some(503)
@@ -314,7 +348,7 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
     assert!(
         sample(
             &scrape,
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}"
         )
         .is_some_and(|n| n >= 1.0),
         "{scrape}"
@@ -342,7 +376,7 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
         Duration::from_secs(10),
         || {
             get(&node.ns, HEALTHZ, "/healthz")
-                .is_some_and(|a| a.status == 503 && a.body.ends_with("\"nodeEligible\": false}"))
+                .is_some_and(|a| a.status == 503 && a.body.contains("\"nodeEligible\":false"))
         },
     );
     assert_eq!(
@@ -394,4 +428,75 @@ fn service_health_check_follows_local_endpoints() {
     wait_for("health check port closed", Duration::from_secs(10), || {
         get(&node.ns, hc, "/").is_none()
     });
+}
+
+#[test]
+fn zpages_follow_their_feature_gates() {
+    let Some(node) = Node::start_with(
+        "zpages_follow_their_feature_gates",
+        &service("web", "10.96.0.10", ""),
+        &["--feature-gates=ComponentStatusz=true,ComponentFlagz=true"],
+    ) else {
+        return;
+    };
+    let status = get(&node.ns, METRICS, "/statusz").expect("statusz");
+    assert_eq!(status.status, 200, "{status:?}");
+    assert!(status
+        .headers
+        .contains("content-type: text/plain; charset=utf-8"));
+    assert!(
+        status.body.starts_with("\nkube-proxy statusz\nWarning: "),
+        "{}",
+        status.body
+    );
+    for field in ["Started", "Up", "Binary version", "Emulation version"] {
+        assert!(
+            status.body.lines().any(|l| l.starts_with(field)),
+            "{field}: {}",
+            status.body
+        );
+    }
+    assert!(status.body.contains("1.35"), "{}", status.body);
+    let flags = get(&node.ns, METRICS, "/flagz").expect("flagz");
+    assert_eq!(flags.status, 200);
+    assert!(
+        flags.body.starts_with("\nkube-proxy flags\n"),
+        "{}",
+        flags.body
+    );
+    assert!(
+        flags
+            .body
+            .lines()
+            .any(|l| l.starts_with("metrics-bind-address") && l.ends_with(METRICS)),
+        "{}",
+        flags.body
+    );
+
+    // The structured form, asked for exactly; plain JSON is not acceptable.
+    let structured = node
+        .ns
+        .run(|| {
+            let addr: SocketAddr = METRICS.parse().expect("address");
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            write!(
+                s,
+                "GET /statusz HTTP/1.1\r\nHost: x\r\nAccept: application/json;v=v1alpha1;g=config.k8s.io;as=Statusz\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw).ok()?;
+            Some(raw)
+        })
+        .ok()
+        .flatten()
+        .expect("structured statusz");
+    let body = structured
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).expect("statusz JSON");
+    assert_eq!(v["kind"], "Statusz");
+    assert_eq!(v["apiVersion"], "config.k8s.io/v1alpha1");
+    assert_eq!(v["emulationVersion"], "1.35");
 }

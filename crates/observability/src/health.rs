@@ -1,14 +1,22 @@
-//! The proxy's own health, as upstream's `/healthz` and `/livez` report it.
+//! The proxy's own health, as upstream's `/healthz` and `/livez` report it (v1.33+).
 //!
 //! Upstream's rule: healthy unless an update was queued and no successful sync followed
 //! within the health timeout (2 × the sync period); so a proxy that is starting up and
 //! has nothing queued yet is healthy. `/healthz` also turns 503 when the node is being
 //! deleted or tainted `ToBeDeletedByClusterAutoscaler`; `/livez` ignores the node.
+//!
+//! Upstream runs one proxier per IP family and reports each in `status`; one of our
+//! syncs programs every family, so the families share one state.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use proxy_core::model::IpFamily;
+use serde::Serialize;
+
 use crate::gotime;
+use crate::metrics::ip_family;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Inner {
@@ -22,8 +30,7 @@ struct Inner {
 pub struct Health {
     inner: Mutex<Inner>,
     timeout: Duration,
-    /// Wall-clock start of the process, for Go's `m=+...` monotonic suffix.
-    started: SystemTime,
+    families: Vec<IpFamily>,
 }
 
 /// One evaluation of the health state.
@@ -36,9 +43,32 @@ pub struct HealthCheck {
     pub current_time: SystemTime,
 }
 
+/// Upstream's `ProxierHealth`: one IP family's proxier.
+#[derive(Serialize)]
+struct ProxierHealth {
+    #[serde(rename = "lastUpdated")]
+    last_updated: String,
+    healthy: bool,
+}
+
+/// Upstream's `ProxyHealth`, fields in its order (Go's JSON keeps declaration order).
+#[derive(Serialize)]
+struct ProxyHealth {
+    #[serde(rename = "lastUpdated")]
+    last_updated: String,
+    #[serde(rename = "currentTime")]
+    current_time: String,
+    #[serde(rename = "nodeEligible", skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+    healthy: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    status: BTreeMap<&'static str, ProxierHealth>,
+}
+
 impl Health {
-    /// `timeout`: how long a queued update may stay unsynced (upstream: 2 × sync period).
-    pub fn new(timeout: Duration) -> Health {
+    /// `timeout`: how long a queued update may stay unsynced (upstream: 2 × sync period);
+    /// `families`: the IP families the proxy programs.
+    pub fn new(timeout: Duration, families: &[IpFamily]) -> Health {
         Health {
             inner: Mutex::new(Inner {
                 last_updated: None,
@@ -47,7 +77,7 @@ impl Health {
                 node_eligible: true,
             }),
             timeout,
-            started: SystemTime::now(),
+            families: families.to_vec(),
         }
     }
 
@@ -82,39 +112,51 @@ impl Health {
         }
     }
 
-    /// Formats a time as Go's `time.Time.String()` does, with the process-relative
-    /// monotonic reading.
-    pub fn go_time(&self, at: Option<SystemTime>) -> String {
-        match at {
-            None => gotime::ZERO.to_owned(),
-            Some(at) => gotime::format(at, at.duration_since(self.started).ok()),
-        }
+    /// The JSON body upstream's `ProxyHealthServer` writes. `lastUpdated` is the current
+    /// time when the answer is 200 (upstream keeps it so for old clients).
+    fn body(&self, c: &HealthCheck, node_eligible: Option<bool>, ok: bool) -> String {
+        // Upstream lists a family once its proxier has synced; we also list it when it is
+        // late without any sync, so the 503 says which family it is.
+        let status = if c.last_updated.is_some() || !c.healthy {
+            self.families
+                .iter()
+                .map(|&f| {
+                    let health = ProxierHealth {
+                        last_updated: gotime::rfc3339_nano(c.last_updated),
+                        healthy: c.healthy,
+                    };
+                    (ip_family(f), health)
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let body = ProxyHealth {
+            last_updated: gotime::rfc3339_nano(if ok {
+                Some(c.current_time)
+            } else {
+                c.last_updated
+            }),
+            current_time: gotime::rfc3339_nano(Some(c.current_time)),
+            node_eligible,
+            healthy: c.healthy,
+            status,
+        };
+        serde_json::to_string(&body).unwrap_or_default()
     }
 
-    /// `/healthz`: status code and body, byte for byte as upstream writes them. When
-    /// healthy, `lastUpdated` is the current time, as upstream keeps it for old clients.
+    /// `/healthz`: status code and body.
     pub fn healthz(&self, now: SystemTime) -> (u16, String) {
         let c = self.check(now);
         let ok = c.healthy && c.node_eligible;
-        let last = if ok { Some(now) } else { c.last_updated };
-        let body = format!(
-            "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {}}}",
-            quote(&self.go_time(last)),
-            quote(&self.go_time(Some(now))),
-            c.node_eligible
-        );
+        let body = self.body(&c, Some(c.node_eligible), ok);
         (if ok { 200 } else { 503 }, body)
     }
 
     /// `/livez`: like `/healthz` without node eligibility.
     pub fn livez(&self, now: SystemTime) -> (u16, String) {
         let c = self.check(now);
-        let last = if c.healthy { Some(now) } else { c.last_updated };
-        let body = format!(
-            "{{\"lastUpdated\": {},\"currentTime\": {}}}",
-            quote(&self.go_time(last)),
-            quote(&self.go_time(Some(now)))
-        );
+        let body = self.body(&c, None, c.healthy);
         (if c.healthy { 200 } else { 503 }, body)
     }
 
@@ -124,20 +166,20 @@ impl Health {
     }
 }
 
-/// A JSON string literal (what Go's `%q` gives for these ASCII strings).
-fn quote(text: &str) -> String {
-    serde_json::Value::String(text.to_owned()).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const SEC: Duration = Duration::from_secs(1);
+    const DUAL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    fn json(body: &str) -> serde_json::Value {
+        serde_json::from_str(body).expect("JSON body")
+    }
 
     #[test]
     fn healthy_while_starting_and_until_a_queued_update_is_late() {
-        let h = Health::new(Duration::from_secs(60));
+        let h = Health::new(Duration::from_secs(60), &DUAL);
         let t0 = SystemTime::now();
         assert!(
             h.check(t0).healthy,
@@ -155,19 +197,76 @@ mod tests {
     }
 
     #[test]
+    fn bodies_have_upstreams_fields_in_upstreams_order() {
+        let h = Health::new(SEC, &DUAL);
+        let now = SystemTime::now();
+        // Before any sync: no per-family status, Go's zero time is not shown (200).
+        let (code, body) = h.healthz(now);
+        assert_eq!(code, 200);
+        let keys: Vec<&str> = body
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|k| {
+                [
+                    "lastUpdated",
+                    "currentTime",
+                    "nodeEligible",
+                    "healthy",
+                    "status",
+                ]
+                .contains(k)
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            ["lastUpdated", "currentTime", "nodeEligible", "healthy"],
+            "{body}"
+        );
+        assert!(
+            body.starts_with("{\"lastUpdated\":\""),
+            "compact, as Go writes it: {body}"
+        );
+
+        let synced = now - 5 * SEC;
+        h.updated(synced);
+        let v = json(&h.healthz(now).1);
+        assert_eq!(v["healthy"], true);
+        assert_eq!(v["nodeEligible"], true);
+        assert_eq!(
+            v["lastUpdated"], v["currentTime"],
+            "healthy: lastUpdated is now"
+        );
+        let synced_text = gotime::rfc3339_nano(Some(synced));
+        for family in ["IPv4", "IPv6"] {
+            assert_eq!(v["status"][family]["healthy"], true, "{v}");
+            assert_eq!(v["status"][family]["lastUpdated"], synced_text.as_str());
+        }
+        let live = json(&h.livez(now).1);
+        assert!(live.get("nodeEligible").is_none(), "{live}");
+        assert_eq!(live["status"]["IPv4"]["healthy"], true);
+
+        // Late: 503, the per-family entries say unhealthy, lastUpdated is the last sync.
+        h.queued(now);
+        let (code, body) = h.healthz(now + 2 * SEC);
+        assert_eq!(code, 503);
+        let v = json(&body);
+        assert_eq!(v["healthy"], false);
+        assert_eq!(v["lastUpdated"], synced_text.as_str());
+        assert_eq!(v["status"]["IPv6"]["healthy"], false);
+    }
+
+    #[test]
     fn node_eligibility_affects_healthz_only() {
-        let h = Health::new(SEC);
+        let h = Health::new(SEC, &[IpFamily::V4]);
         h.set_node_eligible(false);
         let now = SystemTime::now();
         let (code, body) = h.healthz(now);
         assert_eq!(code, 503);
-        assert!(body.ends_with(", \"nodeEligible\": false}"), "{body}");
-        assert!(
-            body.starts_with(
-                "{\"lastUpdated\": \"0001-01-01 00:00:00 +0000 UTC\",\"currentTime\": \""
-            ),
-            "{body}"
-        );
+        let v = json(&body);
+        assert_eq!(v["nodeEligible"], false);
+        assert_eq!(v["healthy"], true, "the proxier itself is healthy");
+        assert_eq!(v["lastUpdated"], gotime::ZERO);
         assert_eq!(h.livez(now).0, 200);
     }
 }

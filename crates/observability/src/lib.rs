@@ -11,6 +11,8 @@ pub mod gotime;
 pub mod health;
 pub mod metrics;
 pub mod observer;
+pub mod process;
 pub mod server;
 pub mod service_health;
 pub mod textfmt;
+pub mod zpages;

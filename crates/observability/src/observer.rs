@@ -1,14 +1,14 @@
 //! The sync observer that feeds metrics, proxy health and the per-Service health checks.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use proxy_core::model::{ProxyState, TrafficPolicy};
+use proxy_core::model::{IpFamily, ProxyState, TrafficPolicy};
 use proxy_core::observer::{ChangeSummary, SyncObserver, SyncReport};
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{ip_family, ProxyMetrics};
 use crate::service_health::{self, Targets};
 
 /// Updates metrics and health from the runner's reports. Cheap: counters, a mutex held
@@ -17,17 +17,24 @@ pub struct ProxyObserver {
     metrics: ProxyMetrics,
     health: Arc<Health>,
     targets: watch::Sender<Targets>,
+    /// The IP families each sync programs; per-family metrics get one sample each.
+    families: Vec<IpFamily>,
 }
 
 impl ProxyObserver {
     /// Also returns the receiver that [`service_health::run`] serves.
-    pub fn new(metrics: ProxyMetrics, health: Arc<Health>) -> (Self, watch::Receiver<Targets>) {
+    pub fn new(
+        metrics: ProxyMetrics,
+        health: Arc<Health>,
+        families: &[IpFamily],
+    ) -> (Self, watch::Receiver<Targets>) {
         let (targets, rx) = watch::channel(Targets::new());
         (
             ProxyObserver {
                 metrics,
                 health,
                 targets,
+                families: families.to_vec(),
             },
             rx,
         )
@@ -57,8 +64,11 @@ impl SyncObserver for ProxyObserver {
         m.endpoint_changes_pending
             .set(i64::try_from(c.endpoints_pending).unwrap_or(i64::MAX));
         if c.queued {
-            m.sync_proxy_rules_last_queued_timestamp
-                .set(unix_seconds(c.at));
+            for family in self.labels() {
+                m.sync_proxy_rules_last_queued_timestamp
+                    .with_label_values(&family)
+                    .set(unix_seconds(c.at));
+            }
             self.health.queued(c.at);
         }
         self.health.set_node_eligible(c.node_eligible);
@@ -67,57 +77,81 @@ impl SyncObserver for ProxyObserver {
     fn sync_finished(&self, r: &SyncReport<'_>) {
         let m = &self.metrics;
         let seconds = r.duration.as_secs_f64();
-        m.sync_proxy_rules_duration.observe(seconds);
-        if r.full {
-            m.sync_full_proxy_rules_duration.observe(seconds);
-        } else {
-            m.sync_partial_proxy_rules_duration.observe(seconds);
+        // One sync programs every family: each family's upstream proxier would have
+        // recorded this sync, so each family's series gets it.
+        for family in self.labels() {
+            m.sync_proxy_rules_duration
+                .with_label_values(&family)
+                .observe(seconds);
+            let kind = if r.full {
+                &m.sync_full_proxy_rules_duration
+            } else {
+                &m.sync_partial_proxy_rules_duration
+            };
+            kind.with_label_values(&family).observe(seconds);
         }
-        match r.result {
-            Ok(_) => {
-                m.sync_proxy_rules_last_timestamp
-                    .set(unix_seconds(r.finished_at));
-                self.health.updated(r.finished_at);
-                for trigger in r.programmed_trigger_times {
-                    let latency = r.finished_at.duration_since(*trigger).unwrap_or_default();
-                    m.network_programming_duration
-                        .observe(latency.as_secs_f64());
-                }
-                let (internal, external) = no_local_endpoints(r.state);
-                m.no_local_endpoints_total
-                    .with_label_values(&["internal"])
-                    .set(internal as f64);
-                m.no_local_endpoints_total
-                    .with_label_values(&["external"])
-                    .set(external as f64);
-                let targets = service_health::targets(r.state);
-                self.targets.send_if_modified(|current| {
-                    let changed = *current != targets;
-                    if changed {
-                        *current = targets;
-                    }
-                    changed
-                });
-            }
-            Err(_) => {
-                // Upstream counts every failed kernel update here, whatever the mode;
-                // dashboards key on it.
-                m.iptables_restore_failures_total.inc();
-                if !r.full {
-                    m.iptables_partial_restore_failures_total.inc();
-                }
-            }
+        if r.result.is_err() {
+            m.sync_failed(&self.families, !r.full);
+            return;
         }
+        self.health.updated(r.finished_at);
+        for &family in &self.families {
+            let label = [ip_family(family)];
+            m.sync_proxy_rules_last_timestamp
+                .with_label_values(&label)
+                .set(unix_seconds(r.finished_at));
+            for trigger in r.programmed_trigger_times {
+                let latency = r.finished_at.duration_since(*trigger).unwrap_or_default();
+                m.network_programming_duration
+                    .with_label_values(&label)
+                    .observe(latency.as_secs_f64());
+            }
+            let (internal, external) = no_local_endpoints(r.state, family);
+            m.no_local_endpoints_total
+                .with_label_values(&["internal", label[0]])
+                .set(internal as f64);
+            m.no_local_endpoints_total
+                .with_label_values(&["external", label[0]])
+                .set(external as f64);
+        }
+        let targets = service_health::targets(r.state);
+        self.targets.send_if_modified(|current| {
+            let changed = *current != targets;
+            if changed {
+                *current = targets;
+            }
+            changed
+        });
+    }
+
+    fn conntrack_reconciled(&self, family: IpFamily, duration: Duration, deleted_entries: u64) {
+        self.metrics
+            .conntrack_reconciled(family, duration, deleted_entries);
     }
 }
 
-/// Service ports with a `Local` traffic policy that have endpoints, none of them on
-/// this node: (internal policy count, external policy count), as upstream counts them.
-fn no_local_endpoints(state: &ProxyState) -> (usize, usize) {
+impl ProxyObserver {
+    /// The `ip_family` label values of the families programmed.
+    fn labels(&self) -> impl Iterator<Item = [&'static str; 1]> + '_ {
+        self.families.iter().map(|&f| [ip_family(f)])
+    }
+}
+
+/// Service ports of `family` (a cluster IP of it) with a `Local` traffic policy that
+/// have endpoints of it, none of them on this node: (internal policy count, external
+/// policy count), as that family's upstream proxier counts them.
+fn no_local_endpoints(state: &ProxyState, family: IpFamily) -> (usize, usize) {
     let mut internal = 0;
     let mut external = 0;
     for (name, port) in &state.services {
-        let eps = state.endpoints_of(name);
+        if !port.cluster_ips.iter().any(|ip| IpFamily::of(ip) == family) {
+            continue;
+        }
+        let eps: Vec<_> = state
+            .endpoints_of(name)
+            .iter()
+            .filter(|e| IpFamily::of(&e.ip) == family)
+            .collect();
         if eps.is_empty() || eps.iter().any(|e| e.is_local && e.ready) {
             continue;
         }
@@ -132,4 +166,112 @@ fn no_local_endpoints(state: &ProxyState) -> (usize, usize) {
         }
     }
     (internal, external)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use proxy_core::model::{IpFamily, ProxyState};
+    use proxy_core::observer::{SyncObserver, SyncReport};
+    use proxy_core::proxier::{ProxierError, SyncOutcome};
+
+    use super::*;
+    use crate::metrics::{BuildInfo, MetricsMode};
+
+    fn observer(mode: MetricsMode) -> (ProxyObserver, ProxyMetrics, Arc<Health>) {
+        let metrics = ProxyMetrics::new(&BuildInfo::default(), mode).expect("metrics");
+        let families = [IpFamily::V4, IpFamily::V6];
+        let health = Arc::new(Health::new(Duration::from_secs(60), &families));
+        let (o, _targets) = ProxyObserver::new(metrics.clone(), Arc::clone(&health), &families);
+        (o, metrics, health)
+    }
+
+    #[test]
+    fn each_sync_is_recorded_once_per_family_and_failures_in_the_modes_counter() {
+        let (o, m, health) = observer(MetricsMode::Nftables);
+        let state = ProxyState::default();
+        let outcome = SyncOutcome::default();
+        let now = SystemTime::now();
+        let ok = SyncReport {
+            full: true,
+            duration: Duration::from_millis(5),
+            finished_at: now,
+            result: Ok(&outcome),
+            state: &state,
+            programmed_trigger_times: &[now - Duration::from_secs(2)],
+        };
+        o.sync_finished(&ok);
+        let error = ProxierError::Other("refused".into());
+        let failed = SyncReport {
+            full: false,
+            result: Err(&error),
+            programmed_trigger_times: &[],
+            ..ok
+        };
+        o.sync_finished(&failed);
+        for family in ["IPv4", "IPv6"] {
+            let f = [family];
+            assert_eq!(
+                m.sync_proxy_rules_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                2
+            );
+            assert_eq!(
+                m.sync_full_proxy_rules_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                1
+            );
+            assert_eq!(
+                m.sync_partial_proxy_rules_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                1
+            );
+            assert_eq!(
+                m.network_programming_duration
+                    .with_label_values(&f)
+                    .get_sample_count(),
+                1
+            );
+            assert_eq!(
+                m.nftables_sync_failures_total.with_label_values(&f).get(),
+                1
+            );
+            assert!(
+                m.sync_proxy_rules_last_timestamp
+                    .with_label_values(&f)
+                    .get()
+                    > 0.0
+            );
+        }
+        assert_eq!(health.check(now).last_updated, Some(now));
+    }
+
+    #[test]
+    fn the_conntrack_reconciler_hook_reaches_the_metrics() {
+        let (o, m, _) = observer(MetricsMode::Iptables);
+        // What the runner holds: the observer as a trait object.
+        let hook: &dyn SyncObserver = &o;
+        hook.conntrack_reconciled(IpFamily::V6, Duration::from_millis(20), 4);
+        hook.conntrack_reconciled(IpFamily::V6, Duration::from_millis(1), 0);
+        let v6 = ["IPv6"];
+        assert_eq!(
+            m.conntrack_reconciler_deleted_entries_total
+                .with_label_values(&v6)
+                .get(),
+            4
+        );
+        assert_eq!(
+            m.conntrack_reconciler_sync_duration
+                .with_label_values(&v6)
+                .get_sample_count(),
+            2
+        );
+        assert!(m.render().contains(
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv6\"} 4\n"
+        ));
+    }
 }

@@ -1,5 +1,6 @@
 //! The metrics server (`--metrics-bind-address`: `/metrics`, `/proxyMode`, `/configz`,
-//! `/healthz`) and the health server (`--healthz-bind-address`: `/healthz`, `/livez`).
+//! `/healthz`, and `/statusz`, `/flagz` behind their feature gates) and the health
+//! server (`--healthz-bind-address`: `/healthz`, `/livez`).
 //!
 //! Bind errors follow upstream's `--bind-address-hard-fail`: with it, the first bind
 //! error is returned (the proxy exits); without it, the error is logged and the bind
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -45,15 +46,26 @@ pub struct MetricsContext {
     pub mode: &'static str,
     /// The effective configuration, served by `/configz`.
     pub config: Arc<serde_json::Value>,
+    pub zpages: Arc<crate::zpages::Zpages>,
 }
 
+/// The metrics server's paths without the gated z-pages (what `/statusz` lists).
+pub const METRICS_PATHS: [&str; 4] = ["/configz", "/healthz", "/metrics", "/proxyMode"];
+
 pub fn metrics_router(ctx: MetricsContext) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/metrics", get(metrics))
         .route("/proxyMode", get(proxy_mode))
         .route("/configz", get(configz))
-        .route("/healthz", get(|| async { plain("ok".to_owned()) }))
-        .with_state(ctx)
+        .route("/healthz", get(|| async { plain("ok".to_owned()) }));
+    // Without its gate a z-page is not there at all (404), as upstream.
+    if ctx.zpages.statusz.is_some() {
+        router = router.route("/statusz", get(statusz));
+    }
+    if ctx.zpages.flagz.is_some() {
+        router = router.route("/flagz", get(flagz));
+    }
+    router.with_state(ctx)
 }
 
 /// The health server's routes; counts every answer in `kubeproxy_proxy_{healthz,livez}_total`.
@@ -141,9 +153,24 @@ async fn proxy_mode(State(ctx): State<MetricsContext>) -> Response {
 }
 
 async fn configz(State(ctx): State<MetricsContext>) -> Response {
-    // Upstream's configz shape: the configuration under its API group's name.
+    // Upstream's configz shape: the configuration under its API group's name; the
+    // configuration carries its apiVersion and kind (as upstream's does since v1.36).
     let body = serde_json::json!({ "kubeproxy.config.k8s.io": *ctx.config }).to_string();
     with_type(body.into_response(), "application/json")
+}
+
+async fn statusz(State(ctx): State<MetricsContext>, headers: HeaderMap) -> Response {
+    match &ctx.zpages.statusz {
+        Some(s) => crate::zpages::statusz(s, &headers, SystemTime::now()),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn flagz(State(ctx): State<MetricsContext>, headers: HeaderMap) -> Response {
+    match &ctx.zpages.flagz {
+        Some(flags) => crate::zpages::flagz(flags, &headers),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn healthz(State((health, metrics)): State<(Arc<Health>, ProxyMetrics)>) -> Response {

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use observability::metrics::{BuildInfo, ProxyMetrics};
+use observability::metrics::{BuildInfo, MetricsMode, ProxyMetrics};
 
 fn monitoring_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/monitoring")
@@ -34,15 +34,26 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     out
 }
 
-fn exported(metrics: &ProxyMetrics, name: &str) -> bool {
+/// Every name some mode registers (upstream registers by mode since v1.33, and the
+/// shipped files serve every mode).
+fn all_modes() -> BTreeSet<String> {
+    MetricsMode::ALL
+        .into_iter()
+        .flat_map(|mode| {
+            ProxyMetrics::new(&BuildInfo::default(), mode)
+                .expect("metrics")
+                .names()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn exported(names: &BTreeSet<String>, name: &str) -> bool {
     let base = ["_bucket", "_count", "_sum"]
         .iter()
         .find_map(|s| name.strip_suffix(s))
-        .filter(|b| metrics.names().iter().any(|n| n == b));
-    metrics
-        .names()
-        .iter()
-        .any(|n| n == name || Some(n.as_str()) == base)
+        .filter(|b| names.contains(*b));
+    names.contains(name) || base.is_some()
 }
 
 fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
@@ -70,7 +81,7 @@ fn dashboard_parses_and_queries_only_exported_metrics() {
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 10, "dashboard has {} queries", exprs.len());
-    let metrics = ProxyMetrics::new(&BuildInfo::default()).expect("metrics");
+    let metrics = all_modes();
     let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
     for name in &used {
         assert!(
@@ -85,6 +96,7 @@ fn dashboard_parses_and_queries_only_exported_metrics() {
         "kubeproxy_network_programming_duration_seconds_bucket",
         "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
         "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
         "rest_client_requests_total",
         "rest_client_request_duration_seconds_bucket",
         "process_resident_memory_bytes",
@@ -120,9 +132,16 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&path).expect("rules");
-    let metrics = ProxyMetrics::new(&BuildInfo::default()).expect("metrics");
+    let metrics = all_modes();
     let used = metric_names(&text);
     assert!(used.len() >= 4, "{used:?}");
+    // Failures count per mode since v1.33: the alert must watch both counters.
+    for needed in [
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+    ] {
+        assert!(used.contains(needed), "alerts do not watch {needed}");
+    }
     for name in used {
         assert!(
             exported(&metrics, &name),
@@ -153,4 +172,33 @@ fn metric_name_extraction() {
         !names.contains("kubeproxy_y"),
         "label values are not metric names"
     );
+}
+
+#[test]
+fn scrape_configs_target_the_metrics_server_and_our_prefix() {
+    let default_url = "\"http://127.0.0.1:10249/metrics\"";
+    let names = all_modes();
+    for file in ["prometheus.toml", "kube-proxy.conf"] {
+        let text = std::fs::read_to_string(monitoring_dir().join(file)).expect(file);
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with("urls") && l.contains(default_url)),
+            "{file} does not scrape {default_url}"
+        );
+        assert!(
+            text.contains("ip_family"),
+            "{file} does not mention ip_family"
+        );
+        // Every measurement prefix Datakit maps must match metrics we export.
+        for line in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("prefix"))
+        {
+            let prefix = line.split('"').nth(1).expect("quoted prefix");
+            assert!(
+                names.iter().any(|n| n.starts_with(prefix)),
+                "{file}: prefix {prefix:?} matches nothing we export"
+            );
+        }
+    }
 }

@@ -72,6 +72,11 @@ impl std::str::FromStr for ProxyMode {
             "nftables" => Ok(ProxyMode::NfTables),
             "kernelspace" => Ok(ProxyMode::KernelSpace),
             "userspace" => Ok(ProxyMode::Userspace),
+            // Windows modes (the seeds' `winuserspace`, upstream's `winkernel`, whose
+            // configuration name is `kernelspace`) are out of scope: say so plainly.
+            "winuserspace" | "winkernel" => Err(format!(
+                "proxy mode {s:?} is a Windows mode, which this Linux proxy does not implement (out of scope); use \"nftables\", \"iptables\", \"ipvs\" or \"userspace\""
+            )),
             other => Err(format!(
                 "unknown proxy mode {other:?}; must be \"iptables\", \"ipvs\", \"nftables\" or \"userspace\""
             )),
@@ -765,6 +770,13 @@ mod tests {
         assert_eq!(String::from(LocalMode::NodeCidr), "NodeCIDR");
         assert_eq!("userspace".parse::<ProxyMode>(), Ok(ProxyMode::Userspace));
         assert!(ProxyMode::try_from("x".to_string()).is_err());
+        for windows in ["winuserspace", "winkernel"] {
+            let err = windows.parse::<ProxyMode>().expect_err(windows);
+            assert!(
+                err.contains(windows) && err.contains("Windows mode"),
+                "{err}"
+            );
+        }
         assert_eq!(
             LocalMode::try_from("ClusterCIDR".to_string()),
             Ok(LocalMode::ClusterCidr)

@@ -44,6 +44,10 @@ const fn gate(name: &'static str, default: bool, stage: Stage, locked: bool) -> 
 /// registers) reads in v1.35–v1.37, as of their latest stage there.
 pub const GATES: &[Gate] = &[
     gate(ALLOW_SERVICE_EXTERNAL_IPS, true, Stage::Deprecated, false),
+    // `/flagz` and `/statusz` on the metrics server (component-base zpages; alpha and
+    // off in v1.35, the release we match).
+    gate("ComponentFlagz", false, Stage::Alpha, false),
+    gate("ComponentStatusz", false, Stage::Alpha, false),
     gate("ContextualLogging", true, Stage::Beta, false),
     gate(KUBE_PROXY_IPVS, true, Stage::Deprecated, false),
     gate("LoggingAlphaOptions", false, Stage::Alpha, false),

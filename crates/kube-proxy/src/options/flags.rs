@@ -1,9 +1,10 @@
-//! The command line, with upstream kube-proxy v1.30 flag names.
+//! The command line, with upstream kube-proxy v1.35 flag names.
 //!
 //! Every flag is an `Option` without a clap default so we know which flags the
 //! user actually gave: upstream only applies some of them on top of `--config`,
 //! and unimplemented ones produce a warning.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{ArgMatches, Parser};
@@ -24,6 +25,7 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "write-config-to",
     "cleanup",
     "version",
+    "init-only",
     "hostname-override",
     "bind-address",
     "cluster-cidr",
@@ -171,7 +173,7 @@ pub struct Flags {
           default_missing_value = "true", value_parser = parse_version_flag)]
     pub version: Option<VersionFlag>,
 
-    /// Do the privileged initialisation only, then exit [not implemented].
+    /// Do the privileged set-up only (conntrack and mode sysctls), then exit.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub init_only: Option<bool>,
@@ -429,6 +431,25 @@ pub fn flags_set(cmd: &clap::Command, matches: &ArgMatches) -> Vec<&'static str>
                 .chain(ALL_OTHER_FLAGS)
                 .find(|n| **n == long)
                 .copied()
+        })
+        .collect()
+}
+
+/// The flags given on the command line with their values as given (a repeated flag's
+/// values joined by commas), for `/flagz`.
+pub fn given_values(cmd: &clap::Command, matches: &ArgMatches) -> BTreeMap<String, String> {
+    cmd.get_arguments()
+        .filter(|a| {
+            matches.value_source(a.get_id().as_str())
+                == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .filter_map(|a| {
+            let long = a.get_long()?;
+            let values: Vec<String> = matches
+                .get_raw(a.get_id().as_str())
+                .map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            Some((long.to_owned(), values.join(",")))
         })
         .collect()
 }

@@ -1,5 +1,5 @@
 //! Command line and configuration file handling, compatible with upstream
-//! kube-proxy v1.30.
+//! kube-proxy v1.35.
 //!
 //! The effective configuration is built like upstream's `Options.Complete`:
 //! - without `--config`: v1alpha1 defaults, then every flag given;
@@ -18,6 +18,7 @@ pub mod features;
 mod flags;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,8 @@ pub enum Action {
     Cleanup,
     /// `--version`: print [`version_string`] and exit 0.
     PrintVersion,
+    /// `--init-only`: do the privileged set-up (sysctls) and exit.
+    InitOnly,
 }
 
 /// The parsed command line.
@@ -57,6 +60,8 @@ pub struct Options {
     pub master: Option<String>,
     /// Human-readable notes for the log, e.g. accepted-but-unimplemented flags.
     pub warnings: Vec<String>,
+    /// The flags given on the command line and their values, for `/flagz`.
+    pub given_flags: BTreeMap<String, String>,
 }
 
 /// Why the command line or configuration could not be used.
@@ -150,10 +155,22 @@ fn fmt_invalid(file: Option<&Path>, errors: &[LocatedFieldError]) -> String {
     out
 }
 
-/// e.g. `kube-proxy-rs 0.1.0 (compatible with Kubernetes v1.30 kube-proxy)`.
+/// The upstream kube-proxy release whose behaviour we match.
+pub const UPSTREAM_VERSION: &str = "v1.35.0";
+
+/// Our version as upstream's `gitVersion` would carry it: `v1.35.0-kube-proxy-rs.0.1.0`.
+pub fn git_version() -> String {
+    format!(
+        "{UPSTREAM_VERSION}-kube-proxy-rs.{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// `--version`: upstream prints `Kubernetes v1.35.0`; tools read the second word, so
+/// that is the release we match, and ours follows in parentheses.
 pub fn version_string() -> String {
     format!(
-        "kube-proxy-rs {} (compatible with Kubernetes v1.30 kube-proxy)",
+        "Kubernetes {UPSTREAM_VERSION} (kube-proxy-rs {})",
         env!("CARGO_PKG_VERSION")
     )
 }
@@ -183,6 +200,7 @@ where
             udp_timeout: flags.udp_timeout,
             master: flags.master,
             warnings: Vec::new(),
+            given_flags: BTreeMap::new(),
         });
     }
 
@@ -248,6 +266,8 @@ where
         Action::WriteConfig(path)
     } else if flags.cleanup == Some(true) {
         Action::Cleanup
+    } else if flags.init_only == Some(true) {
+        Action::InitOnly
     } else {
         Action::Run
     };
@@ -259,6 +279,7 @@ where
         udp_timeout: flags.udp_timeout,
         master: flags.master,
         warnings,
+        given_flags: flags::given_values(&cmd, &matches),
     })
 }
 

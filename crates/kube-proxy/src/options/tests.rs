@@ -60,8 +60,14 @@ fn version_forms() {
     assert_eq!(ok(&["--version=false"]).action, Action::Run);
     // pflag bools never consume the next argument.
     assert!(err(&["--version", "true"]).contains("true"));
-    assert!(version_string().starts_with("kube-proxy-rs 0.1.0"));
-    assert!(version_string().contains("v1.30"));
+    // Upstream prints `Kubernetes v1.35.x`; tools take the second word.
+    assert_eq!(
+        version_string().split_whitespace().nth(1),
+        Some("v1.35.0"),
+        "{}",
+        version_string()
+    );
+    assert!(version_string().starts_with("Kubernetes v1.35.0 (kube-proxy-rs 0.1.0)"));
 }
 
 #[test]
@@ -269,7 +275,6 @@ fn unimplemented_flags_warn() {
         "--proxy-port-range",
         "--config-sync-period",
         "--oom-score-adj",
-        "--init-only",
     ] {
         assert!(
             o.warnings.iter().any(|w| w.contains(&format!("{flag} "))),
@@ -708,4 +713,44 @@ fn feature_gates_follow_upstreams_rules_from_flags_and_file() {
         o.config.feature_gates.get("AllowServiceExternalIPs"),
         Some(&false)
     );
+}
+
+#[test]
+fn init_only_is_an_action_after_cleanup() {
+    assert_eq!(ok(&["--init-only"]).action, Action::InitOnly);
+    assert_eq!(ok(&["--init-only=false"]).action, Action::Run);
+    // Upstream handles --cleanup before it gets to the init-only exit.
+    assert_eq!(ok(&["--init-only", "--cleanup"]).action, Action::Cleanup);
+    let o = ok(&["--init-only"]);
+    assert!(
+        !o.warnings.iter().any(|w| w.contains("--init-only")),
+        "{:?}",
+        o.warnings
+    );
+}
+
+#[test]
+fn windows_modes_are_named_out_of_scope() {
+    for mode in ["winuserspace", "winkernel"] {
+        let e = err(&[&format!("--proxy-mode={mode}")]);
+        assert!(e.contains(mode) && e.contains("Windows mode"), "{e}");
+    }
+}
+
+#[test]
+fn given_flags_are_kept_for_flagz() {
+    let o = ok(&[
+        "--v=3",
+        "--feature-gates=A=true",
+        "--metrics-bind-address=127.0.0.1:10249",
+    ]);
+    assert_eq!(o.given_flags.get("v").map(String::as_str), Some("3"));
+    assert_eq!(
+        o.given_flags
+            .get("metrics-bind-address")
+            .map(String::as_str),
+        Some("127.0.0.1:10249")
+    );
+    assert!(o.given_flags.contains_key("feature-gates"));
+    assert!(!o.given_flags.contains_key("healthz-bind-address"));
 }
