@@ -465,6 +465,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             full,
             transaction_bytes,
             service_ports,
+            ..SyncOutcome::default()
         })
     }
 }

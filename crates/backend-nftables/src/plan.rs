@@ -41,7 +41,7 @@ use proxy_core::model::{
     Endpoint, IpFamily, LocalDetector, NodeInfo, Protocol, ProxyState, ServicePort,
     ServicePortName, TrafficPolicy,
 };
-use proxy_core::select::{select, Selection};
+use proxy_core::select::{select, serves_localhost_nodeport, Selection};
 
 /// Settings that shape the static part of the ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,10 @@ pub struct NftConfig {
     /// the node's primary IP of each family, from its Node object; on every local
     /// address while the node's IPs are unknown.
     pub nodeport_primary: bool,
+    /// Families whose loopback NodePorts are served by user-space listeners (upstream's
+    /// `KubeProxyNFTablesLocalhostNodePorts`): the ones those listeners cannot serve are
+    /// rejected on loopback rather than left to whatever binds the port.
+    pub localhost_nodeports: Vec<IpFamily>,
     /// Which families to program.
     pub families: Vec<IpFamily>,
 }
@@ -72,6 +76,7 @@ impl Default for NftConfig {
             local: LocalDetector::None,
             nodeport_cidrs: Vec::new(),
             nodeport_primary: false,
+            localhost_nodeports: Vec::new(),
             families: vec![IpFamily::V4, IpFamily::V6],
         }
     }
@@ -147,6 +152,9 @@ pub enum MapId {
     Hairpin,
     /// Every cluster IP of the family (a set of addresses).
     ClusterIps,
+    /// NodePorts (`l4proto . dport`) that no loopback listener serves: rejected on the
+    /// loopback address when localhost NodePorts are on.
+    LocalhostNodeportRejects,
 }
 
 impl MapId {
@@ -170,6 +178,7 @@ impl MapId {
             MapId::Slot(key, role, k) => format!("{}slot-{k}", prefix(key, role)),
             MapId::Hairpin => "hairpin".into(),
             MapId::ClusterIps => "cluster-ips".into(),
+            MapId::LocalhostNodeportRejects => "localhost-nodeport-rejects".into(),
         }
     }
 }
@@ -421,6 +430,8 @@ pub struct FamilySettings {
     pub nodeport_addresses: Option<Vec<IpNet>>,
     /// The cluster's Service IP ranges of the family (ServiceCIDRs).
     pub service_cidrs: Vec<IpNet>,
+    /// Loopback NodePorts are served by user-space listeners in this family.
+    pub localhost_nodeports: bool,
 }
 
 /// The rules of `cluster-ips-check`, which sees new connections after DNAT: one still
@@ -486,6 +497,7 @@ impl FamilyPlan {
                 &state.node,
             ),
             service_cidrs: state.service_cidrs_of(family),
+            localhost_nodeports: config.localhost_nodeports.contains(&family),
         };
         let mut plan = FamilyPlan {
             settings,
@@ -858,6 +870,15 @@ fn plan_port(
             previous_slots,
             &mut out,
         );
+    }
+    if let Some(np) = node_port.filter(|_| settings.localhost_nodeports) {
+        if !serves_localhost_nodeport(port, &selection) {
+            out.elements.push(Element {
+                map: MapId::LocalhostNodeportRejects,
+                key: nodeport_key(proto, np),
+                value: None,
+            });
+        }
     }
     plan_firewall(settings, port, &claimed_ips, node, &mut out);
 

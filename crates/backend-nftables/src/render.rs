@@ -50,13 +50,18 @@ fn map_type(id: MapId, family: IpFamily) -> String {
         }
         MapId::Hairpin => format!("type {t} . {t}", t = f.addr_type),
         MapId::ClusterIps => format!("type {}", f.addr_type),
+        MapId::LocalhostNodeportRejects => format!("type {}", dest(KeyKind::NodePort)),
     }
 }
 
 fn is_map(id: MapId) -> bool {
     !matches!(
         id,
-        MapId::NoEndpointServices | MapId::NoEndpointNodeports | MapId::Hairpin | MapId::ClusterIps
+        MapId::NoEndpointServices
+            | MapId::NoEndpointNodeports
+            | MapId::Hairpin
+            | MapId::ClusterIps
+            | MapId::LocalhostNodeportRejects
     )
 }
 
@@ -250,6 +255,7 @@ pub fn table_maps(plan: &FamilyPlan) -> Vec<ClassObject> {
         MapId::NoEndpointNodeports,
         MapId::Hairpin,
         MapId::ClusterIps,
+        MapId::LocalhostNodeportRejects,
     ] {
         maps.push(ClassObject::Map(id));
     }
@@ -316,6 +322,16 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     let firewall = format!("{key} vmap @firewall-ips");
     let mut prerouting = vec![firewall.clone(), reject_service.clone()];
     prerouting.extend(reject_nodeport.clone());
+    // Loopback NodePorts no user-space listener serves (UDP, SCTP, no usable endpoint)
+    // are refused as they arrive on `lo`, before any other program bound to the port
+    // could answer; refused on input, the client sees "connection refused".
+    if settings.localhost_nodeports {
+        prerouting.push(format!(
+            "meta iiftype loopback {a} daddr {lo} meta l4proto . th dport @{} counter reject",
+            MapId::LocalhostNodeportRejects.name(),
+            lo = f.localhost
+        ));
+    }
     chains.push(ChainText::hooked(
         "filter-prerouting",
         "type filter hook prerouting priority dstnat - 10; policy accept;",
