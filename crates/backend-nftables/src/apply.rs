@@ -16,8 +16,8 @@ use crate::netlink::{
 };
 use crate::plan::{family_names, TABLE};
 use crate::readback::{
-    elements_request, generation_request, parse_elements, parse_generation, rules_request,
-    RawElement, RulesDigest, SetDigest,
+    counters_request, elements_request, generation_request, parse_counter, parse_elements,
+    parse_generation, rules_request, RawElement, RulesDigest, SetDigest,
 };
 use crate::render::render_element_command;
 
@@ -439,6 +439,23 @@ impl NftCommand {
                 })
             }
         }
+    }
+}
+
+/// The named counters of our table of `family` and their packet counts, read over a
+/// netlink socket of its own (for scrapes, which must not wait for a sync). Empty when
+/// the table does not exist.
+pub fn read_named_counters(family: IpFamily) -> Result<Vec<(String, u64)>, netlink::RequestError> {
+    let mut socket = netlink::Socket::open(libc::NETLINK_NETFILTER)?;
+    let request = counters_request(family, socket.next_seq());
+    let mut out = Vec::new();
+    match socket.request_each(&request, |payload| {
+        out.extend(parse_counter(payload)?);
+        Ok(())
+    }) {
+        Ok(()) => Ok(out),
+        Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(Vec::new()),
+        Err(err) => Err(err),
     }
 }
 

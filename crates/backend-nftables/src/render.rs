@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use proxy_core::model::IpFamily;
+use proxy_core::model::{IpFamily, Protocol};
 
 use crate::plan::{
     affinity_set_name, class_objects, cluster_ips_check_rules, family_names, slot_chain_name,
@@ -326,11 +326,15 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     // are refused as they arrive on `lo`, before any other program bound to the port
     // could answer; refused on input, the client sees "connection refused".
     if settings.localhost_nodeports {
-        prerouting.push(format!(
-            "meta iiftype loopback {a} daddr {lo} meta l4proto . th dport @{} counter reject",
-            MapId::LocalhostNodeportRejects.name(),
-            lo = f.localhost
-        ));
+        for protocol in LOCALHOST_NODEPORT_PROTOCOLS {
+            prerouting.push(format!(
+                "meta iiftype loopback {a} daddr {lo} meta l4proto {p} meta l4proto . th dport @{set} counter name \"{counter}\" reject",
+                p = protocol.as_str(),
+                set = MapId::LocalhostNodeportRejects.name(),
+                counter = localhost_nodeport_counter(protocol),
+                lo = f.localhost
+            ));
+        }
     }
     chains.push(ChainText::hooked(
         "filter-prerouting",
@@ -400,6 +404,16 @@ pub enum FullMode {
     Update,
 }
 
+/// The protocols whose loopback NodePort rejections are counted, each in its own counter.
+pub const LOCALHOST_NODEPORT_PROTOCOLS: [Protocol; 3] =
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// The named counter of loopback NodePort packets of `protocol` rejected
+/// (`kubeproxy_nftables_localhost_nodeport_rejected_packets_total`).
+pub fn localhost_nodeport_counter(protocol: Protocol) -> String {
+    format!("localhost-nodeport-rejected-{}", protocol.as_str())
+}
+
 /// Renders the table of one family without elements, as one part of an atomic `nft -f`
 /// transaction: declarations first (maps, sets, empty chains), then the rules. When
 /// updating, maps and sets named in `existing` are not declared again: `nft` 1.0.6 fails
@@ -417,6 +431,17 @@ pub fn render_skeleton(
         let _ = writeln!(out, "add table {t}\ndelete table {t}");
     }
     let _ = writeln!(out, "table {t} {{\n\tcomment \"rules for kube-proxy\"");
+    // Named counters, not anonymous ones in the rules: their values change with traffic,
+    // and the rules must read back the same for a re-sync to find nothing to repair.
+    if plan.settings.localhost_nodeports {
+        for protocol in LOCALHOST_NODEPORT_PROTOCOLS {
+            let _ = writeln!(
+                out,
+                "\tcounter {} {{ }}",
+                localhost_nodeport_counter(protocol)
+            );
+        }
+    }
     for object in table_maps(plan) {
         if mode == FullMode::Update && existing.contains(&object.name()) {
             continue;

@@ -698,3 +698,72 @@ fn periodic_resync_reads_back_and_repairs_only_what_differs() {
     assert_eq!(kernel_tables(&ns), before);
     assert_eq!(sync(periodic()).0.transaction_bytes, 0);
 }
+
+/// Localhost NodePorts on: a UDP NodePort's packets to 127.0.0.1 are rejected and counted
+/// in the named counter that the metric reads; the counting does not make a periodic
+/// re-sync see changed rules.
+#[test]
+fn loopback_nodeport_rejections_are_counted_without_disturbing_resyncs() {
+    if !testkit::root_or_skip("loopback_nodeport_rejections_are_counted_without_disturbing_resyncs")
+    {
+        return;
+    }
+    let ns = testkit::Netns::new().unwrap();
+    let config = NftConfig {
+        localhost_nodeports: vec![proxy_core::model::IpFamily::V4],
+        ..config()
+    };
+    let mut proxier = NftablesProxier::new(config, NftCommand::default());
+    let state = || {
+        let mut state = sample_state();
+        let dns = ServicePortName {
+            service: ServiceName::new("kube-system", "dns"),
+            port: String::new(),
+            protocol: Protocol::Udp,
+        };
+        let mut port = (*state.services[&dns]).clone();
+        port.node_port = Some(30053);
+        state.services.insert(dns, Arc::new(port));
+        state
+    };
+    ns.run(|| proxier.sync(&request(state(), &[], true)).unwrap())
+        .unwrap();
+    let udp_counter = "localhost-nodeport-rejected-udp".to_string();
+    let counted = || {
+        ns.run(|| backend_nftables::apply::read_named_counters(proxy_core::model::IpFamily::V4))
+            .unwrap()
+            .unwrap()
+    };
+    assert!(
+        counted().contains(&(udp_counter.clone(), 0)),
+        "{:?}",
+        counted()
+    );
+    let refused = ns
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            socket.connect("127.0.0.1:30053")?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+            socket.send(b"x")?;
+            Ok::<_, std::io::Error>(socket.recv(&mut [0; 16]).map_err(|e| e.kind()))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+    assert!(counted().contains(&(udp_counter, 1)), "{:?}", counted());
+
+    // Someone else commits: the re-sync reads our table back and finds it unchanged.
+    ns.exec(&["nft", "add", "table", "ip", "someone-else"])
+        .unwrap();
+    let resync = ns
+        .run(|| {
+            proxier.sync(&SyncRequest {
+                periodic: true,
+                ..request(state(), &[], true)
+            })
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!resync.full, "counting changed the rules as read back");
+    assert_eq!(resync.transaction_bytes, 0);
+}
