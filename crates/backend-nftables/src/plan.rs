@@ -383,12 +383,12 @@ pub struct Element {
 }
 
 /// A destination of an IP: `address . protocol . port`.
-fn ip_key(ip: IpAddr, proto: Protocol, port: u16) -> Fields {
+pub(crate) fn ip_key(ip: IpAddr, proto: Protocol, port: u16) -> Fields {
     Fields::new(&[Field::Addr(ip), Field::Proto(proto), Field::Port(port)])
 }
 
 /// A NodePort: `protocol . port`.
-fn nodeport_key(proto: Protocol, port: u16) -> Fields {
+pub(crate) fn nodeport_key(proto: Protocol, port: u16) -> Fields {
     Fields::new(&[Field::Proto(proto), Field::Port(port)])
 }
 
@@ -454,6 +454,25 @@ pub fn cluster_ips_check_rules(settings: &FamilySettings) -> Vec<String> {
 /// The chain that holds [`cluster_ips_check_rules`].
 pub const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
 
+/// Where a full plan takes each port's endpoint slots from, so that a rewrite moves no
+/// client: the plan programmed before, or (after a restart) the kernel's slot maps.
+#[derive(Debug, Clone, Copy)]
+pub enum PreviousSlots<'a> {
+    None,
+    Plan(&'a FamilyPlan),
+    Adopted(&'a BTreeMap<ServicePortName, Slots>),
+}
+
+impl<'a> PreviousSlots<'a> {
+    fn get(self, name: &ServicePortName) -> Option<&'a Slots> {
+        match self {
+            PreviousSlots::None => None,
+            PreviousSlots::Plan(plan) => plan.ports.get(name).map(|p| &p.slots),
+            PreviousSlots::Adopted(slots) => slots.get(name),
+        }
+    }
+}
+
 /// One family's table, as objects per Service port.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FamilyPlan {
@@ -482,7 +501,7 @@ impl FamilyPlan {
         family: IpFamily,
         state: &ProxyState,
         config: &NftConfig,
-        previous: Option<&FamilyPlan>,
+        previous: PreviousSlots<'_>,
         warnings: &mut Vec<String>,
     ) -> (Self, Elements) {
         let settings = FamilySettings {
@@ -510,7 +529,7 @@ impl FamilyPlan {
         let mut elements = Elements::new();
         for (name, port) in &state.services {
             let eps = state.endpoints_of(name);
-            let previous_slots = previous.and_then(|p| p.ports.get(name)).map(|p| &p.slots);
+            let previous_slots = previous.get(name);
             let mut planned = plan_port(
                 &plan.settings,
                 port,

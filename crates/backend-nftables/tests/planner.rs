@@ -767,3 +767,52 @@ fn loopback_nodeport_rejections_are_counted_without_disturbing_resyncs() {
     assert!(!resync.full, "counting changed the rules as read back");
     assert_eq!(resync.transaction_bytes, 0);
 }
+
+/// A restarted proxier adopts the table it finds: endpoints keep the slots they had (so
+/// the clients the affinity sets remember stay on their endpoint), even where a fresh
+/// plan would number them otherwise, and since the kernel already holds every planned
+/// element, none is sent again.
+#[test]
+fn restart_adopts_the_table_and_reloads_no_element() {
+    if !testkit::root_or_skip("restart_adopts_the_table_and_reloads_no_element") {
+        return;
+    }
+    // History: the endpoint that sorts last arrived first and holds slot 0.
+    let later = with_sticky(sample_state(), &["10.244.0.2"]);
+    let now = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2"]);
+    let ns = testkit::Netns::new().unwrap();
+    ns.run(|| {
+        let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+        proxier.sync(&request(later, &[], true)).unwrap();
+        proxier
+            .sync(&request(now.clone(), &["default/sticky"], false))
+            .unwrap();
+    })
+    .unwrap();
+    let slot_maps = |ns: &testkit::Netns| {
+        ["slot-0", "slot-1"].map(|map| {
+            ns.exec(&["nft", "list", "map", "ip", "kube-proxy", map])
+                .unwrap()
+        })
+    };
+    let before = slot_maps(&ns);
+
+    let fresh_ns = testkit::Netns::new().unwrap();
+    load_fresh(&fresh_ns, vec![now.clone()]);
+    assert_ne!(
+        slot_maps(&fresh_ns),
+        before,
+        "a fresh plan numbers the slots otherwise (the test needs that)"
+    );
+
+    let (restart, elements_sent) = ns
+        .run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            let outcome = proxier.sync(&request(now, &[], true)).unwrap();
+            (outcome, proxier.runner().elements_sent())
+        })
+        .unwrap();
+    assert!(restart.full);
+    assert_eq!(slot_maps(&ns), before, "slots adopted");
+    assert_eq!(elements_sent, 0, "every map already held its elements");
+}
