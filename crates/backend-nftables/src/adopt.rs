@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use proxy_core::model::{IpFamily, ProxyState, ServicePortName};
 
 use crate::netlink::encode_fields;
-use crate::plan::{ip_key, nodeport_key, KeyKind, MapId, Role, Slots};
+use crate::plan::{ip_key, nodeport_key, KeyKind, MapId, Role, SlotOf, Slots};
 use crate::readback::{RawElement, RawValue};
 
 /// The slot map a name stands for: `slot-K`, `local-slot-K`, `nodeport-slot-K`,
@@ -45,7 +45,7 @@ fn decode_endpoint(family: IpFamily, data: &[u8]) -> Option<(IpAddr, u16)> {
 
 /// Every destination key's endpoints per role and slot, from the kernel's slot maps.
 #[derive(Debug, Default)]
-pub struct KernelSlots(HashMap<(Vec<u8>, Role), Vec<((IpAddr, u16), usize)>>);
+pub struct KernelSlots(HashMap<(Vec<u8>, Role), Vec<SlotOf>>);
 
 impl KernelSlots {
     /// Adds the elements of one map; maps that are not slot maps are ignored.
@@ -97,7 +97,7 @@ impl KernelSlots {
                 };
                 let mut endpoints = BTreeSet::new();
                 let mut taken = BTreeSet::new();
-                let kept: Vec<((IpAddr, u16), usize)> = found
+                let kept: Vec<SlotOf> = found
                     .iter()
                     .filter(|(ep, slot)| endpoints.insert(*ep) && taken.insert(*slot))
                     .copied()

@@ -235,7 +235,9 @@ pub fn affinity_set_name(slot: usize) -> String {
 
 /// The slots of one port's endpoints (`ip`, `port`), per role; vectors, not maps: there
 /// is one per Service port, and small maps cost several times their contents.
-pub type Slots = Vec<(Role, Vec<((IpAddr, u16), usize)>)>;
+/// An endpoint (address, port) and its slot.
+pub type SlotOf = ((IpAddr, u16), usize);
+pub type Slots = Vec<(Role, Vec<SlotOf>)>;
 
 /// What a port was planned from: kept (shared with the state, so nearly free) instead of
 /// its elements, which are derived again when needed. At 10,000 Services the elements
