@@ -248,6 +248,7 @@ impl<R: IptablesRunner + Send + 'static> Proxier for IptablesProxier<R> {
             full,
             transaction_bytes: inputs.iter().map(|(_, i)| i.len()).sum(),
             service_ports,
+            ..SyncOutcome::default()
         })
     }
 

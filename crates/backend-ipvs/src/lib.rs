@@ -190,6 +190,7 @@ impl<H: Host> IpvsProxier<H> {
             full,
             transaction_bytes: bytes,
             service_ports: request.state.services.len(),
+            ..SyncOutcome::default()
         })
     }
 }

@@ -16,8 +16,8 @@ use crate::netlink::{
 };
 use crate::plan::{family_names, TABLE};
 use crate::readback::{
-    elements_request, generation_request, parse_elements, parse_generation, rules_request,
-    RawElement, RulesDigest, SetDigest,
+    counters_request, elements_request, generation_request, parse_counter, parse_elements,
+    parse_generation, rules_request, RawElement, RulesDigest, SetDigest,
 };
 use crate::render::render_element_command;
 
@@ -139,6 +139,8 @@ pub struct NftCommand {
     /// The ruleset generation right after our last commit, when nobody else committed
     /// around it: while the kernel still reports it, nothing anywhere has changed.
     generation: Option<u32>,
+    /// Elements added or deleted over netlink since start (flushes not counted).
+    elements_sent: u64,
 }
 
 impl std::fmt::Debug for NftCommand {
@@ -158,6 +160,7 @@ impl Default for NftCommand {
             check_only: false,
             socket: None,
             generation: None,
+            elements_sent: 0,
         }
     }
 }
@@ -172,6 +175,11 @@ impl NftCommand {
     /// then needs one request while nobody else commits), for tests.
     pub fn generation_known(&self) -> bool {
         self.generation.is_some()
+    }
+
+    /// Elements added or deleted over netlink so far (for tests and benchmarks).
+    pub fn elements_sent(&self) -> u64 {
+        self.elements_sent
     }
 
     /// A runner that only validates (`nft --check`), for tests.
@@ -417,8 +425,14 @@ impl NftCommand {
         ops: &[ElementOp<'_>],
         deletions: &[Deletion],
     ) -> Result<usize, ProxierError> {
+        self.elements_sent += ops.iter().map(|op| op.elements.len() as u64).sum::<u64>();
         let socket = self.socket()?;
         let batch = encode_batch(ops, deletions, || socket.next_seq());
+        if batch.last_seq == batch.begin_seq {
+            // Nothing between begin and end: the kernel would acknowledge nothing, and
+            // waiting for it would time out.
+            return Ok(0);
+        }
         match socket.send_batch(&batch.bytes, batch.begin_seq, batch.last_seq) {
             Ok(()) => Ok(batch.bytes.len()),
             // Too large for the socket's buffer (no CAP_NET_ADMIN to raise it): `nft`
@@ -439,6 +453,23 @@ impl NftCommand {
                 })
             }
         }
+    }
+}
+
+/// The named counters of our table of `family` and their packet counts, read over a
+/// netlink socket of its own (for scrapes, which must not wait for a sync). Empty when
+/// the table does not exist.
+pub fn read_named_counters(family: IpFamily) -> Result<Vec<(String, u64)>, netlink::RequestError> {
+    let mut socket = netlink::Socket::open(libc::NETLINK_NETFILTER)?;
+    let request = counters_request(family, socket.next_seq());
+    let mut out = Vec::new();
+    match socket.request_each(&request, |payload| {
+        out.extend(parse_counter(payload)?);
+        Ok(())
+    }) {
+        Ok(()) => Ok(out),
+        Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(Vec::new()),
+        Err(err) => Err(err),
     }
 }
 

@@ -2,6 +2,7 @@
 //! kernel (the only code that runs `nft`).
 #![forbid(unsafe_code)]
 
+pub mod adopt;
 pub mod apply;
 pub mod netlink;
 pub mod plan;
@@ -15,11 +16,12 @@ use std::fmt::Write as _;
 use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
+use crate::adopt::{slot_map, KernelSlots};
 use crate::apply::NftRunner;
 use crate::netlink::{Deletion, ElementOp, Object};
 use crate::plan::{
     family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig,
-    TABLE,
+    PreviousSlots, TABLE,
 };
 use crate::readback::{RawElement, SetDigest};
 use crate::render::{
@@ -61,22 +63,69 @@ impl<R: NftRunner> NftablesProxier<R> {
     }
 
     fn full_plans(
-        &self,
+        &mut self,
         request: &SyncRequest,
         warnings: &mut Vec<String>,
     ) -> (Vec<FamilyPlan>, Vec<Elements>) {
-        self.config
-            .families
-            .iter()
-            .map(|&family| {
+        let families = self.config.families.clone();
+        families
+            .into_iter()
+            .map(|family| {
                 let previous = self
                     .programmed
                     .iter()
                     .flatten()
                     .find(|p| p.family() == family);
+                if let Some(plan) = previous {
+                    let previous = PreviousSlots::Plan(plan);
+                    return FamilyPlan::full(
+                        family,
+                        &request.state,
+                        &self.config,
+                        previous,
+                        warnings,
+                    );
+                }
+                // Nothing programmed by this process: keep the slots the kernel holds.
+                let adopted = self.kernel_slots(family).slots(family, &request.state);
+                let previous = PreviousSlots::Adopted(&adopted);
                 FamilyPlan::full(family, &request.state, &self.config, previous, warnings)
             })
             .unzip()
+    }
+
+    /// The slot maps of our table of `family` as the kernel holds them; empty when there
+    /// is no table or it cannot be read (the plan then assigns slots afresh).
+    fn kernel_slots(&mut self, family: IpFamily) -> KernelSlots {
+        let mut slots = KernelSlots::default();
+        let names: Vec<String> = match self.runner.existing_objects(family) {
+            Ok(Some(objects)) => objects
+                .iter()
+                .map(|o| o.name().to_string())
+                .filter(|name| slot_map(name).is_some())
+                .collect(),
+            Ok(None) => return slots,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot list our nftables objects; slots assigned afresh");
+                return slots;
+            }
+        };
+        for name in names {
+            match self.runner.map_elements(family, &name) {
+                Ok(Some(elements)) => slots.add_map(family, &name, elements),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, map = %name, "cannot read a slot map back");
+                }
+            }
+        }
+        if !slots.is_empty() {
+            tracing::info!(
+                ?family,
+                "adopting the endpoint slots of the existing nftables table"
+            );
+        }
+        slots
     }
 
     /// Loads whole tables: in place first, keeping what exists so traffic flows until
@@ -88,8 +137,16 @@ impl<R: NftRunner> NftablesProxier<R> {
         elements: &[Elements],
     ) -> Result<usize, ProxierError> {
         let shared: Vec<Elements> = plans.iter().map(FamilyPlan::shared_elements).collect();
+        let unchanged: Vec<BTreeSet<String>> = plans
+            .iter()
+            .zip(elements)
+            .map(|(plan, elements)| self.maps_already_loaded(plan, elements))
+            .collect();
+        let mut all_ops = Vec::new();
         let mut ops = Vec::new();
-        for ((plan, elements), shared) in plans.iter().zip(elements).zip(&shared) {
+        for (((plan, elements), shared), unchanged) in
+            plans.iter().zip(elements).zip(&shared).zip(&unchanged)
+        {
             for object in table_maps(plan) {
                 let ClassObject::Map(map) = object else {
                     continue; // affinity sets keep the clients they remember
@@ -99,18 +156,30 @@ impl<R: NftRunner> NftablesProxier<R> {
                     .or_else(|| shared.get(&map))
                     .map(|v| v.iter().collect())
                     .unwrap_or_default();
+                let skip = unchanged.contains(&map.name());
                 for (verb, elements) in [
                     (ElementVerb::Flush, Vec::new()),
                     (ElementVerb::Add, elements),
                 ] {
-                    ops.push(ElementOp {
+                    let op = ElementOp {
                         family: plan.family(),
                         verb,
                         map,
                         elements,
-                    });
+                    };
+                    if !skip {
+                        ops.push(op.clone());
+                    }
+                    all_ops.push(op);
                 }
             }
+        }
+        let kept: usize = unchanged.iter().map(BTreeSet::len).sum();
+        if kept > 0 {
+            tracing::info!(
+                maps = kept,
+                "nftables maps already hold the planned elements; not reloaded"
+            );
         }
         let (deletions, existing) = self.obsolete_objects(plans);
         let skeleton = |mode| {
@@ -127,8 +196,29 @@ impl<R: NftRunner> NftablesProxier<R> {
             Ok(bytes) => Ok(bytes),
             Err(err) => {
                 tracing::warn!(error = %err, "updating the tables in place failed; replacing them");
+                // A new table is empty: every map is loaded.
                 self.runner
-                    .apply_full(&skeleton(FullMode::Replace), &ops, &[])
+                    .apply_full(&skeleton(FullMode::Replace), &all_ops, &[])
+            }
+        }
+    }
+
+    /// The maps of `plan`'s table whose elements the kernel already holds exactly (by
+    /// digest): a full load (after a restart, or a rewrite of rules) leaves them alone
+    /// instead of reloading every element. Empty when the table cannot be read.
+    fn maps_already_loaded(&mut self, plan: &FamilyPlan, elements: &Elements) -> BTreeSet<String> {
+        let expected = Expected::after_full(plan, elements);
+        match self.runner.read_back(plan.family(), &checked_maps(plan)) {
+            Ok(Some(kernel)) => expected
+                .maps
+                .iter()
+                .filter(|(name, digest)| kernel.maps.get(*name) == Some(*digest))
+                .map(|(name, _)| name.clone())
+                .collect(),
+            Ok(None) => BTreeSet::new(),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read our nftables maps back; loading all of them");
+                BTreeSet::new()
             }
         }
     }
@@ -465,6 +555,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             full,
             transaction_bytes,
             service_ports,
+            ..SyncOutcome::default()
         })
     }
 }

@@ -41,7 +41,7 @@ use proxy_core::model::{
     Endpoint, IpFamily, LocalDetector, NodeInfo, Protocol, ProxyState, ServicePort,
     ServicePortName, TrafficPolicy,
 };
-use proxy_core::select::{select, Selection};
+use proxy_core::select::{select, serves_localhost_nodeport, Selection};
 
 /// Settings that shape the static part of the ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,10 @@ pub struct NftConfig {
     /// the node's primary IP of each family, from its Node object; on every local
     /// address while the node's IPs are unknown.
     pub nodeport_primary: bool,
+    /// Families whose loopback NodePorts are served by user-space listeners (upstream's
+    /// `KubeProxyNFTablesLocalhostNodePorts`): the ones those listeners cannot serve are
+    /// rejected on loopback rather than left to whatever binds the port.
+    pub localhost_nodeports: Vec<IpFamily>,
     /// Which families to program.
     pub families: Vec<IpFamily>,
 }
@@ -72,6 +76,7 @@ impl Default for NftConfig {
             local: LocalDetector::None,
             nodeport_cidrs: Vec::new(),
             nodeport_primary: false,
+            localhost_nodeports: Vec::new(),
             families: vec![IpFamily::V4, IpFamily::V6],
         }
     }
@@ -147,6 +152,9 @@ pub enum MapId {
     Hairpin,
     /// Every cluster IP of the family (a set of addresses).
     ClusterIps,
+    /// NodePorts (`l4proto . dport`) that no loopback listener serves: rejected on the
+    /// loopback address when localhost NodePorts are on.
+    LocalhostNodeportRejects,
 }
 
 impl MapId {
@@ -170,6 +178,7 @@ impl MapId {
             MapId::Slot(key, role, k) => format!("{}slot-{k}", prefix(key, role)),
             MapId::Hairpin => "hairpin".into(),
             MapId::ClusterIps => "cluster-ips".into(),
+            MapId::LocalhostNodeportRejects => "localhost-nodeport-rejects".into(),
         }
     }
 }
@@ -226,7 +235,9 @@ pub fn affinity_set_name(slot: usize) -> String {
 
 /// The slots of one port's endpoints (`ip`, `port`), per role; vectors, not maps: there
 /// is one per Service port, and small maps cost several times their contents.
-pub type Slots = Vec<(Role, Vec<((IpAddr, u16), usize)>)>;
+/// An endpoint (address, port) and its slot.
+pub type SlotOf = ((IpAddr, u16), usize);
+pub type Slots = Vec<(Role, Vec<SlotOf>)>;
 
 /// What a port was planned from: kept (shared with the state, so nearly free) instead of
 /// its elements, which are derived again when needed. At 10,000 Services the elements
@@ -374,12 +385,12 @@ pub struct Element {
 }
 
 /// A destination of an IP: `address . protocol . port`.
-fn ip_key(ip: IpAddr, proto: Protocol, port: u16) -> Fields {
+pub(crate) fn ip_key(ip: IpAddr, proto: Protocol, port: u16) -> Fields {
     Fields::new(&[Field::Addr(ip), Field::Proto(proto), Field::Port(port)])
 }
 
 /// A NodePort: `protocol . port`.
-fn nodeport_key(proto: Protocol, port: u16) -> Fields {
+pub(crate) fn nodeport_key(proto: Protocol, port: u16) -> Fields {
     Fields::new(&[Field::Proto(proto), Field::Port(port)])
 }
 
@@ -421,6 +432,8 @@ pub struct FamilySettings {
     pub nodeport_addresses: Option<Vec<IpNet>>,
     /// The cluster's Service IP ranges of the family (ServiceCIDRs).
     pub service_cidrs: Vec<IpNet>,
+    /// Loopback NodePorts are served by user-space listeners in this family.
+    pub localhost_nodeports: bool,
 }
 
 /// The rules of `cluster-ips-check`, which sees new connections after DNAT: one still
@@ -442,6 +455,25 @@ pub fn cluster_ips_check_rules(settings: &FamilySettings) -> Vec<String> {
 
 /// The chain that holds [`cluster_ips_check_rules`].
 pub const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+
+/// Where a full plan takes each port's endpoint slots from, so that a rewrite moves no
+/// client: the plan programmed before, or (after a restart) the kernel's slot maps.
+#[derive(Debug, Clone, Copy)]
+pub enum PreviousSlots<'a> {
+    None,
+    Plan(&'a FamilyPlan),
+    Adopted(&'a BTreeMap<ServicePortName, Slots>),
+}
+
+impl<'a> PreviousSlots<'a> {
+    fn get(self, name: &ServicePortName) -> Option<&'a Slots> {
+        match self {
+            PreviousSlots::None => None,
+            PreviousSlots::Plan(plan) => plan.ports.get(name).map(|p| &p.slots),
+            PreviousSlots::Adopted(slots) => slots.get(name),
+        }
+    }
+}
 
 /// One family's table, as objects per Service port.
 #[derive(Debug, Clone, PartialEq)]
@@ -471,7 +503,7 @@ impl FamilyPlan {
         family: IpFamily,
         state: &ProxyState,
         config: &NftConfig,
-        previous: Option<&FamilyPlan>,
+        previous: PreviousSlots<'_>,
         warnings: &mut Vec<String>,
     ) -> (Self, Elements) {
         let settings = FamilySettings {
@@ -486,6 +518,7 @@ impl FamilyPlan {
                 &state.node,
             ),
             service_cidrs: state.service_cidrs_of(family),
+            localhost_nodeports: config.localhost_nodeports.contains(&family),
         };
         let mut plan = FamilyPlan {
             settings,
@@ -498,7 +531,7 @@ impl FamilyPlan {
         let mut elements = Elements::new();
         for (name, port) in &state.services {
             let eps = state.endpoints_of(name);
-            let previous_slots = previous.and_then(|p| p.ports.get(name)).map(|p| &p.slots);
+            let previous_slots = previous.get(name);
             let mut planned = plan_port(
                 &plan.settings,
                 port,
@@ -858,6 +891,15 @@ fn plan_port(
             previous_slots,
             &mut out,
         );
+    }
+    if let Some(np) = node_port.filter(|_| settings.localhost_nodeports) {
+        if !serves_localhost_nodeport(port, &selection) {
+            out.elements.push(Element {
+                map: MapId::LocalhostNodeportRejects,
+                key: nodeport_key(proto, np),
+                value: None,
+            });
+        }
     }
     plan_firewall(settings, port, &claimed_ips, node, &mut out);
 

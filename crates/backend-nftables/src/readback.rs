@@ -23,6 +23,14 @@ const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;
 const NFT_MSG_GETSETELEM: u16 = 13;
 
+const NFT_MSG_GETOBJ: u16 = 19;
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
@@ -207,6 +215,39 @@ pub fn rules_request(family: IpFamily, seq: u32) -> Vec<u8> {
     );
     msg.str(NFTA_RULE_TABLE, TABLE);
     msg.finish()
+}
+
+/// A dump request for the named counters of our table.
+pub fn counters_request(family: IpFamily, seq: u32) -> Vec<u8> {
+    let mut msg = Message::new(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ,
+        NLM_F_REQUEST | netlink::NLM_F_DUMP,
+        seq,
+        &nfgen_header(nfproto(family), 0),
+    );
+    msg.str(NFTA_OBJ_TABLE, TABLE);
+    msg.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+    msg.finish()
+}
+
+/// A named counter's name and packet count, from one reply to [`counters_request`];
+/// `None` for an object that is not a counter.
+pub fn parse_counter(payload: &[u8]) -> Result<Option<(String, u64)>, DecodeError> {
+    let body = payload.get(4..).ok_or(DecodeError::Truncated)?;
+    let kind = netlink::attr(body, NFTA_OBJ_TYPE)?
+        .and_then(|raw| raw.try_into().ok())
+        .map(u32::from_be_bytes);
+    if kind != Some(NFT_OBJECT_COUNTER) {
+        return Ok(None);
+    }
+    let name = netlink::attr(body, NFTA_OBJ_NAME)?.ok_or(DecodeError::Missing("NFTA_OBJ_NAME"))?;
+    let name = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name)).into_owned();
+    let data = netlink::attr(body, NFTA_OBJ_DATA)?.ok_or(DecodeError::Missing("NFTA_OBJ_DATA"))?;
+    let packets = netlink::attr(data, NFTA_COUNTER_PACKETS)?
+        .and_then(|raw| raw.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or(DecodeError::Missing("NFTA_COUNTER_PACKETS"))?;
+    Ok(Some((name, packets)))
 }
 
 /// Calls `each` with every element of one reply to an elements dump.

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use proxy_core::model::IpFamily;
+use proxy_core::model::{IpFamily, Protocol};
 
 use crate::plan::{
     affinity_set_name, class_objects, cluster_ips_check_rules, family_names, slot_chain_name,
@@ -50,13 +50,18 @@ fn map_type(id: MapId, family: IpFamily) -> String {
         }
         MapId::Hairpin => format!("type {t} . {t}", t = f.addr_type),
         MapId::ClusterIps => format!("type {}", f.addr_type),
+        MapId::LocalhostNodeportRejects => format!("type {}", dest(KeyKind::NodePort)),
     }
 }
 
 fn is_map(id: MapId) -> bool {
     !matches!(
         id,
-        MapId::NoEndpointServices | MapId::NoEndpointNodeports | MapId::Hairpin | MapId::ClusterIps
+        MapId::NoEndpointServices
+            | MapId::NoEndpointNodeports
+            | MapId::Hairpin
+            | MapId::ClusterIps
+            | MapId::LocalhostNodeportRejects
     )
 }
 
@@ -250,6 +255,7 @@ pub fn table_maps(plan: &FamilyPlan) -> Vec<ClassObject> {
         MapId::NoEndpointNodeports,
         MapId::Hairpin,
         MapId::ClusterIps,
+        MapId::LocalhostNodeportRejects,
     ] {
         maps.push(ClassObject::Map(id));
     }
@@ -316,6 +322,20 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     let firewall = format!("{key} vmap @firewall-ips");
     let mut prerouting = vec![firewall.clone(), reject_service.clone()];
     prerouting.extend(reject_nodeport.clone());
+    // Loopback NodePorts no user-space listener serves (UDP, SCTP, no usable endpoint)
+    // are refused as they arrive on `lo`, before any other program bound to the port
+    // could answer; refused on input, the client sees "connection refused".
+    if settings.localhost_nodeports {
+        for protocol in LOCALHOST_NODEPORT_PROTOCOLS {
+            prerouting.push(format!(
+                "meta iiftype loopback {a} daddr {lo} meta l4proto {p} meta l4proto . th dport @{set} counter name \"{counter}\" reject",
+                p = protocol.as_str(),
+                set = MapId::LocalhostNodeportRejects.name(),
+                counter = localhost_nodeport_counter(protocol),
+                lo = f.localhost
+            ));
+        }
+    }
     chains.push(ChainText::hooked(
         "filter-prerouting",
         "type filter hook prerouting priority dstnat - 10; policy accept;",
@@ -384,6 +404,16 @@ pub enum FullMode {
     Update,
 }
 
+/// The protocols whose loopback NodePort rejections are counted, each in its own counter.
+pub const LOCALHOST_NODEPORT_PROTOCOLS: [Protocol; 3] =
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// The named counter of loopback NodePort packets of `protocol` rejected
+/// (`kubeproxy_nftables_localhost_nodeport_rejected_packets_total`).
+pub fn localhost_nodeport_counter(protocol: Protocol) -> String {
+    format!("localhost-nodeport-rejected-{}", protocol.as_str())
+}
+
 /// Renders the table of one family without elements, as one part of an atomic `nft -f`
 /// transaction: declarations first (maps, sets, empty chains), then the rules. When
 /// updating, maps and sets named in `existing` are not declared again: `nft` 1.0.6 fails
@@ -401,6 +431,17 @@ pub fn render_skeleton(
         let _ = writeln!(out, "add table {t}\ndelete table {t}");
     }
     let _ = writeln!(out, "table {t} {{\n\tcomment \"rules for kube-proxy\"");
+    // Named counters, not anonymous ones in the rules: their values change with traffic,
+    // and the rules must read back the same for a re-sync to find nothing to repair.
+    if plan.settings.localhost_nodeports {
+        for protocol in LOCALHOST_NODEPORT_PROTOCOLS {
+            let _ = writeln!(
+                out,
+                "\tcounter {} {{ }}",
+                localhost_nodeport_counter(protocol)
+            );
+        }
+    }
     for object in table_maps(plan) {
         if mode == FullMode::Update && existing.contains(&object.name()) {
             continue;

@@ -698,3 +698,121 @@ fn periodic_resync_reads_back_and_repairs_only_what_differs() {
     assert_eq!(kernel_tables(&ns), before);
     assert_eq!(sync(periodic()).0.transaction_bytes, 0);
 }
+
+/// Localhost NodePorts on: a UDP NodePort's packets to 127.0.0.1 are rejected and counted
+/// in the named counter that the metric reads; the counting does not make a periodic
+/// re-sync see changed rules.
+#[test]
+fn loopback_nodeport_rejections_are_counted_without_disturbing_resyncs() {
+    if !testkit::root_or_skip("loopback_nodeport_rejections_are_counted_without_disturbing_resyncs")
+    {
+        return;
+    }
+    let ns = testkit::Netns::new().unwrap();
+    let config = NftConfig {
+        localhost_nodeports: vec![proxy_core::model::IpFamily::V4],
+        ..config()
+    };
+    let mut proxier = NftablesProxier::new(config, NftCommand::default());
+    let state = || {
+        let mut state = sample_state();
+        let dns = ServicePortName {
+            service: ServiceName::new("kube-system", "dns"),
+            port: String::new(),
+            protocol: Protocol::Udp,
+        };
+        let mut port = (*state.services[&dns]).clone();
+        port.node_port = Some(30053);
+        state.services.insert(dns, Arc::new(port));
+        state
+    };
+    ns.run(|| proxier.sync(&request(state(), &[], true)).unwrap())
+        .unwrap();
+    let udp_counter = "localhost-nodeport-rejected-udp".to_string();
+    let counted = || {
+        ns.run(|| backend_nftables::apply::read_named_counters(proxy_core::model::IpFamily::V4))
+            .unwrap()
+            .unwrap()
+    };
+    assert!(
+        counted().contains(&(udp_counter.clone(), 0)),
+        "{:?}",
+        counted()
+    );
+    let refused = ns
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            socket.connect("127.0.0.1:30053")?;
+            socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+            socket.send(b"x")?;
+            Ok::<_, std::io::Error>(socket.recv(&mut [0; 16]).map_err(|e| e.kind()))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+    assert!(counted().contains(&(udp_counter, 1)), "{:?}", counted());
+
+    // Someone else commits: the re-sync reads our table back and finds it unchanged.
+    ns.exec(&["nft", "add", "table", "ip", "someone-else"])
+        .unwrap();
+    let resync = ns
+        .run(|| {
+            proxier.sync(&SyncRequest {
+                periodic: true,
+                ..request(state(), &[], true)
+            })
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!resync.full, "counting changed the rules as read back");
+    assert_eq!(resync.transaction_bytes, 0);
+}
+
+/// A restarted proxier adopts the table it finds: endpoints keep the slots they had (so
+/// the clients the affinity sets remember stay on their endpoint), even where a fresh
+/// plan would number them otherwise, and since the kernel already holds every planned
+/// element, none is sent again.
+#[test]
+fn restart_adopts_the_table_and_reloads_no_element() {
+    if !testkit::root_or_skip("restart_adopts_the_table_and_reloads_no_element") {
+        return;
+    }
+    // History: the endpoint that sorts last arrived first and holds slot 0.
+    let later = with_sticky(sample_state(), &["10.244.0.2"]);
+    let now = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2"]);
+    let ns = testkit::Netns::new().unwrap();
+    ns.run(|| {
+        let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+        proxier.sync(&request(later, &[], true)).unwrap();
+        proxier
+            .sync(&request(now.clone(), &["default/sticky"], false))
+            .unwrap();
+    })
+    .unwrap();
+    let slot_maps = |ns: &testkit::Netns| {
+        ["slot-0", "slot-1"].map(|map| {
+            ns.exec(&["nft", "list", "map", "ip", "kube-proxy", map])
+                .unwrap()
+        })
+    };
+    let before = slot_maps(&ns);
+
+    let fresh_ns = testkit::Netns::new().unwrap();
+    load_fresh(&fresh_ns, vec![now.clone()]);
+    assert_ne!(
+        slot_maps(&fresh_ns),
+        before,
+        "a fresh plan numbers the slots otherwise (the test needs that)"
+    );
+
+    let (restart, elements_sent) = ns
+        .run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            let outcome = proxier.sync(&request(now, &[], true)).unwrap();
+            (outcome, proxier.runner().elements_sent())
+        })
+        .unwrap();
+    assert!(restart.full);
+    assert_eq!(slot_maps(&ns), before, "slots adopted");
+    assert_eq!(elements_sent, 0, "every map already held its elements");
+}

@@ -14,6 +14,7 @@
 
 pub mod balancer;
 mod forward;
+pub mod localhost;
 pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -177,44 +178,15 @@ impl<R: NftRunner> UserspaceProxier<R> {
         addr: SocketAddr,
         balancer: Balancer,
     ) -> io::Result<Listener> {
-        let balancer = Arc::new(Mutex::new(balancer));
-        let ctx = PortContext {
-            name: sp.name.to_string().into(),
-            balancer: Arc::clone(&balancer),
-            connect_timeout: self.config.connect_timeout,
-            udp_idle_timeout: self.config.udp_idle_timeout,
-        };
-        let (stop, stopped) = oneshot::channel();
-        let (port, task) = match sp.protocol() {
-            Protocol::Tcp => {
-                let socket = bind(addr, Type::STREAM)?;
-                socket.listen(LISTEN_BACKLOG)?;
-                let listener = tokio::net::TcpListener::from_std(socket.into())?;
-                let port = listener.local_addr()?.port();
-                (
-                    port,
-                    handle.spawn(forward::serve_tcp(listener, ctx, stopped)),
-                )
-            }
-            Protocol::Udp => {
-                let socket = tokio::net::UdpSocket::from_std(bind(addr, Type::DGRAM)?.into())?;
-                let port = socket.local_addr()?.port();
-                (port, handle.spawn(forward::serve_udp(socket, ctx, stopped)))
-            }
-            Protocol::Sctp => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "SCTP is not supported in userspace mode",
-                ))
-            }
-        };
-        Ok(Listener {
+        open_listener(
+            handle,
+            &sp.name,
+            sp.protocol(),
             addr,
-            port,
             balancer,
-            _stop: stop,
-            task,
-        })
+            self.config.connect_timeout,
+            self.config.udp_idle_timeout,
+        )
     }
 
     /// Opens, updates and closes listeners to match the state; returns what each Service
@@ -294,6 +266,57 @@ impl<R: NftRunner> UserspaceProxier<R> {
     }
 }
 
+/// Binds `addr` for one Service port and starts the task that serves it through
+/// `balancer`.
+fn open_listener(
+    handle: &Handle,
+    name: &ServicePortName,
+    protocol: Protocol,
+    addr: SocketAddr,
+    balancer: Balancer,
+    connect_timeout: Duration,
+    udp_idle_timeout: Duration,
+) -> io::Result<Listener> {
+    let balancer = Arc::new(Mutex::new(balancer));
+    let ctx = PortContext {
+        name: name.to_string().into(),
+        balancer: Arc::clone(&balancer),
+        connect_timeout,
+        udp_idle_timeout,
+    };
+    let (stop, stopped) = oneshot::channel();
+    let (port, task) = match protocol {
+        Protocol::Tcp => {
+            let socket = bind(addr, Type::STREAM)?;
+            socket.listen(LISTEN_BACKLOG)?;
+            let listener = tokio::net::TcpListener::from_std(socket.into())?;
+            let port = listener.local_addr()?.port();
+            (
+                port,
+                handle.spawn(forward::serve_tcp(listener, ctx, stopped)),
+            )
+        }
+        Protocol::Udp => {
+            let socket = tokio::net::UdpSocket::from_std(bind(addr, Type::DGRAM)?.into())?;
+            let port = socket.local_addr()?.port();
+            (port, handle.spawn(forward::serve_udp(socket, ctx, stopped)))
+        }
+        Protocol::Sctp => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "SCTP is not supported by the userspace proxy",
+            ))
+        }
+    };
+    Ok(Listener {
+        addr,
+        port,
+        balancer,
+        _stop: stop,
+        task,
+    })
+}
+
 /// A non-blocking socket bound to `addr`; an unspecified IPv6 address also takes IPv4.
 fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     let protocol = if ty == Type::STREAM {
@@ -313,6 +336,19 @@ fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+/// The runtime listeners run on: the one captured at construction, else the current one
+/// (kept for later syncs).
+fn runtime_handle(handle: &mut Option<Handle>) -> Result<Handle, ProxierError> {
+    if let Some(h) = handle {
+        return Ok(h.clone());
+    }
+    let h = Handle::try_current().map_err(|e| {
+        ProxierError::Other(format!("user-space listeners need a tokio runtime: {e}"))
+    })?;
+    *handle = Some(h.clone());
+    Ok(h)
 }
 
 /// Each connection costs two descriptors: lift the soft limit to the hard one.
@@ -335,16 +371,7 @@ impl<R: NftRunner + Send + 'static> Proxier for UserspaceProxier<R> {
     }
 
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
-        let handle = match &self.handle {
-            Some(h) => h.clone(),
-            None => {
-                let h = Handle::try_current().map_err(|e| {
-                    ProxierError::Other(format!("the userspace proxier needs a tokio runtime: {e}"))
-                })?;
-                self.handle = Some(h.clone());
-                h
-            }
-        };
+        let handle = runtime_handle(&mut self.handle)?;
         if !self.fd_limit_raised {
             raise_fd_limit();
             self.fd_limit_raised = true;
@@ -356,6 +383,7 @@ impl<R: NftRunner + Send + 'static> Proxier for UserspaceProxier<R> {
             full: request.full,
             transaction_bytes: 0,
             service_ports: self.listeners.len(),
+            ..SyncOutcome::default()
         };
         if self.config.redirect {
             let script = rules::render(&self.config.families, &targets);

@@ -126,6 +126,9 @@ pub struct Args {
     /// Keep each run's proxy log in this directory (`SOURCE-SERVICES.log`).
     #[arg(long)]
     logs: Option<PathBuf>,
+    /// Skip the last phase: a SIGTERM restart with one endpoint change made at launch.
+    #[arg(long)]
+    no_restart: bool,
 }
 
 /// A number of seconds (or milliseconds) ≥ 0.
@@ -195,6 +198,20 @@ pub struct FirstSync {
     /// CPU this bench process used meanwhile: for the API source, mostly the fake server
     /// answering the lists (it shares the machine's two cores with the proxy).
     pub bench_cpu_s: f64,
+}
+
+/// A restart on the same source (SIGTERM, start again) with one endpoint change made
+/// right at launch.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Restart {
+    /// Launch → the first "synced rules" line (the log's clock).
+    pub launch_to_first_sync_ms: f64,
+    /// The proxy's own `took_ms` for its first sync.
+    pub first_sync_took_ms: f64,
+    /// Launch → the kernel holds the change (the monitor's clock).
+    pub launch_to_change_ms: Option<f64>,
+    /// Maps the first sync found already loaded and left alone (from the log).
+    pub maps_kept: usize,
 }
 
 /// The periodic syncs, as the log reports them.
@@ -377,6 +394,7 @@ pub struct Run {
     /// Cluster IPs in `service-ips` at the end (Services + added ones expected).
     pub kernel_cluster_ips_end: usize,
     pub monitor: MonitorStats,
+    pub restart: Option<Restart>,
     /// This bench process's resident memory after loading the fake API server (API
     /// source): what holding the objects costs it.
     pub fake_server_rss_mib: Option<f64>,
@@ -865,7 +883,6 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
         }
     }
     out.monitor = observer.monitor.stats();
-    drop(observer);
     let changes_end = SystemTime::now();
 
     // 6. The end: memory, the kernel, the log, the machine.
@@ -882,6 +899,51 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
     out.kernel_cluster_ips_end = count_present(&kernel_service_ips(&node)?, &expected);
     let log = read_log(&log_path)?;
     let _ = proxy.terminate();
+    if !args.no_restart {
+        // 7. Restart: the change goes in at launch; the new process must adopt the table
+        // and program it.
+        let restart_log = dir.path().join("proxy-restart.log");
+        let launched = SystemTime::now();
+        let launched_at = Instant::now();
+        let mut restarted = ProxyProcess::start(&node, binary, &proxy_args, &restart_log)?;
+        let index = candidates
+            .first()
+            .copied()
+            .context("no Service to change")?;
+        let s = &mut cluster[index];
+        let ip = Ipv4Addr::from(0xac1f_fff0);
+        s.endpoints[0].0 = ip;
+        let probe = Probe::new(
+            Target::Endpoint(ip),
+            s.cluster_ip,
+            s.protocol,
+            port,
+            s.endpoints.len(),
+        );
+        let (_, seen) = observer.observe(&[probe], || feed.endpoints_changed(&cluster, index))?;
+        let seen = seen.into_iter().next().flatten();
+        let mut first = None;
+        while launched_at.elapsed() < timeout && first.is_none() {
+            first = proxylog::synced(&read_log(&restart_log)?)
+                .into_iter()
+                .next();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let restart_text = read_log(&restart_log)?;
+        let _ = restarted.terminate();
+        let first =
+            first.with_context(|| format!("no sync after the restart; log:\n{restart_text}"))?;
+        out.restart = Some(Restart {
+            launch_to_first_sync_ms: first
+                .at
+                .duration_since(launched)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            first_sync_took_ms: first.took_ms,
+            launch_to_change_ms: seen.map(|s| (s.at - launched_at).as_secs_f64() * 1e3),
+            maps_kept: proxylog::maps_kept(&restart_text),
+        });
+    }
+    drop(observer);
     if let Some(dir) = &args.logs {
         let path = dir.join(format!("{}-{n}.log", source.label().to_lowercase()));
         std::fs::write(&path, &log).with_context(|| format!("writing {}", path.display()))?;
@@ -1010,6 +1072,19 @@ fn markdown(report: &Report) -> String {
     row("… meeting a periodic sync: count, max", &|r| {
         during_cell(&r.add_service)
     });
+    row(
+        "restart (SIGTERM, start again, one endpoint change at launch): launch → first sync (`took_ms`), launch → change in the kernel, maps kept",
+        &|r| match &r.restart {
+            Some(x) => format!(
+                "{} ({}), {}, {}",
+                fmt_ms(x.launch_to_first_sync_ms),
+                fmt_ms(x.first_sync_took_ms),
+                x.launch_to_change_ms.map_or_else(|| "lost".into(), fmt_ms),
+                x.maps_kept
+            ),
+            None => "–".into(),
+        },
+    );
     row("other work on the machine (cores busy, avg), steal", &|r| {
         format!(
             "{:.2} of {}, {:.2}",

@@ -12,7 +12,7 @@ use backend_iptables::apply::{Backend, IptablesCommand};
 use backend_iptables::plan::IptConfig;
 use backend_iptables::IptablesProxier;
 use backend_nftables::apply::{NftCommand, RecordingRunner};
-use backend_nftables::plan::{FamilyPlan, NftConfig};
+use backend_nftables::plan::{FamilyPlan, NftConfig, PreviousSlots};
 use backend_nftables::render::{render_skeleton, FullMode};
 use backend_nftables::NftablesProxier;
 use proxy_core::model::{IpFamily, LocalDetector, ProxyState, ServiceName};
@@ -254,8 +254,13 @@ fn tool_peak_mib(mode: Mode, cluster: &[SynthService]) -> Result<f64> {
         Mode::Nftables => {
             let mut script = String::new();
             for family in nft_config().families {
-                let (plan, _) =
-                    FamilyPlan::full(family, &state, &nft_config(), None, &mut Vec::new());
+                let (plan, _) = FamilyPlan::full(
+                    family,
+                    &state,
+                    &nft_config(),
+                    PreviousSlots::None,
+                    &mut Vec::new(),
+                );
                 render_skeleton(&mut script, &plan, FullMode::Update, &BTreeSet::new());
             }
             ("nft", vec!["-f", "-"], script)

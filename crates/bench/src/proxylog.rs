@@ -73,6 +73,15 @@ fn parse_line(line: &str) -> Option<Synced> {
     })
 }
 
+/// Maps a full load found already holding their elements and left alone, summed over
+/// the log's "not reloaded" lines.
+pub fn maps_kept(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("not reloaded"))
+        .filter_map(|l| field(l, "maps")?.parse::<usize>().ok())
+        .sum()
+}
+
 /// The value of `key=value` on `line`.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()

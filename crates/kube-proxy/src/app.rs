@@ -12,6 +12,7 @@ use backend_ipvs::IpvsProxier;
 use backend_nftables::apply::NftCommand;
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
+use backend_userspace::localhost::WithLocalhostNodePorts;
 use backend_userspace::{UserspaceConfig, UserspaceProxier};
 use conntrack::{ConntrackNetlink, ConntrackSettings};
 use observability::health::Health;
@@ -112,7 +113,15 @@ impl BackendSettings {
     pub fn proxier(&self) -> Box<dyn Proxier> {
         match self {
             BackendSettings::Nftables(config) => {
-                Box::new(NftablesProxier::new(config.clone(), NftCommand::default()))
+                let kernel = NftablesProxier::new(config.clone(), NftCommand::default());
+                if config.localhost_nodeports.is_empty() {
+                    Box::new(kernel)
+                } else {
+                    Box::new(WithLocalhostNodePorts::new(
+                        kernel,
+                        config.localhost_nodeports.clone(),
+                    ))
+                }
             }
             BackendSettings::Iptables(config) => Box::new(IptablesProxier::new(
                 config.clone(),

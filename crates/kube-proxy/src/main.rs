@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _};
 use backend_iptables::plan::IptConfig;
 use backend_nftables::plan::NftConfig;
 use conntrack::ConntrackSettings;
-use proxy_core::model::{IpFamily, LocalDetector};
+use proxy_core::model::{IpFamily, LocalDetector, NodePortAddresses};
 use proxy_core::runner::RunnerConfig;
 use tracing_subscriber::EnvFilter;
 
@@ -186,19 +186,9 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     }
     let source = source_settings(opts)?;
     let nft = &config.nftables;
-    let mut nodeport_cidrs = Vec::new();
-    let mut nodeport_primary = false;
-    for entry in &config.node_port_addresses {
-        if entry == "primary" {
-            nodeport_primary = true;
-            continue;
-        }
-        nodeport_cidrs.push(
-            entry
-                .parse()
-                .with_context(|| format!("nodePortAddresses: {entry:?}"))?,
-        );
-    }
+    let nodeport_addresses = NodePortAddresses::parse(&config.node_port_addresses)
+        .map_err(|e| anyhow::anyhow!("nodePortAddresses: {e}"))?;
+    let (nodeport_cidrs, nodeport_primary) = nodeport_addresses.kernel_cidrs();
     let mut families = vec![IpFamily::V4];
     if std::path::Path::new("/proc/net/if_inet6").exists() {
         families.push(IpFamily::V6);
@@ -254,6 +244,11 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         ),
         _ => (
             app::BackendSettings::Nftables(NftConfig {
+                localhost_nodeports: localhost_nodeport_families(
+                    config,
+                    &nodeport_addresses,
+                    &families,
+                )?,
                 masquerade_bit: u8::try_from(nft.masquerade_bit.unwrap_or(14))
                     .context("masqueradeBit")?,
                 masquerade_all: nft.masquerade_all,
@@ -289,6 +284,32 @@ fn feature_gates(
     options::features::FeatureGates::resolve(&config.feature_gates)
         .map(|(gates, _)| gates)
         .map_err(|e| anyhow::anyhow!("featureGates: {e}"))
+}
+
+/// Families whose loopback NodePorts nftables mode serves with user-space listeners: those
+/// whose loopback `--nodeport-addresses` names, when the gate is on.
+fn localhost_nodeport_families(
+    config: &KubeProxyConfiguration,
+    addresses: &NodePortAddresses,
+    families: &[IpFamily],
+) -> anyhow::Result<Vec<IpFamily>> {
+    let named: Vec<IpFamily> = addresses
+        .loopback_families()
+        .into_iter()
+        .filter(|f| families.contains(f))
+        .collect();
+    if named.is_empty() {
+        return Ok(named);
+    }
+    if !feature_gates(config)?.enabled(options::features::NFTABLES_LOCALHOST_NODEPORTS) {
+        tracing::warn!(
+            "nodePortAddresses names a loopback address, but nftables mode serves NodePorts \
+             on loopback only with the {} feature gate; they are not served there",
+            options::features::NFTABLES_LOCALHOST_NODEPORTS
+        );
+        return Ok(Vec::new());
+    }
+    Ok(named)
 }
 
 /// A duration in whole seconds for the kernel; negative (refused by validation) is 0.

@@ -1781,6 +1781,125 @@ fn load_balancer_ips_pass_source_ranges_that_hold_the_node(mode: Mode) {
     );
 }
 
+const LOCALHOST_NODEPORTS: [&str; 2] = [
+    "--nodeport-addresses=primary,localhost",
+    "--feature-gates=KubeProxyNFTablesLocalhostNodePorts=true",
+];
+
+/// nftables mode with `--nodeport-addresses=primary,localhost` and the gate (upstream
+/// v1.37): TCP NodePorts answer on 127.0.0.1 and ::1 through user-space listeners;
+/// UDP NodePorts and TCP ones without a usable endpoint are refused on loopback, even
+/// when another program listens on the port.
+#[test]
+fn nftables_serves_nodeports_on_loopback_with_the_gate() {
+    let local_ext = |be0_node: &'static str| {
+        service_yaml(
+            "local-ext",
+            "10.96.0.40",
+            "TCP",
+            80,
+            BACKEND_PORT,
+            "  type: NodePort\n  externalTrafficPolicy: Local",
+            &[Ep::ready(BE0, be0_node), Ep::ready(BE1, "node-b")],
+        )
+        .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30040}")
+    };
+    let sticky = service_yaml(
+        "sticky",
+        "10.96.0.30",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "  type: NodePort\n  sessionAffinity: ClientIP",
+        &[Ep::ready(BE0, "node-b"), Ep::ready(BE1, "node-b")],
+    )
+    .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30030}");
+    let manifests = |web: &[IpAddr], be0_node: &'static str| {
+        format!("{}{}{sticky}", standard_services(web), local_ext(be0_node))
+    };
+    let Some(mut cluster) = Cluster::start(
+        Mode("nftables"),
+        "nftables_serves_nodeports_on_loopback_with_the_gate",
+        &manifests(&backends(), "node-b"),
+        &LOCALHOST_NODEPORTS,
+    ) else {
+        return;
+    };
+    let node = &cluster.topo.node;
+    // Another program on the UDP NodePort must not get the loopback traffic.
+    let _squatter = testkit::serve(node, "squatter", 30053, &[Proto::Udp], ServeMode::Name)
+        .expect("UDP server on the NodePort");
+    for lo in ["127.0.0.1", "::1"] {
+        assert_eq!(
+            answers(node, addr(lo, 30080), 30),
+            vec!["be0", "be1"],
+            "{lo}"
+        );
+        let udp = testkit::udp_request(node, addr(lo, 30053), Duration::from_millis(700));
+        assert!(
+            matches!(udp, Err(RequestError::Refused)),
+            "UDP on {lo}: {udp:?}"
+        );
+        let empty = testkit::tcp_request(node, addr(lo, 30099), TIMEOUT);
+        assert!(
+            matches!(empty, Err(RequestError::Refused)),
+            "no endpoints on {lo}: {empty:?}"
+        );
+    }
+    assert_eq!(
+        answers(node, addr("127.0.0.1", 30030), 20).len(),
+        1,
+        "ClientIP affinity through the listener"
+    );
+    // externalTrafficPolicy: Local with no endpoint on this node: no listener.
+    let local = testkit::tcp_request(node, addr("127.0.0.1", 30040), TIMEOUT);
+    assert!(matches!(local, Err(RequestError::Refused)), "{local:?}");
+
+    // Endpoint changes reach the listeners; a local endpoint opens the Local one.
+    cluster.update(&manifests(
+        &[ip("10.244.2.2"), ip("fd00:244:2::2")],
+        "node-a",
+    ));
+    let node = &cluster.topo.node;
+    assert_eq!(answers(node, addr("127.0.0.1", 30080), 20), vec!["be1"]);
+    assert_eq!(answers(node, addr("::1", 30080), 20), vec!["be1"]);
+    assert_eq!(answers(node, addr("127.0.0.1", 30040), 20), vec!["be0"]);
+
+    // The Service gone: its listeners are closed.
+    cluster.update(&local_ext("node-a"));
+    let gone = testkit::tcp_request(&cluster.topo.node, addr("127.0.0.1", 30080), TIMEOUT);
+    assert!(matches!(gone, Err(RequestError::Refused)), "{gone:?}");
+}
+
+/// Without the gate, nftables mode serves no NodePort on loopback (as upstream) and says
+/// why once, instead of silently ignoring `localhost`.
+#[test]
+fn nftables_loopback_nodeports_need_the_gate() {
+    let Some(cluster) = Cluster::start(
+        Mode("nftables"),
+        "nftables_loopback_nodeports_need_the_gate",
+        &standard_services(&backends()),
+        &LOCALHOST_NODEPORTS[..1],
+    ) else {
+        return;
+    };
+    let reply = testkit::tcp_request(&cluster.topo.node, addr("127.0.0.1", 30080), TIMEOUT);
+    assert!(matches!(reply, Err(RequestError::Refused)), "{reply:?}");
+    assert!(
+        cluster
+            .proxy
+            .log()
+            .contains("KubeProxyNFTablesLocalhostNodePorts"),
+        "{}",
+        cluster.proxy.log()
+    );
+    // NodePorts still answer on the node's primary IP.
+    assert_eq!(
+        answers(cluster.client(), addr("192.168.100.1", 30080), 20),
+        vec!["be0", "be1"]
+    );
+}
+
 /// Instantiates every behaviour of the suite for one mode.
 macro_rules! datapath_suite {
     ($mode:ident) => {

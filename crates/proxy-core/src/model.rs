@@ -317,6 +317,85 @@ pub enum LocalDetector {
     InterfaceNamePrefix(String),
 }
 
+/// `--nodeport-addresses` as written: CIDRs and, since upstream v1.37, the keywords
+/// `primary` (the node's primary IPs), `localhost` (the loopback addresses) and `all`,
+/// in any combination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePortAddresses {
+    pub cidrs: Vec<IpNet>,
+    pub primary: bool,
+    pub all: bool,
+}
+
+impl NodePortAddresses {
+    pub const PRIMARY: &'static str = "primary";
+    pub const LOCALHOST: &'static str = "localhost";
+    pub const ALL: &'static str = "all";
+
+    /// Parses the list; an entry that is neither a keyword nor a CIDR is an error naming it.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<NodePortAddresses, String> {
+        let mut out = NodePortAddresses::default();
+        for entry in entries {
+            let entry = entry.as_ref().trim();
+            match entry {
+                Self::PRIMARY => out.primary = true,
+                Self::ALL => out.all = true,
+                Self::LOCALHOST => out.cidrs.extend(loopback_nets()),
+                _ => out.cidrs.push(Self::parse_cidr(entry)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One CIDR entry, with the error a flag or config field reports.
+    pub fn parse_cidr(entry: &str) -> Result<IpNet, String> {
+        entry.parse().map_err(|_| {
+            format!(
+                "{entry:?} is neither a CIDR (e.g. 10.0.0.0/8) nor one of \"{}\", \"{}\", \"{}\"",
+                Self::PRIMARY,
+                Self::LOCALHOST,
+                Self::ALL
+            )
+        })
+    }
+
+    /// The CIDRs the kernel rules match NodePorts on; empty (with `primary` unset) means
+    /// every local address, which is what `all` asks for whatever else is listed.
+    pub fn kernel_cidrs(&self) -> (Vec<IpNet>, bool) {
+        if self.all {
+            (Vec::new(), false)
+        } else {
+            (self.cidrs.clone(), self.primary)
+        }
+    }
+
+    /// Families whose loopback address is named explicitly (by `localhost` or a CIDR
+    /// inside the loopback range): upstream's condition for serving NodePorts on
+    /// loopback in nftables mode. `all` alone, or `0.0.0.0/0`, does not count.
+    pub fn loopback_families(&self) -> Vec<IpFamily> {
+        let mut families: Vec<IpFamily> = self
+            .cidrs
+            .iter()
+            .filter(|net| loopback_nets().iter().any(|lo| lo.contains(*net)))
+            .map(IpFamily::of_net)
+            .collect();
+        families.sort();
+        families.dedup();
+        families
+    }
+}
+
+/// The loopback ranges: `127.0.0.0/8` and `::1/128`.
+pub fn loopback_nets() -> [IpNet; 2] {
+    [
+        IpNet::from(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(127, 0, 0, 0),
+            8,
+        )),
+        IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+    ]
+}
+
 /// Resolves `--nodeport-addresses` for one family against what is known of the node:
 /// `None` means every local address, `Some(empty)` none of this family. `primary` (the
 /// nftables default upstream) is the node's first IP of the family from its Node object;
@@ -343,4 +422,40 @@ pub fn nodeport_addresses(
         return None;
     }
     Some(nets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn nodeport_keywords_combine_with_cidrs() {
+        let a = NodePortAddresses::parse(&["primary", "10.0.0.0/8", "localhost"]).unwrap();
+        assert!(a.primary && !a.all);
+        assert_eq!(a.cidrs, nets(&["10.0.0.0/8", "127.0.0.0/8", "::1/128"]));
+        assert_eq!(a.loopback_families(), vec![IpFamily::V4, IpFamily::V6]);
+        assert_eq!(a.kernel_cidrs(), (a.cidrs.clone(), true));
+    }
+
+    #[test]
+    fn all_matches_every_address_and_names_no_loopback() {
+        let a = NodePortAddresses::parse(&["all", "10.0.0.0/8"]).unwrap();
+        assert_eq!(a.kernel_cidrs(), (Vec::new(), false));
+        assert!(a.loopback_families().is_empty());
+        let wide = NodePortAddresses::parse(&["0.0.0.0/0", "::/0"]).unwrap();
+        assert!(wide.loopback_families().is_empty());
+        let with_lo = NodePortAddresses::parse(&["all", "127.0.0.1/32"]).unwrap();
+        assert_eq!(with_lo.loopback_families(), vec![IpFamily::V4]);
+    }
+
+    #[test]
+    fn unknown_entry_is_named_in_the_error() {
+        let err = NodePortAddresses::parse(&["primary", "loopback"]).unwrap_err();
+        assert!(err.contains("\"loopback\""), "{err}");
+        assert!(err.contains("localhost"), "{err}");
+    }
 }

@@ -32,6 +32,18 @@ pub struct SyncOutcome {
     pub transaction_bytes: usize,
     /// Service ports programmed in total after this sync.
     pub service_ports: usize,
+    /// Loopback NodePort listeners per family, where a kernel mode runs them.
+    pub localhost_nodeports: Vec<LocalhostNodePortCounts>,
+}
+
+/// The user-space listeners that serve NodePorts on one family's loopback address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalhostNodePortCounts {
+    pub family: crate::model::IpFamily,
+    /// Listening after the sync.
+    pub listeners: usize,
+    /// Listeners this sync failed to open (e.g. another program holds the port).
+    pub failures: u64,
 }
 
 /// Why a sync failed. The previous rules stay in place; the runner retries with a full sync.

@@ -19,6 +19,15 @@ pub struct Selection<'a> {
     pub has_any: bool,
 }
 
+/// Whether a user-space listener serves this port's NodePort on loopback (upstream's
+/// localhost NodePort proxy): TCP only, and only while traffic from outside has an
+/// endpoint to go to (this node's, under `externalTrafficPolicy: Local`).
+pub fn serves_localhost_nodeport(port: &ServicePort, selection: &Selection<'_>) -> bool {
+    port.node_port.is_some()
+        && port.protocol() == crate::model::Protocol::Tcp
+        && !selection.external(port).is_empty()
+}
+
 impl<'a> Selection<'a> {
     /// Endpoints for traffic to the cluster IP.
     pub fn internal(&self, port: &ServicePort) -> &[&'a Endpoint] {

@@ -25,6 +25,9 @@ pub struct Gate {
 
 /// Serve `spec.externalIPs` (deprecated in v1.36, KEP-5707; false stops serving them).
 pub const ALLOW_SERVICE_EXTERNAL_IPS: &str = "AllowServiceExternalIPs";
+/// Serve NodePorts on loopback in nftables mode through user-space listeners (alpha in
+/// v1.37, KEP-6032).
+pub const NFTABLES_LOCALHOST_NODEPORTS: &str = "KubeProxyNFTablesLocalhostNodePorts";
 /// Allow `mode: ipvs` (deprecated in v1.37, KEP-5495).
 pub const KUBE_PROXY_IPVS: &str = "KubeProxyIPVS";
 
@@ -50,6 +53,7 @@ pub const GATES: &[Gate] = &[
     gate("ComponentStatusz", false, Stage::Alpha, false),
     gate("ContextualLogging", true, Stage::Beta, false),
     gate(KUBE_PROXY_IPVS, true, Stage::Deprecated, false),
+    gate(NFTABLES_LOCALHOST_NODEPORTS, false, Stage::Alpha, false),
     gate("LoggingAlphaOptions", false, Stage::Alpha, false),
     gate("LoggingBetaOptions", true, Stage::Beta, false),
     gate("MultiCIDRServiceAllocator", true, Stage::Ga, true),

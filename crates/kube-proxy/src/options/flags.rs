@@ -11,7 +11,6 @@ use clap::{ArgMatches, Parser};
 
 use super::config::{
     parse_ip, split_host_port, KubeProxyConfiguration, LocalMode, ProxyMode, VModuleItem,
-    NODE_PORT_ADDRESSES_PRIMARY,
 };
 use super::duration::{parse_duration, GoDuration};
 use super::validate::is_cidr_list;
@@ -209,7 +208,7 @@ pub struct Flags {
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub masquerade_all: Option<bool>,
 
-    /// CIDRs whose node IPs accept NodePort traffic, or the single word 'primary'. [default in nftables mode: primary]
+    /// CIDRs whose node IPs accept NodePort traffic, and any of the keywords 'primary' (the node's primary IPs), 'localhost' (its loopback addresses; in nftables mode served by user-space listeners when the KubeProxyNFTablesLocalhostNodePorts gate is on) and 'all' (every address). [default in nftables mode: primary]
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_node_port_address)]
     pub nodeport_addresses: Option<Vec<String>>,
 
@@ -707,10 +706,7 @@ fn parse_cidr_list_flag(s: &str) -> Result<String, String> {
 }
 
 fn parse_node_port_address(s: &str) -> Result<String, String> {
-    if s == NODE_PORT_ADDRESSES_PRIMARY {
-        return Ok(s.to_string());
-    }
-    parse_cidr_flag(s).map_err(|e| format!("{e} or \"primary\""))
+    proxy_core::model::NodePortAddresses::parse(&[s]).map(|_| s.to_string())
 }
 
 /// One `key=value` of `--feature-gates`, with component-base's error texts.
@@ -813,7 +809,9 @@ mod tests {
         assert!(parse_finite_f32("NaN").is_err());
         assert!(parse_node_port_address("primary").is_ok());
         assert!(parse_node_port_address("10.0.0.0/8").is_ok());
-        assert!(parse_node_port_address("all").is_err());
+        assert!(parse_node_port_address("all").is_ok());
+        assert!(parse_node_port_address("localhost").is_ok());
+        assert!(parse_node_port_address("everything").is_err());
         assert!(parse_proxy_mode("kernelspace").is_err());
         assert_eq!(parse_proxy_mode("userspace"), Ok(ProxyMode::Userspace));
         assert_eq!(parse_local_mode("NodeCIDR"), Ok(LocalMode::NodeCidr));

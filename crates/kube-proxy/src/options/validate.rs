@@ -7,7 +7,6 @@ use std::net::IpAddr;
 
 use super::config::{
     parse_ip, split_host_port, split_list, KubeProxyConfiguration, LocalMode, ProxyMode,
-    NODE_PORT_ADDRESSES_PRIMARY,
 };
 use super::duration::GoDuration;
 
@@ -229,18 +228,11 @@ pub fn validate(cfg: &KubeProxyConfiguration) -> Vec<FieldError> {
         _ => {}
     }
 
-    let npa = &cfg.node_port_addresses;
-    for (i, a) in npa.iter().enumerate() {
-        if a == NODE_PORT_ADDRESSES_PRIMARY {
-            if npa.len() != 1 {
-                e.add(
-                    format!("nodePortAddresses[{i}]"),
-                    "\"primary\" cannot be combined with CIDRs",
-                );
-            }
-            continue;
+    // Keywords and CIDRs mix freely since upstream v1.37.
+    for (i, a) in cfg.node_port_addresses.iter().enumerate() {
+        if let Err(err) = proxy_core::model::NodePortAddresses::parse(&[a]) {
+            e.add(format!("nodePortAddresses[{i}]"), err);
         }
-        e.cidr(format!("nodePortAddresses[{i}]"), a);
     }
 
     let v = &cfg.show_hidden_metrics_for_version;
@@ -360,13 +352,17 @@ mod tests {
             "oomScoreAdj",
             "clientConnection.burst",
             "detectLocal.bridgeInterface",
-            "nodePortAddresses[0]",
             "nodePortAddresses[1]",
             "showHiddenMetricsForVersion",
             "logging.format",
         ] {
             assert!(got.contains(&want.to_string()), "missing {want} in {got:?}");
         }
+        // Keywords mix with CIDRs since v1.37: "primary" beside "bad" is fine.
+        assert!(
+            !got.contains(&"nodePortAddresses[0]".to_string()),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,145 @@
+//! Adopting the table a previous process left: which endpoint each Service port had in
+//! each slot, read from the kernel's slot maps, so the first plan after a restart keeps
+//! them. Kept slots mean the slot maps already hold what the new plan wants (nothing to
+//! reload) and clients remembered in the affinity sets stay on their endpoint.
+//!
+//! Pure: elements in, slots out; [`crate::NftablesProxier`] reads the maps.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use proxy_core::model::{IpFamily, ProxyState, ServicePortName};
+
+use crate::netlink::encode_fields;
+use crate::plan::{ip_key, nodeport_key, KeyKind, MapId, Role, SlotOf, Slots};
+use crate::readback::{RawElement, RawValue};
+
+/// The slot map a name stands for: `slot-K`, `local-slot-K`, `nodeport-slot-K`,
+/// `local-nodeport-slot-K`.
+pub fn slot_map(name: &str) -> Option<(KeyKind, Role, usize)> {
+    let (role, rest) = match name.strip_prefix("local-") {
+        Some(rest) => (Role::Local, rest),
+        None => (Role::All, name),
+    };
+    let (key, rest) = match rest.strip_prefix("nodeport-") {
+        Some(rest) => (KeyKind::NodePort, rest),
+        None => (KeyKind::Ip, rest),
+    };
+    let slot: usize = rest.strip_prefix("slot-")?.parse().ok()?;
+    (MapId::Slot(key, role, slot).name() == name).then_some((key, role, slot))
+}
+
+/// An endpoint as a slot map holds it: address, then the port in a 32-bit register.
+fn decode_endpoint(family: IpFamily, data: &[u8]) -> Option<(IpAddr, u16)> {
+    let len = match family {
+        IpFamily::V4 => 4,
+        IpFamily::V6 => 16,
+    };
+    let (addr, port) = (data.get(..len)?, data.get(len..len + 2)?);
+    let ip = match family {
+        IpFamily::V4 => IpAddr::from(Ipv4Addr::from(<[u8; 4]>::try_from(addr).ok()?)),
+        IpFamily::V6 => IpAddr::from(Ipv6Addr::from(<[u8; 16]>::try_from(addr).ok()?)),
+    };
+    Some((ip, u16::from_be_bytes([port[0], port[1]])))
+}
+
+/// Every destination key's endpoints per role and slot, from the kernel's slot maps.
+#[derive(Debug, Default)]
+pub struct KernelSlots(HashMap<(Vec<u8>, Role), Vec<SlotOf>>);
+
+impl KernelSlots {
+    /// Adds the elements of one map; maps that are not slot maps are ignored.
+    pub fn add_map(&mut self, family: IpFamily, name: &str, elements: Vec<RawElement>) {
+        let Some((_, role, slot)) = slot_map(name) else {
+            return;
+        };
+        for element in elements {
+            let RawValue::Data(data) = &element.value else {
+                continue;
+            };
+            if let Some(endpoint) = decode_endpoint(family, data) {
+                self.0
+                    .entry((element.key, role))
+                    .or_default()
+                    .push((endpoint, slot));
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each Service port's slots per role, as the kernel holds them for the first of its
+    /// destinations found there. A slot or endpoint claimed twice (a table edited by hand)
+    /// keeps its first claim; the planner gives the rest new slots.
+    pub fn slots(&self, family: IpFamily, state: &ProxyState) -> BTreeMap<ServicePortName, Slots> {
+        let mut out = BTreeMap::new();
+        for (name, port) in &state.services {
+            let Some(cluster_ip) = port.cluster_ip(family) else {
+                continue;
+            };
+            let proto = port.protocol();
+            let mut keys = vec![encode_fields(&ip_key(cluster_ip, proto, port.port))];
+            keys.extend(
+                port.external_destinations(family)
+                    .map(|ip| encode_fields(&ip_key(ip, proto, port.port))),
+            );
+            keys.extend(
+                port.node_port
+                    .map(|np| encode_fields(&nodeport_key(proto, np))),
+            );
+            let mut slots: Slots = Vec::new();
+            for role in [Role::All, Role::Local] {
+                let Some(found) = keys.iter().find_map(|key| self.0.get(&(key.clone(), role)))
+                else {
+                    continue;
+                };
+                let mut endpoints = BTreeSet::new();
+                let mut taken = BTreeSet::new();
+                let kept: Vec<SlotOf> = found
+                    .iter()
+                    .filter(|(ep, slot)| endpoints.insert(*ep) && taken.insert(*slot))
+                    .copied()
+                    .collect();
+                slots.push((role, kept));
+            }
+            if !slots.is_empty() {
+                out.insert(name.clone(), slots);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_map_names_round_trip() {
+        for key in [KeyKind::Ip, KeyKind::NodePort] {
+            for role in [Role::All, Role::Local] {
+                for slot in [0, 7, 12] {
+                    let name = MapId::Slot(key, role, slot).name();
+                    assert_eq!(slot_map(&name), Some((key, role, slot)), "{name}");
+                }
+            }
+        }
+        for other in ["service-ips", "slot-", "slot-x", "local-slot-01", "aff-1"] {
+            assert_eq!(slot_map(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn endpoints_decode_as_encoded() {
+        use crate::plan::{Field, Fields};
+        for (ip, port) in [("10.244.1.2", 8080), ("fd00:244::2", 53)] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let data = encode_fields(&Fields::new(&[Field::Addr(ip), Field::Port(port)]));
+            let family = IpFamily::of(&ip);
+            assert_eq!(decode_endpoint(family, &data), Some((ip, port)));
+        }
+        assert_eq!(decode_endpoint(IpFamily::V6, &[0; 8]), None);
+    }
+}
