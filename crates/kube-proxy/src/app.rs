@@ -18,7 +18,7 @@ use conntrack::{ConntrackNetlink, ConntrackSettings};
 use observability::health::Health;
 use observability::metrics::{MetricsMode, ProxyMetrics};
 use observability::observer::ProxyObserver;
-use proxy_core::model::IpFamily;
+use proxy_core::model::{IpFamily, Protocol};
 use proxy_core::observer::{ApiRequestObserver, SyncObserver};
 use proxy_core::proxier::Proxier;
 use proxy_core::runner::{self, RunnerConfig};
@@ -311,11 +311,42 @@ struct Observability {
     api_requests: Arc<dyn ApiRequestObserver>,
 }
 
+/// Loopback NodePort packets the nftables rules rejected, per family and protocol, from
+/// the tables' named counters (read at scrape time; a family that cannot be read is left
+/// out and logged).
+fn localhost_nodeport_rejects(families: &[IpFamily]) -> Vec<(IpFamily, Protocol, u64)> {
+    let mut out = Vec::new();
+    for &family in families {
+        match backend_nftables::apply::read_named_counters(family) {
+            Ok(counters) => {
+                for protocol in backend_nftables::render::LOCALHOST_NODEPORT_PROTOCOLS {
+                    let name = backend_nftables::render::localhost_nodeport_counter(protocol);
+                    if let Some((_, packets)) = counters.iter().find(|(n, _)| *n == name) {
+                        out.push((family, protocol, *packets));
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::debug!(?family, error = %err, "cannot read the localhost NodePort counters");
+            }
+        }
+    }
+    out
+}
+
 async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observability> {
     use observability::server;
     let obs = &settings.observability;
     let mode = MetricsMode::from_name(settings.backend.mode()).unwrap_or(MetricsMode::Nftables);
-    let metrics = ProxyMetrics::new(&obs.build, mode).context("registering metrics")?;
+    let mut metrics = ProxyMetrics::new(&obs.build, mode).context("registering metrics")?;
+    if let BackendSettings::Nftables(config) = &settings.backend {
+        if !config.localhost_nodeports.is_empty() {
+            let families = config.localhost_nodeports.clone();
+            metrics = metrics
+                .with_localhost_nodeports(Arc::new(move || localhost_nodeport_rejects(&families)))
+                .context("registering the localhost NodePort metrics")?;
+        }
+    }
     let families = settings.backend.families();
     // Upstream's health timeout: two sync periods.
     let health = Arc::new(Health::new(settings.runner.sync_period * 2, families));

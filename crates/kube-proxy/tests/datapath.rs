@@ -1854,6 +1854,16 @@ fn nftables_serves_nodeports_on_loopback_with_the_gate() {
     // externalTrafficPolicy: Local with no endpoint on this node: no listener.
     let local = testkit::tcp_request(node, addr("127.0.0.1", 30040), TIMEOUT);
     assert!(matches!(local, Err(RequestError::Refused)), "{local:?}");
+    // The v1.37 metrics: listeners per family, rejections per family and protocol.
+    let metrics = scrape_metrics(node);
+    for line in [
+        "kubeproxy_nftables_localhost_nodeport_listeners{ip_family=\"IPv4\"} 2",
+        "kubeproxy_nftables_localhost_nodeport_listeners{ip_family=\"IPv6\"} 1",
+        "kubeproxy_nftables_localhost_nodeport_rejected_packets_total{ip_family=\"IPv4\",protocol=\"UDP\"} 1",
+        "kubeproxy_nftables_localhost_nodeport_rejected_packets_total{ip_family=\"IPv6\",protocol=\"UDP\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
 
     // Endpoint changes reach the listeners; a local endpoint opens the Local one.
     cluster.update(&manifests(
@@ -1869,6 +1879,20 @@ fn nftables_serves_nodeports_on_loopback_with_the_gate() {
     cluster.update(&local_ext("node-a"));
     let gone = testkit::tcp_request(&cluster.topo.node, addr("127.0.0.1", 30080), TIMEOUT);
     assert!(matches!(gone, Err(RequestError::Refused)), "{gone:?}");
+}
+
+/// The proxy's `/metrics` on its default address, fetched from inside `node`.
+fn scrape_metrics(node: &Netns) -> String {
+    use std::io::{Read, Write};
+    node.run(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:10249")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok::<_, std::io::Error>(body)
+    })
+    .expect("enter the node")
+    .expect("scrape /metrics")
 }
 
 /// Without the gate, nftables mode serves no NodePort on loopback (as upstream) and says

@@ -9,6 +9,7 @@
 
 pub mod gotime;
 pub mod health;
+pub mod localhost_nodeports;
 pub mod metrics;
 pub mod observer;
 pub mod process;

@@ -15,6 +15,7 @@ use prometheus::{
 };
 use proxy_core::model::IpFamily;
 
+use crate::localhost_nodeports::{LocalhostNodePortMetrics, RejectedReader};
 use crate::textfmt;
 
 /// Upstream's stability prefixes on help texts (component-base adds them on registration).
@@ -150,6 +151,8 @@ pub struct ProxyMetrics {
     pub conntrack_reconciler_deleted_entries_total: IntCounterVec,
     pub rest_client_requests_total: IntCounterVec,
     pub rest_client_request_duration: HistogramVec,
+    /// nftables mode's localhost NodePorts (v1.37), when on.
+    pub localhost_nodeports: Option<LocalhostNodePortMetrics>,
 }
 
 impl std::fmt::Debug for ProxyMetrics {
@@ -478,7 +481,21 @@ impl ProxyMetrics {
             conntrack_reconciler_deleted_entries_total,
             rest_client_requests_total,
             rest_client_request_duration,
+            localhost_nodeports: None,
         })
+    }
+
+    /// Adds the localhost NodePort metrics (nftables mode with the feature on); `rejected`
+    /// reads the kernel's counts when scraped.
+    pub fn with_localhost_nodeports(
+        mut self,
+        rejected: RejectedReader,
+    ) -> Result<Self, MetricsError> {
+        self.localhost_nodeports = Some(LocalhostNodePortMetrics::register(
+            &self.registry,
+            rejected,
+        )?);
+        Ok(self)
     }
 
     pub fn mode(&self) -> MetricsMode {

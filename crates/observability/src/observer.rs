@@ -95,6 +95,9 @@ impl SyncObserver for ProxyObserver {
             return;
         }
         self.health.updated(r.finished_at);
+        if let (Some(localhost), Ok(outcome)) = (&m.localhost_nodeports, r.result) {
+            localhost.synced(&outcome.localhost_nodeports);
+        }
         for &family in &self.families {
             let label = [ip_family(family)];
             m.sync_proxy_rules_last_timestamp

@@ -741,7 +741,7 @@ fn windows_modes_are_named_out_of_scope() {
 fn given_flags_are_kept_for_flagz() {
     let o = ok(&[
         "--v=3",
-        "--feature-gates=A=true",
+        "--feature-gates=ComponentFlagz=true",
         "--metrics-bind-address=127.0.0.1:10249",
     ]);
     assert_eq!(o.given_flags.get("v").map(String::as_str), Some("3"));
