@@ -277,6 +277,27 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
     })
 }
 
+/// Every known gate with its stage and resolved value, for `kubernetes_feature_enabled`
+/// (upstream lists all of them, not only those given).
+fn feature_metric(config: &KubeProxyConfiguration) -> Vec<(String, String, bool)> {
+    use options::features::{FeatureGates, Stage, GATES};
+    let gates = FeatureGates::resolve(&config.feature_gates)
+        .map(|(gates, _)| gates)
+        .unwrap_or_default();
+    GATES
+        .iter()
+        .map(|g| {
+            let stage = match g.stage {
+                Stage::Alpha => "ALPHA",
+                Stage::Beta => "BETA",
+                Stage::Ga => "",
+                Stage::Deprecated => "DEPRECATED",
+            };
+            (g.name.to_string(), stage.to_string(), gates.enabled(g.name))
+        })
+        .collect()
+}
+
 /// The resolved feature gates (already validated when the options were parsed).
 fn feature_gates(
     config: &KubeProxyConfiguration,
@@ -330,11 +351,7 @@ fn observability_settings(opts: &Options) -> app::ObservabilitySettings {
             git_version: options::git_version(),
             git_commit: String::new(),
             build_date: String::new(),
-            features: config
-                .feature_gates
-                .iter()
-                .map(|(name, enabled)| (name.clone(), String::new(), *enabled))
-                .collect(),
+            features: feature_metric(config),
         },
         zpages: zpages(opts),
     }

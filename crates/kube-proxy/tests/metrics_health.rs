@@ -193,6 +193,14 @@ fn live_scrape_passes_promtool_and_a_real_prometheus_scrapes_it() {
     assert!(scrape.contains(
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0\"} "
     ));
+    // Every known gate, given or not, with its stage (as upstream's feature metric).
+    for line in [
+        "kubernetes_feature_enabled{name=\"AllowServiceExternalIPs\",stage=\"DEPRECATED\"} 1",
+        "kubernetes_feature_enabled{name=\"KubeProxyNFTablesLocalhostNodePorts\",stage=\"ALPHA\"} 0",
+        "kubernetes_feature_enabled{name=\"TopologyAwareHints\",stage=\"\"} 1",
+    ] {
+        assert!(scrape.contains(line), "{line} missing:\n{scrape}");
+    }
     // nftables mode registers no iptables metric (upstream's RegisterMetrics(mode)),
     // and the failure counters have no series before a failure.
     assert!(!scrape.contains("iptables"), "{scrape}");
