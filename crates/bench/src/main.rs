@@ -25,6 +25,7 @@ mod monitor;
 mod objects;
 mod probe;
 mod proxylog;
+mod soak;
 mod stats;
 
 use std::fmt::Write as _;
@@ -55,6 +56,9 @@ enum Command {
     /// sync, memory, idle CPU, endpoint-change and add-Service latency to the kernel's
     /// commit, across periodic full syncs.
     Deployed(deployed::Args),
+    /// Real traffic through one Service while the release binary runs with thousands of
+    /// others, phase by phase: churn, restarts, re-syncs, bulk changes. Nothing may be lost.
+    Soak(soak::Args),
 }
 
 /// The in-process benchmark (the default, for profiling) and the binary's start.
@@ -215,10 +219,17 @@ fn main() -> Result<()> {
     if !nix_is_root() {
         bail!("run as root: the benchmark builds network namespaces");
     }
-    if let Some(Command::Deployed(args)) = cli.command {
-        let endpoints = parse_endpoints(args.endpoints())?;
-        let binary = proxy_binary(args.binary())?;
-        return deployed::main(args, &binary, endpoints);
+    match cli.command {
+        Some(Command::Deployed(args)) => {
+            let endpoints = parse_endpoints(args.endpoints())?;
+            let binary = proxy_binary(args.binary())?;
+            return deployed::main(args, &binary, endpoints);
+        }
+        Some(Command::Soak(args)) => {
+            let binary = proxy_binary(args.binary())?;
+            return soak::main(args, &binary);
+        }
+        None => {}
     }
     let args = cli.inproc;
     let endpoints = parse_endpoints(&args.endpoints)?;
