@@ -58,6 +58,8 @@ impl Mode {
             // never kept, so there is no masquerade decision and no Local policy to
             // honour; source ranges are not implemented in this mode.
             "userspace" => &[
+                // UDP sessions live in the proxy process and end with it.
+                "restart_keeps_udp_flows_on_their_endpoint",
                 "external_traffic_policy_local",
                 "internal_traffic_policy_local",
                 "load_balancer_source_ranges",
@@ -1344,6 +1346,42 @@ fn legacy_ip_forms_are_served_like_upstream(mode: Mode) {
 }
 
 /// Userspace mode: the proxy's own UDP sessions follow endpoint changes.
+/// A restart adopts what the kernel holds: UDP flows keep their endpoint (upstream
+/// #122740: a restart flushed them), so each of ten clients, keeping its source port,
+/// still reaches the backend it reached before (chance that a flush goes unseen: 2⁻¹⁰).
+fn restart_keeps_udp_flows_on_their_endpoint(mode: Mode) {
+    if mode.skips("restart_keeps_udp_flows_on_their_endpoint") {
+        return;
+    }
+    let dns = service_yaml(
+        "dns",
+        "10.96.0.53",
+        "UDP",
+        53,
+        BACKEND_PORT,
+        "",
+        &[Ep::ready(BE0, "node-b"), Ep::ready(BE1, "node-b")],
+    );
+    let Some(mut cluster) =
+        Cluster::start(mode, "restart_keeps_udp_flows_on_their_endpoint", &dns, &[])
+    else {
+        return;
+    };
+    let dest = addr("10.96.0.53", 53);
+    let ask = |c: &Cluster, port: u16| {
+        testkit::udp_request_from(c.client(), port, dest, TIMEOUT).expect("UDP answer")
+    };
+    let ports: Vec<u16> = (41000..41010).collect();
+    let before: Vec<String> = ports.iter().map(|&p| ask(&cluster, p)).collect();
+    assert!(before.contains(&"be0".to_string()) || before.contains(&"be1".to_string()));
+    cluster.restart_proxy(mode);
+    let after: Vec<String> = ports.iter().map(|&p| ask(&cluster, p)).collect();
+    assert_eq!(
+        after, before,
+        "flows moved to other endpoints across the restart"
+    );
+}
+
 fn udp_client_follows_replaced_endpoint(mode: Mode) {
     if mode.skips("udp_client_follows_replaced_endpoint") {
         return;
@@ -2001,6 +2039,10 @@ macro_rules! datapath_suite {
             #[test]
             fn udp_client_follows_replaced_endpoint() {
                 super::udp_client_follows_replaced_endpoint(MODE)
+            }
+            #[test]
+            fn restart_keeps_udp_flows_on_their_endpoint() {
+                super::restart_keeps_udp_flows_on_their_endpoint(MODE)
             }
             #[test]
             fn external_ips_not_served_without_their_feature_gate() {
