@@ -1636,6 +1636,71 @@ fn iptables_rules_flushed_by_someone_else_are_rewritten() {
     assert_spread(&counts, &["be1"], "after the flush");
 }
 
+/// nftables: the periodic sync finds what someone else broke and repairs it without any
+/// change arriving: a deleted element comes back alone (only its map is reloaded), a
+/// deleted table is written again; both logged (issue #17, kernel faults).
+#[test]
+fn nftables_periodic_sync_repairs_what_others_broke() {
+    let mode = Mode("nftables");
+    let Some(cluster) = Cluster::start(
+        mode,
+        "nftables_periodic_sync_repairs_what_others_broke",
+        &standard_services(&backends()),
+        &["--iptables-sync-period=1s"],
+    ) else {
+        return;
+    };
+    let node = &cluster.topo.node;
+    let reaches = || {
+        spread(
+            cluster.client(),
+            addr("10.96.0.10", 80),
+            Proto::Tcp,
+            10,
+            TIMEOUT,
+        )
+        .is_ok_and(|counts| counts.keys().all(|k| k == "be0" || k == "be1") && !counts.is_empty())
+    };
+    let wait_until = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}:\n{}",
+                cluster.proxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    node.exec(&[
+        "nft",
+        "delete",
+        "element",
+        "ip",
+        "kube-proxy",
+        "service-ips",
+        "{ 10.96.0.10 . tcp . 80 }",
+    ])
+    .expect("delete an element");
+    wait_until("the element back", &|| {
+        node.exec(&["nft", "list", "map", "ip", "kube-proxy", "service-ips"])
+            .is_ok_and(|m| m.contains("10.96.0.10 . tcp . 80"))
+    });
+    assert!(reaches());
+    wait_until("the repair logged", &|| {
+        cluster.proxy.log().contains("repairing them")
+    });
+
+    node.exec(&["nft", "delete", "table", "ip", "kube-proxy"])
+        .expect("delete the table");
+    wait_until("Services served again", &reaches);
+    assert!(
+        cluster.proxy.log().contains("rewriting it"),
+        "{}",
+        cluster.proxy.log()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Packets to Service IPs that no Service port serves (nftables, as upstream's
 // cluster-ips-check), and load-balancer source ranges seen from the load-balancer IP.
