@@ -170,6 +170,9 @@ struct Faults {
     delay: Duration,
     /// Resources answered with 403 Forbidden (RBAC without the grant).
     forbidden: Vec<Resource>,
+    /// Every request answered 200 with a body that is not JSON (a broken proxy or
+    /// server in between).
+    garbage: bool,
 }
 
 #[derive(Debug)]
@@ -396,6 +399,11 @@ impl FakeApiServer {
         lock(&self.shared.faults).delay = delay;
     }
 
+    /// Answers every request with 200 and a body that is not JSON while `on`.
+    pub fn set_garbage(&self, on: bool) {
+        lock(&self.shared.faults).garbage = on;
+    }
+
     /// Answers every request for objects of `kind` with 403 Forbidden, as the real server
     /// does when the client's role lacks the grant; `false` lifts it.
     pub fn set_forbidden(&self, kind: &str, forbidden: bool) {
@@ -514,12 +522,24 @@ async fn handle(
     uri: axum::http::Uri,
 ) -> Response {
     lock(&shared.requests).push(uri.to_string());
-    let (delay, forbidden) = {
+    let (delay, forbidden, garbage) = {
         let faults = lock(&shared.faults);
-        (faults.delay, faults.forbidden.contains(&resource))
+        (
+            faults.delay,
+            faults.forbidden.contains(&resource),
+            faults.garbage,
+        )
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    if garbage {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "<html>\u{0}{\"kind\": 42, garbage",
+        )
+            .into_response();
     }
     if forbidden {
         return status_response(

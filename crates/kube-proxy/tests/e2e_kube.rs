@@ -546,6 +546,123 @@ fn api_restart_mid_watch_loses_no_rules_and_catches_up() {
     });
 }
 
+/// CPU seconds (user + system) the process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// Faults of the API server one after another (issue #17): slow answers during a relist,
+/// down and up again and again, every watch ended with 410 Gone, answers that are not
+/// JSON. Throughout, the programmed rules stay; once the server answers properly the last
+/// state wins; the proxy does not spin (CPU stays low); `/healthz` stays healthy, as
+/// upstream's, since no change waits for a sync.
+#[test]
+fn api_faults_keep_rules_and_the_last_state_wins() {
+    let Some(mut n) = ApiNode::new("api_faults_keep_rules", false) else {
+        return;
+    };
+    n.api.apply(node_object()).expect("apply");
+    n.api
+        .apply(service("s0", "10.96.0.10", 80, json!({})))
+        .expect("apply");
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    n.wait_rules("s0", WAIT, |r| has_service(r, "10.96.0.10", 80));
+    let pid = n.proxy().pid();
+    let cpu0 = cpu_seconds(pid);
+    let started = std::time::Instant::now();
+    let add = |n: &ApiNode, i: u8| {
+        n.api
+            .apply(service(
+                &format!("s{i}"),
+                &format!("10.96.0.{}", 10 + i),
+                80,
+                json!({}),
+            ))
+            .expect("apply");
+    };
+    let all_there =
+        |r: &str, upto: u8| (0..=upto).all(|i| has_service(r, &format!("10.96.0.{}", 10 + i), 80));
+
+    // Slow: every answer takes 5 s, and the watches are cut, so the proxy must relist.
+    n.api.set_delay(Duration::from_secs(5));
+    n.api.drop_connections();
+    add(&n, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        has_service(&n.ruleset(), "10.96.0.10", 80),
+        "rules lost while slow"
+    );
+    n.api.set_delay(Duration::ZERO);
+    n.wait_rules("s1 after the slow server", WAIT, |r| all_there(r, 1));
+
+    // Down and up, five times a second apart; a change made while it is down.
+    for round in 0..5u8 {
+        n.api.stop();
+        if round == 2 {
+            add(&n, 2);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            all_there(&n.ruleset(), 1),
+            "rules lost while the server was down"
+        );
+        n.serve();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    n.wait_rules("s2 after the outages", WAIT, |r| all_there(r, 2));
+
+    // Every watch ends with 410 Gone (history compacted): relists.
+    n.api.compact();
+    n.api.expire_watches();
+    add(&n, 3);
+    n.wait_rules("s3 after 410 Gone", WAIT, |r| all_there(r, 3));
+
+    // Garbage instead of JSON, while a change is made; then proper answers again.
+    n.api.set_garbage(true);
+    n.api.drop_connections();
+    add(&n, 4);
+    assert!(n.api.delete("Service", "default", "s0"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        all_there(&n.ruleset(), 3),
+        "rules lost while the server sent garbage"
+    );
+    n.api.set_garbage(false);
+    n.wait_rules("the last state after the garbage", WAIT, |r| {
+        !has_service(r, "10.96.0.10", 80)
+            && (1..=4).all(|i| has_service(r, &format!("10.96.0.{}", 10 + i), 80))
+    });
+
+    let cpu = cpu_seconds(pid) - cpu0;
+    let wall = started.elapsed().as_secs_f64();
+    assert!(
+        cpu < wall * 0.25,
+        "{cpu:.2} s of CPU in {wall:.1} s: a retry loop spins"
+    );
+    assert!(n.proxy().is_running(), "the proxy exited:\n{}", n.log());
+    let health = n
+        .node()
+        .run(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:10256")?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .expect("enter node")
+        .expect("healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
+
 #[test]
 fn api_burst_of_1000_slice_updates_coalesces() {
     let Some(mut n) = ApiNode::new("api_burst_coalesces", false) else {
