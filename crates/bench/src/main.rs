@@ -20,6 +20,7 @@
 mod binary;
 mod deployed;
 mod inproc;
+mod leak;
 mod manifests;
 mod monitor;
 mod objects;
@@ -59,6 +60,9 @@ enum Command {
     /// Real traffic through one Service while the release binary runs with thousands of
     /// others, phase by phase: churn, restarts, re-syncs, bulk changes. Nothing may be lost.
     Soak(soak::Args),
+    /// The release binary under endpoint churn for minutes: RSS, open fds and threads
+    /// sampled, the drift reported.
+    Leak(leak::Args),
 }
 
 /// The in-process benchmark (the default, for profiling) and the binary's start.
@@ -224,6 +228,10 @@ fn main() -> Result<()> {
             let endpoints = parse_endpoints(args.endpoints())?;
             let binary = proxy_binary(args.binary())?;
             return deployed::main(args, &binary, endpoints);
+        }
+        Some(Command::Leak(args)) => {
+            let binary = proxy_binary(args.binary())?;
+            return leak::main(args, &binary);
         }
         Some(Command::Soak(args)) => {
             let binary = proxy_binary(args.binary())?;
