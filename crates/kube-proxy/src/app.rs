@@ -357,6 +357,7 @@ async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observabi
             mode: settings.backend.mode(),
             config: Arc::new(obs.config.clone()),
             zpages: Arc::new(obs.zpages.clone()),
+            programmed: observer.programmed(),
         });
         server::spawn("metrics", address, router, obs.bind_address_hard_fail).await?;
     }

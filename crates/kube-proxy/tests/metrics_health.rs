@@ -508,3 +508,59 @@ fn zpages_follow_their_feature_gates() {
     assert_eq!(v["apiVersion"], "config.k8s.io/v1alpha1");
     assert_eq!(v["emulationVersion"], "1.35");
 }
+
+const LOCAL_NODEPORT: &str = "  type: NodePort\n  externalTrafficPolicy: Local\n";
+
+/// `/debug/services` shows what was programmed (issue #16): the Service port with its
+/// destinations and the endpoints cluster and local traffic use, as JSON and as a text
+/// table, filtered by name; it follows an endpoint change.
+#[test]
+fn debug_services_shows_the_programmed_state() {
+    let Some(node) = Node::start(
+        "debug_services_shows_the_programmed_state",
+        &(service("web", "10.96.0.10", LOCAL_NODEPORT)
+            + &slice("web", NODE)
+            + &service("api", "10.96.0.11", "")),
+    ) else {
+        return;
+    };
+    let a = get(&node.ns, METRICS, "/debug/services?namespace=demo&name=web").expect("debug");
+    assert_eq!(a.status, 200, "{a:?}");
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("JSON");
+    let ports = v["servicePorts"].as_array().expect("ports");
+    assert_eq!(ports.len(), 1, "{v}");
+    let web = &ports[0];
+    assert_eq!(web["name"], "demo/web:http/tcp", "{v}");
+    assert_eq!(web["nodePort"], 30080, "{v}");
+    for traffic in ["internalEndpoints", "externalEndpoints"] {
+        assert_eq!(
+            web["families"]["IPv4"][traffic],
+            serde_json::json!(["10.244.1.2:8080"]),
+            "{v}"
+        );
+    }
+    assert!(web["lastProgrammed"].is_string(), "{v}");
+
+    let text = get(&node.ns, METRICS, "/debug/services?format=text").expect("text");
+    assert!(
+        text.body
+            .contains("demo/api:http/tcp\tIPv4\t10.96.0.11:80\t-\t-\t-\t"),
+        "{}",
+        text.body
+    );
+
+    // The endpoint moves to another node: external traffic (policy Local) has none left.
+    node.write_manifests(
+        &(service("web", "10.96.0.10", LOCAL_NODEPORT)
+            + &slice("web", "node-b")
+            + &service("api", "10.96.0.11", "")),
+    );
+    wait_for("the change programmed", Duration::from_secs(10), || {
+        get(&node.ns, METRICS, "/debug/services?name=web").is_some_and(|a| {
+            serde_json::from_str::<serde_json::Value>(&a.body).is_ok_and(|v| {
+                v["servicePorts"][0]["families"]["IPv4"]["externalEndpoints"]
+                    == serde_json::json!([])
+            })
+        })
+    });
+}

@@ -7,6 +7,7 @@
 //! hold anything a sync needs.
 #![forbid(unsafe_code)]
 
+pub mod debug;
 pub mod gotime;
 pub mod health;
 pub mod localhost_nodeports;

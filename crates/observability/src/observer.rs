@@ -7,6 +7,7 @@ use proxy_core::model::{IpFamily, ProxyState, TrafficPolicy};
 use proxy_core::observer::{ChangeSummary, SyncObserver, SyncReport};
 use tokio::sync::watch;
 
+use crate::debug::ProgrammedState;
 use crate::health::Health;
 use crate::metrics::{ip_family, ProxyMetrics};
 use crate::service_health::{self, Targets};
@@ -19,6 +20,8 @@ pub struct ProxyObserver {
     targets: watch::Sender<Targets>,
     /// The IP families each sync programs; per-family metrics get one sample each.
     families: Vec<IpFamily>,
+    /// What the last successful sync programmed, for `/debug/services`.
+    programmed: Arc<ProgrammedState>,
 }
 
 impl ProxyObserver {
@@ -35,9 +38,17 @@ impl ProxyObserver {
                 health,
                 targets,
                 families: families.to_vec(),
+                programmed: Arc::default(),
             },
             rx,
         )
+    }
+}
+
+impl ProxyObserver {
+    /// The programmed state this observer records, for the metrics server.
+    pub fn programmed(&self) -> Arc<ProgrammedState> {
+        Arc::clone(&self.programmed)
     }
 }
 
@@ -95,6 +106,7 @@ impl SyncObserver for ProxyObserver {
             return;
         }
         self.health.updated(r.finished_at);
+        self.programmed.record(r.state, r.finished_at);
         if let (Some(localhost), Ok(outcome)) = (&m.localhost_nodeports, r.result) {
             localhost.synced(&outcome.localhost_nodeports);
         }
@@ -193,7 +205,7 @@ mod tests {
     #[test]
     fn each_sync_is_recorded_once_per_family_and_failures_in_the_modes_counter() {
         let (o, m, health) = observer(MetricsMode::Nftables);
-        let state = ProxyState::default();
+        let state = Arc::new(ProxyState::default());
         let outcome = SyncOutcome::default();
         let now = SystemTime::now();
         let ok = SyncReport {

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -47,6 +47,8 @@ pub struct MetricsContext {
     /// The effective configuration, served by `/configz`.
     pub config: Arc<serde_json::Value>,
     pub zpages: Arc<crate::zpages::Zpages>,
+    /// `/debug/services`.
+    pub programmed: Arc<crate::debug::ProgrammedState>,
 }
 
 /// The metrics server's paths without the gated z-pages (what `/statusz` lists).
@@ -57,7 +59,8 @@ pub fn metrics_router(ctx: MetricsContext) -> Router {
         .route("/metrics", get(metrics))
         .route("/proxyMode", get(proxy_mode))
         .route("/configz", get(configz))
-        .route("/healthz", get(|| async { plain("ok".to_owned()) }));
+        .route("/healthz", get(|| async { plain("ok".to_owned()) }))
+        .route("/debug/services", get(debug_services));
     // Without its gate a z-page is not there at all (404), as upstream.
     if ctx.zpages.statusz.is_some() {
         router = router.route("/statusz", get(statusz));
@@ -66,6 +69,40 @@ pub fn metrics_router(ctx: MetricsContext) -> Router {
         router = router.route("/flagz", get(flagz));
     }
     router.with_state(ctx)
+}
+
+/// `/debug/services`: JSON, or a text table with `?format=text` or `Accept: text/plain`;
+/// `?namespace=` and `?name=` filter.
+async fn debug_services(
+    State(ctx): State<MetricsContext>,
+    Query(query): Query<DebugQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let wants_text = query.format.as_deref() == Some("text")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"));
+    let filter = crate::debug::Filter {
+        namespace: query.namespace,
+        name: query.name,
+    };
+    if wants_text {
+        plain(ctx.programmed.text(&filter))
+    } else {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            ctx.programmed.json(&filter).to_string(),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct DebugQuery {
+    format: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
 }
 
 /// The health server's routes; counts every answer in `kubeproxy_proxy_{healthz,livez}_total`.

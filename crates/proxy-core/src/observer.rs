@@ -34,7 +34,7 @@ pub struct SyncReport<'a> {
     pub finished_at: SystemTime,
     pub result: Result<&'a SyncOutcome, &'a ProxierError>,
     /// The state the sync programmed (or failed to).
-    pub state: &'a ProxyState,
+    pub state: &'a std::sync::Arc<ProxyState>,
     /// On success: when each change this sync programmed was triggered (EndpointSlice
     /// `endpoints.kubernetes.io/last-change-trigger-time`, or when a Service change was
     /// first seen). Empty on failure: those changes are carried to the next attempt.
