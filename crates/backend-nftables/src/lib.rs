@@ -42,6 +42,8 @@ pub struct NftablesProxier<R: NftRunner> {
     /// Digests of what the kernel should hold, per family as in `programmed`, for the
     /// periodic re-sync to compare with what it reads back.
     expected: Vec<Expected>,
+    /// What the last periodic check found differing (see [`SyncOutcome::drift`]).
+    drift: u64,
 }
 
 impl<R: NftRunner> NftablesProxier<R> {
@@ -51,6 +53,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             runner,
             programmed: None,
             expected: Vec::new(),
+            drift: 0,
         }
     }
 
@@ -324,9 +327,11 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
                 ..request.clone()
             };
             let mut outcome = self.sync_changes(&changes)?;
+            self.drift = 0;
             match self.check_and_repair() {
                 Ok(Some(bytes)) => {
                     outcome.transaction_bytes += bytes;
+                    outcome.drift = std::mem::take(&mut self.drift);
                     return Ok(outcome);
                 }
                 Ok(None) => {}
@@ -335,7 +340,9 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
                 }
             }
         }
-        self.sync_changes(request)
+        let mut outcome = self.sync_changes(request)?;
+        outcome.drift = std::mem::take(&mut self.drift);
+        Ok(outcome)
     }
 
     fn cleanup(&mut self) -> Result<(), ProxierError> {
@@ -378,6 +385,7 @@ impl<R: NftRunner> NftablesProxier<R> {
                 Finding::Matches => {}
                 Finding::Maps(maps) => repairs.extend(maps.into_iter().map(|m| (i, m))),
                 Finding::Rewrite(reason) => {
+                    self.drift += 1;
                     tracing::warn!(family = ?plan.family(), %reason, "nftables table differs from what was programmed; rewriting it");
                     return Ok(None);
                 }
@@ -387,6 +395,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             tracing::debug!("periodic re-sync: the kernel holds what was programmed");
             return Ok(Some(0));
         }
+        self.drift += repairs.len() as u64;
         self.repair_maps(plans, &repairs).map(Some)
     }
 

@@ -1698,7 +1698,13 @@ fn nftables_periodic_sync_repairs_what_others_broke() {
         cluster.proxy.log().contains("rewriting it"),
         "{}",
         cluster.proxy.log()
-    );
+    ); // Both found and counted: one map repaired, one table rewritten.
+    let drift = scrape_metrics(node).lines().find_map(|l| {
+        l.strip_prefix("kubeproxy_rules_drift_total ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert!(drift.is_some_and(|d| d >= 2.0), "drift {drift:?}");
 }
 
 // ---------------------------------------------------------------------------------------

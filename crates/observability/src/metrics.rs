@@ -144,6 +144,8 @@ pub struct ProxyMetrics {
     pub iptables_last: GaugeVec,
     pub nftables_sync_failures_total: IntCounterVec,
     pub nftables_cleanup_failures_total: IntCounterVec,
+    /// Ours (not upstream's): see [`OWN_METRICS`].
+    pub rules_drift_total: IntCounter,
     pub no_local_endpoints_total: GaugeVec,
     pub proxy_healthz_total: IntCounterVec,
     pub proxy_livez_total: IntCounterVec,
@@ -173,6 +175,9 @@ fn kp_histogram(name: &str, help: &str, buckets: Vec<f64>) -> HistogramOpts {
 }
 
 const FAMILY: &[&str] = &["ip_family"];
+
+/// Metrics of ours, outside upstream's set (documented apart in docs/metrics.md).
+pub const OWN_METRICS: &[&str] = &["kubeproxy_rules_drift_total"];
 
 /// A registered collector that [`ProxyMetrics::describe`] can still reach.
 struct Shared(Arc<dyn Collector>);
@@ -336,6 +341,10 @@ impl ProxyMetrics {
             ),
             FAMILY,
         )?;
+        let rules_drift_total = IntCounter::with_opts(Opts::new(
+            "kubeproxy_rules_drift_total",
+            "Objects (maps, or whole tables) a periodic sync found differing from what the proxy programmed, and repaired. Ours, not upstream's.",
+        ))?;
         let no_local_endpoints_total = GaugeVec::new(
             kp(
                 "sync_proxy_rules_no_local_endpoints_total",
@@ -434,6 +443,7 @@ impl ProxyMetrics {
                 Box::new(sync_partial_proxy_rules_duration.clone()),
                 Box::new(nftables_sync_failures_total.clone()),
                 Box::new(nftables_cleanup_failures_total.clone()),
+                Box::new(rules_drift_total.clone()),
             ],
             MetricsMode::Userspace => Vec::new(),
         };
@@ -474,6 +484,7 @@ impl ProxyMetrics {
             iptables_last,
             nftables_sync_failures_total,
             nftables_cleanup_failures_total,
+            rules_drift_total,
             no_local_endpoints_total,
             proxy_healthz_total,
             proxy_livez_total,

@@ -110,6 +110,9 @@ impl SyncObserver for ProxyObserver {
         if let (Some(localhost), Ok(outcome)) = (&m.localhost_nodeports, r.result) {
             localhost.synced(&outcome.localhost_nodeports);
         }
+        if let Ok(outcome) = r.result {
+            m.rules_drift_total.inc_by(outcome.drift);
+        }
         for &family in &self.families {
             let label = [ip_family(family)];
             m.sync_proxy_rules_last_timestamp

@@ -34,6 +34,9 @@ pub struct SyncOutcome {
     pub service_ports: usize,
     /// Loopback NodePort listeners per family, where a kernel mode runs them.
     pub localhost_nodeports: Vec<LocalhostNodePortCounts>,
+    /// Objects a periodic check found differing from what was programmed (each map
+    /// repaired, or 1 per table rewritten): someone else changed our rules.
+    pub drift: u64,
 }
 
 /// The user-space listeners that serve NodePorts on one family's loopback address.
