@@ -451,8 +451,8 @@ impl<'m> ExprWriter<'m> {
         });
     }
 
-    /// A prefix match of the address at `sel`, as `nft` writes one: whole bytes
-    /// compared, a mask only for a partial last byte.
+    /// A prefix match of the address at `sel`, as `nft` writes one: the prefix's whole
+    /// bytes compared; for a partial last byte, the whole address masked.
     fn prefix(&mut self, sel: Sel, net: &IpNet, negate: bool) {
         let v6 = self.family == IpFamily::V6;
         let offset = match (sel, v6) {
@@ -462,13 +462,16 @@ impl<'m> ExprWriter<'m> {
             _ => 24,
         };
         let bits = u32::from(net.prefix_len());
-        let len = bits.div_ceil(8);
-        self.payload(NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, offset, len);
         let bytes = addr_bytes(&net.network());
-        let len = len as usize;
+        let len = if bits % 8 == 0 {
+            bits as usize / 8
+        } else {
+            bytes.len()
+        };
+        self.payload(NFT_REG_1, NFT_PAYLOAD_NETWORK_HEADER, offset, len as u32);
         if bits % 8 != 0 {
             let mask = addr_bytes(&net.netmask());
-            self.bitwise(len as u32, &mask[..len], &vec![0; len]);
+            self.bitwise(len as u32, &mask, &vec![0; len]);
         }
         let op = if negate { NFT_CMP_NEQ } else { NFT_CMP_EQ };
         self.cmp(op, &bytes[..len]);
