@@ -31,7 +31,10 @@ fn port(ns: &str, name: &str, cluster_ips: &[&str], port: u16, proto: Protocol) 
 
 fn add(state: &mut ProxyState, svc: ServicePort, eps: &[(&str, u16)]) {
     if !eps.is_empty() {
-        let eps = eps.iter().map(|(a, p)| Endpoint::ready(ip(a), *p)).collect();
+        let eps = eps
+            .iter()
+            .map(|(a, p)| Endpoint::ready(ip(a), *p))
+            .collect();
         state.endpoints.insert(svc.name.clone(), Arc::new(eps));
     }
     state.services.insert(svc.name.clone(), Arc::new(svc));
