@@ -10,8 +10,9 @@ use proxy_core::proxier::ProxierError;
 use proxy_core::model::IpFamily;
 
 use crate::netlink::{
-    encode_ops, list_requests, ops_text, parse_chain, parse_set, Object, TableOp,
+    encode_ops_in, list_requests, ops_text_in, parse_chain, parse_set, Object, TableOp,
 };
+use crate::plan::TABLE;
 use crate::readback::{
     counters_request, elements_request, generation_request, parse_counter, parse_elements,
     parse_generation, rules_request, RawElement, RulesDigest, SetDigest,
@@ -23,10 +24,16 @@ pub trait NftRunner {
     /// Runs one `nft` script as one atomic transaction.
     fn run(&mut self, script: &str) -> Result<(), ProxierError>;
 
-    /// Applies `ops` in order as one atomic transaction; returns its size in bytes. By
-    /// default as `nft` commands.
+    /// Applies `ops` on our tables in order as one atomic transaction; returns its size
+    /// in bytes.
     fn apply(&mut self, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
-        let script = ops_text(ops);
+        self.apply_in(TABLE, ops)
+    }
+
+    /// Applies `ops` on the tables named `table` (one per family) in order as one atomic
+    /// transaction; returns its size in bytes. By default as `nft` commands.
+    fn apply_in(&mut self, table: &str, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
+        let script = ops_text_in(table, ops);
         self.run(&script)?;
         Ok(script.len())
     }
@@ -157,13 +164,13 @@ impl NftRunner for NftCommand {
 
     /// One nfnetlink batch: a full load (skeleton, every element, deletions) or a delta
     /// commits at once, so old elements serve traffic until the new ones are in.
-    fn apply(&mut self, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
+    fn apply_in(&mut self, table: &str, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
         if self.check_only {
-            let script = ops_text(ops);
+            let script = ops_text_in(table, ops);
             self.run_nft(&script)?;
             return Ok(script.len());
         }
-        self.committing(1, |me| me.send_batch(ops))
+        self.committing(1, |me| me.send_batch(table, ops))
     }
 
     fn unchanged_since_last_commit(&mut self) -> Result<bool, ProxierError> {
@@ -348,7 +355,7 @@ impl NftCommand {
     }
 
     /// Sends `ops` over the netlink socket, as one transaction.
-    fn send_batch(&mut self, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
+    fn send_batch(&mut self, table: &str, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
         self.elements_sent += ops
             .iter()
             .map(|op| match op {
@@ -357,7 +364,7 @@ impl NftCommand {
             })
             .sum::<u64>();
         let socket = self.socket()?;
-        let batch = encode_ops(ops, || socket.next_seq());
+        let batch = encode_ops_in(table, ops, || socket.next_seq());
         if batch.last_seq == batch.begin_seq {
             // Nothing between begin and end: the kernel would acknowledge nothing, and
             // waiting for it would time out.

@@ -389,7 +389,7 @@ pub enum TableOp<'a> {
     /// Creates the table if it does not exist (an existing one is kept as it is).
     AddTable {
         family: IpFamily,
-        comment: String,
+        comment: Option<String>,
     },
     DeleteTable(IpFamily),
     /// A named packet counter.
@@ -421,17 +421,46 @@ pub enum TableOp<'a> {
         rule: Rule,
     },
     Elements(ElementOp<'a>),
+    /// Adds keys to a named set (of a table other than ours: ours go as `Elements`).
+    AddElements {
+        family: IpFamily,
+        set: String,
+        keys: Vec<Fields>,
+    },
     Delete(Deletion),
 }
 
 impl TableOp<'_> {
-    /// This change as one `nft` command (for tests and `nft --check`).
+    /// This change to our table as one `nft` command (for tests and `nft --check`).
     pub fn text(&self, out: &mut String) {
+        self.text_in(TABLE, out);
+    }
+
+    /// This change to the tables named `table` as one `nft` command.
+    pub fn text_in(&self, table: &str, out: &mut String) {
         use std::fmt::Write as _;
-        let t = |family: IpFamily| format!("{} {TABLE}", family_names(family).table_family);
+        let t = |family: IpFamily| format!("{} {table}", family_names(family).table_family);
         let _ = match self {
-            TableOp::AddTable { family, comment } => {
-                writeln!(out, "add table {} {{ comment \"{comment}\"; }}", t(*family))
+            TableOp::AddTable {
+                family,
+                comment: Some(comment),
+            } => writeln!(out, "add table {} {{ comment \"{comment}\"; }}", t(*family)),
+            TableOp::AddTable {
+                family,
+                comment: None,
+            } => writeln!(out, "add table {}", t(*family)),
+            TableOp::AddElements { family, set, keys } => {
+                if keys.is_empty() {
+                    Ok(())
+                } else {
+                    let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+                    writeln!(
+                        out,
+                        "add element {} {set} {{ {} }}",
+                        t(*family),
+                        keys.join(", ")
+                    )
+                }
             }
             TableOp::DeleteTable(family) => writeln!(out, "delete table {}", t(*family)),
             TableOp::AddCounter { family, name } => {
@@ -509,17 +538,24 @@ impl TableOp<'_> {
     }
 }
 
-/// `ops` as an `nft` script.
+/// `ops` on our tables as an `nft` script.
 pub fn ops_text(ops: &[TableOp<'_>]) -> String {
+    ops_text_in(TABLE, ops)
+}
+
+/// `ops` on the tables named `table` as an `nft` script.
+pub fn ops_text_in(table: &str, ops: &[TableOp<'_>]) -> String {
     let mut out = String::new();
     for op in ops {
-        op.text(&mut out);
+        op.text_in(table, &mut out);
     }
     out
 }
 
 /// Builds a batch message by message.
 struct BatchWriter<'s> {
+    /// The name of the tables (one per family) the ops change.
+    table: &'s str,
     messages: Vec<Message>,
     next_seq: &'s mut dyn FnMut() -> u32,
     /// Ids of the sets created in this batch (anonymous ones are referred to by id).
@@ -545,19 +581,21 @@ impl BatchWriter<'_> {
         match op {
             TableOp::AddTable { family, comment } => {
                 let mut msg = self.start(*family, NFT_MSG_NEWTABLE, NLM_F_CREATE);
-                msg.str(NFTA_TABLE_NAME, TABLE);
+                msg.str(NFTA_TABLE_NAME, self.table);
                 msg.be32(NFTA_TABLE_FLAGS, 0);
-                msg.attr(NFTA_TABLE_USERDATA, &udata_comment(comment));
+                if let Some(comment) = comment {
+                    msg.attr(NFTA_TABLE_USERDATA, &udata_comment(comment));
+                }
                 self.push(msg);
             }
             TableOp::DeleteTable(family) => {
                 let mut msg = self.start(*family, NFT_MSG_DELTABLE, 0);
-                msg.str(NFTA_TABLE_NAME, TABLE);
+                msg.str(NFTA_TABLE_NAME, self.table);
                 self.push(msg);
             }
             TableOp::AddCounter { family, name } => {
                 let mut msg = self.start(*family, NFT_MSG_NEWOBJ, NLM_F_CREATE);
-                msg.str(NFTA_OBJ_TABLE, TABLE);
+                msg.str(NFTA_OBJ_TABLE, self.table);
                 msg.str(NFTA_OBJ_NAME, name);
                 msg.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
                 msg.begin_nested(NFTA_OBJ_DATA);
@@ -574,7 +612,7 @@ impl BatchWriter<'_> {
                 comment,
             } => {
                 let mut msg = self.start(*family, NFT_MSG_NEWCHAIN, NLM_F_CREATE);
-                msg.str(NFTA_CHAIN_TABLE, TABLE);
+                msg.str(NFTA_CHAIN_TABLE, self.table);
                 msg.str(NFTA_CHAIN_NAME, name);
                 if let Some(h) = hook {
                     msg.begin_nested(NFTA_CHAIN_HOOK);
@@ -591,12 +629,12 @@ impl BatchWriter<'_> {
             }
             TableOp::FlushTable(family) => {
                 let mut msg = self.start(*family, NFT_MSG_DELRULE, 0);
-                msg.str(NFTA_RULE_TABLE, TABLE);
+                msg.str(NFTA_RULE_TABLE, self.table);
                 self.push(msg);
             }
             TableOp::FlushChain { family, name } => {
                 let mut msg = self.start(*family, NFT_MSG_DELRULE, 0);
-                msg.str(NFTA_RULE_TABLE, TABLE);
+                msg.str(NFTA_RULE_TABLE, self.table);
                 msg.str(NFTA_RULE_CHAIN, name);
                 self.push(msg);
             }
@@ -606,13 +644,30 @@ impl BatchWriter<'_> {
                 rule,
             } => self.add_rule(*family, chain, rule),
             TableOp::Elements(op) => self.elements(op),
+            TableOp::AddElements { family, set, keys } => {
+                for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+                    let mut msg = self.start(*family, NFT_MSG_NEWSETELEM, NLM_F_CREATE);
+                    msg.str(NFTA_SET_ELEM_LIST_TABLE, self.table);
+                    msg.str(NFTA_SET_ELEM_LIST_SET, set);
+                    msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
+                    for key in chunk {
+                        msg.begin_nested(NFTA_LIST_ELEM);
+                        msg.begin_nested(NFTA_SET_ELEM_KEY);
+                        msg.attr(NFTA_DATA_VALUE, &encode_fields(key));
+                        msg.end_nested();
+                        msg.end_nested();
+                    }
+                    msg.end_nested();
+                    self.push(msg);
+                }
+            }
             TableOp::Delete(deletion) => {
                 let (kind, table_attr, name_attr) = match deletion.object {
                     Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME),
                     Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_TABLE, NFTA_SET_NAME),
                 };
                 let mut msg = self.start(deletion.family, kind, 0);
-                msg.str(table_attr, TABLE);
+                msg.str(table_attr, self.table);
                 msg.str(name_attr, deletion.object.name());
                 self.push(msg);
             }
@@ -627,7 +682,7 @@ impl BatchWriter<'_> {
     fn add_set(&mut self, family: IpFamily, set: &SetDecl) {
         let id = self.set_id();
         let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
-        msg.str(NFTA_SET_TABLE, TABLE);
+        msg.str(NFTA_SET_TABLE, self.table);
         msg.str(NFTA_SET_NAME, &set.name);
         let mut flags = 0;
         if set.is_map() {
@@ -716,7 +771,7 @@ impl BatchWriter<'_> {
             }
         };
         let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
-        msg.str(NFTA_SET_TABLE, TABLE);
+        msg.str(NFTA_SET_TABLE, self.table);
         msg.str(NFTA_SET_NAME, name);
         msg.be32(NFTA_SET_FLAGS, flags);
         msg.be32(NFTA_SET_KEY_TYPE, key_type);
@@ -735,7 +790,7 @@ impl BatchWriter<'_> {
         );
         self.push(msg);
         let mut msg = self.start(family, NFT_MSG_NEWSETELEM, NLM_F_CREATE);
-        msg.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        msg.str(NFTA_SET_ELEM_LIST_TABLE, self.table);
         msg.str(NFTA_SET_ELEM_LIST_SET, name);
         msg.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
         msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -777,7 +832,7 @@ impl BatchWriter<'_> {
             refs.push(self.anon_set(family, kind));
         }
         let mut msg = self.start(family, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
-        msg.str(NFTA_RULE_TABLE, TABLE);
+        msg.str(NFTA_RULE_TABLE, self.table);
         msg.str(NFTA_RULE_CHAIN, chain);
         msg.begin_nested(NFTA_RULE_EXPRESSIONS);
         {
@@ -794,7 +849,7 @@ impl BatchWriter<'_> {
     fn elements(&mut self, op: &ElementOp<'_>) {
         let start = |me: &mut Self, kind: u16, flags: u16| {
             let mut msg = me.start(op.family, kind, flags);
-            msg.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+            msg.str(NFTA_SET_ELEM_LIST_TABLE, self.table);
             msg.str(NFTA_SET_ELEM_LIST_SET, &op.map.name());
             msg
         };
@@ -844,9 +899,13 @@ fn udata_comment(comment: &str) -> Vec<u8> {
     udata(0, &bytes)
 }
 
-/// Encodes `ops` in order as one transaction. Element additions are counted in the
-/// batch's `elements`.
-pub fn encode_ops(ops: &[TableOp<'_>], mut next_seq: impl FnMut() -> u32) -> Batch {
+/// Encodes `ops` on our tables in order as one transaction.
+pub fn encode_ops(ops: &[TableOp<'_>], next_seq: impl FnMut() -> u32) -> Batch {
+    encode_ops_in(TABLE, ops, next_seq)
+}
+
+/// Encodes `ops` on the tables named `table` in order as one transaction.
+pub fn encode_ops_in(table: &str, ops: &[TableOp<'_>], mut next_seq: impl FnMut() -> u32) -> Batch {
     let begin_seq = next_seq();
     let mut bytes = Message::new(
         NFNL_MSG_BATCH_BEGIN,
@@ -856,6 +915,7 @@ pub fn encode_ops(ops: &[TableOp<'_>], mut next_seq: impl FnMut() -> u32) -> Bat
     )
     .finish();
     let mut writer = BatchWriter {
+        table,
         messages: Vec::new(),
         next_seq: &mut next_seq,
         next_set_id: 0,

@@ -440,7 +440,11 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainDef> {
         HookPoint::Postrouting,
         SRCNAT,
         vec![
-            Rule::new([Stmt::MarkHas(mark), Stmt::MarkXor(mark), Stmt::Masquerade]),
+            Rule::new([
+                Stmt::MarkHas(mark),
+                Stmt::MarkXor(mark),
+                Stmt::Masquerade { fully_random: true },
+            ]),
             Rule::new([
                 Stmt::CtDnat,
                 Stmt::InSet {
@@ -448,7 +452,7 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainDef> {
                     set: MapId::Hairpin.name(),
                     negate: false,
                 },
-                Stmt::Masquerade,
+                Stmt::Masquerade { fully_random: true },
             ]),
         ],
     ));
@@ -496,7 +500,7 @@ pub fn skeleton_ops(
     let mut ops = Vec::new();
     let add_table = || TableOp::AddTable {
         family,
-        comment: TABLE_COMMENT.into(),
+        comment: Some(TABLE_COMMENT.into()),
     };
     if mode == FullMode::Replace {
         // Add, then delete: the delete succeeds whether or not the table existed.
@@ -550,7 +554,7 @@ pub fn cleanup_ops() -> Vec<TableOp<'static>> {
     for family in [IpFamily::V4, IpFamily::V6] {
         ops.push(TableOp::AddTable {
             family,
-            comment: TABLE_COMMENT.into(),
+            comment: Some(TABLE_COMMENT.into()),
         });
         ops.push(TableOp::DeleteTable(family));
     }

@@ -111,10 +111,21 @@ pub enum Stmt {
         key: Key,
         timeout: u32,
     },
-    /// `masquerade fully-random`.
-    Masquerade,
+    /// `tcp dport 80`.
+    PortIs {
+        protocol: Protocol,
+        port: u16,
+    },
+    /// `redirect to :8080`.
+    Redirect(u16),
+    /// `masquerade fully-random`, or `masquerade`.
+    Masquerade {
+        fully_random: bool,
+    },
     /// `reject` (ICMP port unreachable).
     Reject,
+    /// `reject with tcp reset`.
+    RejectTcpReset,
     Verdict(Verdict),
 }
 
@@ -254,8 +265,14 @@ impl fmt::Display for StmtText<'_> {
                 "update @{set} {{ {} timeout {timeout}s }}",
                 key_text(key, family)
             ),
-            Stmt::Masquerade => f.write_str("masquerade fully-random"),
+            Stmt::PortIs { protocol, port } => write!(f, "{} dport {port}", protocol.as_str()),
+            Stmt::Redirect(port) => write!(f, "redirect to :{port}"),
+            Stmt::Masquerade { fully_random: true } => f.write_str("masquerade fully-random"),
+            Stmt::Masquerade {
+                fully_random: false,
+            } => f.write_str("masquerade"),
             Stmt::Reject => f.write_str("reject"),
+            Stmt::RejectTcpReset => f.write_str("reject with tcp reset"),
             Stmt::Verdict(v) => write!(f, "{v}"),
         }
     }
@@ -295,6 +312,8 @@ const NFT_NG_RANDOM: u32 = 1;
 const NFT_NAT_DNAT: u32 = 1;
 const NFT_DYNSET_OP_UPDATE: u32 = 1;
 const NFT_REJECT_ICMP_UNREACH: u32 = 0;
+const NFT_REJECT_TCP_RST: u32 = 1;
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_FIB_F_SADDR: u32 = 1;
 const NFTA_FIB_F_DADDR: u32 = 2;
@@ -599,8 +618,31 @@ impl<'m> ExprWriter<'m> {
                     m.attr(6, &(u64::from(*timeout) * 1000).to_be_bytes());
                 });
             }
-            Stmt::Masquerade => self.expr("masq", |m| {
-                m.be32(1, NF_NAT_RANGE_PROTO_RANDOM_FULLY);
+            Stmt::PortIs { protocol, port } => {
+                self.meta_load(NFT_REG_1, NFT_META_L4PROTO);
+                self.cmp(NFT_CMP_EQ, &[ip_proto(*protocol)]);
+                self.load(Sel::Dport, NFT_REG_1);
+                self.cmp(NFT_CMP_EQ, &port.to_be_bytes());
+            }
+            Stmt::Redirect(port) => {
+                self.expr("immediate", |m| {
+                    m.be32(1, NFT_REG_1);
+                    m.begin_nested(2);
+                    m.attr(NFTA_DATA_VALUE, &port.to_be_bytes());
+                    m.end_nested();
+                });
+                self.expr("redir", |m| {
+                    m.be32(1, NFT_REG_1);
+                    m.be32(3, NF_NAT_RANGE_PROTO_SPECIFIED);
+                });
+            }
+            Stmt::Masquerade { fully_random } => self.expr("masq", |m| {
+                if *fully_random {
+                    m.be32(1, NF_NAT_RANGE_PROTO_RANDOM_FULLY);
+                }
+            }),
+            Stmt::RejectTcpReset => self.expr("reject", |m| {
+                m.be32(1, NFT_REJECT_TCP_RST);
             }),
             Stmt::Reject => {
                 let code = match self.family {
@@ -910,7 +952,7 @@ mod golden {
             Rule::new([
                 Stmt::MarkHas(0x4000),
                 Stmt::MarkXor(0x4000),
-                Stmt::Masquerade,
+                Stmt::Masquerade { fully_random: true },
             ]),
             Rule::new([
                 Stmt::CtDnat,
@@ -919,7 +961,7 @@ mod golden {
                     set: "hairpin".into(),
                     negate: false,
                 },
-                Stmt::Masquerade,
+                Stmt::Masquerade { fully_random: true },
             ]),
             Rule::new([
                 Stmt::Iifname {
