@@ -979,6 +979,32 @@ mod golden {
                 },
                 Stmt::Verdict(Verdict::Accept),
             ]),
+            // The userspace and ipvs modes' tables.
+            Rule::new([
+                Stmt::AddrIs {
+                    sel: Sel::Daddr,
+                    net: net(host),
+                    negate: false,
+                },
+                Stmt::PortIs {
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                },
+                Stmt::Redirect(8080),
+            ]),
+            Rule::new([
+                Stmt::PortIs {
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                },
+                Stmt::RejectTcpReset,
+            ]),
+            Rule::new([
+                Stmt::MarkHas(0x4000),
+                Stmt::Masquerade {
+                    fully_random: false,
+                },
+            ]),
         ]
     }
 
@@ -1086,7 +1112,7 @@ mod golden {
                 }
                 s
             }
-            "immediate" => {
+            "immediate" if be32(a, 1) == NFT_REG_VERDICT => {
                 let data = netlink::attrs(netlink::find(a, 2, "data").unwrap()).unwrap();
                 let v =
                     netlink::attrs(netlink::find(&data, NFTA_DATA_VERDICT, "v").unwrap()).unwrap();
@@ -1100,6 +1126,7 @@ mod golden {
                 };
                 format!("reg {} {verdict}", be32(a, 1))
             }
+            "immediate" => format!("reg {} {}", be32(a, 1), value(a, 2)),
             "numgen" => format!("reg {} = random mod {}", be32(a, 1), be32(a, 2)),
             "fib" => format!(
                 "{} type => reg {}",
@@ -1134,16 +1161,22 @@ mod golden {
                     string(a, 1)
                 )
             }
+            "masq" if a.is_empty() => String::new(),
             "masq" => format!("flags 0x{:x}", be32(a, 1)),
+            "redir" => format!("proto_min reg {} flags 0x{:x}", be32(a, 1), be32(a, 3)),
             "reject" => format!(
                 "type {} code {}",
                 be32(a, 1),
-                netlink::find(a, 2, "code").unwrap()[0]
+                netlink::find(a, 2, "code").map_or(0, |c| c[0])
             ),
             "objref" => format!("type {} name {}", be32(a, 1), string(a, 2)),
             _ => "?".into(),
         };
-        format!("  [ {name} {body} ]")
+        if body.is_empty() {
+            format!("  [ {name} ]")
+        } else {
+            format!("  [ {name} {body} ]")
+        }
     }
 
     /// A rule's expressions, one line each, as `nft --debug=netlink` prints them
