@@ -18,10 +18,14 @@ use crate::readback::{
     parse_generation, rules_request, RawElement, RulesDigest, SetDigest,
 };
 
-/// Hands changes to the kernel. The nftables backend sends [`TableOp`]s; the userspace
-/// and ipvs backends still send `nft` scripts.
+/// Hands changes to the kernel: [`TableOp`]s, as one transaction each (the nftables,
+/// userspace and ipvs modes' tables).
 pub trait NftRunner {
-    /// Runs one `nft` script as one atomic transaction.
+    /// Runs one `nft` script as one atomic transaction: what the default [`apply_in`]
+    /// does with the ops' text (a recording runner records it; `nft --check` in tests).
+    /// The product's runner ([`NftCommand`]) never reaches it outside check mode.
+    ///
+    /// [`apply_in`]: NftRunner::apply_in
     fn run(&mut self, script: &str) -> Result<(), ProxierError>;
 
     /// Applies `ops` on our tables in order as one atomic transaction; returns its size
@@ -83,8 +87,8 @@ pub struct KernelTable {
 }
 
 /// Sends changes to the kernel as nfnetlink batches over a socket that stays open, and
-/// reads the table back the same way. `nft` runs only for scripts (`run`: the userspace
-/// and ipvs backends' tables) and in check mode (tests).
+/// reads the table back the same way. `nft` runs only in check mode and for a script
+/// handed to `run` (tests).
 pub struct NftCommand {
     program: String,
     /// `--check`: parse and validate against the kernel without committing.
