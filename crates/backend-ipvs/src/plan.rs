@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use proxy_core::model::{IpFamily, NodeInfo, Protocol, ProxyState};
 use proxy_core::select;
 
-use backend_nftables::netlink::{ops_text_in, DataType, Hook, HookPoint, SetDecl, TableOp};
+use backend_nftables::netlink::{
+    add_rules, drop_tables, ops_text_in, DataType, Hook, HookPoint, SetDecl, TableOp,
+};
 use backend_nftables::plan::{Field, Fields};
 use backend_nftables::rule::{ip_key, nodeport_key, Key, Rule, Sel, Stmt};
 
@@ -458,13 +460,7 @@ pub fn nft_ops(config: &IpvsConfig, plan: &Plan, family: IpFamily) -> Vec<TableO
             }),
             comment: None,
         });
-        for rule in rules {
-            ops.push(TableOp::AddRule {
-                family,
-                chain: chain.into(),
-                rule,
-            });
-        }
+        ops.extend(add_rules(family, chain, rules));
     }
     ops
 }
@@ -477,15 +473,7 @@ pub fn render_nft(config: &IpvsConfig, plan: &Plan, family: IpFamily) -> String 
 /// Deletes the table of every family (errors from a missing table are avoided by
 /// creating it first).
 pub fn nft_cleanup_ops() -> Vec<TableOp<'static>> {
-    let mut ops = Vec::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        ops.push(TableOp::AddTable {
-            family,
-            comment: None,
-        });
-        ops.push(TableOp::DeleteTable(family));
-    }
-    ops
+    drop_tables()
 }
 
 /// [`nft_cleanup_ops`] as `nft` commands.

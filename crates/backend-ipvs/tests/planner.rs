@@ -479,14 +479,16 @@ fn kernel_accepts_generated_nft_table() {
             .map(|f| ns.exec(&["nft", "list", "table", f, plan::TABLE]).unwrap())
             .collect()
     };
+    // `nft` started from a thread in the namespace runs in it.
     let by_nft = testkit::Netns::new().unwrap();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let file = std::env::temp_dir().join(format!("{}-{family:?}.nft", by_nft.name()));
-        std::fs::write(&file, plan::render_nft(&config(), &plan, family)).unwrap();
-        let loaded = by_nft.exec(&["nft", "-f", file.to_str().unwrap()]);
-        let _ = std::fs::remove_file(&file);
-        loaded.unwrap();
-    }
+    let script: String = [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .map(|family| plan::render_nft(&config(), &plan, family))
+        .collect();
+    by_nft
+        .run(|| NftCommand::default().run(&script))
+        .unwrap()
+        .unwrap();
     let by_us = testkit::Netns::new().unwrap();
     by_us
         .run(|| {

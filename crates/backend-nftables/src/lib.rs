@@ -24,7 +24,7 @@ use crate::plan::{
 };
 use crate::readback::{RawElement, SetDigest};
 use crate::render::{
-    by_map, chain_names, cleanup_ops, delta_ops, skeleton_ops, table_maps, ElementVerb, FullMode,
+    chain_names, cleanup_ops, delta_ops, skeleton_ops, table_maps, ElementVerb, FullMode,
 };
 use crate::resync::{checked_maps, compare, Expected, Finding};
 
@@ -258,19 +258,16 @@ impl<R: NftRunner> NftablesProxier<R> {
 fn element_ops<'a>(plans: &[FamilyPlan], deltas: &'a [Delta]) -> Vec<ElementOp<'a>> {
     let mut ops = Vec::new();
     for (plan, delta) in plans.iter().zip(deltas) {
-        for (verb, set) in [
-            (ElementVerb::Delete, &delta.deleted),
-            (ElementVerb::Add, &delta.added),
-        ] {
-            for (map, elements) in by_map(set) {
-                ops.push(ElementOp {
-                    family: plan.family(),
-                    verb,
-                    map,
-                    elements,
-                });
-            }
-        }
+        ops.extend(render::element_ops(
+            plan.family(),
+            ElementVerb::Delete,
+            &delta.deleted,
+        ));
+        ops.extend(render::element_ops(
+            plan.family(),
+            ElementVerb::Add,
+            &delta.added,
+        ));
     }
     ops
 }

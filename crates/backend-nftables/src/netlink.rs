@@ -42,10 +42,8 @@ const NFTA_CHAIN_TYPE: u16 = 7;
 const NFTA_CHAIN_USERDATA: u16 = 12;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
-const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_NAME: u16 = 2;
 const NFTA_OBJ_TYPE: u16 = 3;
 const NFTA_OBJ_DATA: u16 = 4;
@@ -430,6 +428,37 @@ pub enum TableOp<'a> {
     Delete(Deletion),
 }
 
+/// Deletes the tables (both families); succeeds whether or not they exist: each is
+/// added first.
+pub fn drop_tables<'a>() -> Vec<TableOp<'a>> {
+    [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .flat_map(|family| {
+            [
+                TableOp::AddTable {
+                    family,
+                    comment: None,
+                },
+                TableOp::DeleteTable(family),
+            ]
+        })
+        .collect()
+}
+
+/// `rules` appended to `chain` of the table of `family`, in order.
+pub fn add_rules<'a>(
+    family: IpFamily,
+    chain: &str,
+    rules: impl IntoIterator<Item = Rule>,
+) -> impl Iterator<Item = TableOp<'a>> {
+    let chain = chain.to_string();
+    rules.into_iter().map(move |rule| TableOp::AddRule {
+        family,
+        chain: chain.clone(),
+        rule,
+    })
+}
+
 impl TableOp<'_> {
     /// This change to our table as one `nft` command (for tests and `nft --check`).
     pub fn text(&self, out: &mut String) {
@@ -563,14 +592,18 @@ struct BatchWriter<'s> {
 }
 
 impl BatchWriter<'_> {
+    /// A message of `kind` about our table of `family`: every kind names the table in
+    /// its attribute 1 (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_SET_TABLE`, ...).
     fn start(&mut self, family: IpFamily, kind: u16, flags: u16) -> Message {
         let seq = (self.next_seq)();
-        Message::new(
+        let mut msg = Message::new(
             (NFNL_SUBSYS_NFTABLES << 8) | kind,
             NLM_F_REQUEST | flags,
             seq,
             &nfgen_header(nfproto(family), 0),
-        )
+        );
+        msg.str(NFTA_TABLE_NAME, self.table);
+        msg
     }
 
     fn push(&mut self, msg: Message) {
@@ -581,7 +614,6 @@ impl BatchWriter<'_> {
         match op {
             TableOp::AddTable { family, comment } => {
                 let mut msg = self.start(*family, NFT_MSG_NEWTABLE, NLM_F_CREATE);
-                msg.str(NFTA_TABLE_NAME, self.table);
                 msg.be32(NFTA_TABLE_FLAGS, 0);
                 if let Some(comment) = comment {
                     msg.attr(NFTA_TABLE_USERDATA, &udata_comment(comment));
@@ -589,13 +621,11 @@ impl BatchWriter<'_> {
                 self.push(msg);
             }
             TableOp::DeleteTable(family) => {
-                let mut msg = self.start(*family, NFT_MSG_DELTABLE, 0);
-                msg.str(NFTA_TABLE_NAME, self.table);
+                let msg = self.start(*family, NFT_MSG_DELTABLE, 0);
                 self.push(msg);
             }
             TableOp::AddCounter { family, name } => {
                 let mut msg = self.start(*family, NFT_MSG_NEWOBJ, NLM_F_CREATE);
-                msg.str(NFTA_OBJ_TABLE, self.table);
                 msg.str(NFTA_OBJ_NAME, name);
                 msg.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
                 msg.begin_nested(NFTA_OBJ_DATA);
@@ -612,7 +642,6 @@ impl BatchWriter<'_> {
                 comment,
             } => {
                 let mut msg = self.start(*family, NFT_MSG_NEWCHAIN, NLM_F_CREATE);
-                msg.str(NFTA_CHAIN_TABLE, self.table);
                 msg.str(NFTA_CHAIN_NAME, name);
                 if let Some(h) = hook {
                     msg.begin_nested(NFTA_CHAIN_HOOK);
@@ -628,13 +657,11 @@ impl BatchWriter<'_> {
                 self.push(msg);
             }
             TableOp::FlushTable(family) => {
-                let mut msg = self.start(*family, NFT_MSG_DELRULE, 0);
-                msg.str(NFTA_RULE_TABLE, self.table);
+                let msg = self.start(*family, NFT_MSG_DELRULE, 0);
                 self.push(msg);
             }
             TableOp::FlushChain { family, name } => {
                 let mut msg = self.start(*family, NFT_MSG_DELRULE, 0);
-                msg.str(NFTA_RULE_TABLE, self.table);
                 msg.str(NFTA_RULE_CHAIN, name);
                 self.push(msg);
             }
@@ -647,7 +674,6 @@ impl BatchWriter<'_> {
             TableOp::AddElements { family, set, keys } => {
                 for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
                     let mut msg = self.start(*family, NFT_MSG_NEWSETELEM, NLM_F_CREATE);
-                    msg.str(NFTA_SET_ELEM_LIST_TABLE, self.table);
                     msg.str(NFTA_SET_ELEM_LIST_SET, set);
                     msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
                     for key in chunk {
@@ -662,12 +688,11 @@ impl BatchWriter<'_> {
                 }
             }
             TableOp::Delete(deletion) => {
-                let (kind, table_attr, name_attr) = match deletion.object {
-                    Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME),
-                    Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_TABLE, NFTA_SET_NAME),
+                let (kind, name_attr) = match deletion.object {
+                    Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_NAME),
+                    Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_NAME),
                 };
                 let mut msg = self.start(deletion.family, kind, 0);
-                msg.str(table_attr, self.table);
                 msg.str(name_attr, deletion.object.name());
                 self.push(msg);
             }
@@ -682,7 +707,6 @@ impl BatchWriter<'_> {
     fn add_set(&mut self, family: IpFamily, set: &SetDecl) {
         let id = self.set_id();
         let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
-        msg.str(NFTA_SET_TABLE, self.table);
         msg.str(NFTA_SET_NAME, &set.name);
         let mut flags = 0;
         if set.is_map() {
@@ -771,7 +795,6 @@ impl BatchWriter<'_> {
             }
         };
         let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
-        msg.str(NFTA_SET_TABLE, self.table);
         msg.str(NFTA_SET_NAME, name);
         msg.be32(NFTA_SET_FLAGS, flags);
         msg.be32(NFTA_SET_KEY_TYPE, key_type);
@@ -790,7 +813,6 @@ impl BatchWriter<'_> {
         );
         self.push(msg);
         let mut msg = self.start(family, NFT_MSG_NEWSETELEM, NLM_F_CREATE);
-        msg.str(NFTA_SET_ELEM_LIST_TABLE, self.table);
         msg.str(NFTA_SET_ELEM_LIST_SET, name);
         msg.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
         msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -832,7 +854,6 @@ impl BatchWriter<'_> {
             refs.push(self.anon_set(family, kind));
         }
         let mut msg = self.start(family, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
-        msg.str(NFTA_RULE_TABLE, self.table);
         msg.str(NFTA_RULE_CHAIN, chain);
         msg.begin_nested(NFTA_RULE_EXPRESSIONS);
         {
@@ -849,7 +870,6 @@ impl BatchWriter<'_> {
     fn elements(&mut self, op: &ElementOp<'_>) {
         let start = |me: &mut Self, kind: u16, flags: u16| {
             let mut msg = me.start(op.family, kind, flags);
-            msg.str(NFTA_SET_ELEM_LIST_TABLE, self.table);
             msg.str(NFTA_SET_ELEM_LIST_SET, &op.map.name());
             msg
         };

@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use proxy_core::model::{IpFamily, Protocol};
 
 use crate::netlink::{
-    DataType, Deletion, ElementOp, Hook, HookPoint, MapData, Object, SetDecl, TableOp,
+    add_rules, drop_tables, DataType, Deletion, ElementOp, Hook, HookPoint, MapData, Object,
+    SetDecl, TableOp,
 };
 use crate::plan::{
     affinity_set_name, class_objects, cluster_ips_check_rules, family_names, slot_chain_name,
@@ -537,28 +538,14 @@ pub fn skeleton_ops(
         ops.push(TableOp::FlushTable(family));
     }
     for chain in chains {
-        for rule in chain.rules {
-            ops.push(TableOp::AddRule {
-                family,
-                chain: chain.name.clone(),
-                rule,
-            });
-        }
+        ops.extend(add_rules(family, &chain.name, chain.rules));
     }
     ops
 }
 
 /// Deletes our tables in both families; succeeds whether or not they exist.
 pub fn cleanup_ops() -> Vec<TableOp<'static>> {
-    let mut ops = Vec::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        ops.push(TableOp::AddTable {
-            family,
-            comment: Some(TABLE_COMMENT.into()),
-        });
-        ops.push(TableOp::DeleteTable(family));
-    }
-    ops
+    drop_tables()
 }
 
 /// `add element` (with values) or `delete element` (keys only) for one map.
@@ -610,13 +597,7 @@ pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
             hook: None,
             comment: None,
         });
-        for rule in list {
-            ops.push(TableOp::AddRule {
-                family,
-                chain: chain.clone(),
-                rule,
-            });
-        }
+        ops.extend(add_rules(family, &chain, list));
     };
     for (key, role, k) in &delta.new_slot_chains {
         rules(
@@ -647,31 +628,16 @@ pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
             name: name.clone(),
         });
     }
-    for (map, elements) in by_map(&delta.deleted) {
-        ops.push(TableOp::Elements(ElementOp {
-            family,
-            verb: ElementVerb::Delete,
-            map,
-            elements,
-        }));
-    }
+    let elements = |verb, set| {
+        element_ops(family, verb, set)
+            .into_iter()
+            .map(TableOp::Elements)
+    };
+    ops.extend(elements(ElementVerb::Delete, &delta.deleted));
     for chain in delta.chains_added.iter().chain(&delta.chains_changed) {
-        for rule in &chain.rules {
-            ops.push(TableOp::AddRule {
-                family,
-                chain: chain.name.clone(),
-                rule: rule.clone(),
-            });
-        }
+        ops.extend(add_rules(family, &chain.name, chain.rules.iter().cloned()));
     }
-    for (map, elements) in by_map(&delta.added) {
-        ops.push(TableOp::Elements(ElementOp {
-            family,
-            verb: ElementVerb::Add,
-            map,
-            elements,
-        }));
-    }
+    ops.extend(elements(ElementVerb::Add, &delta.added));
     for name in &delta.chains_deleted {
         ops.push(TableOp::Delete(Deletion {
             family,
@@ -679,6 +645,23 @@ pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
         }));
     }
     ops
+}
+
+/// One op per map adding or deleting `set`'s elements of that map.
+pub fn element_ops(
+    family: IpFamily,
+    verb: ElementVerb,
+    set: &BTreeSet<Element>,
+) -> Vec<ElementOp<'_>> {
+    by_map(set)
+        .into_iter()
+        .map(|(map, elements)| ElementOp {
+            family,
+            verb,
+            map,
+            elements,
+        })
+        .collect()
 }
 
 /// Elements grouped by map, sorted.

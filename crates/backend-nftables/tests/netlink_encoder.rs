@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use backend_nftables::apply::{NftCommand, RecordingRunner};
+use backend_nftables::apply::{NftCommand, NftRunner, RecordingRunner};
 use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
 use proptest::prelude::*;
@@ -177,12 +177,12 @@ fn netlink_load_lists_as_nft_load_of_the_same_plan() {
         recorder.sync(&full(rich_state())).unwrap();
         let script = recorder.runner().scripts[0].clone();
 
+        // `nft` started from a thread in the namespace runs in it.
         let by_nft = testkit::Netns::new().unwrap();
-        let file = std::env::temp_dir().join(format!("{}.nft", by_nft.name()));
-        std::fs::write(&file, &script).unwrap();
-        let loaded = by_nft.exec(&["nft", "-f", file.to_str().unwrap()]);
-        let _ = std::fs::remove_file(&file);
-        loaded.unwrap_or_else(|e| panic!("nft -f: {e:#}\n{script}"));
+        by_nft
+            .run(|| NftCommand::default().run(&script))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("nft -f: {e}\n{script}"));
 
         let by_us = testkit::Netns::new().unwrap();
         by_us

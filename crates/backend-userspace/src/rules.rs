@@ -5,7 +5,7 @@
 //! rewritten whole: userspace mode is for small clusters, and a rewrite is one atomic
 //! transaction.
 
-use backend_nftables::netlink::{ops_text_in, Hook, HookPoint, TableOp};
+use backend_nftables::netlink::{add_rules, drop_tables, ops_text_in, Hook, HookPoint, TableOp};
 use backend_nftables::rule::{Rule, Sel, Stmt, Verdict};
 use ipnet::IpNet;
 use proxy_core::model::{IpFamily, Protocol, ServicePort};
@@ -129,13 +129,7 @@ pub fn ops(families: &[IpFamily], ports: &[(&ServicePort, Target)]) -> Vec<Table
             });
         }
         for (name, _, rules) in chains {
-            for rule in rules {
-                out.push(TableOp::AddRule {
-                    family,
-                    chain: name.into(),
-                    rule,
-                });
-            }
+            out.extend(add_rules(family, name, rules));
         }
     }
     out
@@ -148,15 +142,7 @@ pub fn render(families: &[IpFamily], ports: &[(&ServicePort, Target)]) -> String
 
 /// Deletes the tables in both families; succeeds whether or not they exist.
 pub fn cleanup_ops() -> Vec<TableOp<'static>> {
-    let mut out = Vec::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        out.push(TableOp::AddTable {
-            family,
-            comment: None,
-        });
-        out.push(TableOp::DeleteTable(family));
-    }
-    out
+    drop_tables()
 }
 
 #[cfg(test)]

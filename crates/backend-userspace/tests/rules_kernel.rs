@@ -48,12 +48,13 @@ fn netlink_load_lists_as_nft_load() {
     ];
     let families = [IpFamily::V4, IpFamily::V6];
 
+    // `nft` started from a thread in the namespace runs in it.
     let by_nft = testkit::Netns::new().unwrap();
-    let file = std::env::temp_dir().join(format!("{}.nft", by_nft.name()));
-    std::fs::write(&file, render(&families, &ports)).unwrap();
-    let loaded = by_nft.exec(&["nft", "-f", file.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&file);
-    loaded.unwrap();
+    let script = render(&families, &ports);
+    by_nft
+        .run(|| NftCommand::default().run(&script))
+        .unwrap()
+        .unwrap();
 
     let by_us = testkit::Netns::new().unwrap();
     by_us
