@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::process::Command;
 
 use backend_nftables::apply::{NftCommand, NftRunner};
+use backend_nftables::netlink::TableOp;
 
 use crate::netlink;
 use crate::plan::{
@@ -43,8 +44,8 @@ pub trait Host: Send {
     fn local_addresses(&mut self) -> Result<Vec<IpAddr>, IpvsError>;
     /// Writes `/proc/sys/<path>`.
     fn sysctl(&mut self, path: &str, value: &str) -> Result<(), IpvsError>;
-    /// Runs an nftables script.
-    fn nft(&mut self, script: &str) -> Result<(), IpvsError>;
+    /// Applies changes to the `kube-proxy-ipvs` tables as one transaction.
+    fn nft(&mut self, ops: &[TableOp<'_>]) -> Result<(), IpvsError>;
 }
 
 /// A generic netlink socket talking to the IPVS family.
@@ -308,8 +309,11 @@ impl Host for LinuxHost {
         })
     }
 
-    fn nft(&mut self, script: &str) -> Result<(), IpvsError> {
-        self.nft.run(script).map_err(IpvsError::Nft)
+    fn nft(&mut self, ops: &[TableOp<'_>]) -> Result<(), IpvsError> {
+        self.nft
+            .apply_in(crate::plan::TABLE, ops)
+            .map(|_| ())
+            .map_err(IpvsError::Nft)
     }
 }
 
@@ -405,8 +409,11 @@ impl Host for RecordingHost {
         Ok(())
     }
 
-    fn nft(&mut self, script: &str) -> Result<(), IpvsError> {
-        self.scripts.push(script.to_string());
+    fn nft(&mut self, ops: &[TableOp<'_>]) -> Result<(), IpvsError> {
+        self.scripts.push(backend_nftables::netlink::ops_text_in(
+            crate::plan::TABLE,
+            ops,
+        ));
         Ok(())
     }
 }

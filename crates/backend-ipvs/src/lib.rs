@@ -175,13 +175,14 @@ impl<H: Host> IpvsProxier<H> {
         }
 
         for family in self.config.families.clone() {
-            let script = plan::render_nft(&self.config, &plan, family);
+            let ops = plan::nft_ops(&self.config, &plan, family);
+            let script = backend_nftables::netlink::ops_text_in(plan::TABLE, &ops);
             let key = match family {
                 IpFamily::V4 => "ip",
                 IpFamily::V6 => "ip6",
             };
             if full || self.nft_scripts.get(key) != Some(&script) {
-                self.host.nft(&script)?;
+                self.host.nft(&ops)?;
                 bytes += script.len();
                 self.nft_scripts.insert(key, script);
             }
@@ -220,7 +221,7 @@ impl<H: Host + 'static> Proxier for IpvsProxier<H> {
             }
             self.host.delete_dummy()?;
         }
-        self.host.nft(&plan::render_nft_cleanup())?;
+        self.host.nft(&plan::nft_cleanup_ops())?;
         self.current = None;
         self.bound.clear();
         self.nft_scripts.clear();

@@ -2,12 +2,17 @@
 //! kernel has into that, and the small nftables table for masquerade.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proxy_core::model::{IpFamily, NodeInfo, Protocol, ProxyState};
 use proxy_core::select;
+
+use backend_nftables::netlink::{
+    add_rules, drop_tables, ops_text_in, DataType, Hook, HookPoint, SetDecl, TableOp,
+};
+use backend_nftables::plan::{Field, Fields};
+use backend_nftables::rule::{ip_key, nodeport_key, Key, Rule, Sel, Stmt};
 
 /// Name of the dummy interface holding the Service IPs, as upstream.
 pub const DUMMY_INTERFACE: &str = "kube-ipvs0";
@@ -339,97 +344,139 @@ fn family_of_vs(vs: &VirtualServer) -> IpFamily {
     IpFamily::of(&vs.addr)
 }
 
-fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
-}
-
-/// The nftables script replacing the `kube-proxy-ipvs` table of one family: sets of
-/// cluster-IP destinations and NodePorts, a prerouting/output mark for traffic to
-/// masquerade, and postrouting masquerade of marked packets. IPVS forwards on the
+/// The changes replacing the `kube-proxy-ipvs` table of one family (one transaction):
+/// sets of cluster-IP destinations and NodePorts, a prerouting/output mark for traffic
+/// to masquerade, and postrouting masquerade of marked packets. IPVS forwards on the
 /// input hook, after these nat chains ran, and its packets leave through postrouting.
-pub fn render_nft(config: &IpvsConfig, plan: &Plan, family: IpFamily) -> String {
-    let (nf, addr_type, ip) = match family {
-        IpFamily::V4 => ("ip", "ipv4_addr", "ip"),
-        IpFamily::V6 => ("ip6", "ipv6_addr", "ip6"),
-    };
+pub fn nft_ops(config: &IpvsConfig, plan: &Plan, family: IpFamily) -> Vec<TableOp<'static>> {
     let mark = 1u32 << (config.masquerade_bit % 32);
-    let mut s = String::new();
-    // `add` then `delete` makes the replacement work whether or not the table exists.
-    let _ = writeln!(s, "add table {nf} {TABLE}\ndelete table {nf} {TABLE}");
-    let _ = writeln!(s, "table {nf} {TABLE} {{");
-    let _ = writeln!(
-        s,
-        "  set cluster-ips {{\n    type {addr_type} . inet_proto . inet_service"
-    );
-    let elements: Vec<String> = plan
-        .cluster_ips
-        .iter()
-        .filter(|vs| family_of_vs(vs) == family)
-        .map(|vs| format!("{} . {} . {}", vs.addr, proto_name(vs.protocol), vs.port))
-        .collect();
-    if !elements.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", elements.join(", "));
-    }
-    let _ = writeln!(s, "  }}");
-    let _ = writeln!(s, "  set node-ports {{\n    type inet_proto . inet_service");
-    let ports: Vec<String> = plan
-        .node_ports
-        .iter()
-        .map(|(p, port)| format!("{} . {port}", proto_name(*p)))
-        .collect();
-    if !ports.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", ports.join(", "));
-    }
-    let _ = writeln!(s, "  }}");
+    let addr = DataType::addr(family);
+    let mut ops = Vec::new();
+    // Add, then delete: the replacement works whether or not the table exists.
+    ops.push(TableOp::AddTable {
+        family,
+        comment: None,
+    });
+    ops.push(TableOp::DeleteTable(family));
+    ops.push(TableOp::AddTable {
+        family,
+        comment: None,
+    });
+    let set = |name: &str, key: Vec<DataType>| TableOp::AddSet {
+        family,
+        set: SetDecl {
+            name: name.into(),
+            key,
+            data: None,
+            dynamic: false,
+        },
+    };
+    ops.push(set(
+        "cluster-ips",
+        vec![addr, DataType::InetProto, DataType::InetService],
+    ));
+    ops.push(TableOp::AddElements {
+        family,
+        set: "cluster-ips".into(),
+        keys: plan
+            .cluster_ips
+            .iter()
+            .filter(|vs| family_of_vs(vs) == family)
+            .map(|vs| {
+                Fields::new(&[
+                    Field::Addr(vs.addr),
+                    Field::Proto(vs.protocol),
+                    Field::Port(vs.port),
+                ])
+            })
+            .collect(),
+    });
+    ops.push(set(
+        "node-ports",
+        vec![DataType::InetProto, DataType::InetService],
+    ));
+    ops.push(TableOp::AddElements {
+        family,
+        set: "node-ports".into(),
+        keys: plan
+            .node_ports
+            .iter()
+            .map(|(p, port)| Fields::new(&[Field::Proto(*p), Field::Port(*port)]))
+            .collect(),
+    });
+    let in_set = |key: Key, set: &str| Stmt::InSet {
+        key,
+        set: set.into(),
+        negate: false,
+    };
     let mut marks = Vec::new();
-    let set_mark = format!("meta mark set meta mark | {mark:#x}");
     if config.masquerade_all {
-        marks.push(format!(
-            "{ip} daddr . meta l4proto . th dport @cluster-ips {set_mark}"
-        ));
+        marks.push(Rule::new([
+            in_set(ip_key(), "cluster-ips"),
+            Stmt::MarkOr(mark),
+        ]));
     } else {
         for cidr in config
             .cluster_cidrs
             .iter()
             .filter(|c| IpFamily::of_net(c) == family)
         {
-            marks.push(format!(
-                "{ip} daddr . meta l4proto . th dport @cluster-ips {ip} saddr != {cidr} {set_mark}"
-            ));
+            marks.push(Rule::new([
+                in_set(ip_key(), "cluster-ips"),
+                Stmt::AddrIs {
+                    sel: Sel::Saddr,
+                    net: *cidr,
+                    negate: true,
+                },
+                Stmt::MarkOr(mark),
+            ]));
         }
     }
     // NodePort traffic is always masqueraded (externalTrafficPolicy Local is not
     // implemented in this mode), so replies come back through this node.
-    marks.push(format!(
-        "fib daddr type local meta l4proto . th dport @node-ports {set_mark}"
-    ));
-    for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
-        let _ = writeln!(
-            s,
-            "  chain {chain} {{\n    type nat hook {hook} priority -100; policy accept;"
-        );
-        for rule in &marks {
-            let _ = writeln!(s, "    {rule}");
-        }
-        let _ = writeln!(s, "  }}");
+    marks.push(Rule::new([
+        Stmt::FibLocal(Sel::Daddr),
+        in_set(nodeport_key(), "node-ports"),
+        Stmt::MarkOr(mark),
+    ]));
+    let masquerade = vec![Rule::new([
+        Stmt::MarkHas(mark),
+        Stmt::Masquerade {
+            fully_random: false,
+        },
+    ])];
+    for (chain, hook, priority, rules) in [
+        ("prerouting", HookPoint::Prerouting, -100, marks.clone()),
+        ("output", HookPoint::Output, -100, marks),
+        ("postrouting", HookPoint::Postrouting, 100, masquerade),
+    ] {
+        ops.push(TableOp::AddChain {
+            family,
+            name: chain.into(),
+            hook: Some(Hook {
+                kind: "nat",
+                hook,
+                priority,
+            }),
+            comment: None,
+        });
+        ops.extend(add_rules(family, chain, rules));
     }
-    let _ = writeln!(
-        s,
-        "  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;\n    meta mark & {mark:#x} == {mark:#x} masquerade\n  }}\n}}"
-    );
-    s
+    ops
 }
 
-/// The script deleting the table of every family (errors from a missing table are
-/// avoided by creating it first).
+/// [`nft_ops`] as `nft` commands (tests; and what the proxier compares to skip a rewrite).
+pub fn render_nft(config: &IpvsConfig, plan: &Plan, family: IpFamily) -> String {
+    ops_text_in(TABLE, &nft_ops(config, plan, family))
+}
+
+/// Deletes the table of every family (errors from a missing table are avoided by
+/// creating it first).
+pub fn nft_cleanup_ops() -> Vec<TableOp<'static>> {
+    drop_tables()
+}
+
+/// [`nft_cleanup_ops`] as `nft` commands.
 pub fn render_nft_cleanup() -> String {
-    let mut s = String::new();
-    for nf in ["ip", "ip6"] {
-        let _ = writeln!(s, "add table {nf} {TABLE}\ndelete table {nf} {TABLE}");
-    }
-    s
+    ops_text_in(TABLE, &nft_cleanup_ops())
 }

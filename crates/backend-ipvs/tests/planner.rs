@@ -437,34 +437,25 @@ fn nft_table_golden() {
     let expected = "\
 add table ip kube-proxy-ipvs
 delete table ip kube-proxy-ipvs
-table ip kube-proxy-ipvs {
-  set cluster-ips {
-    type ipv4_addr . inet_proto . inet_service
-    elements = { 10.96.0.10 . tcp . 80, 10.96.0.53 . udp . 53 }
-  }
-  set node-ports {
-    type inet_proto . inet_service
-    elements = { tcp . 30080 }
-  }
-  chain prerouting {
-    type nat hook prerouting priority -100; policy accept;
-    ip daddr . meta l4proto . th dport @cluster-ips ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x4000
-    fib daddr type local meta l4proto . th dport @node-ports meta mark set meta mark | 0x4000
-  }
-  chain output {
-    type nat hook output priority -100; policy accept;
-    ip daddr . meta l4proto . th dport @cluster-ips ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x4000
-    fib daddr type local meta l4proto . th dport @node-ports meta mark set meta mark | 0x4000
-  }
-  chain postrouting {
-    type nat hook postrouting priority 100; policy accept;
-    meta mark & 0x4000 == 0x4000 masquerade
-  }
-}
+add table ip kube-proxy-ipvs
+add set ip kube-proxy-ipvs cluster-ips { type ipv4_addr . inet_proto . inet_service; }
+add element ip kube-proxy-ipvs cluster-ips { 10.96.0.10 . tcp . 80, 10.96.0.53 . udp . 53 }
+add set ip kube-proxy-ipvs node-ports { type inet_proto . inet_service; }
+add element ip kube-proxy-ipvs node-ports { tcp . 30080 }
+add chain ip kube-proxy-ipvs prerouting { type nat hook prerouting priority -100; policy accept; }
+add rule ip kube-proxy-ipvs prerouting ip daddr . meta l4proto . th dport @cluster-ips ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x4000
+add rule ip kube-proxy-ipvs prerouting fib daddr type local meta l4proto . th dport @node-ports meta mark set meta mark | 0x4000
+add chain ip kube-proxy-ipvs output { type nat hook output priority -100; policy accept; }
+add rule ip kube-proxy-ipvs output ip daddr . meta l4proto . th dport @cluster-ips ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x4000
+add rule ip kube-proxy-ipvs output fib daddr type local meta l4proto . th dport @node-ports meta mark set meta mark | 0x4000
+add chain ip kube-proxy-ipvs postrouting { type nat hook postrouting priority 100; policy accept; }
+add rule ip kube-proxy-ipvs postrouting meta mark & 0x4000 == 0x4000 masquerade
 ";
     assert_eq!(script, expected);
 }
 
+/// The masquerade table as the kernel takes it: `nft --check` accepts its text, and
+/// loaded by our netlink batch (in a namespace) it lists as `nft -f` of that text does.
 #[test]
 fn kernel_accepts_generated_nft_table() {
     if !testkit::root_or_skip("kernel_accepts_generated_nft_table") {
@@ -481,6 +472,46 @@ fn kernel_accepts_generated_nft_table() {
             .unwrap_or_else(|e| panic!("{e}\n{script}"));
     }
     checker.run(&plan::render_nft_cleanup()).unwrap();
+
+    let listing = |ns: &testkit::Netns| -> String {
+        ["ip", "ip6"]
+            .iter()
+            .map(|f| ns.exec(&["nft", "list", "table", f, plan::TABLE]).unwrap())
+            .collect()
+    };
+    // `nft` started from a thread in the namespace runs in it.
+    let by_nft = testkit::Netns::new().unwrap();
+    let script: String = [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .map(|family| plan::render_nft(&config(), &plan, family))
+        .collect();
+    by_nft
+        .run(|| NftCommand::default().run(&script))
+        .unwrap()
+        .unwrap();
+    let by_us = testkit::Netns::new().unwrap();
+    by_us
+        .run(|| {
+            let mut runner = NftCommand::default();
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let ops = plan::nft_ops(&config(), &plan, family);
+                runner.apply_in(plan::TABLE, &ops).unwrap();
+            }
+        })
+        .unwrap();
+    let want = listing(&by_nft);
+    assert!(want.contains("tcp . 30080"), "{want}");
+    assert_eq!(listing(&by_us), want);
+    by_us
+        .run(|| {
+            let mut runner = NftCommand::default();
+            runner
+                .apply_in(plan::TABLE, &plan::nft_cleanup_ops())
+                .unwrap();
+        })
+        .unwrap();
+    let tables = by_us.exec(&["nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains(plan::TABLE), "{tables}");
 }
 
 #[cfg(target_endian = "little")]

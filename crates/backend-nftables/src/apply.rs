@@ -7,42 +7,37 @@ use std::collections::BTreeMap;
 
 use proxy_core::proxier::ProxierError;
 
-use std::fmt::Write as _;
-
 use proxy_core::model::IpFamily;
 
 use crate::netlink::{
-    encode_batch, list_requests, parse_chain, parse_set, Deletion, ElementOp, Object,
+    encode_ops_in, list_requests, ops_text_in, parse_chain, parse_set, Object, TableOp,
 };
-use crate::plan::{family_names, TABLE};
+use crate::plan::TABLE;
 use crate::readback::{
     counters_request, elements_request, generation_request, parse_counter, parse_elements,
     parse_generation, rules_request, RawElement, RulesDigest, SetDigest,
 };
-use crate::render::render_element_command;
 
-/// Runs one `nft` script as one atomic transaction.
+/// Hands changes to the kernel: [`TableOp`]s, as one transaction each (the nftables,
+/// userspace and ipvs modes' tables).
 pub trait NftRunner {
+    /// Runs one `nft` script as one atomic transaction: what the default [`apply_in`]
+    /// does with the ops' text (a recording runner records it; `nft --check` in tests).
+    /// The product's runner ([`NftCommand`]) never reaches it outside check mode.
+    ///
+    /// [`apply_in`]: NftRunner::apply_in
     fn run(&mut self, script: &str) -> Result<(), ProxierError>;
 
-    /// Adds and deletes elements, in order, as one atomic transaction; returns the
-    /// transaction's size in bytes. By default as `nft` commands.
-    fn apply_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
-        let script = element_script(ops);
-        self.run(&script)?;
-        Ok(script.len())
+    /// Applies `ops` on our tables in order as one atomic transaction; returns its size
+    /// in bytes.
+    fn apply(&mut self, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
+        self.apply_in(TABLE, ops)
     }
 
-    /// A full sync: `skeleton` (an `nft` script: maps, sets, chains and rules), then
-    /// `ops` (every element) and `deletions` (objects no longer used). By default one
-    /// `nft` transaction holds all three.
-    fn apply_full(
-        &mut self,
-        skeleton: &str,
-        ops: &[ElementOp<'_>],
-        deletions: &[Deletion],
-    ) -> Result<usize, ProxierError> {
-        let script = full_load_script(skeleton, ops, deletions);
+    /// Applies `ops` on the tables named `table` (one per family) in order as one atomic
+    /// transaction; returns its size in bytes. By default as `nft` commands.
+    fn apply_in(&mut self, table: &str, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
+        let script = ops_text_in(table, ops);
         self.run(&script)?;
         Ok(script.len())
     }
@@ -91,46 +86,9 @@ pub struct KernelTable {
     pub maps: BTreeMap<String, SetDigest>,
 }
 
-/// A whole full load as one `nft` script.
-fn full_load_script(skeleton: &str, ops: &[ElementOp<'_>], deletions: &[Deletion]) -> String {
-    format!(
-        "{skeleton}{}{}",
-        element_script(ops),
-        deletion_script(deletions)
-    )
-}
-
-/// `deletions` as `nft` commands.
-pub fn deletion_script(deletions: &[Deletion]) -> String {
-    let mut script = String::new();
-    let mut ordered: Vec<&Deletion> = deletions.iter().collect();
-    ordered.sort_by_key(|d| matches!(d.object, Object::Set { .. }));
-    for d in ordered {
-        let kind = match d.object {
-            Object::Chain(_) => "chain",
-            Object::Set { is_map: true, .. } => "map",
-            Object::Set { is_map: false, .. } => "set",
-        };
-        let family = family_names(d.family).table_family;
-        let _ = writeln!(script, "delete {kind} {family} {TABLE} {}", d.object.name());
-    }
-    script
-}
-
-/// `ops` as `nft` commands.
-pub fn element_script(ops: &[ElementOp<'_>]) -> String {
-    let mut script = String::new();
-    for op in ops {
-        if op.elements.is_empty() && op.verb != crate::render::ElementVerb::Flush {
-            continue;
-        }
-        render_element_command(&mut script, op.verb, op.family, op.map, &op.elements);
-    }
-    script
-}
-
-/// Runs the real `nft -f -`; element changes go straight to the kernel over a netlink
-/// socket that stays open.
+/// Sends changes to the kernel as nfnetlink batches over a socket that stays open, and
+/// reads the table back the same way. `nft` runs only in check mode and for a script
+/// handed to `run` (tests).
 pub struct NftCommand {
     program: String,
     /// `--check`: parse and validate against the kernel without committing.
@@ -139,7 +97,7 @@ pub struct NftCommand {
     /// The ruleset generation right after our last commit, when nobody else committed
     /// around it: while the kernel still reports it, nothing anywhere has changed.
     generation: Option<u32>,
-    /// Elements added or deleted over netlink since start (flushes not counted).
+    /// Elements added or deleted since start (flushes not counted).
     elements_sent: u64,
 }
 
@@ -166,7 +124,7 @@ impl Default for NftCommand {
 }
 
 impl NftCommand {
-    /// Whether element changes have gone over netlink (for tests).
+    /// Whether changes have gone over netlink (for tests).
     pub fn netlink_open(&self) -> bool {
         self.socket.is_some()
     }
@@ -208,34 +166,15 @@ impl NftRunner for NftCommand {
         self.committing(1, |me| me.run_nft(script))
     }
 
-    fn apply_elements(&mut self, ops: &[ElementOp<'_>]) -> Result<usize, ProxierError> {
+    /// One nfnetlink batch: a full load (skeleton, every element, deletions) or a delta
+    /// commits at once, so old elements serve traffic until the new ones are in.
+    fn apply_in(&mut self, table: &str, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
         if self.check_only {
-            let script = element_script(ops);
+            let script = ops_text_in(table, ops);
             self.run_nft(&script)?;
             return Ok(script.len());
         }
-        self.committing(1, |me| me.send_batch(ops, &[]))
-    }
-
-    /// The skeleton through `nft` (small: a few dozen chains and maps), then every element
-    /// as one netlink batch. Two transactions: the skeleton keeps existing maps and
-    /// their elements (see `FullMode::Update`), so the old elements serve traffic until
-    /// the batch replaces them all at once.
-    fn apply_full(
-        &mut self,
-        skeleton: &str,
-        ops: &[ElementOp<'_>],
-        deletions: &[Deletion],
-    ) -> Result<usize, ProxierError> {
-        if self.check_only {
-            let script = full_load_script(skeleton, ops, deletions);
-            self.run_nft(&script)?;
-            return Ok(script.len());
-        }
-        self.committing(2, |me| {
-            me.run_nft(skeleton)?;
-            Ok(skeleton.len() + me.send_batch(ops, deletions)?)
-        })
+        self.committing(1, |me| me.send_batch(table, ops))
     }
 
     fn unchanged_since_last_commit(&mut self) -> Result<bool, ProxierError> {
@@ -419,15 +358,17 @@ impl NftCommand {
             .ok_or_else(|| ProxierError::Other("nftables netlink socket missing".into()))
     }
 
-    /// Sends element changes and deletions over the netlink socket, as one transaction.
-    fn send_batch(
-        &mut self,
-        ops: &[ElementOp<'_>],
-        deletions: &[Deletion],
-    ) -> Result<usize, ProxierError> {
-        self.elements_sent += ops.iter().map(|op| op.elements.len() as u64).sum::<u64>();
+    /// Sends `ops` over the netlink socket, as one transaction.
+    fn send_batch(&mut self, table: &str, ops: &[TableOp<'_>]) -> Result<usize, ProxierError> {
+        self.elements_sent += ops
+            .iter()
+            .map(|op| match op {
+                TableOp::Elements(op) => op.elements.len() as u64,
+                _ => 0,
+            })
+            .sum::<u64>();
         let socket = self.socket()?;
-        let batch = encode_batch(ops, deletions, || socket.next_seq());
+        let batch = encode_ops_in(table, ops, || socket.next_seq());
         if batch.last_seq == batch.begin_seq {
             // Nothing between begin and end: the kernel would acknowledge nothing, and
             // waiting for it would time out.
@@ -435,13 +376,6 @@ impl NftCommand {
         }
         match socket.send_batch(&batch.bytes, batch.begin_seq, batch.last_seq) {
             Ok(()) => Ok(batch.bytes.len()),
-            // Too large for the socket's buffer (no CAP_NET_ADMIN to raise it): `nft`
-            // splits what it sends.
-            Err(netlink::RequestError::Socket(e)) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                let script = format!("{}{}", element_script(ops), deletion_script(deletions));
-                self.run(&script)?;
-                Ok(script.len())
-            }
             Err(err) => {
                 // A socket left in an unknown state is not reused.
                 if matches!(err, netlink::RequestError::Socket(_)) {

@@ -9,23 +9,22 @@ pub mod plan;
 pub mod readback;
 pub mod render;
 pub mod resync;
+pub mod rule;
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 
 use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::adopt::{slot_map, KernelSlots};
 use crate::apply::NftRunner;
-use crate::netlink::{Deletion, ElementOp, Object};
+use crate::netlink::{ordered_deletions, Deletion, ElementOp, Object, TableOp};
 use crate::plan::{
-    family_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig,
-    PreviousSlots, TABLE,
+    replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig, PreviousSlots,
 };
 use crate::readback::{RawElement, SetDigest};
 use crate::render::{
-    by_map, chain_names, render_delta, render_skeleton, table_maps, ElementVerb, FullMode,
+    chain_names, cleanup_ops, delta_ops, skeleton_ops, table_maps, ElementVerb, FullMode,
 };
 use crate::resync::{checked_maps, compare, Expected, Finding};
 
@@ -185,23 +184,14 @@ impl<R: NftRunner> NftablesProxier<R> {
             );
         }
         let (deletions, existing) = self.obsolete_objects(plans);
-        let skeleton = |mode| {
-            let mut script = String::new();
-            for (plan, existing) in plans.iter().zip(&existing) {
-                render_skeleton(&mut script, plan, mode, existing);
-            }
-            script
-        };
-        match self
-            .runner
-            .apply_full(&skeleton(FullMode::Update), &ops, &deletions)
-        {
+        let update = full_transaction(plans, &existing, FullMode::Update, &ops, &deletions);
+        match self.runner.apply(&update) {
             Ok(bytes) => Ok(bytes),
             Err(err) => {
                 tracing::warn!(error = %err, "updating the tables in place failed; replacing them");
                 // A new table is empty: every map is loaded.
-                self.runner
-                    .apply_full(&skeleton(FullMode::Replace), &all_ops, &[])
+                let replace = full_transaction(plans, &existing, FullMode::Replace, &all_ops, &[]);
+                self.runner.apply(&replace)
             }
         }
     }
@@ -271,21 +261,36 @@ impl<R: NftRunner> NftablesProxier<R> {
 fn element_ops<'a>(plans: &[FamilyPlan], deltas: &'a [Delta]) -> Vec<ElementOp<'a>> {
     let mut ops = Vec::new();
     for (plan, delta) in plans.iter().zip(deltas) {
-        for (verb, set) in [
-            (ElementVerb::Delete, &delta.deleted),
-            (ElementVerb::Add, &delta.added),
-        ] {
-            for (map, elements) in by_map(set) {
-                ops.push(ElementOp {
-                    family: plan.family(),
-                    verb,
-                    map,
-                    elements,
-                });
-            }
-        }
+        ops.extend(render::element_ops(
+            plan.family(),
+            ElementVerb::Delete,
+            &delta.deleted,
+        ));
+        ops.extend(render::element_ops(
+            plan.family(),
+            ElementVerb::Add,
+            &delta.added,
+        ));
     }
     ops
+}
+
+/// A full load as one transaction: the skeleton (in `Update` mode keeping the table, its
+/// maps and their elements), every element, then what is no longer used.
+fn full_transaction<'e>(
+    plans: &[FamilyPlan],
+    existing: &[BTreeSet<String>],
+    mode: FullMode,
+    elements: &[ElementOp<'e>],
+    deletions: &[Deletion],
+) -> Vec<TableOp<'e>> {
+    let mut all: Vec<TableOp<'e>> = Vec::new();
+    for (plan, existing) in plans.iter().zip(existing) {
+        all.extend(skeleton_ops(plan, mode, existing));
+    }
+    all.extend(elements.iter().cloned().map(TableOp::Elements));
+    all.extend(ordered_deletions(deletions));
+    all
 }
 
 /// Every Service port, old and new, of the Services named in the request.
@@ -348,7 +353,7 @@ impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
     fn cleanup(&mut self) -> Result<(), ProxierError> {
         self.programmed = None;
         self.expected.clear();
-        self.runner.run(&cleanup_script())
+        self.runner.apply(&cleanup_ops()).map(|_| ())
     }
 }
 
@@ -473,7 +478,8 @@ impl<R: NftRunner> NftablesProxier<R> {
             }
         }
         tracing::warn!(maps = %summary.join(", "), "nftables maps differed from what was programmed; repairing them");
-        let bytes = self.runner.apply_elements(&ops)?;
+        let ops: Vec<TableOp<'_>> = ops.into_iter().map(TableOp::Elements).collect();
+        let bytes = self.runner.apply(&ops)?;
         for (i, id, elements) in &wanted {
             if let Some(expected) = self.expected.get_mut(*i) {
                 expected.maps.insert(id.name(), SetDigest::of(elements));
@@ -525,19 +531,22 @@ impl<R: NftRunner> NftablesProxier<R> {
         let transaction_bytes = if full {
             self.apply_full(&plans, &full_elements)?
         } else if deltas.iter().all(Delta::elements_only) {
-            let ops = element_ops(&plans, &deltas);
+            let ops: Vec<TableOp<'_>> = element_ops(&plans, &deltas)
+                .into_iter()
+                .map(TableOp::Elements)
+                .collect();
             if ops.is_empty() {
                 0
             } else {
-                self.runner.apply_elements(&ops)?
+                self.runner.apply(&ops)?
             }
         } else {
-            let mut script = String::new();
-            for (plan, delta) in plans.iter().zip(&deltas) {
-                render_delta(&mut script, plan, delta);
-            }
-            self.runner.run(&script)?;
-            script.len()
+            let ops: Vec<TableOp<'_>> = plans
+                .iter()
+                .zip(&deltas)
+                .flat_map(|(plan, delta)| delta_ops(plan, delta))
+                .collect();
+            self.runner.apply(&ops)?
         };
         tracing::debug!(
             plan_ms = (planned_at - started).as_secs_f64() * 1e3,
@@ -569,12 +578,8 @@ impl<R: NftRunner> NftablesProxier<R> {
     }
 }
 
-/// Deletes our tables in both families; succeeds whether or not they exist.
+/// Deletes our tables in both families as `nft` commands (for tests: `--cleanup` sends
+/// [`cleanup_ops`] over netlink).
 pub fn cleanup_script() -> String {
-    let mut script = String::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let f = family_names(family).table_family;
-        let _ = writeln!(script, "add table {f} {TABLE}\ndelete table {f} {TABLE}");
-    }
-    script
+    netlink::ops_text(&cleanup_ops())
 }

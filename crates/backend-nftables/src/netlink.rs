@@ -6,23 +6,72 @@
 //! from the kernel's `include/uapi/linux/netfilter/nf_tables.h` and `nfnetlink.h`.
 
 use netlink::{DecodeError, Message, NLM_F_ACK, NLM_F_REQUEST};
-use proxy_core::model::{IpFamily, Protocol};
+use proxy_core::model::IpFamily;
 
-use crate::plan::{Element, Field, Fields, MapId, Value, TABLE};
+use crate::plan::{family_names, Element, Field, Fields, MapId, Value, TABLE};
 use crate::render::ElementVerb;
+use crate::rule::{
+    encode_verdict, interval_elements, ip_proto, AnonKind, ExprWriter, Rule, Verdict, NF_ACCEPT,
+};
 
 pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWOBJ: u16 = 18;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_TABLE_USERDATA: u16 = 6;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_CHAIN_USERDATA: u16 = 12;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFT_SET_CONSTANT: u32 = 0x2;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_TIMEOUT: u32 = 0x10;
+const NFT_SET_EVAL: u32 = 0x20;
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+const TYPE_INTEGER: u32 = 4;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+const UDATA_SET_KEYBYTEORDER: u8 = 0;
+const UDATA_SET_DATABYTEORDER: u8 = 1;
+const BYTEORDER_HOST: u32 = 1;
+const BYTEORDER_BIG: u32 = 2;
+const NLM_F_APPEND: u16 = 0x800;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
@@ -40,9 +89,7 @@ pub(crate) const NFTA_DATA_VALUE: u16 = 1;
 pub(crate) const NFTA_DATA_VERDICT: u16 = 2;
 pub(crate) const NFTA_VERDICT_CODE: u16 = 1;
 pub(crate) const NFTA_VERDICT_CHAIN: u16 = 2;
-
-pub(crate) const NF_DROP: i32 = 0;
-pub(crate) const NFT_GOTO: i32 = -4;
+pub(crate) use crate::rule::{NFT_GOTO, NF_DROP};
 
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -164,14 +211,6 @@ pub(crate) fn nfproto(family: IpFamily) -> u8 {
     }
 }
 
-fn ip_proto(protocol: Protocol) -> u8 {
-    match protocol {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
-}
-
 /// A concatenation as the kernel holds it: each field in its own 32-bit registers,
 /// zero-padded, in network order.
 pub fn encode_fields(fields: &Fields) -> Vec<u8> {
@@ -199,48 +238,638 @@ fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
         msg.begin_nested(NFTA_SET_ELEM_DATA);
         match value {
             Value::Data(fields) => msg.attr(NFTA_DATA_VALUE, &encode_fields(fields)),
-            Value::Goto(chain) => {
-                msg.begin_nested(NFTA_DATA_VERDICT);
-                msg.be32(NFTA_VERDICT_CODE, NFT_GOTO as u32);
-                msg.str(NFTA_VERDICT_CHAIN, chain);
-                msg.end_nested();
-            }
-            Value::Drop => {
-                msg.begin_nested(NFTA_DATA_VERDICT);
-                msg.be32(NFTA_VERDICT_CODE, NF_DROP as u32);
-                msg.end_nested();
-            }
+            Value::Goto(chain) => encode_verdict(msg, &Verdict::Goto(chain.clone())),
+            Value::Drop => encode_verdict(msg, &Verdict::Drop),
         }
         msg.end_nested();
     }
     msg.end_nested();
 }
 
-/// Encodes `ops` in order, then `deletions`, as one transaction.
-pub fn encode_batch(
-    ops: &[ElementOp<'_>],
-    deletions: &[Deletion],
-    mut next_seq: impl FnMut() -> u32,
-) -> Batch {
-    let begin_seq = next_seq();
-    let mut bytes = Message::new(
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        begin_seq,
-        &nfgen_header(0, NFNL_SUBSYS_NFTABLES),
-    )
-    .finish();
-    let mut messages: Vec<Message> = Vec::new();
+/// A data type of a set's key or a map's data, with `nft`'s number for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataType {
+    Ipv4,
+    Ipv6,
+    InetProto,
+    InetService,
+}
+
+impl DataType {
+    fn id(self) -> u32 {
+        match self {
+            DataType::Ipv4 => 7,
+            DataType::Ipv6 => 8,
+            DataType::InetProto => 12,
+            DataType::InetService => 13,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DataType::Ipv4 => "ipv4_addr",
+            DataType::Ipv6 => "ipv6_addr",
+            DataType::InetProto => "inet_proto",
+            DataType::InetService => "inet_service",
+        }
+    }
+
+    pub fn addr(family: IpFamily) -> DataType {
+        match family {
+            IpFamily::V4 => DataType::Ipv4,
+            IpFamily::V6 => DataType::Ipv6,
+        }
+    }
+
+    /// Bytes in registers: whole 32-bit words.
+    fn len(self) -> u32 {
+        match self {
+            DataType::Ipv6 => 16,
+            _ => 4,
+        }
+    }
+}
+
+/// What a map maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapData {
+    Verdict,
+    Fields(Vec<DataType>),
+}
+
+/// A named set or map of our table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDecl {
+    pub name: String,
+    pub key: Vec<DataType>,
+    pub data: Option<MapData>,
+    /// `flags dynamic,timeout`: filled by the datapath, elements expire.
+    pub dynamic: bool,
+}
+
+fn concat_id(types: &[DataType]) -> u32 {
+    // `nft` folds a concatenation's types 6 bits apart.
+    types.iter().fold(0, |acc, t| (acc << 6) | t.id())
+}
+
+fn types_text(types: &[DataType]) -> String {
+    types
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(" . ")
+}
+
+impl SetDecl {
+    pub fn is_map(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// The body of its declaration as `nft` text: `type ...; flags ...;`.
+    pub fn text(&self) -> String {
+        let mut out = format!("type {}", types_text(&self.key));
+        match &self.data {
+            None => {}
+            Some(MapData::Verdict) => out.push_str(" : verdict"),
+            Some(MapData::Fields(types)) => {
+                out.push_str(" : ");
+                out.push_str(&types_text(types));
+            }
+        }
+        out.push(';');
+        if self.dynamic {
+            out.push_str(" flags dynamic,timeout;");
+        }
+        out
+    }
+}
+
+/// A chain's hook: base chains are where packets enter the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hook {
+    /// `filter` or `nat`.
+    pub kind: &'static str,
+    pub hook: HookPoint,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookPoint {
+    Prerouting,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+impl HookPoint {
+    fn number(self) -> u32 {
+        match self {
+            HookPoint::Prerouting => 0,
+            HookPoint::Forward => 2,
+            HookPoint::Output => 3,
+            HookPoint::Postrouting => 4,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            HookPoint::Prerouting => "prerouting",
+            HookPoint::Forward => "forward",
+            HookPoint::Output => "output",
+            HookPoint::Postrouting => "postrouting",
+        }
+    }
+}
+
+/// One change to one family's table, in a transaction of many.
+#[derive(Debug, Clone)]
+pub enum TableOp<'a> {
+    /// Creates the table if it does not exist (an existing one is kept as it is).
+    AddTable {
+        family: IpFamily,
+        comment: Option<String>,
+    },
+    DeleteTable(IpFamily),
+    /// A named packet counter.
+    AddCounter {
+        family: IpFamily,
+        name: String,
+    },
+    /// Creates a set or map; an existing one of the same type is kept with its elements.
+    AddSet {
+        family: IpFamily,
+        set: SetDecl,
+    },
+    /// Creates a chain; an existing one is kept with its rules.
+    AddChain {
+        family: IpFamily,
+        name: String,
+        hook: Option<Hook>,
+        comment: Option<String>,
+    },
+    /// Deletes every rule of the table (chains, sets and elements stay).
+    FlushTable(IpFamily),
+    FlushChain {
+        family: IpFamily,
+        name: String,
+    },
+    AddRule {
+        family: IpFamily,
+        chain: String,
+        rule: Rule,
+    },
+    Elements(ElementOp<'a>),
+    /// Adds keys to a named set (of a table other than ours: ours go as `Elements`).
+    AddElements {
+        family: IpFamily,
+        set: String,
+        keys: Vec<Fields>,
+    },
+    Delete(Deletion),
+}
+
+/// Deletes the tables (both families); succeeds whether or not they exist: each is
+/// added first.
+pub fn drop_tables<'a>() -> Vec<TableOp<'a>> {
+    [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .flat_map(|family| {
+            [
+                TableOp::AddTable {
+                    family,
+                    comment: None,
+                },
+                TableOp::DeleteTable(family),
+            ]
+        })
+        .collect()
+}
+
+/// `rules` appended to `chain` of the table of `family`, in order.
+pub fn add_rules<'a>(
+    family: IpFamily,
+    chain: &str,
+    rules: impl IntoIterator<Item = Rule>,
+) -> impl Iterator<Item = TableOp<'a>> {
+    let chain = chain.to_string();
+    rules.into_iter().map(move |rule| TableOp::AddRule {
+        family,
+        chain: chain.clone(),
+        rule,
+    })
+}
+
+impl TableOp<'_> {
+    /// This change to our table as one `nft` command (for tests and `nft --check`).
+    pub fn text(&self, out: &mut String) {
+        self.text_in(TABLE, out);
+    }
+
+    /// This change to the tables named `table` as one `nft` command.
+    pub fn text_in(&self, table: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let t = |family: IpFamily| format!("{} {table}", family_names(family).table_family);
+        let _ = match self {
+            TableOp::AddTable {
+                family,
+                comment: Some(comment),
+            } => writeln!(out, "add table {} {{ comment \"{comment}\"; }}", t(*family)),
+            TableOp::AddTable {
+                family,
+                comment: None,
+            } => writeln!(out, "add table {}", t(*family)),
+            TableOp::AddElements { family, set, keys } => {
+                if keys.is_empty() {
+                    Ok(())
+                } else {
+                    let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+                    writeln!(
+                        out,
+                        "add element {} {set} {{ {} }}",
+                        t(*family),
+                        keys.join(", ")
+                    )
+                }
+            }
+            TableOp::DeleteTable(family) => writeln!(out, "delete table {}", t(*family)),
+            TableOp::AddCounter { family, name } => {
+                writeln!(out, "add counter {} {name}", t(*family))
+            }
+            TableOp::AddSet { family, set } => {
+                let kind = if set.is_map() { "map" } else { "set" };
+                writeln!(
+                    out,
+                    "add {kind} {} {} {{ {} }}",
+                    t(*family),
+                    set.name,
+                    set.text()
+                )
+            }
+            TableOp::AddChain {
+                family,
+                name,
+                hook,
+                comment,
+            } => {
+                let mut body = String::new();
+                if let Some(h) = hook {
+                    body.push_str(&format!(
+                        " type {} hook {} priority {}; policy accept;",
+                        h.kind,
+                        h.hook.name(),
+                        h.priority
+                    ));
+                }
+                if let Some(c) = comment {
+                    body.push_str(&format!(" comment \"{c}\";"));
+                }
+                if body.is_empty() {
+                    writeln!(out, "add chain {} {name}", t(*family))
+                } else {
+                    writeln!(out, "add chain {} {name} {{{body} }}", t(*family))
+                }
+            }
+            TableOp::FlushTable(family) => writeln!(out, "flush table {}", t(*family)),
+            TableOp::FlushChain { family, name } => {
+                writeln!(out, "flush chain {} {name}", t(*family))
+            }
+            TableOp::AddRule {
+                family,
+                chain,
+                rule,
+            } => writeln!(
+                out,
+                "add rule {} {chain} {}",
+                t(*family),
+                rule.text(*family)
+            ),
+            TableOp::Elements(op) => {
+                if !op.elements.is_empty() || op.verb == ElementVerb::Flush {
+                    crate::render::render_element_command(
+                        out,
+                        op.verb,
+                        op.family,
+                        op.map,
+                        &op.elements,
+                    );
+                }
+                Ok(())
+            }
+            TableOp::Delete(d) => {
+                let kind = match d.object {
+                    Object::Chain(_) => "chain",
+                    Object::Set { is_map: true, .. } => "map",
+                    Object::Set { is_map: false, .. } => "set",
+                };
+                writeln!(out, "delete {kind} {} {}", t(d.family), d.object.name())
+            }
+        };
+    }
+}
+
+/// `ops` on our tables as an `nft` script.
+pub fn ops_text(ops: &[TableOp<'_>]) -> String {
+    ops_text_in(TABLE, ops)
+}
+
+/// `ops` on the tables named `table` as an `nft` script.
+pub fn ops_text_in(table: &str, ops: &[TableOp<'_>]) -> String {
+    let mut out = String::new();
     for op in ops {
-        let header = nfgen_header(nfproto(op.family), 0);
-        let start = |kind: u16, flags: u16, seq: u32| {
-            let mut msg = Message::new(
-                (NFNL_SUBSYS_NFTABLES << 8) | kind,
-                NLM_F_REQUEST | flags,
-                seq,
-                &header,
-            );
-            msg.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        op.text_in(table, &mut out);
+    }
+    out
+}
+
+/// Builds a batch message by message.
+struct BatchWriter<'s> {
+    /// The name of the tables (one per family) the ops change.
+    table: &'s str,
+    messages: Vec<Message>,
+    next_seq: &'s mut dyn FnMut() -> u32,
+    /// Ids of the sets created in this batch (anonymous ones are referred to by id).
+    next_set_id: u32,
+}
+
+impl BatchWriter<'_> {
+    /// A message of `kind` about our table of `family`: every kind names the table in
+    /// its attribute 1 (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`, `NFTA_SET_TABLE`, ...).
+    fn start(&mut self, family: IpFamily, kind: u16, flags: u16) -> Message {
+        let seq = (self.next_seq)();
+        let mut msg = Message::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | flags,
+            seq,
+            &nfgen_header(nfproto(family), 0),
+        );
+        msg.str(NFTA_TABLE_NAME, self.table);
+        msg
+    }
+
+    fn push(&mut self, msg: Message) {
+        self.messages.push(msg);
+    }
+
+    fn op(&mut self, op: &TableOp<'_>) {
+        match op {
+            TableOp::AddTable { family, comment } => {
+                let mut msg = self.start(*family, NFT_MSG_NEWTABLE, NLM_F_CREATE);
+                msg.be32(NFTA_TABLE_FLAGS, 0);
+                if let Some(comment) = comment {
+                    msg.attr(NFTA_TABLE_USERDATA, &udata_comment(comment));
+                }
+                self.push(msg);
+            }
+            TableOp::DeleteTable(family) => {
+                let msg = self.start(*family, NFT_MSG_DELTABLE, 0);
+                self.push(msg);
+            }
+            TableOp::AddCounter { family, name } => {
+                let mut msg = self.start(*family, NFT_MSG_NEWOBJ, NLM_F_CREATE);
+                msg.str(NFTA_OBJ_NAME, name);
+                msg.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+                msg.begin_nested(NFTA_OBJ_DATA);
+                msg.attr(NFTA_COUNTER_BYTES, &0u64.to_be_bytes());
+                msg.attr(NFTA_COUNTER_PACKETS, &0u64.to_be_bytes());
+                msg.end_nested();
+                self.push(msg);
+            }
+            TableOp::AddSet { family, set } => self.add_set(*family, set),
+            TableOp::AddChain {
+                family,
+                name,
+                hook,
+                comment,
+            } => {
+                let mut msg = self.start(*family, NFT_MSG_NEWCHAIN, NLM_F_CREATE);
+                msg.str(NFTA_CHAIN_NAME, name);
+                if let Some(h) = hook {
+                    msg.begin_nested(NFTA_CHAIN_HOOK);
+                    msg.be32(NFTA_HOOK_HOOKNUM, h.hook.number());
+                    msg.be32(NFTA_HOOK_PRIORITY, h.priority as u32);
+                    msg.end_nested();
+                    msg.be32(NFTA_CHAIN_POLICY, NF_ACCEPT as u32);
+                    msg.str(NFTA_CHAIN_TYPE, h.kind);
+                }
+                if let Some(c) = comment {
+                    msg.attr(NFTA_CHAIN_USERDATA, &udata_comment(c));
+                }
+                self.push(msg);
+            }
+            TableOp::FlushTable(family) => {
+                let msg = self.start(*family, NFT_MSG_DELRULE, 0);
+                self.push(msg);
+            }
+            TableOp::FlushChain { family, name } => {
+                let mut msg = self.start(*family, NFT_MSG_DELRULE, 0);
+                msg.str(NFTA_RULE_CHAIN, name);
+                self.push(msg);
+            }
+            TableOp::AddRule {
+                family,
+                chain,
+                rule,
+            } => self.add_rule(*family, chain, rule),
+            TableOp::Elements(op) => self.elements(op),
+            TableOp::AddElements { family, set, keys } => {
+                for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+                    let mut msg = self.start(*family, NFT_MSG_NEWSETELEM, NLM_F_CREATE);
+                    msg.str(NFTA_SET_ELEM_LIST_SET, set);
+                    msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
+                    for key in chunk {
+                        msg.begin_nested(NFTA_LIST_ELEM);
+                        msg.begin_nested(NFTA_SET_ELEM_KEY);
+                        msg.attr(NFTA_DATA_VALUE, &encode_fields(key));
+                        msg.end_nested();
+                        msg.end_nested();
+                    }
+                    msg.end_nested();
+                    self.push(msg);
+                }
+            }
+            TableOp::Delete(deletion) => {
+                let (kind, name_attr) = match deletion.object {
+                    Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_NAME),
+                    Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_NAME),
+                };
+                let mut msg = self.start(deletion.family, kind, 0);
+                msg.str(name_attr, deletion.object.name());
+                self.push(msg);
+            }
+        }
+    }
+
+    fn set_id(&mut self) -> u32 {
+        self.next_set_id += 1;
+        self.next_set_id
+    }
+
+    fn add_set(&mut self, family: IpFamily, set: &SetDecl) {
+        let id = self.set_id();
+        let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
+        msg.str(NFTA_SET_NAME, &set.name);
+        let mut flags = 0;
+        if set.is_map() {
+            flags |= NFT_SET_MAP;
+        }
+        if set.dynamic {
+            flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL;
+        }
+        msg.be32(NFTA_SET_FLAGS, flags);
+        msg.be32(NFTA_SET_KEY_TYPE, concat_id(&set.key));
+        msg.be32(NFTA_SET_KEY_LEN, set.key.iter().map(|t| t.len()).sum());
+        match &set.data {
+            None => {}
+            Some(MapData::Verdict) => {
+                msg.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+                msg.be32(NFTA_SET_DATA_LEN, 0);
+            }
+            Some(MapData::Fields(types)) => {
+                msg.be32(NFTA_SET_DATA_TYPE, concat_id(types));
+                msg.be32(NFTA_SET_DATA_LEN, types.iter().map(|t| t.len()).sum());
+            }
+        }
+        msg.be32(NFTA_SET_ID, id);
+        // As `nft` records it: a single address is big-endian; a concatenation has no
+        // one byte order.
+        let order = if set.key.len() == 1 { BYTEORDER_BIG } else { 0 };
+        let mut udata = udata_u32(UDATA_SET_KEYBYTEORDER, order);
+        if set.is_map() {
+            udata.extend(udata_u32(UDATA_SET_DATABYTEORDER, 0));
+        }
+        msg.attr(NFTA_SET_USERDATA, &udata);
+        self.push(msg);
+    }
+
+    /// An anonymous set for one rule; returns its name and id.
+    fn anon_set(&mut self, family: IpFamily, kind: &AnonKind) -> (String, u32) {
+        let id = self.set_id();
+        let (name, flags, key_type, key_len, data, byteorder, elements): (
+            &str,
+            u32,
+            u32,
+            u32,
+            bool,
+            u32,
+            Vec<AnonElement>,
+        ) = match kind {
+            AnonKind::Intervals(f, ranges) => {
+                let t = DataType::addr(*f);
+                let elements = interval_elements(ranges)
+                    .into_iter()
+                    .map(|(key, end)| AnonElement {
+                        key,
+                        end,
+                        goto: None,
+                    })
+                    .collect();
+                (
+                    "__set%d",
+                    NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_INTERVAL,
+                    t.id(),
+                    t.len(),
+                    false,
+                    BYTEORDER_BIG,
+                    elements,
+                )
+            }
+            AnonKind::Spread(chains) => {
+                let elements = chains
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| AnonElement {
+                        key: (k as u32).to_ne_bytes().to_vec(),
+                        end: false,
+                        goto: Some(c.clone()),
+                    })
+                    .collect();
+                (
+                    "__map%d",
+                    NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP,
+                    TYPE_INTEGER,
+                    4,
+                    true,
+                    BYTEORDER_HOST,
+                    elements,
+                )
+            }
+        };
+        let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
+        msg.str(NFTA_SET_NAME, name);
+        msg.be32(NFTA_SET_FLAGS, flags);
+        msg.be32(NFTA_SET_KEY_TYPE, key_type);
+        msg.be32(NFTA_SET_KEY_LEN, key_len);
+        if data {
+            msg.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+            msg.be32(NFTA_SET_DATA_LEN, 0);
+        }
+        msg.be32(NFTA_SET_ID, id);
+        msg.begin_nested(NFTA_SET_DESC);
+        msg.be32(NFTA_SET_DESC_SIZE, elements.len() as u32);
+        msg.end_nested();
+        msg.attr(
+            NFTA_SET_USERDATA,
+            &udata_u32(UDATA_SET_KEYBYTEORDER, byteorder),
+        );
+        self.push(msg);
+        let mut msg = self.start(family, NFT_MSG_NEWSETELEM, NLM_F_CREATE);
+        msg.str(NFTA_SET_ELEM_LIST_SET, name);
+        msg.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for e in &elements {
+            msg.begin_nested(NFTA_LIST_ELEM);
+            if e.end {
+                msg.be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+            }
+            msg.begin_nested(NFTA_SET_ELEM_KEY);
+            msg.attr(NFTA_DATA_VALUE, &e.key);
+            msg.end_nested();
+            if let Some(chain) = &e.goto {
+                msg.begin_nested(NFTA_SET_ELEM_DATA);
+                encode_verdict(&mut msg, &Verdict::Goto(chain.clone()));
+                msg.end_nested();
+            }
+            msg.end_nested();
+        }
+        msg.end_nested();
+        self.push(msg);
+        (name.to_string(), id)
+    }
+
+    fn add_rule(&mut self, family: IpFamily, chain: &str, rule: &Rule) {
+        // Anonymous sets go first, in the order the rule's statements need them.
+        let mut anons = Vec::new();
+        let mut probe = Message::new(0, 0, 0, &[]);
+        {
+            let mut writer = ExprWriter::new(&mut probe, family);
+            for stmt in &rule.0 {
+                writer.stmt(stmt, &mut |kind| {
+                    anons.push(kind);
+                    (String::new(), 0)
+                });
+            }
+        }
+        let mut refs = Vec::new();
+        for kind in &anons {
+            refs.push(self.anon_set(family, kind));
+        }
+        let mut msg = self.start(family, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
+        msg.str(NFTA_RULE_CHAIN, chain);
+        msg.begin_nested(NFTA_RULE_EXPRESSIONS);
+        {
+            let mut refs = refs.into_iter();
+            let mut writer = ExprWriter::new(&mut msg, family);
+            for stmt in &rule.0 {
+                writer.stmt(stmt, &mut |_| refs.next().unwrap_or_default());
+            }
+        }
+        msg.end_nested();
+        self.push(msg);
+    }
+
+    fn elements(&mut self, op: &ElementOp<'_>) {
+        let start = |me: &mut Self, kind: u16, flags: u16| {
+            let mut msg = me.start(op.family, kind, flags);
             msg.str(NFTA_SET_ELEM_LIST_SET, &op.map.name());
             msg
         };
@@ -249,39 +878,72 @@ pub fn encode_batch(
             ElementVerb::Delete => (NFT_MSG_DELSETELEM, 0, false),
             ElementVerb::Flush => {
                 // A deletion without an element list empties the set.
-                messages.push(start(NFT_MSG_DELSETELEM, 0, next_seq()));
-                continue;
+                let msg = start(self, NFT_MSG_DELSETELEM, 0);
+                self.push(msg);
+                return;
             }
         };
         for chunk in op.elements.chunks(ELEMENTS_PER_MESSAGE) {
-            let mut msg = start(kind, flags, next_seq());
+            let mut msg = start(self, kind, flags);
             msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
             for element in chunk {
                 encode_element(&mut msg, element, with_value);
             }
             msg.end_nested();
-            messages.push(msg);
+            self.push(msg);
         }
     }
-    // Chains first: a set may only go once no rule refers to it.
-    let mut ordered: Vec<&Deletion> = deletions.iter().collect();
-    ordered.sort_by_key(|d| matches!(d.object, Object::Set { .. }));
-    for deletion in ordered {
-        let header = nfgen_header(nfproto(deletion.family), 0);
-        let (kind, table_attr, name_attr) = match deletion.object {
-            Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME),
-            Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_TABLE, NFTA_SET_NAME),
-        };
-        let mut msg = Message::new(
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST,
-            next_seq(),
-            &header,
-        );
-        msg.str(table_attr, TABLE);
-        msg.str(name_attr, deletion.object.name());
-        messages.push(msg);
+}
+
+struct AnonElement {
+    key: Vec<u8>,
+    end: bool,
+    goto: Option<String>,
+}
+
+/// One `nftnl` user-data entry: type, length, value.
+fn udata(kind: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind, u8::try_from(value.len()).unwrap_or(u8::MAX)];
+    out.extend_from_slice(value);
+    out
+}
+
+fn udata_u32(kind: u8, value: u32) -> Vec<u8> {
+    udata(kind, &value.to_ne_bytes())
+}
+
+/// A comment as `nft` stores it (NUL-terminated; at most 128 bytes are kept).
+fn udata_comment(comment: &str) -> Vec<u8> {
+    let mut bytes: Vec<u8> = comment.bytes().take(127).collect();
+    bytes.push(0);
+    udata(0, &bytes)
+}
+
+/// Encodes `ops` on our tables in order as one transaction.
+pub fn encode_ops(ops: &[TableOp<'_>], next_seq: impl FnMut() -> u32) -> Batch {
+    encode_ops_in(TABLE, ops, next_seq)
+}
+
+/// Encodes `ops` on the tables named `table` in order as one transaction.
+pub fn encode_ops_in(table: &str, ops: &[TableOp<'_>], mut next_seq: impl FnMut() -> u32) -> Batch {
+    let begin_seq = next_seq();
+    let mut bytes = Message::new(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        begin_seq,
+        &nfgen_header(0, NFNL_SUBSYS_NFTABLES),
+    )
+    .finish();
+    let mut writer = BatchWriter {
+        table,
+        messages: Vec::new(),
+        next_seq: &mut next_seq,
+        next_set_id: 0,
+    };
+    for op in ops {
+        writer.op(op);
     }
+    let messages = writer.messages;
     let count = messages.len();
     let mut last_seq = begin_seq;
     for (i, msg) in messages.into_iter().enumerate() {
@@ -309,11 +971,31 @@ pub fn encode_batch(
     }
 }
 
+/// Encodes element `ops` in order, then `deletions` (chains before sets: a set may only
+/// go once no rule refers to it), as one transaction.
+pub fn encode_batch(
+    ops: &[ElementOp<'_>],
+    deletions: &[Deletion],
+    next_seq: impl FnMut() -> u32,
+) -> Batch {
+    let mut all: Vec<TableOp<'_>> = ops.iter().cloned().map(TableOp::Elements).collect();
+    all.extend(ordered_deletions(deletions));
+    encode_ops(&all, next_seq)
+}
+
+/// Deletions as ops, chains first: a set may only go once no rule refers to it.
+pub fn ordered_deletions<'a>(deletions: &[Deletion]) -> Vec<TableOp<'a>> {
+    let mut ordered: Vec<&Deletion> = deletions.iter().collect();
+    ordered.sort_by_key(|d| matches!(d.object, Object::Set { .. }));
+    ordered.into_iter().cloned().map(TableOp::Delete).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::KeyKind;
     use crate::plan::Role;
+    use proxy_core::model::Protocol;
 
     #[test]
     fn fields_use_whole_registers() {

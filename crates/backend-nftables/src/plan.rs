@@ -43,6 +43,8 @@ use proxy_core::model::{
 };
 use proxy_core::select::{select, serves_localhost_nodeport, Selection};
 
+use crate::rule::{Rule, Sel, Stmt, Verdict};
+
 /// Settings that shape the static part of the ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftConfig {
@@ -404,7 +406,7 @@ fn endpoint_value(ip: IpAddr, port: u16) -> Value {
 pub struct Chain {
     pub name: String,
     pub comment: String,
-    pub rules: Vec<String>,
+    pub rules: Vec<Rule>,
 }
 
 /// A destination one Service port owns; two Services cannot share one.
@@ -417,8 +419,8 @@ pub enum Destination {
 /// How "traffic from this cluster's pods" reads in nftables, both ways round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalMatch {
-    pub is_local: String,
-    pub not_local: String,
+    pub is_local: Stmt,
+    pub not_local: Stmt,
 }
 
 /// Settings resolved for one family at full-plan time (they may depend on the node).
@@ -439,16 +441,24 @@ pub struct FamilySettings {
 /// The rules of `cluster-ips-check`, which sees new connections after DNAT: one still
 /// addressed to a cluster IP used a port no Service serves and is rejected; one to any
 /// other address of the Service ranges has no Service at all and is dropped.
-pub fn cluster_ips_check_rules(settings: &FamilySettings) -> Vec<String> {
-    let a = family_names(settings.family).addr;
-    let mut rules = vec![format!("{a} daddr @{} reject", MapId::ClusterIps.name())];
+pub fn cluster_ips_check_rules(settings: &FamilySettings) -> Vec<Rule> {
+    let mut rules = vec![Rule::new([
+        Stmt::InSet {
+            key: vec![Sel::Daddr],
+            set: MapId::ClusterIps.name(),
+            negate: false,
+        },
+        Stmt::Reject,
+    ])];
     if !settings.service_cidrs.is_empty() {
-        let list: Vec<String> = settings
-            .service_cidrs
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        rules.push(format!("{a} daddr {{ {} }} drop", list.join(", ")));
+        rules.push(Rule::new([
+            Stmt::AddrIn {
+                sel: Sel::Daddr,
+                nets: settings.service_cidrs.clone(),
+                negate: false,
+            },
+            Stmt::Verdict(Verdict::Drop),
+        ]));
     }
     rules
 }
@@ -620,31 +630,41 @@ fn local_match(
     detector: &LocalDetector,
     state: &ProxyState,
 ) -> Option<LocalMatch> {
-    let addr = family_names(family).addr;
     let cidr_match = |nets: &[IpNet]| {
-        let list: Vec<String> = nets
+        let list: Vec<IpNet> = nets
             .iter()
             .filter(|n| IpFamily::of_net(n) == family)
-            .map(|n| n.trunc().to_string())
+            .map(IpNet::trunc)
             .collect();
+        let matching = |negate| Stmt::AddrIn {
+            sel: Sel::Saddr,
+            nets: list.clone(),
+            negate,
+        };
         (!list.is_empty()).then(|| LocalMatch {
-            is_local: format!("{addr} saddr {{ {} }}", list.join(", ")),
-            not_local: format!("{addr} saddr != {{ {} }}", list.join(", ")),
+            is_local: matching(false),
+            not_local: matching(true),
         })
+    };
+    let iifname = |name: &str, prefix| LocalMatch {
+        is_local: Stmt::Iifname {
+            name: name.to_string(),
+            prefix,
+            negate: false,
+        },
+        not_local: Stmt::Iifname {
+            name: name.to_string(),
+            prefix,
+            negate: true,
+        },
     };
     match detector {
         LocalDetector::None => None,
         LocalDetector::ClusterCidr(nets) => cidr_match(nets),
         LocalDetector::NodeCidr => cidr_match(&state.node.pod_cidrs),
         // Interface names are validated at start-up (no quotes or spaces).
-        LocalDetector::BridgeInterface(name) => Some(LocalMatch {
-            is_local: format!("iifname \"{name}\""),
-            not_local: format!("iifname != \"{name}\""),
-        }),
-        LocalDetector::InterfaceNamePrefix(prefix) => Some(LocalMatch {
-            is_local: format!("iifname \"{prefix}*\""),
-            not_local: format!("iifname != \"{prefix}*\""),
-        }),
+        LocalDetector::BridgeInterface(name) => Some(iifname(name, false)),
+        LocalDetector::InterfaceNamePrefix(prefix) => Some(iifname(prefix, true)),
     }
 }
 
@@ -1102,24 +1122,31 @@ fn plan_firewall(
     if lb_ips.is_empty() {
         return;
     }
-    let f = family_names(settings.family);
     let proto = port.protocol();
-    let mut ranges: Vec<String> = port
+    let mut ranges: Vec<IpNet> = port
         .load_balancer_source_ranges
         .iter()
         .filter(|n| IpFamily::of_net(n) == settings.family)
-        .map(ToString::to_string)
+        .copied()
         .collect();
     if port.admits_load_balancer_ips_as_sources(node.primary_ip(settings.family)) {
-        ranges.extend(lb_ips.iter().map(ToString::to_string));
+        ranges.extend(lb_ips.iter().map(|ip| IpNet::from(**ip)));
     }
     let id = hash_id(&[&port.name.to_string(), "firewall"]);
     let chain = format!("fw-{id}");
+    let drop = Stmt::Verdict(Verdict::Drop);
     let rule = if ranges.is_empty() {
         // Ranges only of the other family: nobody of this family may connect.
-        "drop".to_string()
+        Rule::new([drop])
     } else {
-        format!("{} saddr != {{ {} }} drop", f.addr, ranges.join(", "))
+        Rule::new([
+            Stmt::AddrIn {
+                sel: Sel::Saddr,
+                nets: ranges,
+                negate: true,
+            },
+            drop,
+        ])
     };
     out.chains.push(Chain {
         name: chain.clone(),

@@ -1,15 +1,24 @@
-//! Plans as `nft` text: the whole table for a full sync, or a delta of commands.
+//! Plans as changes to the kernel's tables ([`TableOp`]s): the whole table for a full
+//! sync, or a delta. They go to the kernel as one nfnetlink batch each, and read as
+//! `nft` commands in tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use proxy_core::model::{IpFamily, Protocol};
 
+use crate::netlink::{
+    add_rules, drop_tables, DataType, Deletion, ElementOp, Hook, HookPoint, MapData, Object,
+    SetDecl, TableOp,
+};
 use crate::plan::{
     affinity_set_name, class_objects, cluster_ips_check_rules, family_names, slot_chain_name,
     slot_chains, ClassObject, Delta, Element, FamilyPlan, FamilySettings, KeyKind, MapId,
     PickClass, Role, CLUSTER_IPS_CHECK, TABLE,
 };
+use crate::rule::{ip_key, nodeport_key, Key, Rule, Sel, Stmt, Verdict};
 
 /// Whether elements are added or deleted, or a map emptied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,210 +30,191 @@ pub enum ElementVerb {
 }
 
 /// How a destination of this kind is read from the packet.
-fn packet_key(kind: KeyKind, addr: &str) -> String {
+fn packet_key(kind: KeyKind) -> Key {
     match kind {
-        KeyKind::Ip => format!("{addr} daddr . meta l4proto . th dport"),
-        KeyKind::NodePort => "meta l4proto . th dport".into(),
+        KeyKind::Ip => ip_key(),
+        KeyKind::NodePort => nodeport_key(),
     }
 }
 
-/// The type line of a map or set.
-fn map_type(id: MapId, family: IpFamily) -> String {
-    let f = family_names(family);
+/// The declaration of a map or set.
+fn map_decl(id: MapId, family: IpFamily) -> SetDecl {
+    let addr = DataType::addr(family);
     let dest = |kind: KeyKind| match kind {
-        KeyKind::Ip => format!("{} . inet_proto . inet_service", f.addr_type),
-        KeyKind::NodePort => "inet_proto . inet_service".to_string(),
+        KeyKind::Ip => vec![addr, DataType::InetProto, DataType::InetService],
+        KeyKind::NodePort => vec![DataType::InetProto, DataType::InetService],
     };
-    match id {
-        MapId::ServiceIps | MapId::FirewallIps => format!("type {} : verdict", dest(KeyKind::Ip)),
-        MapId::ServiceNodeports => format!("type {} : verdict", dest(KeyKind::NodePort)),
-        MapId::Picks(kind) | MapId::ShortCircuits(kind) => {
-            format!("type {} : verdict", dest(kind))
+    let (key, data) = match id {
+        MapId::ServiceIps | MapId::FirewallIps => (dest(KeyKind::Ip), Some(MapData::Verdict)),
+        MapId::ServiceNodeports => (dest(KeyKind::NodePort), Some(MapData::Verdict)),
+        MapId::Picks(kind) | MapId::ShortCircuits(kind) => (dest(kind), Some(MapData::Verdict)),
+        MapId::NoEndpointServices => (dest(KeyKind::Ip), None),
+        MapId::NoEndpointNodeports | MapId::LocalhostNodeportRejects => {
+            (dest(KeyKind::NodePort), None)
         }
-        MapId::NoEndpointServices => format!("type {}", dest(KeyKind::Ip)),
-        MapId::NoEndpointNodeports => format!("type {}", dest(KeyKind::NodePort)),
-        // `type`, not `typeof`: nft 1.0.6 cannot read back a `typeof` map whose data is
-        // `ip daddr . th dport`, and fails on any later rule that refers to it.
-        MapId::Slot(kind, _, _) => {
-            format!("type {} : {} . inet_service", dest(kind), f.addr_type)
-        }
-        MapId::Hairpin => format!("type {t} . {t}", t = f.addr_type),
-        MapId::ClusterIps => format!("type {}", f.addr_type),
-        MapId::LocalhostNodeportRejects => format!("type {}", dest(KeyKind::NodePort)),
+        MapId::Slot(kind, _, _) => (
+            dest(kind),
+            Some(MapData::Fields(vec![addr, DataType::InetService])),
+        ),
+        MapId::Hairpin => (vec![addr, addr], None),
+        MapId::ClusterIps => (vec![addr], None),
+    };
+    SetDecl {
+        name: id.name(),
+        key,
+        data,
+        dynamic: false,
     }
 }
 
 fn is_map(id: MapId) -> bool {
-    !matches!(
-        id,
-        MapId::NoEndpointServices
-            | MapId::NoEndpointNodeports
-            | MapId::Hairpin
-            | MapId::ClusterIps
-            | MapId::LocalhostNodeportRejects
-    )
-}
-
-fn render_map(out: &mut String, id: MapId, family: IpFamily, elements: &[&Element]) {
-    let kind = if is_map(id) { "map" } else { "set" };
-    let _ = writeln!(
-        out,
-        "\t{kind} {} {{\n\t\t{}",
-        id.name(),
-        map_type(id, family)
-    );
-    render_elements(out, elements);
-    out.push_str("\t}\n");
+    map_decl(id, IpFamily::V4).is_map()
 }
 
 /// Keyed by client and destination, so one set serves every Service. No `size`: the
 /// kernel would allocate a hash table of that many buckets up front.
-fn render_affinity_set(out: &mut String, slot: usize, family: IpFamily) {
-    let t = family_names(family).addr_type;
-    let _ = writeln!(
-        out,
-        "\tset {} {{ type {t} . {t} . inet_proto . inet_service; flags dynamic,timeout; }}",
-        affinity_set_name(slot)
-    );
+fn affinity_decl(slot: usize, family: IpFamily) -> SetDecl {
+    let addr = DataType::addr(family);
+    SetDecl {
+        name: affinity_set_name(slot),
+        key: vec![addr, addr, DataType::InetProto, DataType::InetService],
+        data: None,
+        dynamic: true,
+    }
 }
 
-fn render_class_object(
-    out: &mut String,
-    object: ClassObject,
-    family: IpFamily,
-    elements: &[&Element],
-) {
-    match object {
-        ClassObject::Map(id) => render_map(out, id, family, elements),
-        ClassObject::AffinitySet(slot) => render_affinity_set(out, slot, family),
-    }
+fn class_object_op(object: ClassObject, family: IpFamily) -> TableOp<'static> {
+    let set = match object {
+        ClassObject::Map(id) => map_decl(id, family),
+        ClassObject::AffinitySet(slot) => affinity_decl(slot, family),
+    };
+    TableOp::AddSet { family, set }
 }
 
 /// Above this many endpoints a pick chain chooses its slot through an anonymous verdict
 /// map (one lookup) rather than a rule per slot; below it, rules avoid the cost of a set.
 const MAX_SLOT_RULES: usize = 32;
 
+fn goto(chain: String) -> Stmt {
+    Stmt::Verdict(Verdict::Goto(chain))
+}
+
 /// The rules of a pick chain. Without affinity: slot k with probability 1/(N-k), which is
 /// uniform over the N. With it: a known client (its `client . destination` in the set of
 /// a slot) goes back to that slot; a new one is spread the same way and remembered. Every
 /// new connection refreshes the timeout.
-fn pick_rules(class: &PickClass, family: IpFamily) -> Vec<String> {
-    let a = family_names(family).addr;
+fn pick_rules(class: &PickClass) -> Vec<Rule> {
     let n = class.n;
     let slot = |k: usize| slot_chain_name(class.key, class.role, k);
-    let spread = |k: usize, action: String| {
+    let spread = |k: usize, mut action: Vec<Stmt>| {
         let remaining = n - k;
         if remaining > 1 {
-            format!("numgen random mod {remaining} == 0 {action}")
-        } else {
-            action
+            action.insert(0, Stmt::OneIn(remaining as u32));
         }
+        Rule(action)
     };
     let Some(timeout) = class.affinity else {
         if n > MAX_SLOT_RULES {
-            let targets: Vec<String> = (0..n).map(|k| format!("{k} : goto {}", slot(k))).collect();
-            return vec![format!(
-                "numgen random mod {n} vmap {{ {} }}",
-                targets.join(", ")
-            )];
+            return vec![Rule::new([Stmt::SpreadVmap((0..n).map(slot).collect())])];
         }
-        return (0..n)
-            .map(|k| spread(k, format!("goto {}", slot(k))))
-            .collect();
+        return (0..n).map(|k| spread(k, vec![goto(slot(k))])).collect();
     };
-    let client = format!("{a} saddr . {a} daddr . meta l4proto . th dport");
+    let client = vec![Sel::Saddr, Sel::Daddr, Sel::L4proto, Sel::Dport];
     let go = |k: usize| {
-        let set = affinity_set_name(k);
-        format!(
-            "update @{set} {{ {client} timeout {timeout}s }} goto {}",
-            slot(k)
-        )
+        vec![
+            Stmt::Update {
+                set: affinity_set_name(k),
+                key: client.clone(),
+                timeout,
+            },
+            goto(slot(k)),
+        ]
     };
-    let mut rules: Vec<String> = (0..n)
-        .map(|k| format!("{client} @{} {}", affinity_set_name(k), go(k)))
+    let mut rules: Vec<Rule> = (0..n)
+        .map(|k| {
+            let mut stmts = vec![Stmt::InSet {
+                key: client.clone(),
+                set: affinity_set_name(k),
+                negate: false,
+            }];
+            stmts.extend(go(k));
+            Rule(stmts)
+        })
         .collect();
     rules.extend((0..n).map(|k| spread(k, go(k))));
     rules
 }
 
 /// The rule of a slot chain: DNAT to the destination's endpoint in that slot.
-fn slot_rule(key: KeyKind, role: Role, slot: usize, family: IpFamily) -> String {
-    let a = family_names(family).addr;
-    format!(
-        "dnat {a} to {} map @{}",
-        packet_key(key, a),
-        MapId::Slot(key, role, slot).name()
-    )
+fn slot_rule(key: KeyKind, role: Role, slot: usize) -> Rule {
+    Rule::new([Stmt::DnatMap {
+        key: packet_key(key),
+        map: MapId::Slot(key, role, slot).name(),
+    }])
+}
+
+fn vmap(kind: KeyKind, map: MapId) -> Stmt {
+    Stmt::Vmap {
+        key: packet_key(kind),
+        map: map.name(),
+    }
 }
 
 /// The entry chains: masquerade marks by traffic policy, then the pick.
-fn entry_chains(settings: &FamilySettings) -> Vec<ChainText> {
-    let a = family_names(settings.family).addr;
-    let mark = format!("meta mark set meta mark | {:#x}", settings.mark);
-    let internal_mark = if settings.masquerade_all {
-        Some(mark.clone())
+fn entry_chains(settings: &FamilySettings) -> Vec<ChainDef> {
+    let mark = Stmt::MarkOr(settings.mark);
+    let internal_mark: Option<Rule> = if settings.masquerade_all {
+        Some(Rule::new([mark.clone()]))
     } else {
         settings
             .local
             .as_ref()
-            .map(|local| format!("{} {mark}", local.not_local))
+            .map(|local| Rule::new([local.not_local.clone(), mark.clone()]))
     };
+    let fib_local = Stmt::FibLocal(Sel::Saddr);
     let mut chains = Vec::new();
     for kind in [KeyKind::Ip, KeyKind::NodePort] {
-        let key = packet_key(kind, a);
-        let picks = format!("{key} vmap @{}", MapId::Picks(kind).name());
-        let short = format!("{key} vmap @{}", MapId::ShortCircuits(kind).name());
+        let picks = vmap(kind, MapId::Picks(kind));
+        let short = vmap(kind, MapId::ShortCircuits(kind));
         let (plain, local_name) = match kind {
             KeyKind::Ip => ("external", "external-local"),
             KeyKind::NodePort => ("nodeport", "nodeport-local"),
         };
         if kind == KeyKind::Ip {
-            let mut rules: Vec<String> = internal_mark.iter().cloned().collect();
-            rules.push(picks.clone());
-            chains.push(ChainText::new("internal", rules));
+            let mut rules: Vec<Rule> = internal_mark.iter().cloned().collect();
+            rules.push(Rule::new([picks.clone()]));
+            chains.push(ChainDef::new("internal", rules));
         }
-        chains.push(ChainText::new(plain, vec![mark.clone(), picks.clone()]));
+        chains.push(ChainDef::new(
+            plain,
+            vec![Rule::new([mark.clone()]), Rule::new([picks.clone()])],
+        ));
         // Outside clients keep their source address and reach this node's endpoints;
         // pods and the node itself are sent as if they had used the cluster IP.
-        let mut rules: Vec<String> = settings
+        let mut rules: Vec<Rule> = settings
             .local
             .iter()
-            .map(|l| format!("{} {short}", l.is_local))
+            .map(|l| Rule::new([l.is_local.clone(), short.clone()]))
             .collect();
-        rules.push(format!("fib saddr type local {mark}"));
-        rules.push(format!("fib saddr type local {short}"));
-        rules.push(picks);
-        chains.push(ChainText::new(local_name, rules));
+        rules.push(Rule::new([fib_local.clone(), mark.clone()]));
+        rules.push(Rule::new([fib_local.clone(), short]));
+        rules.push(Rule::new([picks]));
+        chains.push(ChainDef::new(local_name, rules));
     }
     chains
 }
 
-fn render_elements(out: &mut String, elements: &[&Element]) {
-    if elements.is_empty() {
-        return;
-    }
-    out.push_str("\t\telements = {\n");
-    for (i, e) in elements.iter().enumerate() {
-        let _ = write!(out, "\t\t\t{}", e.key);
-        if let Some(v) = &e.value {
-            let _ = write!(out, " : {v}");
-        }
-        out.push_str(if i + 1 == elements.len() { "\n" } else { ",\n" });
-    }
-    out.push_str("\t\t}\n");
-}
-
-/// A chain as text: its name, its hook line if it is a base chain, a comment, its rules.
-struct ChainText {
+/// A chain: its name, its hook if it is a base chain, a comment, its rules.
+struct ChainDef {
     name: String,
-    hook: Option<&'static str>,
+    hook: Option<Hook>,
     comment: Option<String>,
-    rules: Vec<String>,
+    rules: Vec<Rule>,
 }
 
-impl ChainText {
-    fn new(name: impl Into<String>, rules: Vec<String>) -> Self {
-        ChainText {
+impl ChainDef {
+    fn new(name: impl Into<String>, rules: Vec<Rule>) -> Self {
+        ChainDef {
             name: name.into(),
             hook: None,
             comment: None,
@@ -232,10 +222,20 @@ impl ChainText {
         }
     }
 
-    fn hooked(name: &str, hook: &'static str, rules: Vec<String>) -> Self {
-        ChainText {
-            hook: Some(hook),
-            ..ChainText::new(name, rules)
+    fn hooked(
+        name: &str,
+        kind: &'static str,
+        hook: HookPoint,
+        priority: i32,
+        rules: Vec<Rule>,
+    ) -> Self {
+        ChainDef {
+            hook: Some(Hook {
+                kind,
+                hook,
+                priority,
+            }),
+            ..ChainDef::new(name, rules)
         }
     }
 }
@@ -262,31 +262,36 @@ pub fn table_maps(plan: &FamilyPlan) -> Vec<ClassObject> {
     maps
 }
 
+/// Hook priorities, as `nft` names them.
+const DSTNAT: i32 = -100;
+const SRCNAT: i32 = 100;
+
 /// Every chain of the table, with its rules.
-fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
+fn table_chains(plan: &FamilyPlan) -> Vec<ChainDef> {
     let settings = &plan.settings;
     let family = settings.family;
-    let f = family_names(family);
-    let a = f.addr;
-    let mut chains: Vec<ChainText> = slot_chains(&plan.classes)
+    // Both spellings parse: `127.0.0.0/8`, `::1`.
+    let text = family_names(family).localhost;
+    let localhost: IpNet = text
+        .parse()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .unwrap_or_else(|_| IpNet::from(IpAddr::from([127, 0, 0, 1])));
+    let mut chains: Vec<ChainDef> = slot_chains(&plan.classes)
         .into_iter()
         .map(|(key, role, k)| {
-            ChainText::new(
-                slot_chain_name(key, role, k),
-                vec![slot_rule(key, role, k, family)],
-            )
+            ChainDef::new(slot_chain_name(key, role, k), vec![slot_rule(key, role, k)])
         })
         .collect();
     chains.extend(
         plan.classes
             .iter()
-            .map(|class| ChainText::new(class.chain(), pick_rules(class, family))),
+            .map(|class| ChainDef::new(class.chain(), pick_rules(class))),
     );
     for port in plan.ports.values() {
         for chain in &port.chains {
-            chains.push(ChainText {
+            chains.push(ChainDef {
                 comment: Some(chain.comment.clone()),
-                ..ChainText::new(chain.name.clone(), chain.rules.clone())
+                ..ChainDef::new(chain.name.clone(), chain.rules.clone())
             });
         }
     }
@@ -294,32 +299,59 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
 
     // NodePorts answer on the resolved local addresses; a family with none has no
     // NodePorts at all.
-    let nodeport_match = match &settings.nodeport_addresses {
-        None => Some(String::new()),
+    let nodeport_match: Option<Vec<Stmt>> = match &settings.nodeport_addresses {
+        None => Some(Vec::new()),
         Some(nets) if nets.is_empty() => None,
-        Some(nets) => {
-            let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
-            Some(format!("{a} daddr {{ {} }} ", list.join(", ")))
-        }
+        Some(nets) => Some(vec![Stmt::AddrIn {
+            sel: Sel::Daddr,
+            nets: nets.clone(),
+            negate: false,
+        }]),
     };
-    let nodeport_rule = |verdict: &str| {
+    let nodeport_rule = |tail: Vec<Stmt>| {
         nodeport_match.as_ref().map(|np| {
-            format!(
-                "fib daddr type local {a} daddr != {lo} {np}meta l4proto . th dport {verdict}",
-                lo = f.localhost
-            )
+            let mut stmts = vec![
+                Stmt::FibLocal(Sel::Daddr),
+                Stmt::AddrIs {
+                    sel: Sel::Daddr,
+                    net: localhost,
+                    negate: true,
+                },
+            ];
+            stmts.extend(np.iter().cloned());
+            stmts.extend(tail);
+            Rule(stmts)
         })
     };
-    let reject_nodeport = nodeport_rule("@no-endpoint-nodeports ct state new goto reject-chain");
-    let dispatch_nodeport = nodeport_rule("vmap @service-nodeports");
-    let key = packet_key(KeyKind::Ip, a);
-    let reject_service = format!("ct state new {key} @no-endpoint-services goto reject-chain");
+    let reject_chain = || goto("reject-chain".into());
+    let reject_nodeport = nodeport_rule(vec![
+        Stmt::InSet {
+            key: nodeport_key(),
+            set: MapId::NoEndpointNodeports.name(),
+            negate: false,
+        },
+        Stmt::CtNew,
+        reject_chain(),
+    ]);
+    let dispatch_nodeport = nodeport_rule(vec![vmap(KeyKind::NodePort, MapId::ServiceNodeports)]);
+    let reject_service = Rule::new([
+        Stmt::CtNew,
+        Stmt::InSet {
+            key: ip_key(),
+            set: MapId::NoEndpointServices.name(),
+            negate: false,
+        },
+        reject_chain(),
+    ]);
     let mark = settings.mark;
 
-    chains.push(ChainText::new("reject-chain", vec!["reject".into()]));
+    chains.push(ChainDef::new(
+        "reject-chain",
+        vec![Rule::new([Stmt::Reject])],
+    ));
     // Source ranges apply to the node's own connections too, as upstream's
     // firewall-check runs from both hooks.
-    let firewall = format!("{key} vmap @firewall-ips");
+    let firewall = Rule::new([vmap(KeyKind::Ip, MapId::FirewallIps)]);
     let mut prerouting = vec![firewall.clone(), reject_service.clone()];
     prerouting.extend(reject_nodeport.clone());
     // Loopback NodePorts no user-space listener serves (UDP, SCTP, no usable endpoint)
@@ -327,63 +359,102 @@ fn table_chains(plan: &FamilyPlan) -> Vec<ChainText> {
     // could answer; refused on input, the client sees "connection refused".
     if settings.localhost_nodeports {
         for protocol in LOCALHOST_NODEPORT_PROTOCOLS {
-            prerouting.push(format!(
-                "meta iiftype loopback {a} daddr {lo} meta l4proto {p} meta l4proto . th dport @{set} counter name \"{counter}\" reject",
-                p = protocol.as_str(),
-                set = MapId::LocalhostNodeportRejects.name(),
-                counter = localhost_nodeport_counter(protocol),
-                lo = f.localhost
-            ));
+            prerouting.push(Rule::new([
+                Stmt::IifLoopback,
+                Stmt::AddrIs {
+                    sel: Sel::Daddr,
+                    net: localhost,
+                    negate: false,
+                },
+                Stmt::L4proto(protocol),
+                Stmt::InSet {
+                    key: nodeport_key(),
+                    set: MapId::LocalhostNodeportRejects.name(),
+                    negate: false,
+                },
+                Stmt::Counter(localhost_nodeport_counter(protocol)),
+                Stmt::Reject,
+            ]));
         }
     }
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::hooked(
         "filter-prerouting",
-        "type filter hook prerouting priority dstnat - 10; policy accept;",
+        "filter",
+        HookPoint::Prerouting,
+        DSTNAT - 10,
         prerouting,
     ));
     let mut output = vec![firewall, reject_service];
     output.extend(reject_nodeport);
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::hooked(
         "filter-output",
-        "type filter hook output priority -110; policy accept;",
+        "filter",
+        HookPoint::Output,
+        -110,
         output,
     ));
     // After DNAT: forwarded and locally sent new connections still addressed to a
     // Service range found no Service port.
-    let check = format!("ct state new jump {CLUSTER_IPS_CHECK}");
-    chains.push(ChainText::new(
+    let check = Rule::new([
+        Stmt::CtNew,
+        Stmt::Verdict(Verdict::Jump(CLUSTER_IPS_CHECK.into())),
+    ]);
+    chains.push(ChainDef::new(
         CLUSTER_IPS_CHECK,
         cluster_ips_check_rules(settings),
     ));
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::hooked(
         "filter-forward",
-        "type filter hook forward priority -110; policy accept;",
+        "filter",
+        HookPoint::Forward,
+        -110,
         vec![check.clone()],
     ));
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::hooked(
         "filter-output-post-dnat",
-        "type filter hook output priority -90; policy accept;",
+        "filter",
+        HookPoint::Output,
+        -90,
         vec![check],
     ));
-    let mut services = vec![format!("{key} vmap @service-ips")];
+    let mut services = vec![Rule::new([vmap(KeyKind::Ip, MapId::ServiceIps)])];
     services.extend(dispatch_nodeport);
-    chains.push(ChainText::new("services", services));
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::new("services", services));
+    let jump_services = || vec![Rule::new([Stmt::Verdict(Verdict::Jump("services".into()))])];
+    chains.push(ChainDef::hooked(
         "nat-prerouting",
-        "type nat hook prerouting priority dstnat; policy accept;",
-        vec!["jump services".into()],
+        "nat",
+        HookPoint::Prerouting,
+        DSTNAT,
+        jump_services(),
     ));
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::hooked(
         "nat-output",
-        "type nat hook output priority -100; policy accept;",
-        vec!["jump services".into()],
+        "nat",
+        HookPoint::Output,
+        -100,
+        jump_services(),
     ));
-    chains.push(ChainText::hooked(
+    chains.push(ChainDef::hooked(
         "nat-postrouting",
-        "type nat hook postrouting priority srcnat; policy accept;",
+        "nat",
+        HookPoint::Postrouting,
+        SRCNAT,
         vec![
-            format!("meta mark & {mark:#x} == {mark:#x} meta mark set meta mark ^ {mark:#x} masquerade fully-random"),
-            format!("ct status dnat {a} saddr . {a} daddr @hairpin masquerade fully-random"),
+            Rule::new([
+                Stmt::MarkHas(mark),
+                Stmt::MarkXor(mark),
+                Stmt::Masquerade { fully_random: true },
+            ]),
+            Rule::new([
+                Stmt::CtDnat,
+                Stmt::InSet {
+                    key: vec![Sel::Saddr, Sel::Daddr],
+                    set: MapId::Hairpin.name(),
+                    negate: false,
+                },
+                Stmt::Masquerade { fully_random: true },
+            ]),
         ],
     ));
     chains
@@ -414,64 +485,67 @@ pub fn localhost_nodeport_counter(protocol: Protocol) -> String {
     format!("localhost-nodeport-rejected-{}", protocol.as_str())
 }
 
-/// Renders the table of one family without elements, as one part of an atomic `nft -f`
-/// transaction: declarations first (maps, sets, empty chains), then the rules. When
-/// updating, maps and sets named in `existing` are not declared again: `nft` 1.0.6 fails
-/// to compare a redeclared `typeof` map holding `th dport` with the kernel's.
-pub fn render_skeleton(
-    out: &mut String,
+/// The comment of our tables.
+const TABLE_COMMENT: &str = "rules for kube-proxy";
+
+/// The table of one family without elements, as part of one atomic transaction:
+/// declarations first (maps, sets, empty chains), then the rules. When updating, the
+/// table and what it holds are kept (maps and sets named in `existing` are not declared
+/// again) and every rule is replaced.
+pub fn skeleton_ops(
     plan: &FamilyPlan,
     mode: FullMode,
     existing: &BTreeSet<String>,
-) {
+) -> Vec<TableOp<'static>> {
     let family = plan.family();
-    let t = format!("{} {TABLE}", family_names(family).table_family);
+    let mut ops = Vec::new();
+    let add_table = || TableOp::AddTable {
+        family,
+        comment: Some(TABLE_COMMENT.into()),
+    };
     if mode == FullMode::Replace {
-        // `add` then `delete` makes the delete succeed whether or not the table existed.
-        let _ = writeln!(out, "add table {t}\ndelete table {t}");
+        // Add, then delete: the delete succeeds whether or not the table existed.
+        ops.push(add_table());
+        ops.push(TableOp::DeleteTable(family));
     }
-    let _ = writeln!(out, "table {t} {{\n\tcomment \"rules for kube-proxy\"");
+    ops.push(add_table());
     // Named counters, not anonymous ones in the rules: their values change with traffic,
     // and the rules must read back the same for a re-sync to find nothing to repair.
     if plan.settings.localhost_nodeports {
         for protocol in LOCALHOST_NODEPORT_PROTOCOLS {
-            let _ = writeln!(
-                out,
-                "\tcounter {} {{ }}",
-                localhost_nodeport_counter(protocol)
-            );
+            ops.push(TableOp::AddCounter {
+                family,
+                name: localhost_nodeport_counter(protocol),
+            });
         }
     }
     for object in table_maps(plan) {
         if mode == FullMode::Update && existing.contains(&object.name()) {
             continue;
         }
-        render_class_object(out, object, family, &[]);
+        ops.push(class_object_op(object, family));
     }
     let chains = table_chains(plan);
     for chain in &chains {
-        let _ = writeln!(out, "\tchain {} {{", chain.name);
-        if let Some(hook) = chain.hook {
-            let _ = writeln!(out, "\t\t{hook}");
-        }
-        if let Some(comment) = &chain.comment {
-            let _ = writeln!(out, "\t\tcomment \"{comment}\"");
-        }
-        out.push_str("\t}\n");
+        ops.push(TableOp::AddChain {
+            family,
+            name: chain.name.clone(),
+            hook: chain.hook,
+            comment: chain.comment.clone(),
+        });
     }
-    out.push_str("}\n");
     if mode == FullMode::Update {
-        let _ = writeln!(out, "flush table {t}");
+        ops.push(TableOp::FlushTable(family));
     }
-    let _ = writeln!(out, "table {t} {{");
-    for chain in &chains {
-        let _ = writeln!(out, "\tchain {} {{", chain.name);
-        for rule in &chain.rules {
-            let _ = writeln!(out, "\t\t{rule}");
-        }
-        out.push_str("\t}\n");
+    for chain in chains {
+        ops.extend(add_rules(family, &chain.name, chain.rules));
     }
-    out.push_str("}\n");
+    ops
+}
+
+/// Deletes our tables in both families; succeeds whether or not they exist.
+pub fn cleanup_ops() -> Vec<TableOp<'static>> {
+    drop_tables()
 }
 
 /// `add element` (with values) or `delete element` (keys only) for one map.
@@ -507,42 +581,41 @@ pub fn render_element_command(
     out.push_str("}\n");
 }
 
-/// Renders a delta as `nft` commands, ordered so every reference exists when it is
-/// made and nothing is deleted while still referenced: new maps, sets and chains;
-/// flushes; element deletions; rules; element additions; chain deletions.
-pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
+/// A delta as one transaction, ordered so every reference exists when it is made and
+/// nothing is deleted while still referenced: new maps, sets and chains; flushes;
+/// element deletions; rules; element additions; chain deletions.
+pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
     let family = plan.family();
-    let f = family_names(family);
-    let t = format!("{} {TABLE}", f.table_family);
-    if !delta.new_classes.is_empty() || !delta.new_objects.is_empty() {
-        // Redeclaring the table block with `table` adds objects without touching others.
-        let _ = writeln!(out, "table {t} {{");
-        for object in &delta.new_objects {
-            render_class_object(out, *object, family, &[]);
-        }
-        for (key, role, k) in &delta.new_slot_chains {
-            let _ = writeln!(
-                out,
-                "\tchain {} {{\n\t\t{}\n\t}}",
-                slot_chain_name(*key, *role, *k),
-                slot_rule(*key, *role, *k, family)
-            );
-        }
-        for class in &delta.new_classes {
-            let _ = writeln!(out, "\tchain {} {{", class.chain());
-            for rule in pick_rules(class, family) {
-                let _ = writeln!(out, "\t\t{rule}");
-            }
-            out.push_str("\t}\n");
-        }
-        out.push_str("}\n");
+    let mut ops = Vec::new();
+    for object in &delta.new_objects {
+        ops.push(class_object_op(*object, family));
+    }
+    let rules = |ops: &mut Vec<TableOp<'a>>, chain: String, list: Vec<Rule>| {
+        ops.push(TableOp::AddChain {
+            family,
+            name: chain.clone(),
+            hook: None,
+            comment: None,
+        });
+        ops.extend(add_rules(family, &chain, list));
+    };
+    for (key, role, k) in &delta.new_slot_chains {
+        rules(
+            &mut ops,
+            slot_chain_name(*key, *role, *k),
+            vec![slot_rule(*key, *role, *k)],
+        );
+    }
+    for class in &delta.new_classes {
+        rules(&mut ops, class.chain(), pick_rules(class));
     }
     for chain in &delta.chains_added {
-        let _ = writeln!(
-            out,
-            "add chain {t} {} {{ comment \"{}\"; }}",
-            chain.name, chain.comment
-        );
+        ops.push(TableOp::AddChain {
+            family,
+            name: chain.name.clone(),
+            hook: None,
+            comment: Some(chain.comment.clone()),
+        });
     }
     for name in delta
         .chains_changed
@@ -550,22 +623,45 @@ pub fn render_delta(out: &mut String, plan: &FamilyPlan, delta: &Delta) {
         .map(|c| &c.name)
         .chain(&delta.chains_deleted)
     {
-        let _ = writeln!(out, "flush chain {t} {name}");
+        ops.push(TableOp::FlushChain {
+            family,
+            name: name.clone(),
+        });
     }
-    for (map, elems) in by_map(&delta.deleted) {
-        render_element_command(out, ElementVerb::Delete, family, map, &elems);
-    }
+    let elements = |verb, set| {
+        element_ops(family, verb, set)
+            .into_iter()
+            .map(TableOp::Elements)
+    };
+    ops.extend(elements(ElementVerb::Delete, &delta.deleted));
     for chain in delta.chains_added.iter().chain(&delta.chains_changed) {
-        for rule in &chain.rules {
-            let _ = writeln!(out, "add rule {t} {} {rule}", chain.name);
-        }
+        ops.extend(add_rules(family, &chain.name, chain.rules.iter().cloned()));
     }
-    for (map, elems) in by_map(&delta.added) {
-        render_element_command(out, ElementVerb::Add, family, map, &elems);
-    }
+    ops.extend(elements(ElementVerb::Add, &delta.added));
     for name in &delta.chains_deleted {
-        let _ = writeln!(out, "delete chain {t} {name}");
+        ops.push(TableOp::Delete(Deletion {
+            family,
+            object: Object::Chain(name.clone()),
+        }));
     }
+    ops
+}
+
+/// One op per map adding or deleting `set`'s elements of that map.
+pub fn element_ops(
+    family: IpFamily,
+    verb: ElementVerb,
+    set: &BTreeSet<Element>,
+) -> Vec<ElementOp<'_>> {
+    by_map(set)
+        .into_iter()
+        .map(|(map, elements)| ElementOp {
+            family,
+            verb,
+            map,
+            elements,
+        })
+        .collect()
 }
 
 /// Elements grouped by map, sorted.

@@ -154,7 +154,8 @@ fn endpoint_count_change_moves_service_to_a_new_class() {
         .unwrap();
     let script = &proxier.runner().scripts[1];
     assert!(
-        script.contains("map slot-2") && script.contains("chain pick-ip-3"),
+        script.contains("map ip kube-proxy slot-2 ")
+            && script.contains("chain ip kube-proxy pick-ip-3\n"),
         "class 3 created: {script}"
     );
     assert!(script.contains("goto pick-ip-3"), "{script}");
@@ -365,8 +366,8 @@ fn affinity_slots_stay_with_their_endpoints() {
     let before = affinity_targets(&proxier.runner().scripts[0]);
     assert_eq!(before.len(), 3, "{before:?}");
     assert!(
-        proxier.runner().scripts[0].contains("set aff-2 ")
-            && proxier.runner().scripts[0].contains("chain pick-ip-3-affinity-600 "),
+        proxier.runner().scripts[0].contains("set ip kube-proxy aff-2 ")
+            && proxier.runner().scripts[0].contains("chain ip kube-proxy pick-ip-3-affinity-600\n"),
         "one shared set per slot, one chain for every such Service"
     );
 

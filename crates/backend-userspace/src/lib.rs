@@ -386,14 +386,14 @@ impl<R: NftRunner + Send + 'static> Proxier for UserspaceProxier<R> {
             ..SyncOutcome::default()
         };
         if self.config.redirect {
-            let script = rules::render(&self.config.families, &targets);
+            let ops = rules::ops(&self.config.families, &targets);
+            let script = backend_nftables::netlink::ops_text_in(rules::TABLE, &ops);
             // Endpoint-only changes leave the rules alone; the periodic full sync
             // rewrites them anyway, repairing any tampering.
             if request.full || self.programmed.as_deref() != Some(script.as_str()) {
                 self.programmed = None;
-                self.runner.run(&script)?;
+                outcome.transaction_bytes = self.runner.apply_in(rules::TABLE, &ops)?;
                 outcome.full = true;
-                outcome.transaction_bytes = script.len();
                 self.programmed = Some(script);
             }
         }
@@ -403,7 +403,9 @@ impl<R: NftRunner + Send + 'static> Proxier for UserspaceProxier<R> {
     fn cleanup(&mut self) -> Result<(), ProxierError> {
         self.listeners.clear();
         self.programmed = None;
-        self.runner.run(&rules::cleanup_script())
+        self.runner
+            .apply_in(rules::TABLE, &rules::cleanup_ops())
+            .map(|_| ())
     }
 }
 
@@ -414,8 +416,8 @@ impl<R: NftRunner> Drop for UserspaceProxier<R> {
     fn drop(&mut self) {
         self.listeners.clear();
         if self.programmed.take().is_some() {
-            match self.runner.run(&rules::cleanup_script()) {
-                Ok(()) => tracing::info!("removed the userspace redirect rules"),
+            match self.runner.apply_in(rules::TABLE, &rules::cleanup_ops()) {
+                Ok(_) => tracing::info!("removed the userspace redirect rules"),
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot remove the userspace redirect rules")
                 }

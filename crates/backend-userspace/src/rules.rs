@@ -5,9 +5,9 @@
 //! rewritten whole: userspace mode is for small clusters, and a rewrite is one atomic
 //! transaction.
 
-use std::fmt::Write as _;
-use std::net::IpAddr;
-
+use backend_nftables::netlink::{add_rules, drop_tables, ops_text_in, Hook, HookPoint, TableOp};
+use backend_nftables::rule::{Rule, Sel, Stmt, Verdict};
+use ipnet::IpNet;
 use proxy_core::model::{IpFamily, Protocol, ServicePort};
 
 pub const TABLE: &str = "kube-proxy-userspace";
@@ -21,40 +21,33 @@ pub enum Target {
     Reject,
 }
 
-fn table_family(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::V4 => "ip",
-        IpFamily::V6 => "ip6",
-    }
-}
-
-fn match_daddr(family: IpFamily, ip: IpAddr) -> String {
-    match family {
-        IpFamily::V4 => format!("ip daddr {ip}"),
-        IpFamily::V6 => format!("ip6 daddr {ip}"),
-    }
-}
-
-fn verdict(protocol: Protocol, target: Target) -> String {
+fn verdict(protocol: Protocol, target: Target) -> Stmt {
     match (target, protocol) {
-        (Target::Redirect(port), _) => format!("redirect to :{port}"),
-        (Target::Reject, Protocol::Tcp) => "reject with tcp reset".to_string(),
-        (Target::Reject, _) => "reject".to_string(),
+        (Target::Redirect(port), _) => Stmt::Redirect(port),
+        (Target::Reject, Protocol::Tcp) => Stmt::RejectTcpReset,
+        (Target::Reject, _) => Stmt::Reject,
     }
 }
 
-/// Renders the tables of `families` (replacing whatever they held) for `ports`.
-/// Only parsed addresses and port numbers reach the text, never names.
-pub fn render(families: &[IpFamily], ports: &[(&ServicePort, Target)]) -> String {
-    let mut out = String::new();
+fn jump(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::Jump(chain.into()))
+}
+
+/// The tables of `families` (replacing whatever they held) for `ports`, as one
+/// transaction on the tables named [`TABLE`].
+pub fn ops(families: &[IpFamily], ports: &[(&ServicePort, Target)]) -> Vec<TableOp<'static>> {
+    let mut out = Vec::new();
     for &family in families {
-        let mut redirects = String::new();
-        let mut rejects = String::new();
+        let mut redirects = Vec::new();
+        let mut rejects = Vec::new();
         for (sp, target) in ports {
-            let proto = sp.protocol().as_str();
             let chain = match target {
                 Target::Redirect(_) => &mut redirects,
                 Target::Reject => &mut rejects,
+            };
+            let port_is = |port| Stmt::PortIs {
+                protocol: sp.protocol(),
+                port,
             };
             let verdict = verdict(sp.protocol(), *target);
             let dests = sp
@@ -64,61 +57,92 @@ pub fn render(families: &[IpFamily], ports: &[(&ServicePort, Target)]) -> String
                 .chain(&sp.load_balancer_ips)
                 .filter(|ip| IpFamily::of(ip) == family);
             for &ip in dests {
-                let _ = writeln!(
-                    chain,
-                    "\t\t{} {proto} dport {} {verdict}",
-                    match_daddr(family, ip),
-                    sp.port
-                );
+                chain.push(Rule::new([
+                    Stmt::AddrIs {
+                        sel: Sel::Daddr,
+                        net: IpNet::from(ip),
+                        negate: false,
+                    },
+                    port_is(sp.port),
+                    verdict.clone(),
+                ]));
             }
             // NodePorts answer on every local address of the family the port has.
             if let Some(node_port) = sp.node_port {
                 if sp.families().any(|f| f == family) {
-                    let _ = writeln!(
-                        chain,
-                        "\t\tfib daddr type local {proto} dport {node_port} {verdict}"
-                    );
+                    chain.push(Rule::new([
+                        Stmt::FibLocal(Sel::Daddr),
+                        port_is(node_port),
+                        verdict.clone(),
+                    ]));
                 }
             }
         }
-        let f = table_family(family);
-        let _ = write!(
-            out,
-            "add table {f} {TABLE}\n\
-             delete table {f} {TABLE}\n\
-             table {f} {TABLE} {{\n\
-             \tchain nat-prerouting {{\n\
-             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-             \t\tjump services\n\
-             \t}}\n\
-             \tchain nat-output {{\n\
-             \t\ttype nat hook output priority -100; policy accept;\n\
-             \t\tjump services\n\
-             \t}}\n\
-             \tchain filter-prerouting {{\n\
-             \t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
-             \t\tct state new jump no-endpoints\n\
-             \t}}\n\
-             \tchain filter-output {{\n\
-             \t\ttype filter hook output priority -110; policy accept;\n\
-             \t\tct state new jump no-endpoints\n\
-             \t}}\n\
-             \tchain services {{\n{redirects}\t}}\n\
-             \tchain no-endpoints {{\n{rejects}\t}}\n\
-             }}\n"
-        );
+        // Add, then delete: the delete succeeds whether or not the table existed.
+        out.push(TableOp::AddTable {
+            family,
+            comment: None,
+        });
+        out.push(TableOp::DeleteTable(family));
+        out.push(TableOp::AddTable {
+            family,
+            comment: None,
+        });
+        let hooked = |kind, hook, priority| {
+            Some(Hook {
+                kind,
+                hook,
+                priority,
+            })
+        };
+        let chains = [
+            (
+                "nat-prerouting",
+                hooked("nat", HookPoint::Prerouting, -100),
+                vec![Rule::new([jump("services")])],
+            ),
+            (
+                "nat-output",
+                hooked("nat", HookPoint::Output, -100),
+                vec![Rule::new([jump("services")])],
+            ),
+            (
+                "filter-prerouting",
+                hooked("filter", HookPoint::Prerouting, -110),
+                vec![Rule::new([Stmt::CtNew, jump("no-endpoints")])],
+            ),
+            (
+                "filter-output",
+                hooked("filter", HookPoint::Output, -110),
+                vec![Rule::new([Stmt::CtNew, jump("no-endpoints")])],
+            ),
+            ("services", None, redirects),
+            ("no-endpoints", None, rejects),
+        ];
+        // Chains first: rules jump to chains declared after them.
+        for (name, hook, _) in &chains {
+            out.push(TableOp::AddChain {
+                family,
+                name: (*name).into(),
+                hook: *hook,
+                comment: None,
+            });
+        }
+        for (name, _, rules) in chains {
+            out.extend(add_rules(family, name, rules));
+        }
     }
     out
 }
 
+/// [`ops`] as `nft` commands (tests; and what the proxier compares to skip a rewrite).
+pub fn render(families: &[IpFamily], ports: &[(&ServicePort, Target)]) -> String {
+    ops_text_in(TABLE, &ops(families, ports))
+}
+
 /// Deletes the tables in both families; succeeds whether or not they exist.
-pub fn cleanup_script() -> String {
-    let mut out = String::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let f = table_family(family);
-        let _ = writeln!(out, "add table {f} {TABLE}\ndelete table {f} {TABLE}");
-    }
-    out
+pub fn cleanup_ops() -> Vec<TableOp<'static>> {
+    drop_tables()
 }
 
 #[cfg(test)]

@@ -12,8 +12,7 @@ use backend_iptables::apply::{Backend, IptablesCommand};
 use backend_iptables::plan::IptConfig;
 use backend_iptables::IptablesProxier;
 use backend_nftables::apply::{NftCommand, RecordingRunner};
-use backend_nftables::plan::{FamilyPlan, NftConfig, PreviousSlots};
-use backend_nftables::render::{render_skeleton, FullMode};
+use backend_nftables::plan::NftConfig;
 use backend_nftables::NftablesProxier;
 use proxy_core::model::{IpFamily, LocalDetector, ProxyState, ServiceName};
 use proxy_core::proxier::{Proxier, SyncRequest};
@@ -45,10 +44,10 @@ pub struct InProcess {
     /// First full sync, kernel included.
     pub full_sync_ms: f64,
     pub full_sync_bytes: usize,
-    /// Peak resident set of the tool the full sync runs (`nft` for the skeleton; the
-    /// elements go over netlink, in process), measured by replaying its input from a
-    /// small helper process: a child spawned by this large process would report this
-    /// process's size.
+    /// Peak resident set of the tool the full sync runs (none in nftables mode, which
+    /// sends everything over netlink; `iptables-restore` otherwise), measured by replaying
+    /// its input from a small helper process: a child spawned by this large process would
+    /// report this process's size.
     pub tool_child_peak_mib: f64,
     pub endpoint_change_samples: usize,
     pub endpoint_change_p50_ms: f64,
@@ -251,20 +250,8 @@ pub fn measure(
 fn tool_peak_mib(mode: Mode, cluster: &[SynthService]) -> Result<f64> {
     let state = Arc::new(synth::state(cluster));
     let (program, args, input): (&str, Vec<&str>, String) = match mode {
-        Mode::Nftables => {
-            let mut script = String::new();
-            for family in nft_config().families {
-                let (plan, _) = FamilyPlan::full(
-                    family,
-                    &state,
-                    &nft_config(),
-                    PreviousSlots::None,
-                    &mut Vec::new(),
-                );
-                render_skeleton(&mut script, &plan, FullMode::Update, &BTreeSet::new());
-            }
-            ("nft", vec!["-f", "-"], script)
-        }
+        // The whole full sync goes over netlink, in process: no tool runs.
+        Mode::Nftables => return Ok(0.0),
         Mode::IptablesLegacy => {
             let mut p = IptablesProxier::new(
                 ipt_config(),

@@ -170,7 +170,7 @@ fn markdown(report: &Report) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | tool child peak RSS (`nft` skeleton / restore) | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | add Service bytes | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
+        "| mode | Services × endpoints | plan (no kernel) | first full sync | full sync bytes | tool child peak RSS (`iptables-restore`; nftables runs none) | endpoint change p50 / p99 | endpoint change bytes | add Service p50 / p99 | add Service bytes | binary: start → synced (its `took_ms`) | binary RSS after sync (peak) | connect first p50 / p99 | connect last p50 / p99 |"
     );
     let _ = writeln!(
         t,

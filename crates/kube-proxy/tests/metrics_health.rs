@@ -1,7 +1,8 @@
 //! End to end, as root: the real binary's metrics and health servers, reached from
 //! inside its network namespace. `promtool` lints a live scrape, a real Prometheus
-//! scrapes it, `/healthz` follows syncs made to fail by a `nft` that fails on demand
-//! (through PATH), and the per-Service health check follows local endpoints.
+//! scrapes it, `/healthz` follows syncs made to fail by another program taking our
+//! nftables table (owned by its netlink socket, the kernel refuses everyone else), and
+//! the per-Service health check follows local endpoints.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -62,12 +63,59 @@ fn sample(scrape: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Replaces our `ip kube-proxy` table, in one batch, by an empty one owned by the
+/// returned netlink socket (`NFT_TABLE_F_OWNER`): until that socket closes, the kernel
+/// refuses every change to the table from anyone else, as it would for a table another
+/// program claimed. Numbers from the kernel's `nf_tables.h`.
+fn take_table() -> Result<netlink::Socket, netlink::RequestError> {
+    const NFT_MSG_NEWTABLE: u16 = 0;
+    const NFT_MSG_DELTABLE: u16 = 2;
+    const NFTA_TABLE_NAME: u16 = 1;
+    const NFTA_TABLE_FLAGS: u16 = 2;
+    const NFT_TABLE_F_OWNER: u32 = 0x2;
+    const NLM_F_CREATE: u16 = 0x400;
+    let mut socket = netlink::Socket::open(libc::NETLINK_NETFILTER)?;
+    let subsys = 10u16 << 8; // NFNL_SUBSYS_NFTABLES
+    let batch_header = [0, 0, 0, 10];
+    let ipv4 = [2, 0, 0, 0];
+    let begin = socket.next_seq();
+    let mut bytes =
+        netlink::Message::new(0x10, netlink::NLM_F_REQUEST, begin, &batch_header).finish();
+    let mut last = begin;
+    for (kind, flags, table_flags) in [
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE, None),
+        (NFT_MSG_DELTABLE, 0, None),
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE, Some(NFT_TABLE_F_OWNER)),
+    ] {
+        last = socket.next_seq();
+        let ack = if table_flags.is_some() {
+            netlink::NLM_F_ACK
+        } else {
+            0
+        };
+        let mut msg = netlink::Message::new(
+            subsys | kind,
+            netlink::NLM_F_REQUEST | flags | ack,
+            last,
+            &ipv4,
+        );
+        msg.str(NFTA_TABLE_NAME, "kube-proxy");
+        if let Some(f) = table_flags {
+            msg.be32(NFTA_TABLE_FLAGS, f);
+        }
+        bytes.extend(msg.finish());
+    }
+    let end = socket.next_seq();
+    bytes.extend(netlink::Message::new(0x11, netlink::NLM_F_REQUEST, end, &batch_header).finish());
+    socket.send_batch(&bytes, begin, last)?;
+    Ok(socket)
+}
+
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kube-proxy"))
 }
 
-/// A proxy in its own namespace on a manifests directory, with `nft` wrapped by a
-/// script that fails while `<dir>/fail-nft` exists.
+/// A proxy in its own namespace on a manifests directory.
 struct Node {
     ns: Netns,
     dir: tempfile::TempDir,
@@ -85,27 +133,11 @@ impl Node {
         }
         let ns = Netns::new().expect("netns");
         let dir = tempfile::tempdir().expect("tempdir");
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).expect("bin dir");
-        let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("nft installed");
-        let script = format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then echo 'injected failure' >&2; exit 1; fi\nexec {real_nft} \"$@\"\n",
-            dir.path().join("fail-nft").display()
-        );
-        let nft = bin.join("nft");
-        std::fs::write(&nft, script).expect("nft wrapper");
-        std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
         let mdir = dir.path().join("manifests");
         std::fs::create_dir(&mdir).expect("manifests dir");
         std::fs::write(mdir.join("cluster.yaml"), manifests).expect("manifests");
-        let path_env = format!("PATH={}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
         let bin_path = binary();
         let mut args = vec![
-            path_env.as_str(),
             bin_path.to_str().expect("utf-8 path"),
             "--manifests",
             mdir.to_str().expect("utf-8 path"),
@@ -328,10 +360,12 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
     assert_eq!(v["status"]["IPv4"]["healthy"], true, "{v}");
     assert_eq!(v["lastUpdated"], v["currentTime"], "{v}");
 
-    // Syncs fail from now on; a change is queued and stays unsynced past 2 × 1 s. The
-    // change needs new chains (a first Service with affinity), so it goes through `nft`
-    // (element-only changes go over netlink and would not see the wrapper).
-    std::fs::write(node.dir.path().join("fail-nft"), "").expect("fail switch");
+    // Syncs fail from now on; a change is queued and stays unsynced past 2 × 1 s.
+    let owner = node
+        .ns
+        .run(take_table)
+        .expect("netns")
+        .expect("take the table");
     node.write_manifests(
         &(service("web", "10.96.0.10", "")
             + &service("api", "10.96.0.11", "  sessionAffinity: ClientIP\n")
@@ -366,8 +400,9 @@ fn healthz_turns_503_when_syncs_fail_and_200_after_recovery() {
         "{scrape}"
     );
 
-    // nft works again: the next retry syncs and health comes back.
-    std::fs::remove_file(node.dir.path().join("fail-nft")).expect("fail switch off");
+    // The owner goes (the kernel deletes its table): the next retry syncs and health
+    // comes back.
+    drop(owner);
     wait_for("healthz 200", Duration::from_secs(10), || {
         get(&node.ns, HEALTHZ, "/healthz").is_some_and(|a| a.status == 200)
     });
