@@ -507,15 +507,7 @@ this is: [not valid yaml
     ) else {
         return;
     };
-    let counts = spread(
-        cluster.client(),
-        addr("10.96.0.10", 80),
-        Proto::Tcp,
-        20,
-        TIMEOUT,
-    )
-    .expect("spread");
-    assert_spread(&counts, &["be0", "be1"], "web next to bad objects");
+    web_reaches(&cluster, &["be0", "be1"], "web next to bad objects");
     let ruleset = cluster.ruleset();
     assert!(
         !ruleset.contains("10.96.0.66") && !ruleset.contains("10.96.0.67"),
@@ -1565,16 +1557,21 @@ fn starting_removes_the_other_modes_rules(mode: Mode) {
             mode.0,
             cluster.ruleset()
         );
-        let counts = spread(
-            cluster.client(),
-            addr("10.96.0.10", 80),
-            Proto::Tcp,
-            20,
-            TIMEOUT,
-        )
-        .expect("spread");
-        assert_spread(&counts, &["be0", "be1"], "after switching modes");
+        web_reaches(&cluster, &["be0", "be1"], "after switching modes");
     }
+}
+
+/// 20 connections from the client to the standard `web` Service reach `backends`.
+fn web_reaches(cluster: &Cluster, backends: &[&str], what: &str) {
+    let counts = spread(
+        cluster.client(),
+        addr("10.96.0.10", 80),
+        Proto::Tcp,
+        20,
+        TIMEOUT,
+    )
+    .expect("spread");
+    assert_spread(&counts, backends, what);
 }
 
 /// A node without the iptables tools: a mode that removes iptables mode's leftovers at
@@ -1591,15 +1588,7 @@ fn without_iptables_tools_other_modes_skip_their_leftovers_quietly() {
             return;
         };
         cluster.restart_proxy_with(mode, &["--v=4"], Tools::Needed);
-        let counts = spread(
-            cluster.client(),
-            addr("10.96.0.10", 80),
-            Proto::Tcp,
-            20,
-            TIMEOUT,
-        )
-        .expect("spread");
-        assert_spread(&counts, &["be0", "be1"], mode.0);
+        web_reaches(&cluster, &["be0", "be1"], mode.0);
         let log = cluster.proxy.log();
         let loud: Vec<&str> = log
             .lines()
@@ -1649,15 +1638,7 @@ fn iptables_rules_flushed_by_someone_else_are_rewritten() {
     cluster.update(&standard_services(&[ip("10.244.2.2"), ip("fd00:244:2::2")]));
     let log = cluster.proxy.log();
     assert!(log.contains("KUBE-PROXY-CANARY is gone"), "{log}");
-    let counts = spread(
-        cluster.client(),
-        addr("10.96.0.10", 80),
-        Proto::Tcp,
-        20,
-        TIMEOUT,
-    )
-    .expect("spread");
-    assert_spread(&counts, &["be1"], "after the flush");
+    web_reaches(&cluster, &["be1"], "after the flush");
 }
 
 // ---------------------------------------------------------------------------------------

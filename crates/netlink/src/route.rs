@@ -186,14 +186,7 @@ impl Route {
         addr: IpAddr,
         prefix: u8,
     ) -> Result<(), RequestError> {
-        let seq = self.socket.next_seq();
-        match self
-            .socket
-            .request(&address(seq, true, index, addr, prefix))
-        {
-            Err(RequestError::Kernel { errno, .. }) if errno == libc::EEXIST => Ok(()),
-            other => other.map(drop),
-        }
+        self.change_address(true, index, addr, prefix, libc::EEXIST)
     }
 
     /// Removes `addr/prefix` from the link `index`; an address already gone is no error.
@@ -203,12 +196,21 @@ impl Route {
         addr: IpAddr,
         prefix: u8,
     ) -> Result<(), RequestError> {
+        self.change_address(false, index, addr, prefix, libc::EADDRNOTAVAIL)
+    }
+
+    /// `done`: the errno saying the address already is as asked.
+    fn change_address(
+        &mut self,
+        add: bool,
+        index: u32,
+        addr: IpAddr,
+        prefix: u8,
+        done: i32,
+    ) -> Result<(), RequestError> {
         let seq = self.socket.next_seq();
-        match self
-            .socket
-            .request(&address(seq, false, index, addr, prefix))
-        {
-            Err(RequestError::Kernel { errno, .. }) if errno == libc::EADDRNOTAVAIL => Ok(()),
+        match self.socket.request(&address(seq, add, index, addr, prefix)) {
+            Err(RequestError::Kernel { errno, .. }) if errno == done => Ok(()),
             other => other.map(drop),
         }
     }
