@@ -237,8 +237,14 @@ impl IptablesRunner for IptablesCommand {
         // would still see packets; remove them. IPv6 tools may be missing: best effort.
         let mut other = IptablesCommand::new(self.backend.other());
         for family in [IpFamily::V4, IpFamily::V6] {
-            if let Err(err) = cleanup_with(&mut other, &[family]) {
-                tracing::warn!(backend = other.backend.name(), ?family, error = %err, "could not remove leftovers");
+            match cleanup_with(&mut other, &[family]) {
+                Ok(()) => {}
+                Err(err) if err.is_missing_tool() => {
+                    tracing::debug!(backend = other.backend.name(), ?family, error = %err, "not installed: no leftovers to remove");
+                }
+                Err(err) => {
+                    tracing::warn!(backend = other.backend.name(), ?family, error = %err, "could not remove leftovers");
+                }
             }
         }
         Ok(())
@@ -252,6 +258,10 @@ impl IptablesRunner for IptablesCommand {
                 // A backend whose tool cannot list anything holds nothing to remove.
                 let saved = match runner.save(family, None) {
                     Ok(text) => parse_save(&text),
+                    Err(err) if err.is_missing_tool() => {
+                        tracing::debug!(backend = backend.name(), ?family, error = %err, "not installed: no rules to remove");
+                        continue;
+                    }
                     Err(err) => {
                         tracing::debug!(backend = backend.name(), ?family, error = %err, "cannot list rules");
                         continue;

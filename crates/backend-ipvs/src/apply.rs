@@ -1,11 +1,11 @@
 //! The only code touching the kernel: IPVS over generic netlink, the dummy interface
-//! through `ip`, sysctls, and the nftables table through `nft`. A recording host stands
-//! in for tests.
+//! and its addresses over rtnetlink, sysctls, and the nftables table through `nft`. A
+//! recording host stands in for tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::process::Command;
 
+use ::netlink::route::Route;
 use backend_nftables::apply::{NftCommand, NftRunner};
 use backend_nftables::netlink::TableOp;
 
@@ -97,11 +97,22 @@ impl IpvsSocket {
     }
 }
 
-/// The real host.
+/// The real host. Its sockets are opened on first use, in the network namespace of the
+/// thread using it.
 #[derive(Default)]
 pub struct LinuxHost {
     socket: Option<IpvsSocket>,
+    route: Option<Route>,
     nft: NftCommand,
+}
+
+/// Host prefix length: a Service IP is one address.
+fn host_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
 }
 
 impl LinuxHost {
@@ -112,43 +123,48 @@ impl LinuxHost {
         self.socket.as_mut().ok_or(IpvsError::Unavailable)
     }
 
-    fn ip(&self, args: &[&str]) -> Result<String, IpvsError> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|source| IpvsError::Spawn {
-                program: "ip".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(IpvsError::Command {
-                command: format!("ip {}", args.join(" ")),
-                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    /// Runs `f` on the rtnetlink socket; a failure is reported as `what`.
+    fn route<T>(
+        &mut self,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce(&mut Route) -> Result<T, ::netlink::RequestError>,
+    ) -> Result<T, IpvsError> {
+        let result = match &mut self.route {
+            Some(route) => f(route),
+            None => Route::open().and_then(|mut route| {
+                let out = f(&mut route);
+                self.route = Some(route);
+                out
+            }),
+        };
+        result.map_err(|source| IpvsError::Interface {
+            what: what(),
+            source,
+        })
     }
 
-    /// `(interface, address)` pairs from `ip -j addr show`.
-    fn addresses(&self, args: &[&str]) -> Result<Vec<(String, IpAddr)>, IpvsError> {
-        let mut full = vec!["-j", "addr", "show"];
-        full.extend_from_slice(args);
-        let text = self.ip(&full)?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|err| IpvsError::Command {
-                command: "ip -j addr show".into(),
-                message: err.to_string(),
-            })?;
-        let mut out = Vec::new();
-        for link in json.as_array().into_iter().flatten() {
-            let name = link["ifname"].as_str().unwrap_or_default().to_string();
-            for info in link["addr_info"].as_array().into_iter().flatten() {
-                if let Some(addr) = info["local"].as_str().and_then(|s| s.parse().ok()) {
-                    out.push((name.clone(), addr));
-                }
-            }
-        }
-        Ok(out)
+    /// The dummy interface's index, `None` when it does not exist.
+    fn dummy_index(&mut self) -> Result<Option<u32>, IpvsError> {
+        self.route(
+            || format!("looking up {DUMMY_INTERFACE}"),
+            |r| r.link_index(DUMMY_INTERFACE),
+        )
+    }
+
+    /// The dummy interface's index; an error when it does not exist.
+    fn existing_dummy(&mut self) -> Result<u32, IpvsError> {
+        self.dummy_index()?.ok_or_else(|| IpvsError::Interface {
+            what: format!("looking up {DUMMY_INTERFACE}"),
+            source: ::netlink::RequestError::Kernel {
+                errno: libc::ENODEV,
+                message: std::io::Error::from_raw_os_error(libc::ENODEV).to_string(),
+            },
+        })
+    }
+
+    /// Every address on the host, by link index.
+    fn addresses(&mut self) -> Result<Vec<(u32, IpAddr)>, IpvsError> {
+        self.route(|| "listing addresses".into(), |r| r.addresses())
     }
 }
 
@@ -242,62 +258,63 @@ impl Host for LinuxHost {
     }
 
     fn dummy_exists(&mut self) -> Result<bool, IpvsError> {
-        Ok(std::path::Path::new("/sys/class/net")
-            .join(DUMMY_INTERFACE)
-            .exists())
+        Ok(self.dummy_index()?.is_some())
     }
 
     fn ensure_dummy(&mut self) -> Result<(), IpvsError> {
         if !self.dummy_exists()? {
-            self.ip(&["link", "add", DUMMY_INTERFACE, "type", "dummy"])?;
+            self.route(
+                || format!("creating {DUMMY_INTERFACE}"),
+                |r| r.add_dummy(DUMMY_INTERFACE),
+            )?;
         }
         Ok(())
     }
 
     fn delete_dummy(&mut self) -> Result<(), IpvsError> {
         if self.dummy_exists()? {
-            self.ip(&["link", "del", DUMMY_INTERFACE])?;
+            self.route(
+                || format!("deleting {DUMMY_INTERFACE}"),
+                |r| r.delete_link(DUMMY_INTERFACE),
+            )?;
         }
         Ok(())
     }
 
     fn bound(&mut self) -> Result<BTreeSet<IpAddr>, IpvsError> {
+        let Some(index) = self.dummy_index()? else {
+            return Ok(BTreeSet::new());
+        };
         Ok(self
-            .addresses(&["dev", DUMMY_INTERFACE])?
+            .addresses()?
             .into_iter()
+            .filter(|(link, _)| *link == index)
             .map(|(_, a)| a)
             .collect())
     }
 
     fn bind(&mut self, addr: IpAddr) -> Result<(), IpvsError> {
-        let prefix = if addr.is_ipv4() { 32 } else { 128 };
-        self.ip(&[
-            "addr",
-            "add",
-            &format!("{addr}/{prefix}"),
-            "dev",
-            DUMMY_INTERFACE,
-        ])?;
-        Ok(())
+        let index = self.existing_dummy()?;
+        self.route(
+            || format!("adding {addr} to {DUMMY_INTERFACE}"),
+            |r| r.add_address(index, addr, host_prefix(addr)),
+        )
     }
 
     fn unbind(&mut self, addr: IpAddr) -> Result<(), IpvsError> {
-        let prefix = if addr.is_ipv4() { 32 } else { 128 };
-        self.ip(&[
-            "addr",
-            "del",
-            &format!("{addr}/{prefix}"),
-            "dev",
-            DUMMY_INTERFACE,
-        ])?;
-        Ok(())
+        let index = self.existing_dummy()?;
+        self.route(
+            || format!("removing {addr} from {DUMMY_INTERFACE}"),
+            |r| r.delete_address(index, addr, host_prefix(addr)),
+        )
     }
 
     fn local_addresses(&mut self) -> Result<Vec<IpAddr>, IpvsError> {
+        let dummy = self.dummy_index()?;
         Ok(self
-            .addresses(&[])?
+            .addresses()?
             .into_iter()
-            .filter(|(link, _)| link != DUMMY_INTERFACE)
+            .filter(|(link, _)| Some(*link) != dummy)
             .map(|(_, a)| a)
             .collect())
     }

@@ -29,14 +29,13 @@ pub enum IpvsError {
     Decode(#[from] netlink::DecodeError),
     #[error("IPVS refused: {message} (errno {errno})")]
     Kernel { errno: i32, message: String },
-    #[error("cannot run {program}: {source}")]
-    Spawn {
-        program: String,
+    /// A link or address request over rtnetlink failed (`what` says which).
+    #[error("{what}: {source}")]
+    Interface {
+        what: String,
         #[source]
-        source: std::io::Error,
+        source: ::netlink::RequestError,
     },
-    #[error("{command} failed: {message}")]
-    Command { command: String, message: String },
     #[error("cannot write sysctl {path}: {source}")]
     Sysctl {
         path: String,

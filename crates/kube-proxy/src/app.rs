@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use backend_iptables::apply::IptablesCommand;
+use backend_iptables::apply::{Backend as IptablesBackend, IptablesCommand};
 use backend_iptables::plan::IptConfig;
 use backend_iptables::IptablesProxier;
 use backend_ipvs::plan::IpvsConfig;
@@ -134,6 +134,18 @@ impl BackendSettings {
         }
     }
 
+    /// Builds the backend only to remove its rules: no probing of the host (iptables
+    /// mode's cleanup walks both iptables variants, so it needs no detection).
+    fn cleaner(&self) -> Box<dyn Proxier> {
+        match self {
+            BackendSettings::Iptables(config) => Box::new(IptablesProxier::new(
+                config.clone(),
+                IptablesCommand::new(IptablesBackend::Nft),
+            )),
+            other => other.proxier(),
+        }
+    }
+
     /// Whether the datapath NATs in the kernel (userspace mode does too, as root, to
     /// redirect Service IPs), so conntrack entries can go stale.
     fn uses_kernel_nat(&self) -> bool {
@@ -161,8 +173,16 @@ fn remove_other_modes(mode: &str) {
         if backend.mode() == mode {
             continue;
         }
-        if let Err(err) = backend.proxier().cleanup() {
-            tracing::warn!(mode = backend.mode(), error = %err, "could not remove the rules of another mode");
+        match backend.cleaner().cleanup() {
+            Ok(()) => {}
+            // The other mode's tool is not installed here (iptables mode's, on a node that
+            // never ran it): nothing to run, nothing worth a warning.
+            Err(err) if err.is_missing_tool() => {
+                tracing::debug!(mode = backend.mode(), error = %err, "tool not installed: not removing the rules of another mode");
+            }
+            Err(err) => {
+                tracing::warn!(mode = backend.mode(), error = %err, "could not remove the rules of another mode");
+            }
         }
     }
 }
@@ -171,7 +191,7 @@ fn remove_other_modes(mode: &str) {
 pub fn cleanup() -> anyhow::Result<()> {
     for backend in BackendSettings::all_modes() {
         backend
-            .proxier()
+            .cleaner()
             .cleanup()
             .with_context(|| format!("removing {} rules", backend.mode()))?;
         tracing::info!(mode = backend.mode(), "removed rules");

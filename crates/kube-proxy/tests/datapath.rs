@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use testkit::manifests::{render, PortSpec, ServiceSpec};
-use testkit::{spread, Netns, Proto, ProxyProcess, RequestError, ServeMode, ServerGuard, Topology};
+use testkit::{
+    spread, Netns, Proto, ProxyProcess, RequestError, ServeMode, ServerGuard, Tools, Topology,
+};
 
 const BACKEND_PORT: u16 = 8080;
 /// Backends also answer here with their name and the client address they saw.
@@ -202,11 +204,12 @@ impl Cluster {
         out
     }
 
-    /// Stops the proxy and starts it again in `mode`, on the same manifests.
-    fn restart_proxy(&mut self, mode: Mode) {
+    /// Stops the proxy and starts it again in `mode` with `extra_args` and `tools`, on
+    /// the same manifests.
+    fn restart_proxy_with(&mut self, mode: Mode, extra_args: &[&str], tools: Tools) {
         let status = self.stop_proxy();
         assert!(status.success(), "proxy exit status {status}");
-        self.proxy = start_proxy(&self.topo, self.dir.path(), mode, &[]);
+        self.proxy = start_proxy_with(&self.topo, self.dir.path(), mode, extra_args, tools);
         self.syncs = 0;
         self.wait_for_sync();
     }
@@ -226,6 +229,17 @@ impl Drop for Cluster {
 
 /// Starts the proxy in the node on `dir`'s manifests, logging to `dir`/proxy.log.
 fn start_proxy(topo: &Topology, dir: &Path, mode: Mode, extra_args: &[&str]) -> ProxyProcess {
+    start_proxy_with(topo, dir, mode, extra_args, Tools::Needed)
+}
+
+/// [`start_proxy`] with the given tools on the proxy's `PATH`.
+fn start_proxy_with(
+    topo: &Topology,
+    dir: &Path,
+    mode: Mode,
+    extra_args: &[&str],
+    tools: Tools,
+) -> ProxyProcess {
     let mode_flag = format!("--proxy-mode={}", mode.0);
     let manifests_dir = dir.join("manifests");
     let mut args = vec![
@@ -235,10 +249,13 @@ fn start_proxy(topo: &Topology, dir: &Path, mode: Mode, extra_args: &[&str]) -> 
         "--hostname-override=node-a",
         "--cluster-cidr=10.244.0.0/16,fd00:244::/48",
         "--iptables-min-sync-period=0s",
-        "--v=2",
     ];
+    if !extra_args.iter().any(|a| a.starts_with("--v=")) {
+        args.push("--v=2");
+    }
     args.extend_from_slice(extra_args);
-    ProxyProcess::start(&topo.node, &binary(), &args, &dir.join("proxy.log")).expect("start proxy")
+    ProxyProcess::start_with(&topo.node, &binary(), &args, &dir.join("proxy.log"), tools)
+        .expect("start proxy")
 }
 
 /// Writes atomically (write then rename) so the proxy never reads half a file.
@@ -492,15 +509,7 @@ this is: [not valid yaml
     ) else {
         return;
     };
-    let counts = spread(
-        cluster.client(),
-        addr("10.96.0.10", 80),
-        Proto::Tcp,
-        20,
-        TIMEOUT,
-    )
-    .expect("spread");
-    assert_spread(&counts, &["be0", "be1"], "web next to bad objects");
+    web_reaches(&cluster, &["be0", "be1"], "web next to bad objects");
     let ruleset = cluster.ruleset();
     assert!(
         !ruleset.contains("10.96.0.66") && !ruleset.contains("10.96.0.67"),
@@ -1374,7 +1383,7 @@ fn restart_keeps_udp_flows_on_their_endpoint(mode: Mode) {
     let ports: Vec<u16> = (41000..41010).collect();
     let before: Vec<String> = ports.iter().map(|&p| ask(&cluster, p)).collect();
     assert!(before.contains(&"be0".to_string()) || before.contains(&"be1".to_string()));
-    cluster.restart_proxy(mode);
+    cluster.restart_proxy_with(mode, &[], Tools::Needed);
     let after: Vec<String> = ports.iter().map(|&p| ask(&cluster, p)).collect();
     assert_eq!(
         after, before,
@@ -1577,7 +1586,8 @@ fn starting_removes_the_other_modes_rules(mode: Mode) {
             return;
         };
         assert!(other.rules_present(&cluster.topo.node), "{} rules", other.0);
-        cluster.restart_proxy(mode);
+        // Removing them takes the other mode's tool where it is installed.
+        cluster.restart_proxy_with(mode, &[], Tools::WithLeftoverRemoval);
         assert!(
             !other.rules_present(&cluster.topo.node),
             "{} rules left after starting in {} mode:\n{}",
@@ -1585,15 +1595,56 @@ fn starting_removes_the_other_modes_rules(mode: Mode) {
             mode.0,
             cluster.ruleset()
         );
-        let counts = spread(
-            cluster.client(),
-            addr("10.96.0.10", 80),
-            Proto::Tcp,
-            20,
-            TIMEOUT,
-        )
-        .expect("spread");
-        assert_spread(&counts, &["be0", "be1"], "after switching modes");
+        web_reaches(&cluster, &["be0", "be1"], "after switching modes");
+    }
+}
+
+/// 20 connections from the client to the standard `web` Service reach `backends`.
+fn web_reaches(cluster: &Cluster, backends: &[&str], what: &str) {
+    let counts = spread(
+        cluster.client(),
+        addr("10.96.0.10", 80),
+        Proto::Tcp,
+        20,
+        TIMEOUT,
+    )
+    .expect("spread");
+    assert_spread(&counts, backends, what);
+}
+
+/// A node without the iptables tools: a mode that removes iptables mode's leftovers at
+/// start skips that (logged at debug), starts, serves, and runs no other program for it.
+#[test]
+fn without_iptables_tools_other_modes_skip_their_leftovers_quietly() {
+    for mode in [Mode("nftables"), Mode("userspace")] {
+        let Some(mut cluster) = Cluster::start(
+            Mode("iptables"),
+            "without_iptables_tools_other_modes_skip_their_leftovers_quietly",
+            &standard_services(&backends()),
+            &[],
+        ) else {
+            return;
+        };
+        cluster.restart_proxy_with(mode, &["--v=4"], Tools::Needed);
+        web_reaches(&cluster, &["be0", "be1"], mode.0);
+        let log = cluster.proxy.log();
+        let loud: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .filter(|l| l.contains("iptables") || l.contains("another mode"))
+            .collect();
+        assert!(
+            loud.is_empty(),
+            "{} mode: warnings or errors:\n{log}",
+            mode.0
+        );
+        assert!(
+            log.contains("not installed: no rules to remove") && log.contains("iptables-nft-save"),
+            "{} mode: no debug line about the skipped removal:\n{log}",
+            mode.0
+        );
+        // Nothing else removed them: they are still there for iptables tools to find.
+        assert!(Mode("iptables").rules_present(&cluster.topo.node));
     }
 }
 
@@ -1625,15 +1676,7 @@ fn iptables_rules_flushed_by_someone_else_are_rewritten() {
     cluster.update(&standard_services(&[ip("10.244.2.2"), ip("fd00:244:2::2")]));
     let log = cluster.proxy.log();
     assert!(log.contains("KUBE-PROXY-CANARY is gone"), "{log}");
-    let counts = spread(
-        cluster.client(),
-        addr("10.96.0.10", 80),
-        Proto::Tcp,
-        20,
-        TIMEOUT,
-    )
-    .expect("spread");
-    assert_spread(&counts, &["be1"], "after the flush");
+    web_reaches(&cluster, &["be1"], "after the flush");
 }
 
 /// nftables: the periodic sync finds what someone else broke and repairs it without any

@@ -1,7 +1,9 @@
 //! ipvs mode with real traffic, inside a small VM: this host's kernel may have no IPVS,
 //! so the test boots Debian's kernel (`linux-image-amd64`) under qemu (TCG, no KVM
 //! needed) with an initramfs holding our binary, `ip`, `nft`, busybox and the IPVS
-//! modules. `tests/ipvs-vm/init.sh` runs the scenario inside the VM and prints
+//! modules; the proxy runs with a `PATH` holding only the tools ipvs mode still runs
+//! (`testkit::MODE_TOOLS`), so `kube-ipvs0` is made without `ip`.
+//! `tests/ipvs-vm/init.sh` runs the scenario inside the VM and prints
 //! `IPVS-TEST PASS|FAIL name` lines; this test checks them and shows the console on
 //! failure. Everything is bounded by `timeout`. About 15 s on 2 cores.
 
@@ -82,11 +84,13 @@ fn ipvs_mode_in_a_vm() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/ipvs-vm/build-initramfs.sh"
     );
+    let tools = testkit::mode_tools("ipvs", testkit::Tools::Needed).expect("ipvs tools");
     let built = Command::new("timeout")
         .arg("120")
         .arg(script)
         .arg(work.path())
         .arg(env!("CARGO_BIN_EXE_kube-proxy"))
+        .arg(tools.join(" "))
         .output()
         .expect("run build-initramfs.sh");
     assert!(

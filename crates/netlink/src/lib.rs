@@ -1,7 +1,10 @@
 //! Netlink framing shared by the backends that talk to the kernel directly (IPVS over
 //! generic netlink, nftables over nfnetlink): building messages with nested attributes,
-//! splitting replies, and a socket that waits for the kernel's acknowledgements.
+//! splitting replies, and a socket that waits for the kernel's acknowledgements;
+//! `route` holds the rtnetlink requests for links and addresses.
 #![forbid(unsafe_code)]
+
+pub mod route;
 
 use std::io::Read as _;
 use std::time::Duration;

@@ -67,6 +67,13 @@ pub enum ProxierError {
     Other(String),
 }
 
+impl ProxierError {
+    /// Whether the tool is not installed (as opposed to failing or being refused).
+    pub fn is_missing_tool(&self) -> bool {
+        matches!(self, ProxierError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// A datapath backend: nftables, iptables, ipvs or userspace.
 ///
 /// Implementations keep what they programmed last so that `sync` can send only the

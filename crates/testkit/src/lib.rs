@@ -34,7 +34,7 @@ pub use client::{
     udp_request_from, RequestError,
 };
 pub use netns::{link, Netns};
-pub use proxy::ProxyProcess;
+pub use proxy::{mode_tools, tools_path, which, ProxyProcess, Tools, LEFTOVER_TOOLS, MODE_TOOLS};
 pub use server::{sctp_available, serve, Proto, ServeMode, ServerGuard};
 pub use topology::{
     backend_ipv4, backend_ipv6, node_backend_if, Backend, Topology, CLIENT_IPV4, CLIENT_IPV6,

@@ -2,10 +2,10 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +21,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Interface index for the next veth created by [`link`].
 static LINK_INDEX: AtomicU32 = AtomicU32::new(1000);
 static CLEANUP: Once = Once::new();
+
+/// Where `ip` is, found once on this process's `PATH` (`ip` when it is not there, so the
+/// error comes from running it).
+fn ip_program() -> &'static Path {
+    static IP: OnceLock<PathBuf> = OnceLock::new();
+    IP.get_or_init(|| crate::proxy::which(Path::new("ip")).unwrap_or_else(|| PathBuf::from("ip")))
+}
 
 /// Runs `ip` with `args` (and `stdin` fed to it, for `-batch -`), returning its stdout.
 /// The error names the command and carries its stderr.
@@ -97,7 +104,9 @@ impl Netns {
     /// program, so the child's pid is the program's pid. Anything still running
     /// in the namespace is killed when the `Netns` is dropped.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
+        // By path: a caller may give the command another PATH (Rust looks the program
+        // up on the command's PATH).
+        let mut cmd = Command::new(ip_program());
         cmd.args(["netns", "exec", &self.name, program]);
         cmd
     }

@@ -2,11 +2,14 @@
 # Builds the initramfs for the ipvs VM test from the host's packages (busybox-static,
 # linux-image-amd64, iproute2, nftables): our kube-proxy binary with its shared
 # libraries, `ip`, `nft`, busybox, the kernel's IPVS/nftables/veth/dummy modules, the
-# test's /init and manifests. Prints the kernel image's path.
-# Usage: build-initramfs.sh WORKDIR KUBE_PROXY_BINARY
+# test's /init and manifests, and /proxy-tools: the PATH kube-proxy runs with, holding
+# only TOOLS (the ones ipvs mode still runs; each must be one of those copied here).
+# Prints the kernel image's path.
+# Usage: build-initramfs.sh WORKDIR KUBE_PROXY_BINARY "TOOLS..."
 set -euo pipefail
 work=$1
 binary=$2
+tools=${3-}
 here=$(cd "$(dirname "$0")" && pwd)
 
 kernel=""
@@ -35,6 +38,11 @@ for exe in "$root/usr/bin/kube-proxy" "$root/usr/sbin/ip" "$root/usr/sbin/nft"; 
 done
 # The dynamic loader, wherever ldd names it.
 cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+mkdir -p "$root/proxy-tools"
+for tool in $tools; do
+    [ -x "$root/usr/sbin/$tool" ] || { echo "tool $tool is not in the initramfs" >&2; exit 1; }
+    ln -s "/usr/sbin/$tool" "$root/proxy-tools/$tool"
+done
 
 # Modules in dependency order; failures to load (e.g. crc32c-intel without SSE4.2
 # under TCG) are tolerated by /init.

@@ -76,7 +76,9 @@ echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
 ip netns exec be0 httpd -p 8080 -h /www/be0
 ip netns exec be1 httpd -p 8080 -h /www/be1
 
-kube-proxy --proxy-mode=ipvs --manifests /m --hostname-override node \
+# Only the tools ipvs mode still runs (testkit's MODE_TOOLS): anything else it tried
+# to exec would fail.
+PATH=/proxy-tools /usr/bin/kube-proxy --proxy-mode=ipvs --manifests /m --hostname-override node \
     --cluster-cidr 10.244.0.0/16 --ipvs-sync-period 2s --ipvs-min-sync-period 0s \
     --ipvs-scheduler rr --ipvs-tcp-timeout 900s --ipvs-udp-timeout 60s > /tmp/kp.log 2>&1 &
 kp=$!
@@ -146,7 +148,7 @@ grep -q "synced rules full=false" /tmp/kp.log && pass incremental || fail increm
 
 kill $kp
 wait $kp 2>/dev/null
-if kube-proxy --cleanup > /tmp/cleanup.log 2>&1; then
+if PATH=/proxy-tools /usr/bin/kube-proxy --cleanup > /tmp/cleanup.log 2>&1; then
     if [ -e /sys/class/net/kube-ipvs0 ]; then
         fail cleanup "kube-ipvs0 still exists"
     elif grep -q "^TCP" /proc/net/ip_vs; then

@@ -87,7 +87,10 @@ pub fn run(proxy_bin: &Path) -> Result<()> {
         .context("writing the demo manifests")?;
     let log_path = dir.join("kube-proxy.log");
     let log = std::fs::File::create(&log_path).context("creating the log")?;
+    // The PATH a node would give it: only the tools userspace mode runs.
+    let tools = testkit::tools_path("userspace", testkit::Tools::Needed, &dir.join("tools"))?;
     let child = Command::new(proxy_bin)
+        .env("PATH", tools)
         .args([
             "--proxy-mode=userspace",
             "--hostname-override=demo",
