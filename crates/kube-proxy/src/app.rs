@@ -190,11 +190,16 @@ fn remove_other_modes(mode: &str) {
 /// Removes every rule any mode of ours created, also when there is none.
 pub fn cleanup() -> anyhow::Result<()> {
     for backend in BackendSettings::all_modes() {
-        backend
-            .cleaner()
-            .cleanup()
-            .with_context(|| format!("removing {} rules", backend.mode()))?;
-        tracing::info!(mode = backend.mode(), "removed rules");
+        match backend.cleaner().cleanup() {
+            Ok(()) => tracing::info!(mode = backend.mode(), "removed rules"),
+            // No iptables tools on the node: there can be no iptables rules of ours.
+            Err(err) if err.is_missing_tool() => {
+                tracing::debug!(mode = backend.mode(), error = %err, "tool not installed; nothing to remove");
+            }
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing {} rules", backend.mode()));
+            }
+        }
     }
     Ok(())
 }
