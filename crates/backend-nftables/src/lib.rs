@@ -137,12 +137,13 @@ impl<R: NftRunner> NftablesProxier<R> {
         &mut self,
         plans: &[FamilyPlan],
         elements: &[Elements],
+        expected: &[Expected],
     ) -> Result<usize, ProxierError> {
         let shared: Vec<Elements> = plans.iter().map(FamilyPlan::shared_elements).collect();
         let unchanged: Vec<BTreeSet<String>> = plans
             .iter()
-            .zip(elements)
-            .map(|(plan, elements)| self.maps_already_loaded(plan, elements))
+            .zip(expected)
+            .map(|(plan, expected)| self.maps_already_loaded(plan, expected))
             .collect();
         let mut all_ops = Vec::new();
         let mut ops = Vec::new();
@@ -199,8 +200,7 @@ impl<R: NftRunner> NftablesProxier<R> {
     /// The maps of `plan`'s table whose elements the kernel already holds exactly (by
     /// digest): a full load (after a restart, or a rewrite of rules) leaves them alone
     /// instead of reloading every element. Empty when the table cannot be read.
-    fn maps_already_loaded(&mut self, plan: &FamilyPlan, elements: &Elements) -> BTreeSet<String> {
-        let expected = Expected::after_full(plan, elements);
+    fn maps_already_loaded(&mut self, plan: &FamilyPlan, expected: &Expected) -> BTreeSet<String> {
         match self.runner.read_back(plan.family(), &checked_maps(plan)) {
             Ok(Some(kernel)) => expected
                 .maps
@@ -527,9 +527,19 @@ impl<R: NftRunner> NftablesProxier<R> {
         log_warnings(&warnings);
         let planned_at = std::time::Instant::now();
         self.programmed = None;
-        let expected = std::mem::take(&mut self.expected);
+        let expected = if full {
+            // Digests of the full load, computed once: to skip maps the kernel already
+            // holds, then to check against at the next re-sync.
+            plans
+                .iter()
+                .zip(&full_elements)
+                .map(|(plan, elements)| Expected::after_full(plan, elements))
+                .collect()
+        } else {
+            std::mem::take(&mut self.expected)
+        };
         let transaction_bytes = if full {
-            self.apply_full(&plans, &full_elements)?
+            self.apply_full(&plans, &full_elements, &expected)?
         } else if deltas.iter().all(Delta::elements_only) {
             let ops: Vec<TableOp<'_>> = element_ops(&plans, &deltas)
                 .into_iter()
@@ -554,11 +564,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             "nftables sync"
         );
         self.expected = if full {
-            plans
-                .iter()
-                .zip(&full_elements)
-                .map(|(plan, elements)| Expected::after_full(plan, elements))
-                .collect()
+            expected
         } else {
             let mut expected = expected;
             for ((plan, delta), e) in plans.iter().zip(&deltas).zip(expected.iter_mut()) {

@@ -49,30 +49,32 @@ impl Filter {
 }
 
 impl ProgrammedState {
-    /// A successful sync programmed `state` at `at`.
+    /// A successful sync programmed `state` at `at`. On the sync loop: only ports whose
+    /// Service or endpoints were replaced get a new time (no copy of unchanged ones).
     pub fn record(&self, state: &Arc<ProxyState>, at: SystemTime) {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let previous = guard.take();
-        let changed_at = state
-            .services
-            .iter()
-            .map(|(name, port)| {
-                let same = previous.as_ref().and_then(|p| {
-                    let old_port = p.state.services.get(name)?;
-                    let old_eps = p.state.endpoints.get(name);
-                    let new_eps = state.endpoints.get(name);
-                    let eps_same = match (old_eps, new_eps) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        (None, None) => true,
-                        _ => false,
-                    };
-                    (Arc::ptr_eq(old_port, port) && eps_same && !node_changed(&p.state, state))
-                        .then(|| p.changed_at.get(name).copied())
-                        .flatten()
-                });
-                (name.clone(), same.unwrap_or(at))
-            })
-            .collect();
+        let (previous, mut changed_at) = match guard.take() {
+            // A node change can change every port's selection.
+            Some(p) if p.state.node == state.node => (Some(p.state), p.changed_at),
+            _ => (None, HashMap::new()),
+        };
+        for (name, port) in &state.services {
+            let same = previous.as_ref().is_some_and(|old| {
+                let eps_same = match (old.endpoints.get(name), state.endpoints.get(name)) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                eps_same && old.services.get(name).is_some_and(|o| Arc::ptr_eq(o, port))
+            });
+            if !same || !changed_at.contains_key(name) {
+                changed_at.insert(name.clone(), at);
+            }
+        }
+        // Every port of the state has an entry; more entries means some are gone.
+        if changed_at.len() != state.services.len() {
+            changed_at.retain(|name, _| state.services.contains_key(name));
+        }
         *guard = Some(Snapshot {
             state: Arc::clone(state),
             changed_at,
@@ -132,10 +134,6 @@ impl ProgrammedState {
         }
         out
     }
-}
-
-fn node_changed(a: &ProxyState, b: &ProxyState) -> bool {
-    a.node != b.node
 }
 
 fn policy(p: TrafficPolicy) -> &'static str {
