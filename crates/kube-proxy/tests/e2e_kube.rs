@@ -767,6 +767,381 @@ fn api_bad_objects_are_logged_and_skipped() {
     assert!(n.proxy().is_running());
 }
 
+/// A property-generated hostile object, and what it must do to the proxy.
+struct Hostile {
+    /// Opens the object's name, so the log lines about it can be counted.
+    id: String,
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    object: Value,
+    /// Whether the proxy must log it (exactly once).
+    logged: bool,
+    /// The cluster IP and port it must be served on, if it is valid.
+    serves: Option<(String, u16)>,
+}
+
+/// Text with quotes, backslashes, newlines, braces: what a name or an address from the
+/// API may hold when nobody validated it.
+fn junk() -> impl proptest::strategy::Strategy<Value = String> {
+    proptest::string::string_regex("[a-z0-9\"'\\\\\n\t {}$;.:/-]{0,16}").expect("regex")
+}
+
+fn hostile_service(ns: &str, name: &str, ip: &str, port: Value) -> Value {
+    json!({
+        "kind": "Service",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": ip,
+            "clusterIPs": [ip],
+            "ports": [{"name": "http", "protocol": "TCP", "port": port, "targetPort": 8080}],
+        },
+    })
+}
+
+fn hostile_slice(name: &str, owner: &str, addresses: Vec<String>, ports: Value) -> Value {
+    json!({
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": "hostile",
+            "name": name,
+            "labels": {"kubernetes.io/service-name": owner},
+        },
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": addresses.iter().map(|ip| json!({"addresses": [ip]})).collect::<Vec<_>>(),
+    })
+}
+
+/// Object `i` of the hostile set: its kind cycles through ten sorts of bad (or merely
+/// odd but valid) input; the details are drawn by proptest from a fixed seed.
+fn hostile(i: usize, runner: &mut proptest::test_runner::TestRunner) -> Hostile {
+    use proptest::prelude::*;
+    let mut draw = |s: BoxedStrategy<Value>| s.new_tree(runner).expect("draw").current();
+    let id = format!("hx{i:04}");
+    let served_ip = format!("10.97.{}.{}", i / 250, 1 + i % 250);
+    let svc = |name: &str, object: Value, logged: bool, serves: Option<(String, u16)>| Hostile {
+        id: id.clone(),
+        kind: "Service",
+        namespace: object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        name: name.to_string(),
+        object,
+        logged,
+        serves,
+    };
+    match i % 10 {
+        // A cluster IP that is no IP.
+        0 => {
+            let ip = draw(
+                prop_oneof![
+                    (256u32..100_000).prop_map(|o| format!("10.96.1.{o}")),
+                    junk().prop_map(|j| format!("x{j}")),
+                ]
+                .prop_map(Value::from)
+                .boxed(),
+            );
+            let ip = ip.as_str().unwrap_or_default().to_string();
+            svc(
+                &id,
+                hostile_service("hostile", &id, &ip, json!(80)),
+                true,
+                None,
+            )
+        }
+        // A port out of range.
+        1 => {
+            let port = draw(
+                prop_oneof![Just(0i64), 65_536i64..2_000_000_000, -2_000_000_000i64..0]
+                    .prop_map(Value::from)
+                    .boxed(),
+            );
+            svc(
+                &id,
+                hostile_service("hostile", &id, &served_ip, port),
+                true,
+                None,
+            )
+        }
+        // A name (or namespace) with quotes and a line that pretends to be a log line.
+        2 => {
+            let tail = draw(junk().prop_map(Value::from).boxed());
+            let name = format!("{id}\"\nFORGED level=ERROR {}", tail.as_str().unwrap_or(""));
+            let ns = if i % 20 == 2 {
+                "hostile"
+            } else {
+                "ho\"stile\n"
+            };
+            svc(
+                &name,
+                hostile_service(ns, &name, &served_ip, json!(80)),
+                true,
+                None,
+            )
+        }
+        // A cluster IP and port a good Service already has (the good one sorts first).
+        3 => {
+            let good = format!("10.96.0.{}", 10 + i % GOOD);
+            svc(
+                &id,
+                hostile_service("hostile", &id, &good, json!(80)),
+                true,
+                None,
+            )
+        }
+        // Valid, with fields no schema knows and an annotation of up to 256 KiB.
+        4 | 7 => {
+            let size = draw((0usize..262_144).prop_map(Value::from).boxed());
+            let size = size.as_u64().unwrap_or(0) as usize;
+            let mut object = hostile_service("hostile", &id, &served_ip, json!(80));
+            object["metadata"]["annotations"] = json!({"huge": "a".repeat(size)});
+            object["unknownTop"] = json!({"x": [1, 2, {"y": null}]});
+            object["spec"]["unknownSpec"] = json!("z\n\"");
+            object["spec"]["ports"][0]["unknownPort"] = json!(7);
+            let logged = i % 10 == 7;
+            if logged {
+                // ... and externalIPs that are no IPs: served, the bad field logged.
+                let bad = draw(junk().prop_map(|j| Value::from(format!("x{j}"))).boxed());
+                object["spec"]["externalIPs"] = json!([bad, "also not an IP"]);
+            }
+            svc(&id, object, logged, Some((served_ip, 80)))
+        }
+        // An EndpointSlice whose addresses are no IPs.
+        5 => {
+            let addresses = draw(
+                prop::collection::vec(junk().prop_map(|j| format!("x{j}")), 1..40)
+                    .prop_map(|v| Value::from(v))
+                    .boxed(),
+            );
+            let addresses: Vec<String> = addresses
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect();
+            let name = format!("{id}-slice");
+            let owner = format!("hx{:04}", i - 1);
+            Hostile {
+                id: id.clone(),
+                kind: "EndpointSlice",
+                namespace: "hostile".into(),
+                name: name.clone(),
+                object: hostile_slice(
+                    &name,
+                    &owner,
+                    addresses,
+                    json!([{"name": "http", "protocol": "TCP", "port": 8080}]),
+                ),
+                logged: true,
+                serves: None,
+            }
+        }
+        // An EndpointSlice whose ports are out of range or of no known protocol.
+        6 => {
+            let ports = draw(
+                prop::collection::vec(
+                    prop_oneof![
+                        (65_536i64..1_000_000).prop_map(|p| json!({"port": p, "protocol": "TCP"})),
+                        junk().prop_map(|j| json!({"port": 8080, "protocol": format!("X{j}")})),
+                    ],
+                    1..5,
+                )
+                .prop_map(Value::from)
+                .boxed(),
+            );
+            // Every other one also has a name that would forge a log line.
+            let name = if i % 20 == 6 {
+                format!("{id}-slice\nFORGED level=ERROR")
+            } else {
+                format!("{id}-slice")
+            };
+            Hostile {
+                id: id.clone(),
+                kind: "EndpointSlice",
+                namespace: "hostile".into(),
+                name: name.clone(),
+                object: hostile_slice(
+                    &name,
+                    &format!("hx{:04}", i - 2),
+                    ips(&["10.244.7.7"]),
+                    ports,
+                ),
+                logged: true,
+                serves: None,
+            }
+        }
+        // A LoadBalancer whose source ranges and ingress IPs are no CIDRs and IPs.
+        8 => {
+            let bad = draw(junk().prop_map(|j| Value::from(format!("x{j}"))).boxed());
+            let mut object = hostile_service("hostile", &id, &served_ip, json!(80));
+            object["spec"]["type"] = json!("LoadBalancer");
+            object["spec"]["ports"][0]["nodePort"] = json!(30000 + i % 2000);
+            object["spec"]["loadBalancerSourceRanges"] = json!([bad, "10.0.0.0/33"]);
+            object["status"] =
+                json!({"loadBalancer": {"ingress": [{"ip": bad}, {"ip": "300.1.1.1"}]}});
+            svc(&id, object, true, Some((served_ip, 80)))
+        }
+        // A field with a value no version of the API has.
+        _ => {
+            let value = draw(junk().prop_map(|j| Value::from(format!("X{j}"))).boxed());
+            let field = [
+                "sessionAffinity",
+                "externalTrafficPolicy",
+                "internalTrafficPolicy",
+            ][(i / 10) % 3];
+            let mut object = hostile_service("hostile", &id, &served_ip, json!(80));
+            object["spec"][field] = value;
+            // The external policy matters only where there is external traffic.
+            object["spec"]["type"] = json!("NodePort");
+            object["spec"]["ports"][0]["nodePort"] = json!(30000 + i % 2000);
+            svc(&id, object, true, None)
+        }
+    }
+}
+
+/// VmRSS and VmHWM of a process, in MiB.
+fn memory_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// How many good Services `api_hostile_objects_over_a_watch` keeps beside the hostile ones.
+const GOOD: usize = 20;
+
+/// Issue #17: a thousand property-generated hostile objects arrive over a watch (bad IPs
+/// and ports, names with quotes and forged log lines, duplicate cluster IPs, unknown
+/// fields, huge annotations, 60,000-endpoint slices). The proxy stays up, logs each bad
+/// one once (names escaped, so no line can be forged), serves the valid ones and every
+/// good Service, keeps its memory bounded, and drops the hostile objects' rules when they
+/// are deleted.
+#[test]
+fn api_hostile_objects_over_a_watch() {
+    let Some(mut n) = ApiNode::new("api_hostile_objects", false) else {
+        return;
+    };
+    let good_ip = |k: usize| format!("10.96.0.{}", 10 + k);
+    let good_ep = |k: usize| format!("10.244.1.{}", 10 + k);
+    for k in 0..GOOD {
+        let name = format!("good{k}");
+        n.api
+            .apply(service(&name, &good_ip(k), 80, json!({})))
+            .expect("apply");
+        n.api
+            .apply(slice(
+                &format!("{name}-1"),
+                &name,
+                &ips(&[good_ep(k).as_str()]),
+            ))
+            .expect("apply");
+    }
+    n.api.apply(node_object()).expect("apply");
+    n.serve();
+    n.start_proxy(&["--iptables-min-sync-period=0s", "--iptables-sync-period=2s"]);
+    assert!(n.proxy().wait_for_log(SYNCED, 1, WAIT), "no first sync");
+    let pid = n.proxy().pid();
+    let (_, hwm_before) = memory_mib(pid);
+
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut objects: Vec<Hostile> = (0..1000).map(|i| hostile(i, &mut runner)).collect();
+    // Three slices of 60,000 endpoints (the API allows 1,000) for valid hostile Services.
+    for i in [4usize, 14, 24] {
+        let owner = format!("hx{i:04}");
+        let id = format!("hx{:04}", 1000 + i);
+        let addresses: Vec<String> = (0..60_000u32)
+            .map(|e| format!("10.250.{}.{}", e / 250, 1 + e % 250))
+            .collect();
+        let name = format!("{id}-slice");
+        objects.push(Hostile {
+            id,
+            kind: "EndpointSlice",
+            namespace: "hostile".into(),
+            object: hostile_slice(
+                &name,
+                &owner,
+                addresses,
+                json!([{"name": "http", "protocol": "TCP", "port": 8080}]),
+            ),
+            name,
+            logged: true,
+            serves: None,
+        });
+    }
+    for h in &objects {
+        n.api.apply(h.object.clone()).expect("apply hostile object");
+    }
+    let served: Vec<&(String, u16)> = objects.iter().filter_map(|h| h.serves.as_ref()).collect();
+    n.wait_rules(
+        "every valid hostile Service",
+        Duration::from_secs(60),
+        |r| served.iter().all(|(ip, port)| has_service(r, ip, *port)),
+    );
+    // Two periodic re-syncs more: nothing may be logged again.
+    std::thread::sleep(Duration::from_secs(5));
+    let (rss, hwm) = memory_mib(pid);
+    eprintln!(
+        "hostile objects: VmRSS {rss} MiB, VmHWM {hwm} MiB (before them: VmHWM {hwm_before} MiB)"
+    );
+
+    assert!(n.proxy().is_running(), "the proxy exited:\n{}", n.log());
+    let rules = n.ruleset();
+    for k in 0..GOOD {
+        assert!(has_service(&rules, &good_ip(k), 80), "good{k} lost");
+        assert!(has_endpoint(&rules, &good_ep(k)), "good{k}'s endpoint lost");
+    }
+    // The 60,000-endpoint slices are cut to the API's 1,000.
+    assert!(rules.contains("pick-ip-1000"), "a huge slice not clamped");
+    let log = n.log();
+    for line in log.lines() {
+        assert!(
+            !line.trim_start().starts_with("FORGED"),
+            "a name forged a log line: {line:?}"
+        );
+    }
+    let mut missing = Vec::new();
+    let mut repeated = Vec::new();
+    for h in &objects {
+        let lines = log.lines().filter(|l| l.contains(&h.id)).count();
+        if h.logged && lines == 0 {
+            missing.push(h.id.as_str());
+        }
+        if lines > 1 {
+            repeated.push(format!("{} ({lines} lines)", h.id));
+        }
+    }
+    assert!(missing.is_empty(), "never logged: {missing:?}");
+    assert!(repeated.is_empty(), "logged more than once: {repeated:?}");
+    // Bounded: a thousand objects, three of them 60,000 endpoints long, cost tens of MiB.
+    assert!(hwm < 256, "VmHWM {hwm} MiB after the hostile objects");
+
+    // Deleted, they leave no rule behind; the good Services stay.
+    for h in &objects {
+        assert!(
+            n.api.delete(h.kind, &h.namespace, &h.name),
+            "delete {}",
+            h.id
+        );
+    }
+    n.wait_rules("the hostile Services gone", WAIT, |r| {
+        served.iter().all(|(ip, port)| !has_service(r, ip, *port)) && !r.contains("10.250.")
+    });
+    let rules = n.ruleset();
+    for k in 0..GOOD {
+        assert!(has_service(&rules, &good_ip(k), 80), "good{k} lost");
+    }
+    assert!(n.proxy().is_running());
+}
+
 #[test]
 fn manifests_and_kubeconfig_are_exclusive() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -383,33 +383,32 @@ pub fn slice_endpoints(
     warnings: &mut Vec<String>,
 ) -> EndpointsByPort {
     let mut out: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    // Collected and reported as one warning, so a slice of a thousand bad addresses is
+    // one log line, not a thousand.
+    let mut problems = Vec::new();
     {
-        let slice_name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
         let family = match slice.address_type.as_str() {
             "IPv4" => IpFamily::V4,
             "IPv6" => IpFamily::V6,
             _ => return EndpointsByPort::new(), // FQDN slices are not proxied.
         };
         if slice.endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
-            warnings.push(format!(
-                "EndpointSlice {slice_name}: {} endpoints, more than the API allows; \
+            problems.push(format!(
+                "{} endpoints, more than the API allows; \
                  only the first {MAX_ENDPOINTS_PER_SLICE} are used",
                 slice.endpoints.len()
             ));
         }
         for p in slice.ports.iter().flatten() {
             let Some(protocol) = Protocol::from_api(p.protocol.as_deref()) else {
-                warnings.push(format!(
-                    "EndpointSlice {slice_name}: unsupported protocol {:?}; port skipped",
+                problems.push(format!(
+                    "unsupported protocol {:?}; port skipped",
                     p.protocol
                 ));
                 continue;
             };
             let Some(port) = p.port.and_then(port_number) else {
-                warnings.push(format!(
-                    "EndpointSlice {slice_name}: port {:?} is not valid; skipped",
-                    p.port
-                ));
+                problems.push(format!("port {:?} is not valid; skipped", p.port));
                 continue;
             };
             let key = (p.name.clone().unwrap_or_default(), protocol);
@@ -420,8 +419,8 @@ pub fn slice_endpoints(
                     continue;
                 };
                 let Some(ip) = parse_ip_sloppy(raw).filter(|ip| IpFamily::of(ip) == family) else {
-                    warnings.push(format!(
-                        "EndpointSlice {slice_name}: address {:?} is not an {family:?} address; skipped",
+                    problems.push(format!(
+                        "address {:?} is not an {family:?} address; skipped",
                         raw.chars().take(64).collect::<String>()
                     ));
                     continue;
@@ -453,9 +452,31 @@ pub fn slice_endpoints(
             }
         }
     }
+    if !problems.is_empty() {
+        warnings.push(slice_warning(slice, &problems));
+    }
     out.into_iter()
         .map(|(k, eps)| (k, eps.into_values().collect()))
         .collect()
+}
+
+/// One line for all of a slice's problems: the first few, then how many more. The name
+/// is quoted, as it may hold anything (a newline would forge a log line).
+fn slice_warning(slice: &EndpointSlice, problems: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let name = format!(
+        "{}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        slice.metadata.name.as_deref().unwrap_or("<unnamed>")
+    );
+    let mut text = format!(
+        "EndpointSlice {name:?}: {}",
+        problems[..problems.len().min(SHOWN)].join("; ")
+    );
+    if problems.len() > SHOWN {
+        text.push_str(&format!(" (and {} more)", problems.len() - SHOWN));
+    }
+    text
 }
 
 /// What the proxy keeps from its Node object.

@@ -33,14 +33,16 @@ impl ServiceRecord {
         );
         let ports = match convert::service_ports(svc) {
             Ok(converted) => {
-                for warning in &converted.warnings {
-                    tracing::warn!(service = %name, "{warning}");
+                // One line per Service, however many of its fields are bad.
+                if !converted.warnings.is_empty() {
+                    tracing::warn!(service = %name, "{}", converted.warnings.join("; "));
                 }
                 converted.ports
             }
             Err(err) => {
-                // Refused as a whole: its rules go, everything else stays.
-                tracing::warn!(service = %name, error = %err, "ignoring invalid Service");
+                // Refused as a whole: its rules go, everything else stays. The name
+                // failed validation, so it is quoted: it could forge a log line.
+                tracing::warn!(service = ?name.to_string(), error = %err, "ignoring invalid Service");
                 Vec::new()
             }
         };
