@@ -913,7 +913,7 @@ fn hostile(i: usize, runner: &mut proptest::test_runner::TestRunner) -> Hostile 
         5 => {
             let addresses = draw(
                 prop::collection::vec(junk().prop_map(|j| format!("x{j}")), 1..40)
-                    .prop_map(|v| Value::from(v))
+                    .prop_map(Value::from)
                     .boxed(),
             );
             let addresses: Vec<String> = addresses
