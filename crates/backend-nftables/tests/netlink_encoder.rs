@@ -284,3 +284,57 @@ proptest! {
         prop_assert!(result.is_ok(), "{:?}", result);
     }
 }
+
+/// Issue #17: a large batch the kernel refuses in many of its messages. Each refused
+/// message comes back as an error that quotes it; at a few thousand elements those replies
+/// overflow a socket's default receive buffer (`ENOBUFS`), and the reason the kernel gave
+/// is lost. The sync must report the kernel's own reason, change nothing (the transaction
+/// is all or nothing), keep the socket usable, and the next sync must repair.
+#[test]
+fn a_large_refused_batch_reports_the_kernels_reason_and_the_next_sync_repairs() {
+    if !testkit::root_or_skip("a_large_refused_batch_reports_the_kernels_reason") {
+        return;
+    }
+    let services = testkit::synth::cluster(8_000, 1..=1);
+    let state = testkit::synth::state(&services);
+    let ns = testkit::Netns::new().unwrap();
+    let mut proxier = NftablesProxier::new(configs()[0].clone(), NftCommand::default());
+    ns.run(|| proxier.sync(&full(state.clone())).unwrap())
+        .unwrap();
+    // Behind the proxy's back: the endpoint slot map emptied.
+    ns.exec(&["nft", "flush", "map", "ip", "kube-proxy", "slot-0"])
+        .unwrap();
+    let before = ns
+        .exec(&["nft", "list", "map", "ip", "kube-proxy", "service-ips"])
+        .unwrap();
+    // Every Service goes: its slot-0 elements, which the kernel no longer has, cannot be
+    // deleted, in each of the twenty messages that carry them.
+    let changed: BTreeSet<ServiceName> = state.services.keys().map(|p| p.service.clone()).collect();
+    let gone = SyncRequest {
+        state: Arc::new(ProxyState::default()),
+        changed,
+        node_changed: false,
+        full: false,
+        periodic: false,
+    };
+    let err = ns
+        .run(|| proxier.sync(&gone))
+        .unwrap()
+        .expect_err("deleting elements the kernel lacks must fail")
+        .to_string();
+    assert!(
+        err.contains("No such file or directory") && !err.contains("No buffer space"),
+        "{err}"
+    );
+    let after = ns
+        .exec(&["nft", "list", "map", "ip", "kube-proxy", "service-ips"])
+        .unwrap();
+    assert_eq!(before, after, "a refused transaction changed the table");
+    // The retry (full, as after any failure) goes through on the same runner.
+    ns.run(|| proxier.sync(&full(ProxyState::default())).unwrap())
+        .unwrap();
+    let rules = ns
+        .exec(&["nft", "list", "table", "ip", "kube-proxy"])
+        .unwrap();
+    assert!(!rules.contains("10.96.0.1 . tcp"), "Services left behind");
+}

@@ -358,13 +358,38 @@ impl Socket {
                     .map_err(RequestError::Socket)?;
             }
         }
+        // Each refused message comes back quoted in its error: room for all of them, or
+        // they overflow the buffer (ENOBUFS) and the kernel's reason is lost. Only memory
+        // the replies use is taken; the kernel doubles the value for its bookkeeping.
+        let replies = batch.len() + 64 * 1024;
+        if self
+            .socket
+            .recv_buffer_size()
+            .map_err(RequestError::Socket)?
+            < replies
+        {
+            // Without CAP_NET_ADMIN the system's rmem_max caps it; an overflow is then
+            // reported as such below.
+            if setsockopt(&self.socket, sockopt::RcvBufForce, &replies).is_err() {
+                let _ = self.socket.set_recv_buffer_size(replies);
+            }
+        }
         self.socket.send(batch).map_err(RequestError::Socket)?;
         let in_batch = |seq: u32| seq.wrapping_sub(begin_seq) <= last_seq.wrapping_sub(begin_seq);
         let mut refused = None;
         loop {
-            let n = (&self.socket)
-                .read(&mut self.buf)
-                .map_err(RequestError::Socket)?;
+            let n = (&self.socket).read(&mut self.buf).map_err(|err| {
+                // Only errors need room (one acknowledgement is asked for), so an
+                // overflow means the kernel refused the batch: it applied none of it.
+                if err.raw_os_error() == Some(libc::ENOBUFS) {
+                    RequestError::Socket(std::io::Error::other(
+                        "the kernel refused the batch; its error replies overflowed the \
+                         socket's receive buffer (ENOBUFS), so its reason is unknown",
+                    ))
+                } else {
+                    RequestError::Socket(err)
+                }
+            })?;
             for msg in split(&self.buf[..n])? {
                 if msg.kind != NLMSG_ERROR || !in_batch(msg.seq) {
                     continue; // a late reply to an earlier batch
