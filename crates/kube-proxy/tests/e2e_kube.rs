@@ -577,6 +577,7 @@ fn api_faults_keep_rules_and_the_last_state_wins() {
     n.wait_rules("s0", WAIT, |r| has_service(r, "10.96.0.10", 80));
     let pid = n.proxy().pid();
     let cpu0 = cpu_seconds(pid);
+    let (rss0, _) = memory_mib(pid);
     let started = std::time::Instant::now();
     let add = |n: &ApiNode, i: u8| {
         n.api
@@ -646,6 +647,13 @@ fn api_faults_keep_rules_and_the_last_state_wins() {
     assert!(
         cpu < wall * 0.25,
         "{cpu:.2} s of CPU in {wall:.1} s: a retry loop spins"
+    );
+    // Bounded: failed attempts leave nothing behind.
+    let (rss, hwm) = memory_mib(pid);
+    eprintln!("faults: VmRSS {rss0} MiB before, {rss} MiB after, VmHWM {hwm} MiB");
+    assert!(
+        rss < rss0 + 32 && hwm < 128,
+        "VmRSS {rss0} -> {rss} MiB, VmHWM {hwm} MiB"
     );
     assert!(n.proxy().is_running(), "the proxy exited:\n{}", n.log());
     let health = n
