@@ -38,8 +38,7 @@ fn endpoint(i: u32, j: u32) -> Endpoint {
         serving: true,
         terminating: false,
         is_local: false,
-        zone_hints: vec![],
-        node_hints: vec![],
+        hints: None,
     }
 }
 

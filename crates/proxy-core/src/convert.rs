@@ -20,7 +20,7 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use crate::ipparse::{parse_cidr_sloppy, parse_ip_sloppy};
 use crate::model::{
-    Endpoint, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
+    Endpoint, Hints, IpFamily, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName,
     TrafficPolicy,
 };
 
@@ -430,15 +430,20 @@ pub fn slice_endpoints(
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                 let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
                 let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-                let hints = ep.hints.as_ref();
-                let zone_hints = hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                    .unwrap_or_default();
-                let node_hints = hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect())
-                    .unwrap_or_default();
+                let hints = ep.hints.as_ref().map(|h| Hints {
+                    zones: h
+                        .for_zones
+                        .iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    nodes: h
+                        .for_nodes
+                        .iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
+                });
                 bucket.entry((ip, port)).or_insert(Endpoint {
                     ip,
                     port,
@@ -446,8 +451,7 @@ pub fn slice_endpoints(
                     serving,
                     terminating,
                     is_local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
-                    zone_hints,
-                    node_hints,
+                    hints: hints.filter(|h| h != &Hints::default()).map(Box::new),
                 });
             }
         }

@@ -201,10 +201,18 @@ pub struct Endpoint {
     pub terminating: bool,
     /// Runs on this node.
     pub is_local: bool,
+    /// Topology hints, when the EndpointSlice has any. Boxed: most endpoints have none,
+    /// and a cluster holds hundreds of thousands of endpoints (32 bytes each, not 72).
+    pub hints: Option<Box<Hints>>,
+}
+
+/// The topology hints of an endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints {
     /// Zones this endpoint is hinted for (topology-aware routing).
-    pub zone_hints: Vec<String>,
+    pub zones: Vec<String>,
     /// Nodes this endpoint is hinted for (`trafficDistribution: PreferSameNode`).
-    pub node_hints: Vec<String>,
+    pub nodes: Vec<String>,
 }
 
 impl Endpoint {
@@ -217,9 +225,18 @@ impl Endpoint {
             serving: true,
             terminating: false,
             is_local: false,
-            zone_hints: Vec::new(),
-            node_hints: Vec::new(),
+            hints: None,
         }
+    }
+
+    /// Zones this endpoint is hinted for.
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    /// Nodes this endpoint is hinted for.
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
     }
 
     pub fn family(&self) -> IpFamily {

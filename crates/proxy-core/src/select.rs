@@ -79,8 +79,8 @@ impl Topology<'_> {
     fn admits(self, ep: &Endpoint) -> bool {
         match self {
             Topology::All => true,
-            Topology::Node(name) => ep.node_hints.iter().any(|n| n == name),
-            Topology::Zone(zone) => ep.zone_hints.iter().any(|z| z == zone),
+            Topology::Node(name) => ep.node_hints().iter().any(|n| n == name),
+            Topology::Zone(zone) => ep.zone_hints().iter().any(|z| z == zone),
         }
     }
 }
@@ -93,11 +93,11 @@ fn topology<'n>(endpoints: &[&Endpoint], node: &'n NodeInfo) -> Topology<'n> {
             && ready.iter().all(|e| !hints(e).is_empty())
             && ready.iter().any(|e| hints(e).iter().any(|h| h == me))
     };
-    if usable(|e| &e.node_hints, &node.name) {
+    if usable(Endpoint::node_hints, &node.name) {
         return Topology::Node(&node.name);
     }
     match node.zone.as_deref() {
-        Some(zone) if usable(|e| &e.zone_hints, zone) => Topology::Zone(zone),
+        Some(zone) if usable(Endpoint::zone_hints, zone) => Topology::Zone(zone),
         _ => Topology::All,
     }
 }
@@ -160,7 +160,7 @@ pub fn select<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServiceName, ServicePortName};
+    use crate::model::{Hints, Protocol, ServiceName, ServicePortName};
 
     fn port() -> ServicePort {
         let name = ServicePortName {
@@ -173,8 +173,10 @@ mod tests {
 
     fn ep(last: u8, nodes: &[&str], zones: &[&str]) -> Endpoint {
         let mut e = Endpoint::ready(format!("10.1.0.{last}").parse().unwrap(), 8080);
-        e.node_hints = nodes.iter().map(|s| s.to_string()).collect();
-        e.zone_hints = zones.iter().map(|s| s.to_string()).collect();
+        e.hints = Some(Box::new(Hints {
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            zones: zones.iter().map(|s| s.to_string()).collect(),
+        }));
         e
     }
 

@@ -157,8 +157,7 @@ pub fn endpoints(s: &SynthService) -> Vec<Endpoint> {
             serving: true,
             terminating: false,
             is_local,
-            zone_hints: vec![],
-            node_hints: vec![],
+            hints: None,
         })
         .collect()
 }
