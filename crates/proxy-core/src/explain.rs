@@ -323,6 +323,14 @@ impl fmt::Display for Explanation {
     }
 }
 
+/// Checks the kernel against what the planner would program for an explained
+/// destination (`--verify`); implemented by the kernel backends, which own the plans.
+pub trait Verify: Send + Sync {
+    /// Every difference found, in words (empty: the kernel holds the plan); an error
+    /// when the kernel cannot be read.
+    fn verify(&self, state: &ProxyState, explanation: &Explanation) -> Result<Vec<String>, String>;
+}
+
 /// What the packet meets, as [`explain`] builds it.
 struct Path<'a> {
     settings: &'a Settings,
@@ -893,15 +901,16 @@ fn matched(mut path: Path<'_>, sp: &ServicePort, kind: DestinationKind) -> Expla
         )),
         None => {}
     }
-    let reason = format!(
-        "forwarded to one of {n} endpoint{}{}",
-        if n == 1 { "" } else { "s" },
-        if masq.masqueraded {
-            ", masqueraded"
-        } else {
-            ""
-        }
-    );
+    let target = match choices.as_slice() {
+        [only] => only.address.to_string(),
+        _ => format!("one of {n} endpoints"),
+    };
+    let masqueraded = if masq.masqueraded {
+        ", masqueraded"
+    } else {
+        ""
+    };
+    let reason = format!("forwarded to {target}{masqueraded}");
     path.finish(Outcome::Forwarded, reason, m, Some(masq), choices, affinity)
 }
 
