@@ -271,6 +271,13 @@ pub struct Masquerade {
     pub reason: String,
 }
 
+fn masq(masqueraded: bool, reason: impl Into<String>) -> Masquerade {
+    Masquerade {
+        masqueraded,
+        reason: reason.into(),
+    }
+}
+
 /// The answer: a verdict, the reasons, and the path in words.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Explanation {
@@ -923,10 +930,10 @@ fn loopback_listener<'a>(
     path.step("A user-space listener on loopback serves this NodePort (localhost NodePorts).");
     (
         selection.external(sp).to_vec(),
-        Masquerade {
-            masqueraded: true,
-            reason: "proxied by the loopback listener: the endpoint sees the node's address".into(),
-        },
+        masq(
+            true,
+            "proxied by the loopback listener: the endpoint sees the node's address",
+        ),
     )
 }
 
@@ -941,21 +948,18 @@ fn kernel_path<'a>(
     if kind == DestinationKind::ClusterIp {
         let eps = selection.internal(sp).to_vec();
         let masq = if path.settings.masquerade_all {
-            Masquerade {
-                masqueraded: true,
-                reason: "--masquerade-all".into(),
-            }
+            masq(true, "--masquerade-all")
         } else {
             let (pod, why) = path.source_is_pod();
             let detector = !matches!(path.settings.local, LocalDetector::None);
-            Masquerade {
-                masqueraded: detector && !pod,
-                reason: if detector && !pod {
+            masq(
+                detector && !pod,
+                if detector && !pod {
                     format!("{why}; cluster-IP traffic from outside the pods is masqueraded")
                 } else {
                     why
                 },
-            }
+            )
         };
         if sp.internal_traffic_policy == TrafficPolicy::Local {
             path.step("internalTrafficPolicy Local: only this node's endpoints.");
@@ -965,13 +969,13 @@ fn kernel_path<'a>(
     if sp.external_traffic_policy == TrafficPolicy::Cluster {
         return (
             selection.cluster.clone(),
-            Masquerade {
-                masqueraded: true,
-                reason: format!(
+            masq(
+                true,
+                format!(
                     "externalTrafficPolicy Cluster: traffic to a {} is masqueraded",
                     kind.words()
                 ),
-            },
+            ),
         );
     }
     // externalTrafficPolicy Local: pods and the node short-circuit to all endpoints.
@@ -997,10 +1001,10 @@ fn kernel_path<'a>(
         ));
         return (
             selection.cluster.clone(),
-            Masquerade {
-                masqueraded: true,
-                reason: "the node's own traffic to an external destination is masqueraded".into(),
-            },
+            masq(
+                true,
+                "the node's own traffic to an external destination is masqueraded",
+            ),
         );
     }
     path.step(format!(
@@ -1008,10 +1012,10 @@ fn kernel_path<'a>(
     ));
     (
         selection.local.clone(),
-        Masquerade {
-            masqueraded: false,
-            reason: "externalTrafficPolicy Local keeps the client's address".into(),
-        },
+        masq(
+            false,
+            "externalTrafficPolicy Local keeps the client's address",
+        ),
     )
 }
 
@@ -1035,41 +1039,23 @@ fn ipvs_path<'a>(
                 _ => Vec::new(),
             };
             let masq = if path.settings.masquerade_all {
-                Masquerade {
-                    masqueraded: true,
-                    reason: "--masquerade-all".into(),
-                }
+                masq(true, "--masquerade-all")
             } else if let Some(net) = cidrs.iter().find(|n| !n.contains(&q.src)) {
-                Masquerade {
-                    masqueraded: true,
-                    reason: format!("source {} is outside --cluster-cidr {net}", q.src),
-                }
+                masq(true, format!("source {} is outside --cluster-cidr {net}", q.src))
             } else if cidrs.is_empty() {
-                Masquerade {
-                    masqueraded: false,
-                    reason: "no --cluster-cidr of this family: cluster-IP traffic is not masqueraded".into(),
-                }
+                masq(false, "no --cluster-cidr of this family: cluster-IP traffic is not masqueraded")
             } else {
-                Masquerade {
-                    masqueraded: false,
-                    reason: format!("source {} is inside --cluster-cidr", q.src),
-                }
+                masq(false, format!("source {} is inside --cluster-cidr", q.src))
             };
             (eps, masq)
         }
         DestinationKind::NodePort => (
             selection.external(sp).to_vec(),
-            Masquerade {
-                masqueraded: true,
-                reason: "ipvs mode masquerades all NodePort traffic (externalTrafficPolicy Local does not keep the client's address in this mode)".into(),
-            },
+            masq(true, "ipvs mode masquerades all NodePort traffic (externalTrafficPolicy Local does not keep the client's address in this mode)"),
         ),
         DestinationKind::ExternalIp | DestinationKind::LoadBalancerIp => (
             selection.external(sp).to_vec(),
-            Masquerade {
-                masqueraded: false,
-                reason: "ipvs mode marks only cluster-IP and NodePort traffic for masquerade".into(),
-            },
+            masq(false, "ipvs mode marks only cluster-IP and NodePort traffic for masquerade"),
         ),
     }
 }
