@@ -13,6 +13,7 @@
 pub mod apply;
 pub mod names;
 pub mod plan;
+pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

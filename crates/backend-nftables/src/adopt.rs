@@ -10,7 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_core::model::{IpFamily, ProxyState, ServicePortName};
 
-use crate::netlink::encode_fields;
+use crate::apply::NftRunner;
+use crate::netlink::{encode_fields, Object};
 use crate::plan::{ip_key, nodeport_key, KeyKind, MapId, Role, SlotOf, Slots};
 use crate::readback::{RawElement, RawValue};
 
@@ -30,7 +31,7 @@ pub fn slot_map(name: &str) -> Option<(KeyKind, Role, usize)> {
 }
 
 /// An endpoint as a slot map holds it: address, then the port in a 32-bit register.
-fn decode_endpoint(family: IpFamily, data: &[u8]) -> Option<(IpAddr, u16)> {
+pub(crate) fn decode_endpoint(family: IpFamily, data: &[u8]) -> Option<(IpAddr, u16)> {
     let len = match family {
         IpFamily::V4 => 4,
         IpFamily::V6 => 16,
@@ -41,6 +42,30 @@ fn decode_endpoint(family: IpFamily, data: &[u8]) -> Option<(IpAddr, u16)> {
         IpFamily::V6 => IpAddr::from(Ipv6Addr::from(<[u8; 16]>::try_from(addr).ok()?)),
     };
     Some((ip, u16::from_be_bytes([port[0], port[1]])))
+}
+
+/// The slot maps among `objects` (our table of `family`), read back; a map that cannot
+/// be read is left out (logged), so its ports get slots afresh.
+pub fn read_slots<R: NftRunner + ?Sized>(
+    runner: &mut R,
+    family: IpFamily,
+    objects: &[Object],
+) -> KernelSlots {
+    let mut slots = KernelSlots::default();
+    for name in objects
+        .iter()
+        .map(Object::name)
+        .filter(|n| slot_map(n).is_some())
+    {
+        match runner.map_elements(family, name) {
+            Ok(Some(elements)) => slots.add_map(family, name, elements),
+            Ok(None) => {}
+            Err(err) => {
+                tracing::debug!(error = %err, map = %name, "cannot read a slot map back");
+            }
+        }
+    }
+    slots
 }
 
 /// Every destination key's endpoints per role and slot, from the kernel's slot maps.

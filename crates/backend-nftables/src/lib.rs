@@ -10,13 +10,14 @@ pub mod readback;
 pub mod render;
 pub mod resync;
 pub mod rule;
+pub mod verify;
 
 use std::collections::BTreeSet;
 
 use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
-use crate::adopt::{slot_map, KernelSlots};
+use crate::adopt::{read_slots, KernelSlots};
 use crate::apply::NftRunner;
 use crate::netlink::{ordered_deletions, Deletion, ElementOp, Object, TableOp};
 use crate::plan::{
@@ -99,28 +100,15 @@ impl<R: NftRunner> NftablesProxier<R> {
     /// The slot maps of our table of `family` as the kernel holds them; empty when there
     /// is no table or it cannot be read (the plan then assigns slots afresh).
     fn kernel_slots(&mut self, family: IpFamily) -> KernelSlots {
-        let mut slots = KernelSlots::default();
-        let names: Vec<String> = match self.runner.existing_objects(family) {
-            Ok(Some(objects)) => objects
-                .iter()
-                .map(|o| o.name().to_string())
-                .filter(|name| slot_map(name).is_some())
-                .collect(),
-            Ok(None) => return slots,
+        let objects = match self.runner.existing_objects(family) {
+            Ok(Some(objects)) => objects,
+            Ok(None) => return KernelSlots::default(),
             Err(err) => {
                 tracing::debug!(error = %err, "cannot list our nftables objects; slots assigned afresh");
-                return slots;
+                return KernelSlots::default();
             }
         };
-        for name in names {
-            match self.runner.map_elements(family, &name) {
-                Ok(Some(elements)) => slots.add_map(family, &name, elements),
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::debug!(error = %err, map = %name, "cannot read a slot map back");
-                }
-            }
-        }
+        let slots = read_slots(&mut self.runner, family, &objects);
         if !slots.is_empty() {
             tracing::info!(
                 ?family,

@@ -134,6 +134,60 @@ impl BackendSettings {
         }
     }
 
+    /// The settings that decide a packet's path, for `explain`.
+    pub fn explain_settings(&self) -> proxy_core::explain::Settings {
+        use proxy_core::explain::{Mode, Settings};
+        use proxy_core::model::LocalDetector;
+        match self {
+            BackendSettings::Nftables(c) => Settings {
+                masquerade_all: c.masquerade_all,
+                local: c.local.clone(),
+                nodeport_cidrs: c.nodeport_cidrs.clone(),
+                nodeport_primary: c.nodeport_primary,
+                families: c.families.clone(),
+                localhost_nodeports: c.localhost_nodeports.clone(),
+                ..Settings::new(Mode::Nftables)
+            },
+            BackendSettings::Iptables(c) => Settings {
+                masquerade_all: c.masquerade_all,
+                local: c.local.clone(),
+                nodeport_cidrs: c.nodeport_cidrs.clone(),
+                nodeport_primary: c.nodeport_primary,
+                families: c.families.clone(),
+                iptables_localhost_nodeports: c.localhost_node_ports,
+                ..Settings::new(Mode::Iptables)
+            },
+            BackendSettings::Ipvs(c) => Settings {
+                masquerade_all: c.masquerade_all,
+                local: if c.cluster_cidrs.is_empty() {
+                    LocalDetector::None
+                } else {
+                    LocalDetector::ClusterCidr(c.cluster_cidrs.clone())
+                },
+                nodeport_cidrs: c.nodeport_cidrs.clone(),
+                families: c.families.clone(),
+                ..Settings::new(Mode::Ipvs)
+            },
+            BackendSettings::Userspace(c) => Settings {
+                families: c.families.clone(),
+                ..Settings::new(Mode::Userspace)
+            },
+        }
+    }
+
+    /// What checks the kernel against the plan for `explain --verify`, where the mode can.
+    fn verifier(&self) -> Option<Arc<dyn proxy_core::explain::Verify>> {
+        match self {
+            BackendSettings::Nftables(c) => {
+                Some(Arc::new(backend_nftables::verify::Verifier::new(c.clone())))
+            }
+            BackendSettings::Iptables(c) => {
+                Some(Arc::new(backend_iptables::verify::Verifier::new(c.clone())))
+            }
+            BackendSettings::Ipvs(_) | BackendSettings::Userspace(_) => None,
+        }
+    }
+
     /// Builds the backend only to remove its rules: no probing of the host (iptables
     /// mode's cleanup walks both iptables variants, so it needs no detection).
     fn cleaner(&self) -> Box<dyn Proxier> {
@@ -383,6 +437,11 @@ async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observabi
             config: Arc::new(obs.config.clone()),
             zpages: Arc::new(obs.zpages.clone()),
             programmed: observer.programmed(),
+            explain: Some(Arc::new(observability::explain::Explainer {
+                settings: settings.backend.explain_settings(),
+                local_addresses: Arc::new(kernel_addresses),
+                verifier: settings.backend.verifier(),
+            })),
         });
         server::spawn("metrics", address, router, obs.bind_address_hard_fail).await?;
     }
@@ -395,6 +454,18 @@ async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observabi
         observer: Arc::new(observer),
         api_requests: Arc::new(metrics),
     })
+}
+
+/// The node's addresses as the kernel has them (for `explain`); empty, logged, when
+/// they cannot be read.
+fn kernel_addresses() -> Vec<std::net::IpAddr> {
+    match netlink::route::Route::open().and_then(|mut r| r.addresses()) {
+        Ok(list) => list.into_iter().map(|(_, ip)| ip).collect(),
+        Err(err) => {
+            tracing::debug!(error = %err, "cannot list the node's addresses");
+            Vec::new()
+        }
+    }
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

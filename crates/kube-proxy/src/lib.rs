@@ -4,4 +4,5 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod explain;
 pub mod options;

@@ -16,6 +16,12 @@ use kube_proxy::options::{self, Action, KubeProxyConfiguration, LocalMode, Optio
 
 fn main() -> ExitCode {
     keep_large_allocations_returnable();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "explain") {
+        let program = args.remove(0);
+        args.remove(0);
+        return explain_command(program, args);
+    }
     let opts = match options::parse(std::env::args_os()) {
         Ok(opts) => opts,
         Err(err) if err.is_help() => {
@@ -62,6 +68,52 @@ fn run(opts: Options) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(app::run(settings))
+        }
+    }
+}
+
+/// `kube-proxy explain ...`: the answer on stdout; exit 1 with the reason on stderr.
+fn explain_command(program: std::ffi::OsString, args: Vec<std::ffi::OsString>) -> ExitCode {
+    use kube_proxy::explain;
+    let result = (|| -> anyhow::Result<String> {
+        let (eargs, rest) = explain::split_args(args)?;
+        let opts = options::parse(std::iter::once(program).chain(rest.clone()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        init_logging(opts.config.logging.verbosity);
+        let Some(path) = opts.manifests.clone() else {
+            if !rest.is_empty() {
+                bail!("kube-proxy flags apply only with --manifests (the running proxy has its own); got {rest:?}");
+            }
+            let address = eargs
+                .metrics_address
+                .as_deref()
+                .unwrap_or(explain::DEFAULT_METRICS_ADDRESS);
+            let (status, body) = explain::remote(address, &eargs)?;
+            if status != 200 {
+                bail!("the proxy answered {status}: {}", body.trim_end());
+            }
+            return Ok(body);
+        };
+        if eargs.metrics_address.is_some() {
+            bail!("give --metrics-address or --manifests, not both");
+        }
+        let settings = run_settings(&opts)?;
+        explain::offline(
+            &settings.backend,
+            &settings.node_name,
+            settings.serve_external_ips,
+            &path,
+            &eargs,
+        )
+    })();
+    match result {
+        Ok(answer) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("kube-proxy explain: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -81,6 +81,12 @@ impl ProgrammedState {
         });
     }
 
+    /// The last programmed state (`None` before the first successful sync).
+    pub fn state(&self) -> Option<Arc<ProxyState>> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|snap| Arc::clone(&snap.state))
+    }
+
     /// The ports `filter` keeps, as JSON (`null` before the first successful sync).
     pub fn json(&self, filter: &Filter) -> Value {
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());

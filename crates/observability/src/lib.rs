@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod debug;
+pub mod explain;
 pub mod gotime;
 pub mod health;
 pub mod localhost_nodeports;

@@ -49,6 +49,8 @@ pub struct MetricsContext {
     pub zpages: Arc<crate::zpages::Zpages>,
     /// `/debug/services`.
     pub programmed: Arc<crate::debug::ProgrammedState>,
+    /// `/debug/explain`; `None`: not served.
+    pub explain: Option<Arc<crate::explain::Explainer>>,
 }
 
 /// The metrics server's paths without the gated z-pages (what `/statusz` lists).
@@ -60,7 +62,8 @@ pub fn metrics_router(ctx: MetricsContext) -> Router {
         .route("/proxyMode", get(proxy_mode))
         .route("/configz", get(configz))
         .route("/healthz", get(|| async { plain("ok".to_owned()) }))
-        .route("/debug/services", get(debug_services));
+        .route("/debug/services", get(debug_services))
+        .route("/debug/explain", get(debug_explain));
     // Without its gate a z-page is not there at all (404), as upstream.
     if ctx.zpages.statusz.is_some() {
         router = router.route("/statusz", get(statusz));
@@ -95,6 +98,56 @@ async fn debug_services(
             ctx.programmed.json(&filter).to_string(),
         )
             .into_response()
+    }
+}
+
+/// `/debug/explain?src=IP[:port]&dst=IP:port&proto=tcp|udp|sctp[&iif=NAME][&verify=1]`:
+/// JSON, or text with `?format=text` or `Accept: text/plain`. Bad input is a 400 naming it.
+async fn debug_explain(
+    State(ctx): State<MetricsContext>,
+    Query(params): Query<crate::explain::ExplainParams>,
+    headers: HeaderMap,
+) -> Response {
+    use crate::explain::{to_json, to_text, Answer};
+    let Some(explainer) = ctx.explain.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let wants_text = params.format.as_deref() == Some("text")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"));
+    let state = ctx.programmed.state();
+    // Verifying reads the kernel (netlink, iptables-save): off the async workers.
+    let answer = tokio::task::spawn_blocking(move || explainer.answer(state, &params)).await;
+    match answer {
+        Ok(Answer::BadRequest(message)) => {
+            let mut r = plain(format!("bad query: {message}\n"));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            r
+        }
+        Ok(Answer::NotReady) => {
+            let mut r = plain("no sync has succeeded yet\n".into());
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        }
+        Ok(Answer::Explained {
+            explanation,
+            verify,
+        }) => {
+            if wants_text {
+                plain(to_text(&explanation, &verify))
+            } else {
+                with_type(
+                    to_json(&explanation, &verify).to_string().into_response(),
+                    "application/json",
+                )
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "explain task failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod explain;
 pub mod ipparse;
 pub mod model;
 pub mod observer;
