@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -338,8 +339,36 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceName> {
     Some(ServiceName::new(namespace, name.as_str()))
 }
 
-/// Endpoints per (port name, protocol).
-pub type EndpointsByPort = BTreeMap<(String, Protocol), Vec<Endpoint>>;
+/// A port of an EndpointSlice: its name and protocol.
+pub type PortKey = (String, Protocol);
+
+/// Endpoints per (port name, protocol), sorted by key. A slice has a port or two, so a
+/// sorted vector (a B-tree's smallest node holds eleven). Each list is shared: the state
+/// takes a Service's list from its only slice without copying it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointsByPort(Vec<(PortKey, Arc<Vec<Endpoint>>)>);
+
+impl EndpointsByPort {
+    /// The endpoints of one port.
+    pub fn get(&self, key: &PortKey) -> Option<&Arc<Vec<Endpoint>>> {
+        self.0
+            .binary_search_by(|(k, _)| k.cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&PortKey, &Arc<Vec<Endpoint>>)> {
+        self.0.iter().map(|(k, eps)| (k, eps))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn from_sorted(map: BTreeMap<PortKey, Vec<Endpoint>>) -> Self {
+        EndpointsByPort(map.into_iter().map(|(k, eps)| (k, Arc::new(eps))).collect())
+    }
+}
 
 /// Endpoints of one Service, per (port name, protocol), merged over all its slices.
 /// Duplicates (the same IP and port in two slices, as happens while a slice is being
@@ -357,22 +386,30 @@ pub fn service_endpoints<'a>(
 }
 
 /// Merges the endpoints of a Service's slices; an endpoint listed twice is kept once
-/// (the first).
+/// (the first). A port only one slice has keeps that slice's list (shared, not copied).
 pub fn merge_endpoints<'a>(
     slices: impl IntoIterator<Item = &'a EndpointsByPort>,
 ) -> EndpointsByPort {
-    let mut out: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    let mut lists: BTreeMap<&PortKey, Vec<&Arc<Vec<Endpoint>>>> = BTreeMap::new();
     for slice in slices {
-        for (key, eps) in slice {
-            let bucket = out.entry(key.clone()).or_default();
-            for ep in eps {
-                bucket.entry((ep.ip, ep.port)).or_insert_with(|| ep.clone());
-            }
+        for (key, eps) in slice.iter() {
+            lists.entry(key).or_default().push(eps);
         }
     }
-    out.into_iter()
-        .map(|(k, eps)| (k, eps.into_values().collect()))
-        .collect()
+    let merged = lists.into_iter().map(|(key, lists)| {
+        let eps = match lists.as_slice() {
+            [only] => Arc::clone(only),
+            _ => {
+                let mut unique: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
+                for ep in lists.iter().flat_map(|l| l.iter()) {
+                    unique.entry((ep.ip, ep.port)).or_insert(ep);
+                }
+                Arc::new(unique.into_values().cloned().collect())
+            }
+        };
+        (key.clone(), eps)
+    });
+    EndpointsByPort(merged.collect())
 }
 
 /// The endpoints of one EndpointSlice, per (port name, protocol). Invalid entries are
@@ -390,7 +427,7 @@ pub fn slice_endpoints(
         let family = match slice.address_type.as_str() {
             "IPv4" => IpFamily::V4,
             "IPv6" => IpFamily::V6,
-            _ => return EndpointsByPort::new(), // FQDN slices are not proxied.
+            _ => return EndpointsByPort::default(), // FQDN slices are not proxied.
         };
         if slice.endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
             problems.push(format!(
@@ -459,9 +496,11 @@ pub fn slice_endpoints(
     if !problems.is_empty() {
         warnings.push(slice_warning(slice, &problems));
     }
-    out.into_iter()
-        .map(|(k, eps)| (k, eps.into_values().collect()))
-        .collect()
+    EndpointsByPort::from_sorted(
+        out.into_iter()
+            .map(|(k, eps)| (k, eps.into_values().collect()))
+            .collect(),
+    )
 }
 
 /// One line for all of a slice's problems: the first few, then how many more. The name

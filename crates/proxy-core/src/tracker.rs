@@ -358,7 +358,7 @@ impl ChangeTracker {
             .flatten()
             .filter_map(|k| self.slices.get(k))
             .map(|s| &s.endpoints);
-        let mut by_port = convert::merge_endpoints(slices);
+        let by_port = convert::merge_endpoints(slices);
 
         let old_ports: Vec<_> = self
             .state
@@ -371,7 +371,8 @@ impl ChangeTracker {
         let mut new_endpoints = Vec::with_capacity(ports.len());
         for port in &ports {
             let eps = by_port
-                .remove(&(port.name.port.clone(), port.name.protocol))
+                .get(&(port.name.port.clone(), port.name.protocol))
+                .cloned()
                 .unwrap_or_default();
             if self.state.endpoints_of(&port.name) != eps.as_slice() {
                 endpoints_changed = true;
@@ -395,7 +396,7 @@ impl ChangeTracker {
         }
         for (port, eps) in ports.into_iter().zip(new_endpoints) {
             if !eps.is_empty() {
-                state.endpoints.insert(port.name.clone(), Arc::new(eps));
+                state.endpoints.insert(port.name.clone(), eps);
             }
             state.services.insert(port.name.clone(), port);
         }

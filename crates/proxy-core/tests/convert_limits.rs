@@ -32,7 +32,7 @@ fn slice(name: &str, first: usize, count: usize) -> EndpointSlice {
 fn count(slices: &[EndpointSlice], warnings: &mut Vec<String>) -> usize {
     service_endpoints(slices, "node", warnings)
         .get(&("http".to_string(), Protocol::Tcp))
-        .map_or(0, Vec::len)
+        .map_or(0, |eps| eps.len())
 }
 
 #[test]
@@ -54,5 +54,34 @@ fn ten_thousand_endpoints_over_ten_slices_are_all_kept() {
         .collect();
     let mut warnings = Vec::new();
     assert_eq!(count(&slices, &mut warnings), 10_000);
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+/// A port only one slice has takes that slice's list as it is (one copy of 100,000
+/// endpoints in memory, not two); ports of several slices are merged, duplicates once.
+#[test]
+fn one_slice_is_shared_and_several_are_merged() {
+    use proxy_core::convert::{merge_endpoints, slice_endpoints};
+    let key = ("http".to_string(), Protocol::Tcp);
+    let mut warnings = Vec::new();
+    let one = slice_endpoints(&slice("a", 0, 3), "node", &mut warnings);
+    let merged = merge_endpoints([&one]);
+    assert!(std::sync::Arc::ptr_eq(
+        merged.get(&key).unwrap(),
+        one.get(&key).unwrap()
+    ));
+    // Overlapping slices (one being replaced by another): each endpoint once, in order.
+    let other = slice_endpoints(&slice("b", 2, 3), "node", &mut warnings);
+    let merged = merge_endpoints([&one, &other]);
+    let ips: Vec<String> = merged
+        .get(&key)
+        .unwrap()
+        .iter()
+        .map(|e| e.ip.to_string())
+        .collect();
+    assert_eq!(
+        ips,
+        ["10.0.0.0", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+    );
     assert!(warnings.is_empty(), "{warnings:?}");
 }
