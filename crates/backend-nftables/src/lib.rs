@@ -273,7 +273,7 @@ impl<R: NftRunner> NftablesProxier<R> {
     ) -> (Vec<Deletion>, Vec<BTreeSet<String>>) {
         let mut deletions = Vec::new();
         let mut existing_sets = Vec::new();
-        for plan in plans {
+        for (i, plan) in plans.iter().enumerate() {
             let family = plan.family();
             let existing = match self.runner.existing_objects(family) {
                 Ok(Some(existing)) => existing,
@@ -302,7 +302,7 @@ impl<R: NftRunner> NftablesProxier<R> {
                     deletions.push(Deletion { family, object });
                 }
             }
-            let planned = counters.get(deletions_index(plans, family));
+            let planned = counters.get(i);
             match self.runner.existing_counters(family) {
                 Ok(Some(names)) => deletions.extend(
                     names
@@ -321,14 +321,6 @@ impl<R: NftRunner> NftablesProxier<R> {
         }
         (deletions, existing_sets)
     }
-}
-
-/// The position of `family`'s plan.
-fn deletions_index(plans: &[FamilyPlan], family: IpFamily) -> usize {
-    plans
-        .iter()
-        .position(|p| p.family() == family)
-        .unwrap_or(usize::MAX)
 }
 
 /// Whether a counter of our table is a Service port's (`--service-counters`), which a

@@ -379,14 +379,16 @@ async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observabi
     if let BackendSettings::Nftables(config) = &settings.backend {
         if config.service_counters {
             let families = config.families.clone();
-            observer.programmed().set_traffic_reader(Arc::new(move |state| {
-                backend_nftables::apply::read_service_traffic(&families, state).unwrap_or_else(
-                    |err| {
-                        tracing::debug!(error = %err, "cannot read the Service counters");
-                        Vec::new()
-                    },
-                )
-            }));
+            observer
+                .programmed()
+                .set_traffic_reader(Arc::new(move |state| {
+                    backend_nftables::apply::read_service_traffic(&families, state).unwrap_or_else(
+                        |err| {
+                            tracing::debug!(error = %err, "cannot read the Service counters");
+                            Vec::new()
+                        },
+                    )
+                }));
             metrics
                 .register_service_traffic(observer.programmed())
                 .context("registering the Service counters")?;

@@ -2169,7 +2169,11 @@ fn nftables_service_counters_count_real_connections() {
     });
     let scrape = scrape_metrics(node);
     assert!(scrape.contains("service=\"other\""), "{scrape}");
-    assert_eq!(svc_counters(node), 1, "only other's cluster IP (before: {counters_before})");
+    assert_eq!(
+        svc_counters(node),
+        1,
+        "only other's cluster IP (before: {counters_before})"
+    );
 
     // The flag off: no series, no counter map, no Service counter.
     cluster.restart_proxy_with(Mode("nftables"), &[], Tools::Needed);
