@@ -3,19 +3,20 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use proxy_core::proxier::ProxierError;
+use proxy_core::proxier::{DestinationKind, ProxierError, ServiceTraffic};
 
-use proxy_core::model::IpFamily;
+use proxy_core::model::{IpFamily, ProxyState};
 
 use crate::netlink::{
     encode_ops_in, list_requests, ops_text_in, parse_chain, parse_set, Object, TableOp,
 };
+use crate::plan::service_counter_name;
 use crate::plan::TABLE;
 use crate::readback::{
-    counters_request, elements_request, generation_request, parse_counter, parse_elements,
-    parse_generation, rules_request, RawElement, RulesDigest, SetDigest,
+    counters_request, elements_request, generation_request, parse_counter_values, parse_elements,
+    parse_generation, rules_request, CounterValues, RawElement, RulesDigest, SetDigest,
 };
 
 /// Hands changes to the kernel: [`TableOp`]s, as one transaction each (the nftables,
@@ -45,6 +46,13 @@ pub trait NftRunner {
     /// The chains and named sets our table of `family` has in the kernel; `None` when
     /// this runner cannot tell (then nothing is deleted).
     fn existing_objects(&mut self, family: IpFamily) -> Result<Option<Vec<Object>>, ProxierError> {
+        let _ = family;
+        Ok(None)
+    }
+
+    /// The named counters our table of `family` has in the kernel; `None` when this
+    /// runner cannot tell (then none is deleted).
+    fn existing_counters(&mut self, family: IpFamily) -> Result<Option<Vec<String>>, ProxierError> {
         let _ = family;
         Ok(None)
     }
@@ -201,6 +209,16 @@ impl NftRunner for NftCommand {
             out.extend(parse_set(&payload).map_err(|e| failed(e.into()))?);
         }
         Ok(Some(out))
+    }
+
+    fn existing_counters(&mut self, family: IpFamily) -> Result<Option<Vec<String>>, ProxierError> {
+        if self.check_only {
+            return Ok(None);
+        }
+        let socket = self.socket()?;
+        let counters = dump_counters(socket, family)
+            .map_err(|e| ProxierError::Other(format!("listing our nftables counters: {e}")))?;
+        Ok(Some(counters.into_iter().map(|c| c.name).collect()))
     }
 
     fn read_back(
@@ -395,16 +413,63 @@ impl NftCommand {
 /// the table does not exist.
 pub fn read_named_counters(family: IpFamily) -> Result<Vec<(String, u64)>, netlink::RequestError> {
     let mut socket = netlink::Socket::open(libc::NETLINK_NETFILTER)?;
+    Ok(dump_counters(&mut socket, family)?
+        .into_iter()
+        .map(|c| (c.name, c.packets))
+        .collect())
+}
+
+/// Every named counter of our table of `family`; empty when there is no table.
+fn dump_counters(
+    socket: &mut netlink::Socket,
+    family: IpFamily,
+) -> Result<Vec<CounterValues>, netlink::RequestError> {
     let request = counters_request(family, socket.next_seq());
     let mut out = Vec::new();
     match socket.request_each(&request, |payload| {
-        out.extend(parse_counter(payload)?);
+        out.extend(parse_counter_values(payload)?);
         Ok(())
     }) {
         Ok(()) => Ok(out),
         Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(Vec::new()),
         Err(err) => Err(err),
     }
+}
+
+/// `--service-counters`: the new connections counted per Service port of `state` and
+/// destination kind, summed over `families` (read over a socket of its own, at scrape
+/// time). A port's counters are found by their names ([`service_counter_name`]), so a
+/// Service no longer in `state` has no series, and one not yet programmed none yet.
+pub fn read_service_traffic(
+    families: &[IpFamily],
+    state: &ProxyState,
+) -> Result<Vec<ServiceTraffic>, netlink::RequestError> {
+    let mut socket = netlink::Socket::open(libc::NETLINK_NETFILTER)?;
+    let mut kernel: HashMap<String, (u64, u64)> = HashMap::new();
+    for &family in families {
+        for c in dump_counters(&mut socket, family)? {
+            let sum = kernel.entry(c.name).or_default();
+            sum.0 += c.packets;
+            sum.1 += c.bytes;
+        }
+    }
+    let mut out = Vec::new();
+    if kernel.is_empty() {
+        return Ok(out);
+    }
+    for name in state.services.keys() {
+        for destination in DestinationKind::ALL {
+            if let Some((packets, bytes)) = kernel.get(&service_counter_name(name, destination)) {
+                out.push(ServiceTraffic {
+                    port: name.clone(),
+                    destination,
+                    packets: *packets,
+                    bytes: *bytes,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Records scripts instead of running them (planner tests, benchmarks of planning).

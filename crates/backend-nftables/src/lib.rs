@@ -21,11 +21,13 @@ use crate::adopt::{read_slots, KernelSlots};
 use crate::apply::NftRunner;
 use crate::netlink::{ordered_deletions, Deletion, ElementOp, Object, TableOp};
 use crate::plan::{
-    replan, ClassObject, Delta, Element, Elements, FamilyPlan, MapId, NftConfig, PreviousSlots,
+    counter_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, KeyKind, MapId,
+    NftConfig, PreviousSlots,
 };
 use crate::readback::{RawElement, SetDigest};
 use crate::render::{
-    chain_names, cleanup_ops, delta_ops, skeleton_ops, table_maps, ElementVerb, FullMode,
+    chain_names, cleanup_ops, counter_ops, delta_ops, skeleton_ops, table_maps, ElementVerb,
+    FullMode,
 };
 use crate::resync::{checked_maps, compare, Expected, Finding};
 
@@ -172,14 +174,57 @@ impl<R: NftRunner> NftablesProxier<R> {
                 "nftables maps already hold the planned elements; not reloaded"
             );
         }
-        let (deletions, existing) = self.obsolete_objects(plans);
-        let update = full_transaction(plans, &existing, FullMode::Update, &ops, &deletions);
+        // Existing counters are kept with their values (an adopted table keeps counting).
+        let counters: Vec<BTreeSet<String>> = elements
+            .iter()
+            .map(|e| {
+                counter_names(
+                    [KeyKind::Ip, KeyKind::NodePort]
+                        .iter()
+                        .filter_map(|k| e.get(&MapId::Counters(*k)))
+                        .flatten(),
+                )
+            })
+            .collect();
+        let (deletions, existing) = self.obsolete_objects(plans, &counters);
+        // A counter map that goes is emptied first: its elements hold its counters,
+        // which could not be deleted in the same transaction otherwise.
+        for d in &deletions {
+            let Object::Set { name, .. } = &d.object else {
+                continue;
+            };
+            for kind in [KeyKind::Ip, KeyKind::NodePort] {
+                if *name == MapId::Counters(kind).name() {
+                    ops.push(ElementOp {
+                        family: d.family,
+                        verb: ElementVerb::Flush,
+                        map: MapId::Counters(kind),
+                        elements: Vec::new(),
+                    });
+                }
+            }
+        }
+        let update = full_transaction(
+            plans,
+            &existing,
+            &counters,
+            FullMode::Update,
+            &ops,
+            &deletions,
+        );
         match self.runner.apply(&update) {
             Ok(bytes) => Ok(bytes),
             Err(err) => {
                 tracing::warn!(error = %err, "updating the tables in place failed; replacing them");
-                // A new table is empty: every map is loaded.
-                let replace = full_transaction(plans, &existing, FullMode::Replace, &all_ops, &[]);
+                // A new table is empty: every map is loaded (and counters start at 0).
+                let replace = full_transaction(
+                    plans,
+                    &existing,
+                    &counters,
+                    FullMode::Replace,
+                    &all_ops,
+                    &[],
+                );
                 self.runner.apply(&replace)
             }
         }
@@ -205,13 +250,18 @@ impl<R: NftRunner> NftablesProxier<R> {
     }
 
     /// Chains and maps our tables hold that the plans no longer have (classes nobody
-    /// uses, a removed Service's firewall chain, objects of an older layout): after a
-    /// full load nothing refers to them. Listing failures only leave them in place.
-    /// Also the names of the maps and sets that exist, per plan.
-    fn obsolete_objects(&mut self, plans: &[FamilyPlan]) -> (Vec<Deletion>, Vec<BTreeSet<String>>) {
+    /// uses, a removed Service's firewall chain, objects of an older layout), and the
+    /// counters of Service ports that are gone: after a full load nothing refers to
+    /// them. Listing failures only leave them in place. Also the names of the maps and
+    /// sets that exist, per plan.
+    fn obsolete_objects(
+        &mut self,
+        plans: &[FamilyPlan],
+        counters: &[BTreeSet<String>],
+    ) -> (Vec<Deletion>, Vec<BTreeSet<String>>) {
         let mut deletions = Vec::new();
         let mut existing_sets = Vec::new();
-        for plan in plans {
+        for (i, plan) in plans.iter().enumerate() {
             let family = plan.family();
             let existing = match self.runner.existing_objects(family) {
                 Ok(Some(existing)) => existing,
@@ -234,14 +284,37 @@ impl<R: NftRunner> NftablesProxier<R> {
                 let wanted = match &object {
                     Object::Chain(name) => chains.contains(name),
                     Object::Set { name, .. } => maps.contains(name),
+                    Object::Counter(_) => true,
                 };
                 if !wanted {
                     deletions.push(Deletion { family, object });
                 }
             }
+            let planned = counters.get(i);
+            match self.runner.existing_counters(family) {
+                Ok(Some(names)) => deletions.extend(
+                    names
+                        .into_iter()
+                        .filter(|n| is_service_counter(n) && planned.is_none_or(|p| !p.contains(n)))
+                        .map(|name| Deletion {
+                            family,
+                            object: Object::Counter(name),
+                        }),
+                ),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot list our nftables counters; obsolete ones stay");
+                }
+            }
         }
         (deletions, existing_sets)
     }
+}
+
+/// Whether a counter of our table is a Service port's (`--service-counters`), which a
+/// full sync deletes when no planned element names it.
+fn is_service_counter(name: &str) -> bool {
+    name.starts_with("svc-")
 }
 
 /// Element-only deltas as operations: per family, deletions before additions (a changed
@@ -268,13 +341,15 @@ fn element_ops<'a>(plans: &[FamilyPlan], deltas: &'a [Delta]) -> Vec<ElementOp<'
 fn full_transaction<'e>(
     plans: &[FamilyPlan],
     existing: &[BTreeSet<String>],
+    counters: &[BTreeSet<String>],
     mode: FullMode,
     elements: &[ElementOp<'e>],
     deletions: &[Deletion],
 ) -> Vec<TableOp<'e>> {
     let mut all: Vec<TableOp<'e>> = Vec::new();
-    for (plan, existing) in plans.iter().zip(existing) {
+    for ((plan, existing), counters) in plans.iter().zip(existing).zip(counters) {
         all.extend(skeleton_ops(plan, mode, existing));
+        all.extend(counter_ops(plan.family(), counters, false));
     }
     all.extend(elements.iter().cloned().map(TableOp::Elements));
     all.extend(ordered_deletions(deletions));
@@ -529,9 +604,24 @@ impl<R: NftRunner> NftablesProxier<R> {
         let transaction_bytes = if full {
             self.apply_full(&plans, &full_elements, &expected)?
         } else if deltas.iter().all(Delta::elements_only) {
-            let ops: Vec<TableOp<'_>> = element_ops(&plans, &deltas)
-                .into_iter()
-                .map(TableOp::Elements)
+            // New counters before the elements that name them, gone ones after.
+            let counters = |delete: bool| {
+                plans.iter().zip(&deltas).flat_map(move |(plan, delta)| {
+                    let names = if delete {
+                        &delta.counters_deleted
+                    } else {
+                        &delta.counters_added
+                    };
+                    counter_ops(plan.family(), names, delete)
+                })
+            };
+            let ops: Vec<TableOp<'_>> = counters(false)
+                .chain(
+                    element_ops(&plans, &deltas)
+                        .into_iter()
+                        .map(TableOp::Elements),
+                )
+                .chain(counters(true))
                 .collect();
             if ops.is_empty() {
                 0

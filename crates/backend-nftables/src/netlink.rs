@@ -30,6 +30,7 @@ const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_DELOBJ: u16 = 20;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
@@ -77,6 +78,9 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFT_SET_MAP: u32 = 0x8;
+/// A map whose values name stateful objects (`: counter`).
+const NFT_SET_OBJECT: u32 = 0x40;
+const NFTA_SET_OBJ_TYPE: u16 = 15;
 const NLM_F_CREATE: u16 = 0x400;
 
 pub(crate) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
@@ -85,6 +89,7 @@ pub(crate) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 pub(crate) const NFTA_SET_ELEM_KEY: u16 = 1;
 pub(crate) const NFTA_SET_ELEM_DATA: u16 = 2;
+pub(crate) const NFTA_SET_ELEM_OBJREF: u16 = 9;
 pub(crate) const NFTA_DATA_VALUE: u16 = 1;
 pub(crate) const NFTA_DATA_VERDICT: u16 = 2;
 pub(crate) const NFTA_VERDICT_CODE: u16 = 1;
@@ -107,17 +112,18 @@ pub struct ElementOp<'a> {
     pub elements: Vec<&'a Element>,
 }
 
-/// A chain or a (named) set or map of our table, as the kernel lists it.
+/// A chain, a (named) set or map, or a named counter of our table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Object {
     Chain(String),
     Set { name: String, is_map: bool },
+    Counter(String),
 }
 
 impl Object {
     pub fn name(&self) -> &str {
         match self {
-            Object::Chain(name) | Object::Set { name, .. } => name,
+            Object::Chain(name) | Object::Set { name, .. } | Object::Counter(name) => name,
         }
     }
 }
@@ -186,7 +192,7 @@ pub fn parse_set(payload: &[u8]) -> Result<Option<Object>, DecodeError> {
     }
     Ok(Some(Object::Set {
         name: string_attr(&list, NFTA_SET_NAME, "NFTA_SET_NAME")?,
-        is_map: flags & NFT_SET_MAP != 0,
+        is_map: flags & (NFT_SET_MAP | NFT_SET_OBJECT) != 0,
     }))
 }
 
@@ -234,12 +240,15 @@ fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
     msg.begin_nested(NFTA_SET_ELEM_KEY);
     msg.attr(NFTA_DATA_VALUE, &encode_fields(&element.key));
     msg.end_nested();
-    if let (true, Some(value)) = (with_value, &element.value) {
+    if let (true, Some(Value::Counter(name))) = (with_value, &element.value) {
+        msg.str(NFTA_SET_ELEM_OBJREF, name);
+    } else if let (true, Some(value)) = (with_value, &element.value) {
         msg.begin_nested(NFTA_SET_ELEM_DATA);
         match value {
             Value::Data(fields) => msg.attr(NFTA_DATA_VALUE, &encode_fields(fields)),
             Value::Goto(chain) => encode_verdict(msg, &Verdict::Goto(chain.clone())),
             Value::Drop => encode_verdict(msg, &Verdict::Drop),
+            Value::Counter(_) => {}
         }
         msg.end_nested();
     }
@@ -295,6 +304,8 @@ impl DataType {
 pub enum MapData {
     Verdict,
     Fields(Vec<DataType>),
+    /// Named counters (an object map: the lookup selects the counter to update).
+    Counter,
 }
 
 /// A named set or map of our table.
@@ -331,6 +342,7 @@ impl SetDecl {
         match &self.data {
             None => {}
             Some(MapData::Verdict) => out.push_str(" : verdict"),
+            Some(MapData::Counter) => out.push_str(" : counter"),
             Some(MapData::Fields(types)) => {
                 out.push_str(" : ");
                 out.push_str(&types_text(types));
@@ -558,6 +570,7 @@ impl TableOp<'_> {
             TableOp::Delete(d) => {
                 let kind = match d.object {
                     Object::Chain(_) => "chain",
+                    Object::Counter(_) => "counter",
                     Object::Set { is_map: true, .. } => "map",
                     Object::Set { is_map: false, .. } => "set",
                 };
@@ -691,9 +704,13 @@ impl BatchWriter<'_> {
                 let (kind, name_attr) = match deletion.object {
                     Object::Chain(_) => (NFT_MSG_DELCHAIN, NFTA_CHAIN_NAME),
                     Object::Set { .. } => (NFT_MSG_DELSET, NFTA_SET_NAME),
+                    Object::Counter(_) => (NFT_MSG_DELOBJ, NFTA_OBJ_NAME),
                 };
                 let mut msg = self.start(deletion.family, kind, 0);
                 msg.str(name_attr, deletion.object.name());
+                if let Object::Counter(_) = deletion.object {
+                    msg.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+                }
                 self.push(msg);
             }
         }
@@ -709,8 +726,10 @@ impl BatchWriter<'_> {
         let mut msg = self.start(family, NFT_MSG_NEWSET, NLM_F_CREATE);
         msg.str(NFTA_SET_NAME, &set.name);
         let mut flags = 0;
-        if set.is_map() {
-            flags |= NFT_SET_MAP;
+        match set.data {
+            Some(MapData::Counter) => flags |= NFT_SET_OBJECT,
+            Some(_) => flags |= NFT_SET_MAP,
+            None => {}
         }
         if set.dynamic {
             flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL;
@@ -728,13 +747,14 @@ impl BatchWriter<'_> {
                 msg.be32(NFTA_SET_DATA_TYPE, concat_id(types));
                 msg.be32(NFTA_SET_DATA_LEN, types.iter().map(|t| t.len()).sum());
             }
+            Some(MapData::Counter) => msg.be32(NFTA_SET_OBJ_TYPE, NFT_OBJECT_COUNTER),
         }
         msg.be32(NFTA_SET_ID, id);
         // As `nft` records it: a single address is big-endian; a concatenation has no
         // one byte order.
         let order = if set.key.len() == 1 { BYTEORDER_BIG } else { 0 };
         let mut udata = udata_u32(UDATA_SET_KEYBYTEORDER, order);
-        if set.is_map() {
+        if matches!(set.data, Some(MapData::Verdict | MapData::Fields(_))) {
             udata.extend(udata_u32(UDATA_SET_DATABYTEORDER, 0));
         }
         msg.attr(NFTA_SET_USERDATA, &udata);
@@ -983,10 +1003,15 @@ pub fn encode_batch(
     encode_ops(&all, next_seq)
 }
 
-/// Deletions as ops, chains first: a set may only go once no rule refers to it.
+/// Deletions as ops, chains first: a set may only go once no rule refers to it, and a
+/// counter once no element does.
 pub fn ordered_deletions<'a>(deletions: &[Deletion]) -> Vec<TableOp<'a>> {
     let mut ordered: Vec<&Deletion> = deletions.iter().collect();
-    ordered.sort_by_key(|d| matches!(d.object, Object::Set { .. }));
+    ordered.sort_by_key(|d| match d.object {
+        Object::Chain(_) => 0,
+        Object::Set { .. } => 1,
+        Object::Counter(_) => 2,
+    });
     ordered.into_iter().cloned().map(TableOp::Delete).collect()
 }
 

@@ -41,6 +41,7 @@ use proxy_core::model::{
     Endpoint, IpFamily, LocalDetector, NodeInfo, Protocol, ProxyState, ServicePort,
     ServicePortName, TrafficPolicy,
 };
+use proxy_core::proxier::DestinationKind;
 use proxy_core::select::{select, serves_localhost_nodeport, Selection};
 
 use crate::rule::{Rule, Sel, Stmt, Verdict};
@@ -68,6 +69,10 @@ pub struct NftConfig {
     pub localhost_nodeports: Vec<IpFamily>,
     /// Which families to program.
     pub families: Vec<IpFamily>,
+    /// `--service-counters`: count new connections per Service port and destination kind
+    /// in named counters, selected through the `service-counters` and
+    /// `nodeport-counters` object maps from the entry chains.
+    pub service_counters: bool,
 }
 
 impl Default for NftConfig {
@@ -80,6 +85,7 @@ impl Default for NftConfig {
             nodeport_primary: false,
             localhost_nodeports: Vec::new(),
             families: vec![IpFamily::V4, IpFamily::V6],
+            service_counters: false,
         }
     }
 }
@@ -157,6 +163,8 @@ pub enum MapId {
     /// NodePorts (`l4proto . dport`) that no loopback listener serves: rejected on the
     /// loopback address when localhost NodePorts are on.
     LocalhostNodeportRejects,
+    /// Destination → the named counter of its Service port and destination kind.
+    Counters(KeyKind),
 }
 
 impl MapId {
@@ -181,6 +189,8 @@ impl MapId {
             MapId::Hairpin => "hairpin".into(),
             MapId::ClusterIps => "cluster-ips".into(),
             MapId::LocalhostNodeportRejects => "localhost-nodeport-rejects".into(),
+            MapId::Counters(KeyKind::Ip) => "service-counters".into(),
+            MapId::Counters(KeyKind::NodePort) => "nodeport-counters".into(),
         }
     }
 }
@@ -330,6 +340,8 @@ pub enum Value {
     Data(Fields),
     Goto(String),
     Drop,
+    /// The name of a counter (in an object map).
+    Counter(String),
 }
 
 impl fmt::Display for Value {
@@ -338,6 +350,7 @@ impl fmt::Display for Value {
             Value::Data(fields) => write!(f, "{fields}"),
             Value::Goto(chain) => write!(f, "goto {chain}"),
             Value::Drop => f.write_str("drop"),
+            Value::Counter(name) => write!(f, "\"{name}\""),
         }
     }
 }
@@ -436,6 +449,8 @@ pub struct FamilySettings {
     pub service_cidrs: Vec<IpNet>,
     /// Loopback NodePorts are served by user-space listeners in this family.
     pub localhost_nodeports: bool,
+    /// New connections are counted per Service port and destination kind.
+    pub service_counters: bool,
 }
 
 /// The rules of `cluster-ips-check`, which sees new connections after DNAT: one still
@@ -529,6 +544,7 @@ impl FamilyPlan {
             ),
             service_cidrs: state.service_cidrs_of(family),
             localhost_nodeports: config.localhost_nodeports.contains(&family),
+            service_counters: config.service_counters,
         };
         let mut plan = FamilyPlan {
             settings,
@@ -682,11 +698,19 @@ pub struct Delta {
     /// Chains that exist with other rules: flushed and refilled.
     pub chains_changed: Vec<Chain>,
     pub chains_deleted: Vec<String>,
+    /// Named counters of Service ports that are new (created before the elements that
+    /// name them) or gone (deleted after them).
+    pub counters_added: BTreeSet<String>,
+    pub counters_deleted: BTreeSet<String>,
 }
 
 impl Delta {
     pub fn is_empty(&self) -> bool {
-        self.elements_only() && self.deleted.is_empty() && self.added.is_empty()
+        self.elements_only()
+            && self.deleted.is_empty()
+            && self.added.is_empty()
+            && self.counters_added.is_empty()
+            && self.counters_deleted.is_empty()
     }
 
     /// Whether only elements change (no chain, map or set is created or removed).
@@ -772,6 +796,17 @@ pub fn replan(
     }
     delta.deleted = old_elements.difference(&new_elements).cloned().collect();
     delta.added = new_elements.difference(&old_elements).cloned().collect();
+    // Counter names are per port, so the changed ports' old and new elements tell.
+    let counters_before = counter_names(&old_elements);
+    let counters_after = counter_names(&new_elements);
+    delta.counters_added = counters_after
+        .difference(&counters_before)
+        .cloned()
+        .collect();
+    delta.counters_deleted = counters_before
+        .difference(&counters_after)
+        .cloned()
+        .collect();
     for (name, chain) in &new_chains {
         match old_chains.get(name) {
             None => delta.chains_added.push(chain.clone()),
@@ -814,6 +849,30 @@ fn shared_elsewhere(plan: &FamilyPlan, shared: Shared, names: &BTreeSet<ServiceP
         .filter(|p| p.shared().any(|s| s == shared))
         .count();
     refs > ours
+}
+
+/// The counters the elements name (values of the counter maps).
+pub fn counter_names<'a>(elements: impl IntoIterator<Item = &'a Element>) -> BTreeSet<String> {
+    elements
+        .into_iter()
+        .filter_map(|e| match &e.value {
+            Some(Value::Counter(name)) => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The named counter of a Service port's new connections of one destination kind: a
+/// hash of the port's name, so no name from the API reaches the kernel, and the same
+/// after a restart, so an adopted table keeps counting.
+pub fn service_counter_name(port: &ServicePortName, kind: DestinationKind) -> String {
+    let kind = match kind {
+        DestinationKind::ClusterIp => "cluster-ip",
+        DestinationKind::NodePort => "nodeport",
+        DestinationKind::ExternalIp => "external-ip",
+        DestinationKind::LoadBalancerIp => "lb-ip",
+    };
+    format!("svc-{}-{kind}", hash_id(&[&port.to_string()]))
 }
 
 /// A stable, short, syntax-safe identifier: FNV-1a over the parts, as 16 hex digits.
@@ -911,6 +970,9 @@ fn plan_port(
             previous_slots,
             &mut out,
         );
+        if settings.service_counters {
+            plan_counters(port, &claimed_ips, node_port, &mut out);
+        }
     }
     if let Some(np) = node_port.filter(|_| settings.localhost_nodeports) {
         if !serves_localhost_nodeport(port, &selection) {
@@ -1099,6 +1161,38 @@ fn plan_picks(
             &key,
             Value::Goto(entry.into()),
         );
+    }
+}
+
+/// Each destination in `service-ips` / `service-nodeports` names its port's counter of
+/// that destination kind (external IPs that are also load-balancer IPs count as the
+/// latter).
+fn plan_counters(
+    port: &ServicePort,
+    ips: &[(IpAddr, bool)],
+    node_port: Option<u16>,
+    out: &mut PortPlan,
+) {
+    let proto = port.protocol();
+    let counter = |kind| Some(Value::Counter(service_counter_name(&port.name, kind)));
+    for (ip, is_external) in ips {
+        let kind = match (is_external, port.load_balancer_ips.contains(ip)) {
+            (false, _) => DestinationKind::ClusterIp,
+            (true, true) => DestinationKind::LoadBalancerIp,
+            (true, false) => DestinationKind::ExternalIp,
+        };
+        out.elements.push(Element {
+            map: MapId::Counters(KeyKind::Ip),
+            key: ip_key(*ip, proto, port.port),
+            value: counter(kind),
+        });
+    }
+    if let Some(np) = node_port {
+        out.elements.push(Element {
+            map: MapId::Counters(KeyKind::NodePort),
+            key: nodeport_key(proto, np),
+            value: counter(DestinationKind::NodePort),
+        });
     }
 }
 

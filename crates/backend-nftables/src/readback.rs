@@ -14,7 +14,8 @@ use proxy_core::model::IpFamily;
 use crate::netlink::{
     encode_fields, nfgen_header, nfproto, NFNL_SUBSYS_NFTABLES, NFTA_DATA_VALUE, NFTA_DATA_VERDICT,
     NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
-    NFTA_SET_ELEM_LIST_TABLE, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NFT_GOTO, NF_DROP,
+    NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_OBJREF, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
+    NFT_GOTO, NF_DROP,
 };
 use crate::plan::{Element, Value, TABLE};
 
@@ -29,6 +30,7 @@ const NFTA_OBJ_NAME: u16 = 2;
 const NFTA_OBJ_TYPE: u16 = 3;
 const NFTA_OBJ_DATA: u16 = 4;
 const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
 
 const NFTA_RULE_TABLE: u16 = 1;
@@ -51,6 +53,9 @@ pub enum RawValue {
         code: i32,
         chain: Option<String>,
     },
+    /// The name of a counter (an object map's element): the counter's values are not
+    /// part of the element, so counting never makes a digest differ.
+    Counter(String),
 }
 
 impl RawElement {
@@ -67,6 +72,7 @@ impl RawElement {
                 code: NF_DROP,
                 chain: None,
             },
+            Some(Value::Counter(name)) => RawValue::Counter(name.clone()),
         };
         RawElement {
             key: encode_fields(&element.key),
@@ -81,6 +87,7 @@ impl RawElement {
             RawValue::Verdict { code, chain } => {
                 ValueRef::Verdict(*code, chain.as_deref().unwrap_or("").as_bytes())
             }
+            RawValue::Counter(name) => ValueRef::Counter(name.as_bytes()),
         };
         element_hash(&self.key, value)
     }
@@ -92,6 +99,7 @@ enum ValueRef<'a> {
     None,
     Data(&'a [u8]),
     Verdict(i32, &'a [u8]),
+    Counter(&'a [u8]),
 }
 
 fn element_hash(key: &[u8], value: ValueRef<'_>) -> u64 {
@@ -107,6 +115,10 @@ fn element_hash(key: &[u8], value: ValueRef<'_>) -> u64 {
             h.bytes(&[2]);
             h.bytes(&code.to_be_bytes());
             h.bytes(chain);
+        }
+        ValueRef::Counter(name) => {
+            h.bytes(&[3]);
+            h.bytes(name);
         }
     }
     h.finish()
@@ -233,6 +245,20 @@ pub fn counters_request(family: IpFamily, seq: u32) -> Vec<u8> {
 /// A named counter's name and packet count, from one reply to [`counters_request`];
 /// `None` for an object that is not a counter.
 pub fn parse_counter(payload: &[u8]) -> Result<Option<(String, u64)>, DecodeError> {
+    Ok(parse_counter_values(payload)?.map(|c| (c.name, c.packets)))
+}
+
+/// A named counter as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterValues {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A named counter's name, packets and bytes, from one reply to [`counters_request`];
+/// `None` for an object that is not a counter.
+pub fn parse_counter_values(payload: &[u8]) -> Result<Option<CounterValues>, DecodeError> {
     let body = payload.get(4..).ok_or(DecodeError::Truncated)?;
     let kind = netlink::attr(body, NFTA_OBJ_TYPE)?
         .and_then(|raw| raw.try_into().ok())
@@ -243,11 +269,17 @@ pub fn parse_counter(payload: &[u8]) -> Result<Option<(String, u64)>, DecodeErro
     let name = netlink::attr(body, NFTA_OBJ_NAME)?.ok_or(DecodeError::Missing("NFTA_OBJ_NAME"))?;
     let name = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name)).into_owned();
     let data = netlink::attr(body, NFTA_OBJ_DATA)?.ok_or(DecodeError::Missing("NFTA_OBJ_DATA"))?;
-    let packets = netlink::attr(data, NFTA_COUNTER_PACKETS)?
-        .and_then(|raw| raw.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or(DecodeError::Missing("NFTA_COUNTER_PACKETS"))?;
-    Ok(Some((name, packets)))
+    let number = |kind: u16, what: &'static str| -> Result<u64, DecodeError> {
+        netlink::attr(data, kind)?
+            .and_then(|raw| raw.try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or(DecodeError::Missing(what))
+    };
+    Ok(Some(CounterValues {
+        name,
+        packets: number(NFTA_COUNTER_PACKETS, "NFTA_COUNTER_PACKETS")?,
+        bytes: number(NFTA_COUNTER_BYTES, "NFTA_COUNTER_BYTES")?,
+    }))
 }
 
 /// Calls `each` with every element of one reply to an elements dump.
@@ -260,6 +292,9 @@ pub fn parse_elements(payload: &[u8], mut each: impl FnMut(RawElement)) -> Resul
                 code,
                 chain: (!chain.is_empty()).then(|| String::from_utf8_lossy(chain).into_owned()),
             },
+            ValueRef::Counter(name) => {
+                RawValue::Counter(String::from_utf8_lossy(name).into_owned())
+            }
         };
         each(RawElement {
             key: key.to_vec(),
@@ -280,8 +315,12 @@ fn each_element(
         let (_, element) = item?;
         let key = netlink::attr(element, NFTA_SET_ELEM_KEY)?.ok_or(DecodeError::Missing("key"))?;
         let key = netlink::attr(key, NFTA_DATA_VALUE)?.ok_or(DecodeError::Missing("key value"))?;
+        let objref = netlink::attr(element, NFTA_SET_ELEM_OBJREF)?;
         let value = match netlink::attr(element, NFTA_SET_ELEM_DATA)? {
-            None => ValueRef::None,
+            None => match objref {
+                Some(name) => ValueRef::Counter(name.strip_suffix(&[0]).unwrap_or(name)),
+                None => ValueRef::None,
+            },
             Some(data) => match netlink::attr(data, NFTA_DATA_VALUE)? {
                 Some(bytes) => ValueRef::Data(bytes),
                 None => {
@@ -367,6 +406,9 @@ mod tests {
                 Field::Addr("10.244.1.2".parse().unwrap()),
                 Field::Port(8080),
             ])))),
+            element(Some(Value::Counter(
+                "svc-0123456789abcdef-cluster-ip".into(),
+            ))),
             element(None),
         ];
         for e in &elements {

@@ -56,6 +56,7 @@ fn map_decl(id: MapId, family: IpFamily) -> SetDecl {
             dest(kind),
             Some(MapData::Fields(vec![addr, DataType::InetService])),
         ),
+        MapId::Counters(kind) => (dest(kind), Some(MapData::Counter)),
         MapId::Hairpin => (vec![addr, addr], None),
         MapId::ClusterIps => (vec![addr], None),
     };
@@ -176,26 +177,43 @@ fn entry_chains(settings: &FamilySettings) -> Vec<ChainDef> {
     for kind in [KeyKind::Ip, KeyKind::NodePort] {
         let picks = vmap(kind, MapId::Picks(kind));
         let short = vmap(kind, MapId::ShortCircuits(kind));
+        // Counted where a destination is known to be a Service's: only its packets pay
+        // for the lookup, and nat chains see a connection's first packet only.
+        let count: Vec<Rule> = settings
+            .service_counters
+            .then(|| {
+                Rule::new([
+                    Stmt::CtNew,
+                    Stmt::CounterMap {
+                        key: packet_key(kind),
+                        map: MapId::Counters(kind).name(),
+                    },
+                ])
+            })
+            .into_iter()
+            .collect();
         let (plain, local_name) = match kind {
             KeyKind::Ip => ("external", "external-local"),
             KeyKind::NodePort => ("nodeport", "nodeport-local"),
         };
         if kind == KeyKind::Ip {
-            let mut rules: Vec<Rule> = internal_mark.iter().cloned().collect();
+            let mut rules = count.clone();
+            rules.extend(internal_mark.iter().cloned());
             rules.push(Rule::new([picks.clone()]));
             chains.push(ChainDef::new("internal", rules));
         }
-        chains.push(ChainDef::new(
-            plain,
-            vec![Rule::new([mark.clone()]), Rule::new([picks.clone()])],
-        ));
+        let mut rules = count.clone();
+        rules.extend([Rule::new([mark.clone()]), Rule::new([picks.clone()])]);
+        chains.push(ChainDef::new(plain, rules));
         // Outside clients keep their source address and reach this node's endpoints;
         // pods and the node itself are sent as if they had used the cluster IP.
-        let mut rules: Vec<Rule> = settings
-            .local
-            .iter()
-            .map(|l| Rule::new([l.is_local.clone(), short.clone()]))
-            .collect();
+        let mut rules = count;
+        rules.extend(
+            settings
+                .local
+                .iter()
+                .map(|l| Rule::new([l.is_local.clone(), short.clone()])),
+        );
         rules.push(Rule::new([fib_local.clone(), mark.clone()]));
         rules.push(Rule::new([fib_local.clone(), short]));
         rules.push(Rule::new([picks]));
@@ -258,6 +276,11 @@ pub fn table_maps(plan: &FamilyPlan) -> Vec<ClassObject> {
         MapId::LocalhostNodeportRejects,
     ] {
         maps.push(ClassObject::Map(id));
+    }
+    if plan.settings.service_counters {
+        for kind in [KeyKind::Ip, KeyKind::NodePort] {
+            maps.push(ClassObject::Map(MapId::Counters(kind)));
+        }
     }
     maps
 }
@@ -586,7 +609,7 @@ pub fn render_element_command(
 /// element deletions; rules; element additions; chain deletions.
 pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
     let family = plan.family();
-    let mut ops = Vec::new();
+    let mut ops = counter_ops(family, &delta.counters_added, false);
     for object in &delta.new_objects {
         ops.push(class_object_op(*object, family));
     }
@@ -644,7 +667,32 @@ pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
             object: Object::Chain(name.clone()),
         }));
     }
+    ops.extend(counter_ops(family, &delta.counters_deleted, true));
     ops
+}
+
+/// Creates (an existing one keeps its values) or deletes the named counters.
+pub fn counter_ops<'a>(
+    family: IpFamily,
+    names: &BTreeSet<String>,
+    delete: bool,
+) -> Vec<TableOp<'a>> {
+    names
+        .iter()
+        .map(|name| {
+            if delete {
+                TableOp::Delete(Deletion {
+                    family,
+                    object: Object::Counter(name.clone()),
+                })
+            } else {
+                TableOp::AddCounter {
+                    family,
+                    name: name.clone(),
+                }
+            }
+        })
+        .collect()
 }
 
 /// One op per map adding or deleting `set`'s elements of that map.

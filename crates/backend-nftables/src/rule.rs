@@ -93,6 +93,12 @@ pub enum Stmt {
     MarkXor(u32),
     /// `counter name "C"`.
     Counter(String),
+    /// `counter name <key> map @map`: the counter the packet's key maps to (none, and
+    /// the rule stops, when the key is not in the map).
+    CounterMap {
+        key: Key,
+        map: String,
+    },
     /// `<key> vmap @map`.
     Vmap {
         key: Key,
@@ -243,6 +249,9 @@ impl fmt::Display for StmtText<'_> {
             Stmt::MarkOr(m) => write!(f, "meta mark set meta mark | {m:#x}"),
             Stmt::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#x}"),
             Stmt::Counter(name) => write!(f, "counter name \"{name}\""),
+            Stmt::CounterMap { key, map } => {
+                write!(f, "counter name {} map @{map}", key_text(key, family))
+            }
             Stmt::Vmap { key, map } => write!(f, "{} vmap @{map}", key_text(key, family)),
             Stmt::SpreadVmap(chains) => {
                 let targets: Vec<String> = chains
@@ -587,6 +596,13 @@ impl<'m> ExprWriter<'m> {
                 m.be32(1, NFT_OBJECT_COUNTER);
                 m.str(2, name);
             }),
+            Stmt::CounterMap { key, map } => {
+                self.load_key(key);
+                self.expr("objref", |m| {
+                    m.be32(3, NFT_REG_1);
+                    m.str(4, map);
+                });
+            }
             Stmt::Vmap { key, map } => {
                 self.load_key(key);
                 self.lookup(&SetRef::named(map), Some(NFT_REG_VERDICT), false);
@@ -1005,6 +1021,21 @@ mod golden {
                     fully_random: false,
                 },
             ]),
+            // `--service-counters`.
+            Rule::new([
+                Stmt::CtNew,
+                Stmt::CounterMap {
+                    key: ip_key(),
+                    map: "service-counters".into(),
+                },
+            ]),
+            Rule::new([
+                Stmt::CtNew,
+                Stmt::CounterMap {
+                    key: nodeport_key(),
+                    map: "nodeport-counters".into(),
+                },
+            ]),
         ]
     }
 
@@ -1023,6 +1054,8 @@ mod golden {
              \tset nep {{ type inet_proto . inet_service; }}\n\
              \tset cips {{ type {a}; }}\n\
              \tset hairpin {{ type {a} . {a}; }}\n\
+             \tmap service-counters {{ type {a} . inet_proto . inet_service : counter; }}\n\
+             \tmap nodeport-counters {{ type inet_proto . inet_service : counter; }}\n\
              \tchain c {{ }}\n}}\n",
             f = t.table_family
         );
@@ -1169,6 +1202,9 @@ mod golden {
                 be32(a, 1),
                 netlink::find(a, 2, "code").map_or(0, |c| c[0])
             ),
+            "objref" if netlink::find(a, 4, "set").is_ok() => {
+                format!("sreg {} set {}", be32(a, 3), string(a, 4))
+            }
             "objref" => format!("type {} name {}", be32(a, 1), string(a, 2)),
             _ => "?".into(),
         };

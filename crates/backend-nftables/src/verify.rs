@@ -121,6 +121,7 @@ fn describe_raw(
             (&NF_DROP, _) => "drop".into(),
             (code, _) => format!("verdict {code}"),
         },
+        RawValue::Counter(name) => format!("counter {}", name.escape_debug()),
     };
     format!("{map} element {key} : {value}")
 }

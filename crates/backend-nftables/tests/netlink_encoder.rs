@@ -101,7 +101,8 @@ fn rich_state() -> ProxyState {
     state
 }
 
-/// One configuration per way of telling local traffic, with the other options on.
+/// One configuration per way of telling local traffic, with the other options on
+/// (`--service-counters` in two of them).
 fn configs() -> Vec<NftConfig> {
     let base = NftConfig {
         localhost_nodeports: vec![IpFamily::V4, IpFamily::V6],
@@ -114,6 +115,7 @@ fn configs() -> Vec<NftConfig> {
                 "10.250.0.0/15".parse().unwrap(),
                 "fd00:244::/48".parse().unwrap(),
             ]),
+            service_counters: true,
             ..base.clone()
         },
         NftConfig {
@@ -129,6 +131,7 @@ fn configs() -> Vec<NftConfig> {
             local: LocalDetector::InterfaceNamePrefix("veth".into()),
             masquerade_all: true,
             nodeport_cidrs: vec!["10.0.0.0/9".parse().unwrap()],
+            service_counters: true,
             ..base.clone()
         },
         NftConfig {
@@ -194,6 +197,12 @@ fn netlink_load_lists_as_nft_load_of_the_same_plan() {
 
         let (want, got) = (listing(&by_nft), listing(&by_us));
         assert!(want.len() > 100, "{want:?}");
+        if config.service_counters {
+            assert!(
+                want.iter().any(|l| l.contains(": \"svc-")),
+                "no counter map element: {want:?}"
+            );
+        }
         if want != got {
             let only_nft: Vec<&String> = want.iter().filter(|l| !got.contains(l)).collect();
             let only_us: Vec<&String> = got.iter().filter(|l| !want.contains(l)).collect();

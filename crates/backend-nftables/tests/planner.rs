@@ -753,19 +753,28 @@ fn loopback_nodeport_rejections_are_counted_without_disturbing_resyncs() {
     assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
     assert!(counted().contains(&(udp_counter, 1)), "{:?}", counted());
 
-    // Someone else commits: the re-sync reads our table back and finds it unchanged.
+    resync_finds_nothing_to_repair(&ns, &mut proxier, state());
+}
+
+/// Someone else commits: a periodic re-sync reads our table back and finds it as it
+/// was programmed, so nothing is rewritten or sent (counting must not look like drift).
+fn resync_finds_nothing_to_repair(
+    ns: &testkit::Netns,
+    proxier: &mut NftablesProxier<NftCommand>,
+    state: ProxyState,
+) {
     ns.exec(&["nft", "add", "table", "ip", "someone-else"])
         .unwrap();
     let resync = ns
         .run(|| {
             proxier.sync(&SyncRequest {
                 periodic: true,
-                ..request(state(), &[], true)
+                ..request(state, &[], true)
             })
         })
         .unwrap()
         .unwrap();
-    assert!(!resync.full, "counting changed the rules as read back");
+    assert!(!resync.full, "counting changed the table as read back");
     assert_eq!(resync.transaction_bytes, 0);
 }
 
@@ -816,4 +825,140 @@ fn restart_adopts_the_table_and_reloads_no_element() {
     assert!(restart.full);
     assert_eq!(slot_maps(&ns), before, "slots adopted");
     assert_eq!(elements_sent, 0, "every map already held its elements");
+}
+
+/// `--service-counters`: new connections to a cluster IP and to a NodePort are counted
+/// in their Service port's named counters, selected through the counter maps; counting
+/// does not make a periodic re-sync see a difference; a restarted proxier adopts the
+/// counters with their values; a Service that goes takes its counters along; with the
+/// flag off, the table has no counter map and no Service counter.
+#[test]
+fn service_counters_count_new_connections_and_survive_resyncs_and_restarts() {
+    use backend_nftables::apply::{read_named_counters, read_service_traffic};
+    use proxy_core::model::IpFamily;
+    use proxy_core::proxier::DestinationKind;
+    if !testkit::root_or_skip(
+        "service_counters_count_new_connections_and_survive_resyncs_and_restarts",
+    ) {
+        return;
+    }
+    let ns = testkit::Netns::new().unwrap();
+    // A node address for the NodePort, and a route for the Service range, so that the
+    // datagrams reach the nat output hook (their DNAT target is unreachable: no matter).
+    for cmd in [
+        "ip link set lo up",
+        "ip addr add 192.168.50.1/24 dev lo",
+        "ip route add 10.96.0.0/16 dev lo",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    let counted = NftConfig {
+        service_counters: true,
+        families: vec![IpFamily::V4],
+        ..config()
+    };
+    let dns = ServicePortName {
+        service: ServiceName::new("kube-system", "dns"),
+        port: String::new(),
+        protocol: Protocol::Udp,
+    };
+    let state = || {
+        let mut state = sample_state();
+        let mut port = (*state.services[&dns]).clone();
+        port.node_port = Some(30053);
+        state.services.insert(dns.clone(), Arc::new(port));
+        state
+    };
+    // Each datagram from a socket of its own: one new connection each.
+    let send = |dest: &str, n: usize| {
+        ns.run(|| {
+            for _ in 0..n {
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let _ = socket.send_to(b"x", dest);
+            }
+        })
+        .unwrap();
+    };
+    let traffic = |state: &ProxyState| {
+        let mut out: Vec<(String, DestinationKind, u64)> = ns
+            .run(|| read_service_traffic(&[IpFamily::V4], state).unwrap())
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.packets > 0 || t.port == dns)
+            .map(|t| (t.port.to_string(), t.destination, t.packets))
+            .collect();
+        out.sort();
+        out
+    };
+    let service_counters = || -> Vec<String> {
+        ns.run(|| read_named_counters(IpFamily::V4).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|n| n.starts_with("svc-"))
+            .collect()
+    };
+    let mut proxier = NftablesProxier::new(counted.clone(), NftCommand::default());
+    ns.run(|| proxier.sync(&request(state(), &[], true)).unwrap())
+        .unwrap();
+    send("10.96.0.53:53", 3);
+    send("192.168.50.1:30053", 2);
+    let want = vec![
+        (
+            "kube-system/dns/udp".to_string(),
+            DestinationKind::ClusterIp,
+            3,
+        ),
+        (
+            "kube-system/dns/udp".to_string(),
+            DestinationKind::NodePort,
+            2,
+        ),
+    ];
+    assert_eq!(traffic(&state()), want);
+
+    resync_finds_nothing_to_repair(&ns, &mut proxier, state());
+
+    // A restart adopts the table: the counters keep their values and go on counting.
+    let mut proxier = NftablesProxier::new(counted.clone(), NftCommand::default());
+    ns.run(|| proxier.sync(&request(state(), &[], true)).unwrap())
+        .unwrap();
+    assert_eq!(traffic(&state()), want);
+    send("10.96.0.53:53", 1);
+    assert_eq!(traffic(&state())[0].2, 4);
+
+    // The Service goes: its elements and counters go in the same transaction.
+    let before = service_counters();
+    let mut without = state();
+    without.services.remove(&dns);
+    without.endpoints.remove(&dns);
+    ns.run(|| {
+        proxier
+            .sync(&request(without.clone(), &["kube-system/dns"], false))
+            .unwrap()
+    })
+    .unwrap();
+    assert_eq!(
+        traffic(&state()),
+        vec![],
+        "the counters of a removed Service"
+    );
+    let after = service_counters();
+    assert_eq!(before.len() - after.len(), 2, "{before:?} → {after:?}");
+
+    // The flag off: a full sync removes the counter maps and the Service counters.
+    let mut plain = NftablesProxier::new(
+        NftConfig {
+            families: vec![IpFamily::V4],
+            ..config()
+        },
+        NftCommand::default(),
+    );
+    ns.run(|| plain.sync(&request(state(), &[], true)).unwrap())
+        .unwrap();
+    let table = ns
+        .exec(&["nft", "list", "table", "ip", "kube-proxy"])
+        .unwrap();
+    assert!(!table.contains("counter"), "{table}");
+    assert_eq!(service_counters(), Vec::<String>::new());
 }

@@ -84,9 +84,11 @@ fn start_and_wait(
     binary: &Path,
     dir: &Path,
     timeout: Duration,
+    extra_args: &[String],
 ) -> Result<(ProxyProcess, f64)> {
     let manifests = dir.join("manifests");
-    let args = proxy_args(&manifests);
+    let mut args = proxy_args(&manifests);
+    args.extend(extra_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
     let mut proxy = ProxyProcess::start(topo_node, binary, &args, &dir.join("proxy.log"))?;
@@ -108,7 +110,7 @@ pub fn idle_rss(binary: &Path) -> Result<f64> {
     let ns = testkit::Netns::new()?;
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("manifests"))?;
-    let (proxy, _) = start_and_wait(&ns, binary, dir.path(), Duration::from_secs(30))?;
+    let (proxy, _) = start_and_wait(&ns, binary, dir.path(), Duration::from_secs(30), &[])?;
     std::thread::sleep(Duration::from_secs(2));
     Ok(memory_mib(proxy.pid())?.0)
 }
@@ -132,9 +134,15 @@ fn connect_once(addr: SocketAddr) -> Result<Duration> {
     Ok(took)
 }
 
-/// Starts the binary on `cluster` (its first and last Services rewired to real backends),
-/// waits for the first sync and, when `connects` > 0, times TCP connects to both.
-pub fn run(binary: &Path, cluster: &[SynthService], connects: usize) -> Result<BinaryRun> {
+/// Starts the binary (with `extra_args`) on `cluster` (its first and last Services
+/// rewired to real backends), waits for the first sync and, when `connects` > 0, times
+/// TCP connects to both.
+pub fn run(
+    binary: &Path,
+    cluster: &[SynthService],
+    connects: usize,
+    extra_args: &[String],
+) -> Result<BinaryRun> {
     let topo = Topology::new(2)?;
     let _servers = topo.serve_all(synth::TARGET_PORT)?;
     let mut cluster = cluster.to_vec();
@@ -161,7 +169,13 @@ pub fn run(binary: &Path, cluster: &[SynthService], connects: usize) -> Result<B
         )?;
     }
 
-    let (proxy, wall) = start_and_wait(&topo.node, binary, dir.path(), Duration::from_secs(600))?;
+    let (proxy, wall) = start_and_wait(
+        &topo.node,
+        binary,
+        dir.path(),
+        Duration::from_secs(600),
+        extra_args,
+    )?;
     let log = proxy.log();
     let (rss, hwm) = memory_mib(proxy.pid())?;
     let mut out = BinaryRun {

@@ -66,9 +66,14 @@ const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub fn nft_config() -> NftConfig {
     NftConfig {
         local: LocalDetector::ClusterCidr(vec![CLUSTER_CIDR.parse().expect("constant CIDR")]),
+        service_counters: SERVICE_COUNTERS.load(std::sync::atomic::Ordering::Relaxed),
         ..NftConfig::default()
     }
 }
+
+/// `bench --service-counters`: measure nftables mode with per-Service counters.
+pub static SERVICE_COUNTERS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 fn ipt_config() -> IptConfig {
     IptConfig {

@@ -86,6 +86,10 @@ struct Args {
     /// iptables is measured only up to this size.
     #[arg(long, default_value_t = 10_000)]
     iptables_max_services: usize,
+    /// nftables mode in process with `--service-counters` (the binary runs take it as
+    /// `--proxy-arg=--service-counters`).
+    #[arg(long)]
+    service_counters: bool,
     /// TCP connects timed to each of the first and last ClusterIP (0: skip).
     #[arg(long, default_value_t = 1000)]
     connects: usize,
@@ -109,9 +113,9 @@ struct Args {
     manifests_changes: usize,
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
-    /// With `--manifests-changes`: another argument for the binary (repeatable), e.g.
-    /// `--proxy-arg=--iptables-sync-period=1h` to keep periodic full syncs out of the idle
-    /// CPU time.
+    /// Another argument for the binary (repeatable), in its runs and with
+    /// `--manifests-changes`: e.g. `--proxy-arg=--iptables-sync-period=1h` to keep
+    /// periodic full syncs out of the idle CPU time, `--proxy-arg=--service-counters`.
     #[arg(long, allow_hyphen_values = true)]
     proxy_arg: Vec<String>,
     /// With `--manifests-changes`: copy the binary's log here at the end.
@@ -240,6 +244,7 @@ fn main() -> Result<()> {
         None => {}
     }
     let args = cli.inproc;
+    inproc::SERVICE_COUNTERS.store(args.service_counters, std::sync::atomic::Ordering::Relaxed);
     let endpoints = parse_endpoints(&args.endpoints)?;
     let modes: Vec<Mode> = match args.mode.as_str() {
         "nftables" => vec![Mode::Nftables],
@@ -343,7 +348,7 @@ fn main() -> Result<()> {
         for row in rows.iter_mut().filter(|r| r.mode == Mode::Nftables.label()) {
             eprintln!("binary: {} Services...", row.services);
             let cluster = synth::cluster(row.services, endpoints.clone());
-            let run = binary::run(&binary, &cluster, args.connects)?;
+            let run = binary::run(&binary, &cluster, args.connects, &args.proxy_arg)?;
             eprintln!("  {run:?}");
             row.binary = Some(run);
         }

@@ -430,6 +430,24 @@ async fn start_observability(settings: &RunSettings) -> anyhow::Result<Observabi
     // Upstream's health timeout: two sync periods.
     let health = Arc::new(Health::new(settings.runner.sync_period * 2, families));
     let (observer, targets) = ProxyObserver::new(metrics.clone(), Arc::clone(&health), families);
+    if let BackendSettings::Nftables(config) = &settings.backend {
+        if config.service_counters {
+            let families = config.families.clone();
+            observer
+                .programmed()
+                .set_traffic_reader(Arc::new(move |state| {
+                    backend_nftables::apply::read_service_traffic(&families, state).unwrap_or_else(
+                        |err| {
+                            tracing::debug!(error = %err, "cannot read the Service counters");
+                            Vec::new()
+                        },
+                    )
+                }));
+            metrics
+                .register_service_traffic(observer.programmed())
+                .context("registering the Service counters")?;
+        }
+    }
     if let Some(address) = server::parse_address("metrics", &obs.metrics_bind_address)? {
         let router = server::metrics_router(server::MetricsContext {
             metrics: metrics.clone(),

@@ -308,6 +308,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
                 nodeport_cidrs,
                 nodeport_primary,
                 families,
+                service_counters: opts.service_counters,
             }),
             nft.sync_period,
             nft.min_sync_period,

@@ -2035,16 +2035,155 @@ fn nftables_serves_nodeports_on_loopback_with_the_gate() {
 
 /// The proxy's `/metrics` on its default address, fetched from inside `node`.
 fn scrape_metrics(node: &Netns) -> String {
+    fetch(node, "/metrics")
+}
+
+/// A GET of `path` from the proxy's metrics server, from inside `node`: the whole answer.
+fn fetch(node: &Netns, path: &str) -> String {
     use std::io::{Read, Write};
     node.run(|| {
         let mut s = std::net::TcpStream::connect("127.0.0.1:10249")?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
         Ok::<_, std::io::Error>(body)
     })
     .expect("enter the node")
-    .expect("scrape /metrics")
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// `--service-counters` (issue #16): real connections through a cluster IP and a NodePort
+/// are counted exactly, per destination kind, in `/metrics` and `/debug/services`; the
+/// counting does not make the periodic re-sync rewrite anything (the rules keep their
+/// handles); a deleted Service's series and counters go; without the flag there is no
+/// series, no counter map and no counter.
+#[test]
+fn nftables_service_counters_count_real_connections() {
+    let Some(mut cluster) = Cluster::start(
+        Mode("nftables"),
+        "nftables_service_counters_count_real_connections",
+        &standard_services(&backends()),
+        &["--service-counters", "--iptables-sync-period=1s"],
+    ) else {
+        return;
+    };
+    let web = |scrape: &str, what: &str, dest: &str| -> Option<f64> {
+        let prefix = format!(
+            "kubeproxy_service_new_connection_{what}_total{{destination=\"{dest}\",namespace=\"default\",port=\"http\",protocol=\"TCP\",service=\"web\"}} "
+        );
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    };
+    let node = &cluster.topo.node;
+    let before = scrape_metrics(node);
+    for dest in ["cluster_ip", "node_port", "external_ip", "load_balancer_ip"] {
+        assert_eq!(web(&before, "packets", dest), Some(0.0), "{dest}\n{before}");
+    }
+    for (dest, n) in [
+        (addr("10.96.0.10", 80), 5),
+        (addr("192.168.100.1", 30080), 3),
+    ] {
+        let counts = spread(cluster.client(), dest, Proto::Tcp, n, TIMEOUT).expect("requests");
+        let answered: usize = ["be0", "be1"].iter().filter_map(|b| counts.get(*b)).sum();
+        assert_eq!(answered, n, "{dest}: {counts:?}");
+    }
+    let after = scrape_metrics(node);
+    assert_eq!(web(&after, "packets", "cluster_ip"), Some(5.0), "{after}");
+    assert_eq!(web(&after, "packets", "node_port"), Some(3.0), "{after}");
+    assert_eq!(web(&after, "packets", "external_ip"), Some(0.0), "{after}");
+    // A SYN is at least 40 bytes (IPv4 and TCP headers).
+    let bytes = web(&after, "bytes", "cluster_ip").expect("bytes series");
+    assert!(bytes >= 5.0 * 40.0, "{bytes}");
+
+    let debug = fetch(node, "/debug/services?namespace=default&name=web");
+    let body = debug.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let http = v["servicePorts"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == "default/web:http/tcp"))
+        .unwrap_or_else(|| panic!("no web:http in {v}"));
+    assert_eq!(http["newConnections"]["cluster_ip"]["packets"], 5, "{v}");
+    assert_eq!(http["newConnections"]["node_port"]["packets"], 3, "{v}");
+    let text = fetch(node, "/debug/services?format=text&name=web");
+    assert!(
+        text.contains("NEW CONNECTIONS") && text.contains("cluster_ip=5/"),
+        "{text}"
+    );
+
+    // Someone else commits: the periodic re-syncs read our table back (counters and
+    // all) and find nothing to repair, so no rule is written again.
+    let handles = || {
+        node.exec(&["nft", "-a", "list", "chain", "ip", "kube-proxy", "internal"])
+            .expect("list chain")
+    };
+    let rules_before = handles();
+    node.exec(&["nft", "add", "table", "ip", "someone-else"])
+        .expect("another table");
+    let syncs = cluster.syncs + 3;
+    assert!(
+        cluster
+            .proxy
+            .wait_for_log(SYNCED, syncs, Duration::from_secs(10)),
+        "no periodic syncs:\n{}",
+        cluster.proxy.log()
+    );
+    assert_eq!(handles(), rules_before, "rules written again");
+    let drift = scrape_metrics(node).lines().find_map(|l| {
+        l.strip_prefix("kubeproxy_rules_drift_total ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert_eq!(drift, Some(0.0), "{}", cluster.proxy.log());
+
+    // `web` deleted: its series and counters go.
+    let svc_counters = |node: &Netns| {
+        node.exec(&["nft", "list", "counters", "table", "ip", "kube-proxy"])
+            .expect("list counters")
+            .matches("counter svc-")
+            .count()
+    };
+    let counters_before = svc_counters(&cluster.topo.node);
+    cluster.syncs = syncs;
+    cluster.update(&service_yaml(
+        "other",
+        "10.96.0.20",
+        "TCP",
+        80,
+        BACKEND_PORT,
+        "",
+        &[Ep::ready(BE0, "node-b")],
+    ));
+    let node = &cluster.topo.node;
+    let wait_until = |what: &str, f: &dyn Fn() -> bool| {
+        assert!(
+            testkit::wait_until(Duration::from_secs(5), Duration::from_millis(100), f),
+            "{what}"
+        );
+    };
+    wait_until("web's series gone", &|| {
+        !scrape_metrics(node).contains("service=\"web\"")
+    });
+    let scrape = scrape_metrics(node);
+    assert!(scrape.contains("service=\"other\""), "{scrape}");
+    assert_eq!(
+        svc_counters(node),
+        1,
+        "only other's cluster IP (before: {counters_before})"
+    );
+
+    // The flag off: no series, no counter map, no Service counter.
+    cluster.restart_proxy_with(Mode("nftables"), &[], Tools::Needed);
+    let node = &cluster.topo.node;
+    assert!(!scrape_metrics(node).contains("kubeproxy_service_"));
+    let table = node
+        .exec(&["nft", "list", "table", "ip", "kube-proxy"])
+        .expect("list table");
+    assert!(!table.contains("counters"), "{table}");
+    assert_eq!(svc_counters(node), 0);
 }
 
 /// Without the gate, nftables mode serves no NodePort on loopback (as upstream) and says

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use proxy_core::model::{
@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::gotime;
 use crate::metrics::ip_family;
+use crate::service_traffic::TrafficReader;
 
 struct Snapshot {
     state: Arc<ProxyState>,
@@ -28,9 +29,9 @@ struct Snapshot {
 }
 
 /// The last state a sync programmed, shared by the observer (writer) and the metrics
-/// server (reader).
+/// server (reader); and, with `--service-counters`, the reader of its ports' counters.
 #[derive(Default)]
-pub struct ProgrammedState(Mutex<Option<Snapshot>>);
+pub struct ProgrammedState(Mutex<Option<Snapshot>>, OnceLock<TrafficReader>);
 
 /// Which Service ports to show: `namespace` and `name` match exactly when given.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -87,8 +88,27 @@ impl ProgrammedState {
         guard.as_ref().map(|snap| Arc::clone(&snap.state))
     }
 
+    /// `--service-counters`: how to read the counters of the programmed ports.
+    pub fn set_traffic_reader(&self, reader: TrafficReader) {
+        let _ = self.1.set(reader);
+    }
+
+    /// The counters of the last programmed state's ports; `None` without a reader.
+    /// The kernel is read outside the lock, so a sync never waits for it.
+    pub fn traffic(&self) -> Option<Vec<proxy_core::proxier::ServiceTraffic>> {
+        let reader = self.1.get()?;
+        Some(self.state().map(|s| reader(&s)).unwrap_or_default())
+    }
+
     /// The ports `filter` keeps, as JSON (`null` before the first successful sync).
     pub fn json(&self, filter: &Filter) -> Value {
+        let mut traffic: HashMap<ServicePortName, Value> = HashMap::new();
+        for t in self.traffic().into_iter().flatten() {
+            let counts = json!({ "packets": t.packets, "bytes": t.bytes });
+            let entry = traffic.entry(t.port).or_insert_with(|| json!({}));
+            entry[t.destination.label()] = counts;
+        }
+        let counting = self.1.get().is_some();
         let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Some(snap) = guard.as_ref() else {
             return Value::Null;
@@ -98,7 +118,13 @@ impl ProgrammedState {
             .services
             .iter()
             .filter(|(name, _)| filter.keeps(name))
-            .map(|(name, port)| port_json(&snap.state, port, snap.changed_at.get(name)))
+            .map(|(name, port)| {
+                let mut v = port_json(&snap.state, port, snap.changed_at.get(name));
+                if counting {
+                    v["newConnections"] = traffic.remove(name).unwrap_or_else(|| json!({}));
+                }
+                v
+            })
             .collect();
         json!({ "servicePorts": ports })
     }
@@ -109,9 +135,15 @@ impl ProgrammedState {
         let Some(ports) = value["servicePorts"].as_array() else {
             return "no sync has succeeded yet\n".into();
         };
+        let counting = self.1.get().is_some();
         let mut out = String::from(
-            "SERVICE PORT\tFAMILY\tDESTINATIONS\tINTERNAL ENDPOINTS (cluster IP)\tEXTERNAL ENDPOINTS (NodePort, external, LB)\tAFFINITY\tPROGRAMMED\n",
+            "SERVICE PORT\tFAMILY\tDESTINATIONS\tINTERNAL ENDPOINTS (cluster IP)\tEXTERNAL ENDPOINTS (NodePort, external, LB)\tAFFINITY\tPROGRAMMED",
         );
+        out.push_str(if counting {
+            "\tNEW CONNECTIONS (packets/bytes, all families)\n"
+        } else {
+            "\n"
+        });
         for p in ports {
             let list = |v: &Value| -> String {
                 let items: Vec<&str> = v
@@ -124,9 +156,10 @@ impl ProgrammedState {
                     items.join(",")
                 }
             };
+            let counts = counting.then(|| traffic_text(&p["newConnections"]));
             for (family, f) in p["families"].as_object().into_iter().flatten() {
                 out.push_str(&format!(
-                    "{}\t{family}\t{}\t{}\t{}\t{}\t{}\n",
+                    "{}\t{family}\t{}\t{}\t{}\t{}\t{}{}\n",
                     p["name"].as_str().unwrap_or("?"),
                     list(&f["destinations"]),
                     list(&f["internalEndpoints"]),
@@ -135,10 +168,28 @@ impl ProgrammedState {
                         .as_u64()
                         .map_or_else(|| "-".into(), |s| format!("{s}s")),
                     p["lastProgrammed"].as_str().unwrap_or("-"),
+                    counts
+                        .as_deref()
+                        .map_or_else(String::new, |c| format!("\t{c}")),
                 ));
             }
         }
         out
+    }
+}
+
+/// `cluster_ip=3/180B,node_port=1/60B`, or `-`.
+fn traffic_text(counts: &Value) -> String {
+    let items: Vec<String> = counts
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(kind, c)| format!("{kind}={}/{}B", c["packets"], c["bytes"]))
+        .collect();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
     }
 }
 

@@ -17,5 +17,6 @@ pub mod observer;
 pub mod process;
 pub mod server;
 pub mod service_health;
+pub mod service_traffic;
 pub mod textfmt;
 pub mod zpages;

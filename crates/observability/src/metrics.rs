@@ -177,7 +177,11 @@ fn kp_histogram(name: &str, help: &str, buckets: Vec<f64>) -> HistogramOpts {
 const FAMILY: &[&str] = &["ip_family"];
 
 /// Metrics of ours, outside upstream's set (documented apart in docs/metrics.md).
-pub const OWN_METRICS: &[&str] = &["kubeproxy_rules_drift_total"];
+pub const OWN_METRICS: &[&str] = &[
+    "kubeproxy_rules_drift_total",
+    crate::service_traffic::PACKETS,
+    crate::service_traffic::BYTES,
+];
 
 /// A registered collector that [`ProxyMetrics::describe`] can still reach.
 struct Shared(Arc<dyn Collector>);
@@ -507,6 +511,15 @@ impl ProxyMetrics {
             rejected,
         )?);
         Ok(self)
+    }
+
+    /// Registers the `kubeproxy_service_*` counters (`--service-counters`), read through
+    /// `programmed`'s traffic reader when scraped.
+    pub fn register_service_traffic(
+        &self,
+        programmed: Arc<crate::debug::ProgrammedState>,
+    ) -> Result<(), MetricsError> {
+        crate::service_traffic::register(&self.registry, programmed)
     }
 
     pub fn mode(&self) -> MetricsMode {

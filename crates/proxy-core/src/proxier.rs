@@ -49,6 +49,44 @@ pub struct LocalhostNodePortCounts {
     pub failures: u64,
 }
 
+/// How a new connection reached a Service port (`--service-counters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DestinationKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancerIp,
+}
+
+impl DestinationKind {
+    pub const ALL: [DestinationKind; 4] = [
+        DestinationKind::ClusterIp,
+        DestinationKind::NodePort,
+        DestinationKind::ExternalIp,
+        DestinationKind::LoadBalancerIp,
+    ];
+
+    /// The metric label value and JSON key.
+    pub fn label(self) -> &'static str {
+        match self {
+            DestinationKind::ClusterIp => "cluster_ip",
+            DestinationKind::NodePort => "node_port",
+            DestinationKind::ExternalIp => "external_ip",
+            DestinationKind::LoadBalancerIp => "load_balancer_ip",
+        }
+    }
+}
+
+/// New connections counted for one Service port and destination kind, summed over the
+/// IP families (`--service-counters`): the packets that opened them and their bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    pub port: crate::model::ServicePortName,
+    pub destination: DestinationKind,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// Why a sync failed. The previous rules stay in place; the runner retries with a full sync.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxierError {

@@ -48,6 +48,7 @@ pub const IMPLEMENTED_FLAGS: &[&str] = &[
     "conntrack-udp-timeout",
     "conntrack-udp-timeout-stream",
     "manifests",
+    "service-counters",
     // The API source (crates/source-kube).
     "master",
     "kubeconfig",
@@ -80,6 +81,7 @@ pub const FLAGS_APPLIED_WITH_CONFIG_FILE: &[&str] = &[
     "master",
     "hostname-override",
     "manifests",
+    "service-counters",
     "v",
     "vmodule",
     "logging-format",
@@ -207,6 +209,11 @@ pub struct Flags {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub masquerade_all: Option<bool>,
+
+    /// Count new connections per Service port and destination kind (cluster IP, NodePort, external IP, load-balancer IP) in the kernel; exported as kubeproxy_service_* metrics and in /debug/services. nftables mode only; not part of the configuration file, so honoured with --config too. [default: false]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub service_counters: Option<bool>,
 
     /// CIDRs whose node IPs accept NodePort traffic, and any of the keywords 'primary' (the node's primary IPs), 'localhost' (its loopback addresses; in nftables mode served by user-space listeners when the KubeProxyNFTablesLocalhostNodePorts gate is on) and 'all' (every address). [default in nftables mode: primary]
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_node_port_address)]

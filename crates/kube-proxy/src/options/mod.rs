@@ -58,6 +58,9 @@ pub struct Options {
     pub udp_timeout: Option<GoDuration>,
     /// `--master URL` (not part of the configuration file upstream either).
     pub master: Option<String>,
+    /// `--service-counters`: per-Service new-connection counters (ours; upstream's
+    /// configuration file has no place for it, so the flag counts with `--config` too).
+    pub service_counters: bool,
     /// Human-readable notes for the log, e.g. accepted-but-unimplemented flags.
     pub warnings: Vec<String>,
     /// The flags given on the command line and their values, for `/flagz`.
@@ -199,6 +202,7 @@ where
             manifests: flags.manifests,
             udp_timeout: flags.udp_timeout,
             master: flags.master,
+            service_counters: false,
             warnings: Vec::new(),
             given_flags: BTreeMap::new(),
         });
@@ -262,6 +266,15 @@ where
         ));
     }
 
+    let service_counters = flags.service_counters == Some(true);
+    if service_counters && !matches!(config.mode, ProxyMode::NfTables | ProxyMode::Unset) {
+        return Err(OptionsError::Flag(format!(
+            "--service-counters is supported only in nftables mode; {:?} mode does not count \
+             per Service (use --proxy-mode=nftables, or drop the flag)",
+            config.mode.as_str()
+        )));
+    }
+
     let action = if let Some(path) = flags.write_config_to {
         Action::WriteConfig(path)
     } else if flags.cleanup == Some(true) {
@@ -278,6 +291,7 @@ where
         manifests: flags.manifests,
         udp_timeout: flags.udp_timeout,
         master: flags.master,
+        service_counters,
         warnings,
         given_flags: flags::given_values(&cmd, &matches),
     })

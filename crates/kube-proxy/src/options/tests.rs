@@ -754,3 +754,33 @@ fn given_flags_are_kept_for_flagz() {
     assert!(o.given_flags.contains_key("feature-gates"));
     assert!(!o.given_flags.contains_key("healthz-bind-address"));
 }
+
+/// `--service-counters`: off by default, a flag only (upstream's file has no place for
+/// it, so it counts with `--config` too), and refused in the modes that do not count.
+#[test]
+fn service_counters_flag_is_nftables_only() {
+    assert!(!ok(&[]).service_counters);
+    let o = ok(&["--service-counters"]);
+    assert!(o.service_counters);
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    assert!(ok(&["--proxy-mode=nftables", "--service-counters=true"]).service_counters);
+    assert!(!ok(&["--service-counters=false", "--proxy-mode=iptables"]).service_counters);
+    let f = config_file(&format!("{HEADER}mode: nftables\n"));
+    let path = format!("--config={}", f.path().display());
+    let o = ok(&[&path, "--service-counters"]);
+    assert!(o.service_counters);
+    assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    for mode in ["iptables", "ipvs", "userspace"] {
+        let msg = err(&[&format!("--proxy-mode={mode}"), "--service-counters"]);
+        assert!(
+            msg.contains("only in nftables mode") && msg.contains(mode),
+            "{mode}: {msg}"
+        );
+    }
+    let f = config_file(&format!("{HEADER}mode: iptables\n"));
+    let msg = err(&[
+        &format!("--config={}", f.path().display()),
+        "--service-counters",
+    ]);
+    assert!(msg.contains("only in nftables mode"), "{msg}");
+}
