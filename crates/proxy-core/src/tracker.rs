@@ -440,15 +440,16 @@ impl ChangeTracker {
     }
 }
 
-/// Ports as the tracker and the state share them.
+/// Ports as the tracker and the state share them. Collected into a new vector: `collect`
+/// would reuse the ports' own buffer in place, keeping ~200 bytes per pointer it holds
+/// (8 MB at 10,000 Services).
 fn shared(ports: Vec<ServicePort>, external_ips: bool) -> Vec<Arc<ServicePort>> {
-    ports
-        .into_iter()
-        .map(|mut port| {
-            if !external_ips {
-                port.external_ips.clear();
-            }
-            Arc::new(port)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(ports.len());
+    out.extend(ports.into_iter().map(|mut port| {
+        if !external_ips {
+            port.external_ips.clear();
+        }
+        Arc::new(port)
+    }));
+    out
 }
