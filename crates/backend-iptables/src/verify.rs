@@ -154,7 +154,7 @@ pub fn differences<R: IptablesRunner + ?Sized>(
 
     let name = explanation.matched.as_ref().map(|m| ServicePortName {
         service: ServiceName::new(&m.namespace, &m.service),
-        port: m.port.clone(),
+        port: m.port.as_str().into(),
         protocol: m.protocol,
     });
     let port = name.as_ref().and_then(|n| state.services.get(n));

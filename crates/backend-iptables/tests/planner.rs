@@ -22,7 +22,7 @@ fn ip(s: &str) -> IpAddr {
 fn port(ns: &str, name: &str, cluster_ips: &[&str], port: u16, proto: Protocol) -> ServicePort {
     let name = ServicePortName {
         service: ServiceName::new(ns, name),
-        port: "p".to_string() + &port.to_string(),
+        port: format!("p{port}").into(),
         protocol: proto,
     };
     ServicePort::new(name, cluster_ips.iter().map(|s| ip(s)).collect(), port)

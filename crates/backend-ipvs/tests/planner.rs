@@ -21,7 +21,7 @@ fn ip(s: &str) -> IpAddr {
 fn port(ns: &str, name: &str, cluster_ip: &str, port: u16, proto: Protocol) -> ServicePort {
     let name = ServicePortName {
         service: ServiceName::new(ns, name),
-        port: String::new(),
+        port: "".into(),
         protocol: proto,
     };
     ServicePort::new(name, vec![ip(cluster_ip)], port)
@@ -269,7 +269,7 @@ fn endpoint_removal_drains_then_deletes_touching_only_that_service() {
     let web = state
         .services
         .keys()
-        .find(|k| k.service.name == "web")
+        .find(|k| &*k.service.name == "web")
         .cloned();
     let web = web.unwrap();
     state
@@ -332,7 +332,7 @@ fn affinity_and_scheduler_set_the_virtual_server() {
     let key = state
         .services
         .keys()
-        .find(|k| k.service.name == "web")
+        .find(|k| &*k.service.name == "web")
         .cloned()
         .unwrap();
     let mut web = (*state.services[&key]).clone();
@@ -396,7 +396,7 @@ fn full_sync_reconciles_with_the_kernel_and_leaves_foreign_servers() {
 
     // A deleted Service takes its virtual servers and its address with it.
     let mut smaller = state.clone();
-    smaller.services.retain(|k, _| k.service.name != "dns");
+    smaller.services.retain(|k, _| &*k.service.name != "dns");
     p.host_mut().ops.clear();
     p.sync(&request(&smaller, &["kube-system/dns"], false))
         .unwrap();

@@ -62,7 +62,7 @@ fn wanted(plan: &FamilyPlan, state: &ProxyState, explanation: &Explanation) -> W
     let name = explanation.matched.as_ref().and_then(|m| {
         let name = ServicePortName {
             service: proxy_core::model::ServiceName::new(&m.namespace, &m.service),
-            port: m.port.clone(),
+            port: m.port.as_str().into(),
             protocol: m.protocol,
         };
         state.services.contains_key(&name).then_some(name)

@@ -20,7 +20,7 @@ fn ip(s: &str) -> IpAddr {
 fn port(ns: &str, name: &str, cluster_ips: &[&str], port: u16, proto: Protocol) -> ServicePort {
     let name = ServicePortName {
         service: ServiceName::new(ns, name),
-        port: String::new(),
+        port: "".into(),
         protocol: proto,
     };
     ServicePort::new(name, cluster_ips.iter().map(|s| ip(s)).collect(), port)
@@ -112,7 +112,7 @@ fn one_endpoint_change_touches_only_that_service() {
     let mut state = sample_state();
     let name = ServicePortName {
         service: ServiceName::new("kube-system", "dns"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Udp,
     };
     state
@@ -138,7 +138,7 @@ fn endpoint_count_change_moves_service_to_a_new_class() {
     let mut state = sample_state();
     let name = ServicePortName {
         service: ServiceName::new("kube-system", "dns"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Udp,
     };
     state.endpoints.insert(
@@ -173,7 +173,7 @@ fn removing_last_endpoint_rejects_and_readding_restores() {
     let mut state = sample_state();
     let name = ServicePortName {
         service: ServiceName::new("kube-system", "dns"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Udp,
     };
     state.endpoints.remove(&name);
@@ -206,8 +206,8 @@ fn shared_endpoint_ip_keeps_hairpin_element_while_used() {
     let mut proxier = NftablesProxier::new(config(), RecordingRunner::default());
     proxier.sync(&request(sample_state(), &[], true)).unwrap();
     let mut state = sample_state();
-    state.services.retain(|k, _| k.service.name != "dns");
-    state.endpoints.retain(|k, _| k.service.name != "dns");
+    state.services.retain(|k, _| &*k.service.name != "dns");
+    state.endpoints.retain(|k, _| &*k.service.name != "dns");
     proxier
         .sync(&request(state, &["kube-system/dns"], false))
         .unwrap();
@@ -237,7 +237,7 @@ fn cluster_ip_stays_checked_while_any_port_of_it_exists() {
     let script = &proxier.runner().scripts[1];
     assert!(!script.contains("cluster-ips"), "still in use: {script}");
 
-    state.services.retain(|k, _| k.service.name != "web");
+    state.services.retain(|k, _| &*k.service.name != "web");
     proxier
         .sync(&request(state, &["default/web"], false))
         .unwrap();
@@ -463,7 +463,7 @@ fn netlink_element_changes_match_a_full_rewrite() {
         let name = state
             .services
             .keys()
-            .find(|k| k.service.name == "sticky")
+            .find(|k| &*k.service.name == "sticky")
             .cloned();
         if let Some(svc) = name.and_then(|n| state.services.get_mut(&n)) {
             let svc = Arc::make_mut(svc);
@@ -476,7 +476,7 @@ fn netlink_element_changes_match_a_full_rewrite() {
     let mut after = local_sticky(&["10.244.0.2", "10.244.0.7"]);
     let dns = ServicePortName {
         service: ServiceName::new("kube-system", "dns"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Udp,
     };
     after
@@ -484,7 +484,7 @@ fn netlink_element_changes_match_a_full_rewrite() {
         .insert(dns, Arc::new(vec![ep("10.244.2.9", 5353)]));
     let web = ServicePortName {
         service: ServiceName::new("default", "web"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     };
     after.endpoints.insert(
@@ -495,7 +495,7 @@ fn netlink_element_changes_match_a_full_rewrite() {
             ep("fd00:244:1::3", 8080),
         ]),
     );
-    after.services.retain(|k, _| k.service.name != "empty");
+    after.services.retain(|k, _| &*k.service.name != "empty");
     let changed = [
         "kube-system/dns",
         "default/sticky",
@@ -537,7 +537,7 @@ fn full_load_over_an_older_table_leaves_nothing_behind() {
     let mut newer = sample_state();
     let web = ServicePortName {
         service: ServiceName::new("default", "web"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     };
     newer
@@ -719,7 +719,7 @@ fn loopback_nodeport_rejections_are_counted_without_disturbing_resyncs() {
         let mut state = sample_state();
         let dns = ServicePortName {
             service: ServiceName::new("kube-system", "dns"),
-            port: String::new(),
+            port: "".into(),
             protocol: Protocol::Udp,
         };
         let mut port = (*state.services[&dns]).clone();
@@ -859,7 +859,7 @@ fn service_counters_count_new_connections_and_survive_resyncs_and_restarts() {
     };
     let dns = ServicePortName {
         service: ServiceName::new("kube-system", "dns"),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Udp,
     };
     let state = || {

@@ -44,8 +44,11 @@ impl Filter {
     fn keeps(&self, port: &ServicePortName) -> bool {
         self.namespace
             .as_deref()
-            .is_none_or(|ns| ns == port.service.namespace)
-            && self.name.as_deref().is_none_or(|n| n == port.service.name)
+            .is_none_or(|ns| ns == &*port.service.namespace)
+            && self
+                .name
+                .as_deref()
+                .is_none_or(|n| n == &*port.service.name)
     }
 }
 
@@ -237,8 +240,8 @@ fn port_json(state: &ProxyState, port: &ServicePort, changed: Option<&SystemTime
     }
     json!({
         "name": port.name.to_string(),
-        "namespace": port.name.service.namespace,
-        "service": port.name.service.name,
+        "namespace": &*port.name.service.namespace,
+        "service": &*port.name.service.name,
         "port": port.port,
         "protocol": port.protocol().as_str().to_uppercase(),
         "clusterIPs": port.cluster_ips,
@@ -295,7 +298,7 @@ mod tests {
         let api = second
             .endpoints
             .keys()
-            .find(|k| k.service.name == "api")
+            .find(|k| &*k.service.name == "api")
             .cloned()
             .unwrap();
         second.endpoints.insert(

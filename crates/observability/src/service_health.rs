@@ -159,8 +159,8 @@ async fn serve(State(s): State<HandlerState>) -> Response {
     };
     let body = format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
-        serde_json::Value::String(s.name.namespace.clone()),
-        serde_json::Value::String(s.name.name.clone()),
+        serde_json::Value::String(s.name.namespace.to_string()),
+        serde_json::Value::String(s.name.name.to_string()),
     );
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();

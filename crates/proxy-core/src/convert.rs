@@ -302,7 +302,7 @@ pub fn service_ports(svc: &Service) -> Result<ConvertedService, ConvertError> {
         };
         let name = ServicePortName {
             service: service.clone(),
-            port: port_name,
+            port: port_name.into(),
             protocol,
         };
         if !seen.insert((name.port.clone(), protocol)) {
@@ -340,7 +340,7 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceName> {
 }
 
 /// A port of an EndpointSlice: its name and protocol.
-pub type PortKey = (String, Protocol);
+pub type PortKey = (Arc<str>, Protocol);
 
 /// Endpoints per (port name, protocol), sorted by key. A slice has a port or two, so a
 /// sorted vector (a B-tree's smallest node holds eleven). Each list is shared: the state
@@ -419,7 +419,7 @@ pub fn slice_endpoints(
     node_name: &str,
     warnings: &mut Vec<String>,
 ) -> EndpointsByPort {
-    let mut out: BTreeMap<(String, Protocol), BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    let mut out: BTreeMap<PortKey, BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
     // Collected and reported as one warning, so a slice of a thousand bad addresses is
     // one log line, not a thousand.
     let mut problems = Vec::new();
@@ -448,7 +448,7 @@ pub fn slice_endpoints(
                 problems.push(format!("port {:?} is not valid; skipped", p.port));
                 continue;
             };
-            let key = (p.name.clone().unwrap_or_default(), protocol);
+            let key: PortKey = (p.name.as_deref().unwrap_or("").into(), protocol);
             let bucket = out.entry(key).or_default();
             for ep in slice.endpoints.iter().take(MAX_ENDPOINTS_PER_SLICE) {
                 // Upstream programs the first address only.

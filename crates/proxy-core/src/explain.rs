@@ -699,9 +699,9 @@ fn matched(mut path: Path<'_>, sp: &ServicePort, kind: DestinationKind) -> Expla
         sp.internal_traffic_policy
     };
     let matched = Matched {
-        namespace: sp.name.service.namespace.clone(),
-        service: sp.name.service.name.clone(),
-        port: sp.name.port.clone(),
+        namespace: sp.name.service.namespace.to_string(),
+        service: sp.name.service.name.to_string(),
+        port: sp.name.port.to_string(),
         protocol: sp.protocol(),
         kind,
         policy: policy_name(policy),

@@ -68,18 +68,20 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// `namespace/name` of a Service.
+/// `namespace/name` of a Service. The strings are shared (`Arc<str>`): a name is held by
+/// the tracker, the state's maps, the planners and the debug state, and copied on every
+/// change of the state, so a clone costs reference counts, not allocations.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         ServiceName {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: namespace.as_ref().into(),
+            name: name.as_ref().into(),
         }
     }
 }
@@ -95,7 +97,7 @@ impl fmt::Display for ServiceName {
 pub struct ServicePortName {
     pub service: ServiceName,
     /// The port's name; empty for a Service's single unnamed port.
-    pub port: String,
+    pub port: Arc<str>,
     pub protocol: Protocol,
 }
 
@@ -309,7 +311,7 @@ impl ProxyState {
             .range(
                 ServicePortName {
                     service: service.clone(),
-                    port: String::new(),
+                    port: "".into(),
                     protocol: Protocol::Tcp,
                 }..,
             )

@@ -165,7 +165,7 @@ mod tests {
     fn port() -> ServicePort {
         let name = ServicePortName {
             service: ServiceName::new("ns", "svc"),
-            port: String::new(),
+            port: "".into(),
             protocol: Protocol::Tcp,
         };
         ServicePort::new(name, vec!["10.0.0.1".parse().unwrap()], 80)

@@ -96,7 +96,7 @@ fn slice(address_type: &str, addresses: &[&str]) -> EndpointSlice {
 
 fn endpoint_ips(slice: &EndpointSlice, warnings: &mut Vec<String>) -> Vec<IpAddr> {
     slice_endpoints(slice, "node-a", warnings)
-        .get(&("http".to_string(), Protocol::Tcp))
+        .get(&("http".into(), Protocol::Tcp))
         .map(|eps| eps.iter().map(|e| e.ip).collect())
         .unwrap_or_default()
 }

@@ -31,7 +31,7 @@ fn slice(name: &str, first: usize, count: usize) -> EndpointSlice {
 
 fn count(slices: &[EndpointSlice], warnings: &mut Vec<String>) -> usize {
     service_endpoints(slices, "node", warnings)
-        .get(&("http".to_string(), Protocol::Tcp))
+        .get(&("http".into(), Protocol::Tcp))
         .map_or(0, |eps| eps.len())
 }
 
@@ -62,7 +62,7 @@ fn ten_thousand_endpoints_over_ten_slices_are_all_kept() {
 #[test]
 fn one_slice_is_shared_and_several_are_merged() {
     use proxy_core::convert::{merge_endpoints, slice_endpoints};
-    let key = ("http".to_string(), Protocol::Tcp);
+    let key = ("http".into(), Protocol::Tcp);
     let mut warnings = Vec::new();
     let one = slice_endpoints(&slice("a", 0, 3), "node", &mut warnings);
     let merged = merge_endpoints([&one]);

@@ -98,11 +98,7 @@ async fn assert_quiet(rx: &mut mpsc::Receiver<SourceUpdate>) {
 }
 
 fn names(objects: &Objects) -> Vec<&str> {
-    objects
-        .services
-        .iter()
-        .map(|s| s.name.name.as_str())
-        .collect()
+    objects.services.iter().map(|s| &*s.name.name).collect()
 }
 
 /// Names and ports of the upserted Services, names of the removed ones, names of the
@@ -113,9 +109,17 @@ fn summary(c: &Changes) -> Summary {
     (
         c.services
             .iter()
-            .map(|s| (s.name.name.clone(), s.ports.first().map_or(0, |p| p.port)))
+            .map(|s| {
+                (
+                    s.name.name.to_string(),
+                    s.ports.first().map_or(0, |p| p.port),
+                )
+            })
             .collect(),
-        c.removed_services.iter().map(|s| s.name.clone()).collect(),
+        c.removed_services
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect(),
         c.slices.iter().map(|s| s.name.clone()).collect(),
         c.removed_slices.iter().map(|(_, n)| n.clone()).collect(),
     )
@@ -137,15 +141,15 @@ impl Model {
                 self.0 = objects
                     .services
                     .iter()
-                    .map(|r| (r.name.name.clone(), port(r)))
+                    .map(|r| (r.name.name.to_string(), port(r)))
                     .collect();
             }
             SourceUpdate::Changes(c) => {
                 for name in &c.removed_services {
-                    self.0.remove(&name.name);
+                    self.0.remove(&*name.name);
                 }
                 for r in &c.services {
-                    self.0.insert(r.name.name.clone(), port(r));
+                    self.0.insert(r.name.name.to_string(), port(r));
                 }
             }
             _ => {}

@@ -465,7 +465,7 @@ mod tests {
     }
 
     fn names(services: &[ServiceRecord]) -> Vec<&str> {
-        services.iter().map(|s| s.name.name.as_str()).collect()
+        services.iter().map(|s| &*s.name.name).collect()
     }
 
     /// Lists all three kinds; returns the Replace.
