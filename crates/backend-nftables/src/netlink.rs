@@ -8,7 +8,7 @@
 use netlink::{DecodeError, Message, NLM_F_ACK, NLM_F_REQUEST};
 use proxy_core::model::IpFamily;
 
-use crate::plan::{family_names, Element, Field, Fields, MapId, Value, TABLE};
+use crate::plan::{family_names, Element, Field, Fields, MapId, Value, COUNTER_NAME_MAX, TABLE};
 use crate::render::ElementVerb;
 use crate::rule::{
     encode_verdict, interval_elements, ip_proto, AnonKind, ExprWriter, Rule, Verdict, NF_ACCEPT,
@@ -241,7 +241,7 @@ fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
     msg.attr(NFTA_DATA_VALUE, &encode_fields(&element.key));
     msg.end_nested();
     if let (true, Some(Value::Counter(name))) = (with_value, &element.value) {
-        msg.str(NFTA_SET_ELEM_OBJREF, name);
+        msg.str(NFTA_SET_ELEM_OBJREF, name.spell(&mut [0; COUNTER_NAME_MAX]));
     } else if let (true, Some(value)) = (with_value, &element.value) {
         msg.begin_nested(NFTA_SET_ELEM_DATA);
         match value {
