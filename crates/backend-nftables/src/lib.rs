@@ -21,8 +21,8 @@ use crate::adopt::{read_slots, KernelSlots};
 use crate::apply::NftRunner;
 use crate::netlink::{ordered_deletions, Deletion, ElementOp, Object, TableOp};
 use crate::plan::{
-    counter_names, replan, ClassObject, Delta, Element, Elements, FamilyPlan, KeyKind, MapId,
-    NftConfig, PreviousSlots,
+    counter_names, replan, ClassObject, CounterName, Delta, Element, Elements, FamilyPlan, KeyKind,
+    MapId, NftConfig, PreviousSlots,
 };
 use crate::readback::{RawElement, SetDigest};
 use crate::render::{
@@ -175,7 +175,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             );
         }
         // Existing counters are kept with their values (an adopted table keeps counting).
-        let counters: Vec<BTreeSet<String>> = elements
+        let counters: Vec<BTreeSet<CounterName>> = elements
             .iter()
             .map(|e| {
                 counter_names(
@@ -257,7 +257,7 @@ impl<R: NftRunner> NftablesProxier<R> {
     fn obsolete_objects(
         &mut self,
         plans: &[FamilyPlan],
-        counters: &[BTreeSet<String>],
+        counters: &[BTreeSet<CounterName>],
     ) -> (Vec<Deletion>, Vec<BTreeSet<String>>) {
         let mut deletions = Vec::new();
         let mut existing_sets = Vec::new();
@@ -295,7 +295,12 @@ impl<R: NftRunner> NftablesProxier<R> {
                 Ok(Some(names)) => deletions.extend(
                     names
                         .into_iter()
-                        .filter(|n| is_service_counter(n) && planned.is_none_or(|p| !p.contains(n)))
+                        .filter(|n| {
+                            is_service_counter(n)
+                                && planned.is_none_or(|p| {
+                                    CounterName::parse(n).is_none_or(|c| !p.contains(&c))
+                                })
+                        })
                         .map(|name| Deletion {
                             family,
                             object: Object::Counter(name),
@@ -341,7 +346,7 @@ fn element_ops<'a>(plans: &[FamilyPlan], deltas: &'a [Delta]) -> Vec<ElementOp<'
 fn full_transaction<'e>(
     plans: &[FamilyPlan],
     existing: &[BTreeSet<String>],
-    counters: &[BTreeSet<String>],
+    counters: &[BTreeSet<CounterName>],
     mode: FullMode,
     elements: &[ElementOp<'e>],
     deletions: &[Deletion],

@@ -8,7 +8,7 @@
 use netlink::{DecodeError, Message, NLM_F_ACK, NLM_F_REQUEST};
 use proxy_core::model::IpFamily;
 
-use crate::plan::{family_names, Element, Field, Fields, MapId, Value, TABLE};
+use crate::plan::{family_names, Element, Field, Fields, MapId, Value, COUNTER_NAME_MAX, TABLE};
 use crate::render::ElementVerb;
 use crate::rule::{
     encode_verdict, interval_elements, ip_proto, AnonKind, ExprWriter, Rule, Verdict, NF_ACCEPT,
@@ -48,8 +48,6 @@ const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_OBJ_NAME: u16 = 2;
 const NFTA_OBJ_TYPE: u16 = 3;
 const NFTA_OBJ_DATA: u16 = 4;
-const NFTA_COUNTER_BYTES: u16 = 1;
-const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
@@ -241,7 +239,7 @@ fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
     msg.attr(NFTA_DATA_VALUE, &encode_fields(&element.key));
     msg.end_nested();
     if let (true, Some(Value::Counter(name))) = (with_value, &element.value) {
-        msg.str(NFTA_SET_ELEM_OBJREF, name);
+        msg.str(NFTA_SET_ELEM_OBJREF, name.spell(&mut [0; COUNTER_NAME_MAX]));
     } else if let (true, Some(value)) = (with_value, &element.value) {
         msg.begin_nested(NFTA_SET_ELEM_DATA);
         match value {
@@ -598,7 +596,13 @@ pub fn ops_text_in(table: &str, ops: &[TableOp<'_>]) -> String {
 struct BatchWriter<'s> {
     /// The name of the tables (one per family) the ops change.
     table: &'s str,
-    messages: Vec<Message>,
+    /// The batch so far, all but the newest message: messages are appended as soon as
+    /// the next one starts instead of being held (a full load at 10,000 Services sends
+    /// ~12 MB, ~15,000 of its messages small ones naming a counter each).
+    bytes: Vec<u8>,
+    /// The newest message, kept aside: only the last one of the batch asks for an
+    /// acknowledgement.
+    last: Option<Message>,
     next_seq: &'s mut dyn FnMut() -> u32,
     /// Ids of the sets created in this batch (anonymous ones are referred to by id).
     next_set_id: u32,
@@ -620,7 +624,9 @@ impl BatchWriter<'_> {
     }
 
     fn push(&mut self, msg: Message) {
-        self.messages.push(msg);
+        if let Some(previous) = self.last.replace(msg) {
+            self.bytes.extend_from_slice(&previous.finish());
+        }
     }
 
     fn op(&mut self, op: &TableOp<'_>) {
@@ -641,9 +647,10 @@ impl BatchWriter<'_> {
                 let mut msg = self.start(*family, NFT_MSG_NEWOBJ, NLM_F_CREATE);
                 msg.str(NFTA_OBJ_NAME, name);
                 msg.be32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+                // Required but may be empty: a new counter starts at zero without the
+                // two values `nft` sends (24 bytes less per counter; a full sync at
+                // 10,000 Services creates ~15,000).
                 msg.begin_nested(NFTA_OBJ_DATA);
-                msg.attr(NFTA_COUNTER_BYTES, &0u64.to_be_bytes());
-                msg.attr(NFTA_COUNTER_PACKETS, &0u64.to_be_bytes());
                 msg.end_nested();
                 self.push(msg);
             }
@@ -947,7 +954,7 @@ pub fn encode_ops(ops: &[TableOp<'_>], next_seq: impl FnMut() -> u32) -> Batch {
 /// Encodes `ops` on the tables named `table` in order as one transaction.
 pub fn encode_ops_in(table: &str, ops: &[TableOp<'_>], mut next_seq: impl FnMut() -> u32) -> Batch {
     let begin_seq = next_seq();
-    let mut bytes = Message::new(
+    let bytes = Message::new(
         NFNL_MSG_BATCH_BEGIN,
         NLM_F_REQUEST,
         begin_seq,
@@ -956,25 +963,23 @@ pub fn encode_ops_in(table: &str, ops: &[TableOp<'_>], mut next_seq: impl FnMut(
     .finish();
     let mut writer = BatchWriter {
         table,
-        messages: Vec::new(),
+        bytes,
+        last: None,
         next_seq: &mut next_seq,
         next_set_id: 0,
     };
     for op in ops {
         writer.op(op);
     }
-    let messages = writer.messages;
-    let count = messages.len();
+    let mut bytes = writer.bytes;
     let mut last_seq = begin_seq;
-    for (i, msg) in messages.into_iter().enumerate() {
-        let mut msg = msg.finish();
+    if let Some(last) = writer.last {
+        let mut msg = last.finish();
         last_seq = netlink::read_u32(&msg, 8).unwrap_or(last_seq);
-        if i + 1 == count {
-            // Only the last message asks for an acknowledgement: one reply per
-            // message would overflow the socket's receive buffer on a full load.
-            let flags = netlink::read_u16(&msg, 6).unwrap_or(NLM_F_REQUEST) | NLM_F_ACK;
-            msg[6..8].copy_from_slice(&flags.to_ne_bytes());
-        }
+        // Only the last message asks for an acknowledgement: one reply per message
+        // would overflow the socket's receive buffer on a full load.
+        let flags = netlink::read_u16(&msg, 6).unwrap_or(NLM_F_REQUEST) | NLM_F_ACK;
+        msg[6..8].copy_from_slice(&flags.to_ne_bytes());
         bytes.extend_from_slice(&msg);
     }
     let end = Message::new(

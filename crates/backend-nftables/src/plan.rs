@@ -341,7 +341,7 @@ pub enum Value {
     Goto(String),
     Drop,
     /// The name of a counter (in an object map).
-    Counter(String),
+    Counter(CounterName),
 }
 
 impl fmt::Display for Value {
@@ -700,8 +700,8 @@ pub struct Delta {
     pub chains_deleted: Vec<String>,
     /// Named counters of Service ports that are new (created before the elements that
     /// name them) or gone (deleted after them).
-    pub counters_added: BTreeSet<String>,
-    pub counters_deleted: BTreeSet<String>,
+    pub counters_added: BTreeSet<CounterName>,
+    pub counters_deleted: BTreeSet<CounterName>,
 }
 
 impl Delta {
@@ -801,11 +801,11 @@ pub fn replan(
     let counters_after = counter_names(&new_elements);
     delta.counters_added = counters_after
         .difference(&counters_before)
-        .cloned()
+        .copied()
         .collect();
     delta.counters_deleted = counters_before
         .difference(&counters_after)
-        .cloned()
+        .copied()
         .collect();
     for (name, chain) in &new_chains {
         match old_chains.get(name) {
@@ -852,39 +852,130 @@ fn shared_elsewhere(plan: &FamilyPlan, shared: Shared, names: &BTreeSet<ServiceP
 }
 
 /// The counters the elements name (values of the counter maps).
-pub fn counter_names<'a>(elements: impl IntoIterator<Item = &'a Element>) -> BTreeSet<String> {
+pub fn counter_names<'a>(elements: impl IntoIterator<Item = &'a Element>) -> BTreeSet<CounterName> {
     elements
         .into_iter()
         .filter_map(|e| match &e.value {
-            Some(Value::Counter(name)) => Some(name.clone()),
+            Some(Value::Counter(name)) => Some(*name),
             _ => None,
         })
         .collect()
 }
 
-/// The named counter of a Service port's new connections of one destination kind: a
-/// hash of the port's name, so no name from the API reaches the kernel, and the same
-/// after a restart, so an adopted table keeps counting.
+/// The named counter of a Service port's new connections of one destination kind:
+/// `svc-<hash of the port's name>-<kind>`, so no name from the API reaches the kernel,
+/// and the same after a restart, so an adopted table keeps counting. Held as the hash
+/// and the kind and spelled out only where it is sent or shown: a full sync names tens
+/// of thousands of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CounterName {
+    // Ordered as the names are: fixed-width hex, then the kind's word.
+    hash: u64,
+    kind: &'static str,
+}
+
+/// Longest spelling: `svc-` + 16 hex digits + `-external-ip`.
+pub const COUNTER_NAME_MAX: usize = 32;
+
+impl CounterName {
+    pub fn new(port: &ServicePortName, kind: DestinationKind) -> CounterName {
+        CounterName::of_port(port_hash(port), kind)
+    }
+
+    /// With the port's hash ([`port_hash`]) already computed, as for each of its kinds.
+    pub fn of_port(hash: u64, kind: DestinationKind) -> CounterName {
+        let kind = match kind {
+            DestinationKind::ClusterIp => "cluster-ip",
+            DestinationKind::NodePort => "nodeport",
+            DestinationKind::ExternalIp => "external-ip",
+            DestinationKind::LoadBalancerIp => "lb-ip",
+        };
+        CounterName { hash, kind }
+    }
+
+    /// A Service port's counter as the kernel names it; `None` for any other name.
+    pub fn parse(name: &str) -> Option<CounterName> {
+        let rest = name.strip_prefix("svc-")?;
+        let (hex, kind) = (rest.get(..16)?, rest.get(16..)?.strip_prefix('-')?);
+        if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let hash = u64::from_str_radix(hex, 16).ok()?;
+        DestinationKind::ALL
+            .into_iter()
+            .map(|k| CounterName::of_port(hash, k))
+            .find(|c| c.kind == kind)
+    }
+
+    /// The name, spelled into `buf` (no allocation per element when encoding).
+    pub fn spell<'b>(&self, buf: &'b mut [u8; COUNTER_NAME_MAX]) -> &'b str {
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // Cannot fail: the longest name fits the buffer.
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{self}"));
+        let len = cursor.position() as usize;
+        std::str::from_utf8(&buf[..len]).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for CounterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "svc-{:016x}-{}", self.hash, self.kind)
+    }
+}
+
+/// The hash of a Service port's name that its counters' names carry.
+pub fn port_hash(port: &ServicePortName) -> u64 {
+    let mut h = Fnv::default();
+    // Cannot fail: writing to a hasher.
+    let _ = fmt::Write::write_fmt(&mut h, format_args!("{port}"));
+    h.end_part();
+    h.0
+}
+
+/// The named counter of a Service port's new connections of one destination kind, as
+/// the kernel names it ([`CounterName`]).
 pub fn service_counter_name(port: &ServicePortName, kind: DestinationKind) -> String {
-    let kind = match kind {
-        DestinationKind::ClusterIp => "cluster-ip",
-        DestinationKind::NodePort => "nodeport",
-        DestinationKind::ExternalIp => "external-ip",
-        DestinationKind::LoadBalancerIp => "lb-ip",
-    };
-    format!("svc-{}-{kind}", hash_id(&[&port.to_string()]))
+    CounterName::new(port, kind).to_string()
+}
+
+/// FNV-1a, fed bytes or formatted text (no string built to hash a name).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// Parts are separated by a NUL, which no part holds.
+    fn end_part(&mut self) {
+        self.bytes(&[0]);
+    }
+}
+
+impl fmt::Write for Fnv {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.bytes(s.as_bytes());
+        Ok(())
+    }
 }
 
 /// A stable, short, syntax-safe identifier: FNV-1a over the parts, as 16 hex digits.
 fn hash_id(parts: &[&str]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = Fnv::default();
     for part in parts {
-        for b in part.bytes().chain(std::iter::once(0)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        h.bytes(part.as_bytes());
+        h.end_part();
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.0)
 }
 
 /// A chain comment: the port's name, restricted to characters that cannot end a string.
@@ -1174,7 +1265,9 @@ fn plan_counters(
     out: &mut PortPlan,
 ) {
     let proto = port.protocol();
-    let counter = |kind| Some(Value::Counter(service_counter_name(&port.name, kind)));
+    // One hash per port, whatever its number of destinations.
+    let hash = port_hash(&port.name);
+    let counter = |kind| Some(Value::Counter(CounterName::of_port(hash, kind)));
     for (ip, is_external) in ips {
         let kind = match (is_external, port.load_balancer_ips.contains(ip)) {
             (false, _) => DestinationKind::ClusterIp,
@@ -1283,3 +1376,61 @@ pub fn family_names(family: IpFamily) -> FamilyNames {
 
 /// The table every mode of ours programs nftables rules in (per family).
 pub const TABLE: &str = "kube-proxy";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_core::model::ServiceName;
+
+    fn port(name: &str) -> ServicePortName {
+        ServicePortName {
+            service: ServiceName {
+                namespace: "ns".into(),
+                name: "web".into(),
+            },
+            port: name.into(),
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// Counter names reach the kernel and must stay what tables already hold (restarts
+    /// adopt them): `svc-` + FNV-1a of the port's name + `-` + the kind's word.
+    #[test]
+    fn counter_names_are_spelled_parsed_and_ordered_as_the_kernel_names() {
+        let mut names = Vec::new();
+        for p in ["", "http", "https-9443"] {
+            let text = port(p).to_string();
+            for kind in DestinationKind::ALL {
+                let c = CounterName::new(&port(p), kind);
+                let word = match kind {
+                    DestinationKind::ClusterIp => "cluster-ip",
+                    DestinationKind::NodePort => "nodeport",
+                    DestinationKind::ExternalIp => "external-ip",
+                    DestinationKind::LoadBalancerIp => "lb-ip",
+                };
+                let spelled = format!("svc-{}-{word}", hash_id(&[&text]));
+                assert_eq!(c.to_string(), spelled);
+                assert_eq!(c.spell(&mut [0; COUNTER_NAME_MAX]), spelled);
+                assert_eq!(CounterName::parse(&spelled), Some(c));
+                names.push(c);
+            }
+        }
+        assert_eq!(
+            CounterName::new(&port("http"), DestinationKind::NodePort).to_string(),
+            "svc-a8b117d7f34bba09-nodeport"
+        );
+        for bad in [
+            "svc-0123456789abcdef-other",
+            "svc-0123456789ABCDEF-nodeport",
+            "svc-0123-nodeport",
+            "localhost-nodeports-tcp",
+        ] {
+            assert_eq!(CounterName::parse(bad), None, "{bad}");
+        }
+        // Sets of them iterate (and so create counters) in the names' order.
+        let mut by_text = names.clone();
+        by_text.sort_by_key(ToString::to_string);
+        names.sort();
+        assert_eq!(names, by_text);
+    }
+}

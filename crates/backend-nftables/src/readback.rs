@@ -72,7 +72,7 @@ impl RawElement {
                 code: NF_DROP,
                 chain: None,
             },
-            Some(Value::Counter(name)) => RawValue::Counter(name.clone()),
+            Some(Value::Counter(name)) => RawValue::Counter(name.to_string()),
         };
         RawElement {
             key: encode_fields(&element.key),
@@ -407,7 +407,7 @@ mod tests {
                 Field::Port(8080),
             ])))),
             element(Some(Value::Counter(
-                "svc-0123456789abcdef-cluster-ip".into(),
+                crate::plan::CounterName::parse("svc-0123456789abcdef-cluster-ip").unwrap(),
             ))),
             element(None),
         ];

@@ -15,8 +15,8 @@ use crate::netlink::{
 };
 use crate::plan::{
     affinity_set_name, class_objects, cluster_ips_check_rules, family_names, slot_chain_name,
-    slot_chains, ClassObject, Delta, Element, FamilyPlan, FamilySettings, KeyKind, MapId,
-    PickClass, Role, CLUSTER_IPS_CHECK, TABLE,
+    slot_chains, ClassObject, CounterName, Delta, Element, FamilyPlan, FamilySettings, KeyKind,
+    MapId, PickClass, Role, CLUSTER_IPS_CHECK, TABLE,
 };
 use crate::rule::{ip_key, nodeport_key, Key, Rule, Sel, Stmt, Verdict};
 
@@ -674,7 +674,7 @@ pub fn delta_ops<'a>(plan: &FamilyPlan, delta: &'a Delta) -> Vec<TableOp<'a>> {
 /// Creates (an existing one keeps its values) or deletes the named counters.
 pub fn counter_ops<'a>(
     family: IpFamily,
-    names: &BTreeSet<String>,
+    names: &BTreeSet<CounterName>,
     delete: bool,
 ) -> Vec<TableOp<'a>> {
     names
@@ -683,12 +683,12 @@ pub fn counter_ops<'a>(
             if delete {
                 TableOp::Delete(Deletion {
                     family,
-                    object: Object::Counter(name.clone()),
+                    object: Object::Counter(name.to_string()),
                 })
             } else {
                 TableOp::AddCounter {
                     family,
-                    name: name.clone(),
+                    name: name.to_string(),
                 }
             }
         })
