@@ -302,19 +302,14 @@ impl NftRunner for NftCommand {
         family: IpFamily,
         maps: &[String],
     ) -> Result<Option<KernelTable>, ProxierError> {
-        if self.check_only {
-            return Ok(None);
-        }
-        match self.read_back_over_netlink(family, maps) {
-            Ok(table) => Ok(table),
-            // No table at all: the caller rewrites it.
-            Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => {
-                Ok(Some(KernelTable::default()))
+        let wanted = |name: &str| {
+            if maps.iter().any(|m| m == name) {
+                Want::Digest
+            } else {
+                Want::Skip
             }
-            Err(e) => Err(ProxierError::Other(format!(
-                "reading our nftables table back: {e}"
-            ))),
-        }
+        };
+        Ok(self.read_table(family, &wanted)?.map(|read| read.table))
     }
 
     fn read_table(
@@ -327,6 +322,7 @@ impl NftRunner for NftCommand {
         }
         match self.read_table_over_netlink(family, want) {
             Ok(read) => Ok(read),
+            // No table at all: the caller rewrites it.
             Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => {
                 Ok(Some(TableRead::default()))
             }
@@ -481,23 +477,6 @@ impl NftCommand {
             read.table.maps.insert(map, digest);
         }
         Ok(Some(read))
-    }
-
-    fn read_back_over_netlink(
-        &mut self,
-        family: IpFamily,
-        maps: &[String],
-    ) -> Result<Option<KernelTable>, netlink::RequestError> {
-        let wanted = |name: &str| {
-            if maps.iter().any(|m| m == name) {
-                Want::Digest
-            } else {
-                Want::Skip
-            }
-        };
-        Ok(self
-            .read_table_over_netlink(family, &wanted)?
-            .map(|read| read.table))
     }
 
     /// The netlink socket, opened on first use and kept.
