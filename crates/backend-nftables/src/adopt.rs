@@ -10,9 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proxy_core::model::{IpFamily, ProxyState, ServicePortName};
 
-use crate::apply::NftRunner;
+use crate::apply::{KernelTable, NftRunner, Want};
 use crate::netlink::{encode_fields, Object};
-use crate::plan::{ip_key, nodeport_key, KeyKind, MapId, Role, SlotOf, Slots};
+use crate::plan::{affinity_set_name, ip_key, nodeport_key, KeyKind, MapId, Role, SlotOf, Slots};
 use crate::readback::{RawElement, RawValue};
 
 /// The slot map a name stands for: `slot-K`, `local-slot-K`, `nodeport-slot-K`,
@@ -66,6 +66,65 @@ pub fn read_slots<R: NftRunner + ?Sized>(
         }
     }
     slots
+}
+
+/// Our table of one family as the kernel held it, read once (at start, while the
+/// sources list, or by the first full sync): the slots the plan keeps and the digests
+/// that tell which maps need no reload.
+#[derive(Debug)]
+pub struct Found {
+    pub family: IpFamily,
+    /// The ruleset generation the read saw from its start to its end; `None` when it
+    /// changed meanwhile or cannot be told. A read is used later only while the kernel
+    /// still reports this generation: nothing was committed since.
+    pub generation: Option<u32>,
+    pub table: KernelTable,
+    pub slots: KernelSlots,
+}
+
+impl Found {
+    /// Reads our table of `family`: every named set's digest but the affinity sets'
+    /// (their clients come and go), and the slot maps' elements. `None` when there is
+    /// nothing to read or it cannot be read (logged): slots are then assigned afresh and
+    /// every map loaded.
+    pub fn read<R: NftRunner + ?Sized>(runner: &mut R, family: IpFamily) -> Option<Found> {
+        let before = runner.generation().ok().flatten();
+        let want = |name: &str| {
+            if slot_map(name).is_some() {
+                Want::Elements
+            } else if is_affinity_set(name) {
+                Want::Skip
+            } else {
+                Want::Digest
+            }
+        };
+        let read = match runner.read_table(family, &want) {
+            Ok(Some(read)) => read,
+            Ok(None) => return None,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read our nftables table back; slots assigned afresh, every map loaded");
+                return None;
+            }
+        };
+        let after = runner.generation().ok().flatten();
+        let mut slots = KernelSlots::default();
+        for (name, elements) in read.elements {
+            slots.add_map(family, &name, elements);
+        }
+        Some(Found {
+            family,
+            generation: before.filter(|_| before == after),
+            table: read.table,
+            slots,
+        })
+    }
+}
+
+/// Whether `name` is an affinity set (`aff-K`).
+fn is_affinity_set(name: &str) -> bool {
+    name.strip_prefix("aff-")
+        .and_then(|k| k.parse::<usize>().ok())
+        .is_some_and(|k| affinity_set_name(k) == name)
 }
 
 /// Every destination key's endpoints per role and slot, from the kernel's slot maps.

@@ -84,6 +84,74 @@ pub trait NftRunner {
         let _ = (family, map);
         Ok(None)
     }
+
+    /// Our table of `family` read back once, as [`read_back`] with a digest of every named
+    /// set and map `want` does not skip, and also the elements of those it keeps (so a
+    /// restarted proxy reads each map once for its slots and its digest). `None` as for
+    /// [`read_back`]. By default from those two calls.
+    ///
+    /// [`read_back`]: NftRunner::read_back
+    fn read_table(
+        &mut self,
+        family: IpFamily,
+        want: &dyn Fn(&str) -> Want,
+    ) -> Result<Option<TableRead>, ProxierError> {
+        let Some(objects) = self.existing_objects(family)? else {
+            return Ok(None);
+        };
+        let (digests, kept) = wanted_sets(&objects, want);
+        let Some(table) = self.read_back(family, &digests)? else {
+            return Ok(None);
+        };
+        let mut elements = BTreeMap::new();
+        for name in kept {
+            if let Some(found) = self.map_elements(family, &name)? {
+                elements.insert(name, found);
+            }
+        }
+        Ok(Some(TableRead { table, elements }))
+    }
+
+    /// The kernel's nftables ruleset generation (it grows with every commit, in any
+    /// table); `None` when this runner cannot tell.
+    fn generation(&mut self) -> Result<Option<u32>, ProxierError> {
+        Ok(None)
+    }
+}
+
+/// What [`NftRunner::read_table`] does with one named set or map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Skip,
+    Digest,
+    /// Its digest and its elements.
+    Elements,
+}
+
+/// What [`NftRunner::read_table`] found: the table, and the elements of the maps kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableRead {
+    pub table: KernelTable,
+    pub elements: BTreeMap<String, Vec<RawElement>>,
+}
+
+/// The sets among `objects` to digest (kept ones included), and those to keep.
+fn wanted_sets(objects: &[Object], want: &dyn Fn(&str) -> Want) -> (Vec<String>, Vec<String>) {
+    let (mut digests, mut kept) = (Vec::new(), Vec::new());
+    for object in objects {
+        let Object::Set { name, .. } = object else {
+            continue;
+        };
+        match want(name) {
+            Want::Skip => {}
+            Want::Digest => digests.push(name.clone()),
+            Want::Elements => {
+                digests.push(name.clone());
+                kept.push(name.clone());
+            }
+        }
+    }
+    (digests, kept)
 }
 
 /// What [`NftRunner::read_back`] found.
@@ -107,6 +175,8 @@ pub struct NftCommand {
     generation: Option<u32>,
     /// Elements added or deleted since start (flushes not counted).
     elements_sent: u64,
+    /// Sets and maps whose elements were read back since start.
+    sets_read: u64,
 }
 
 impl std::fmt::Debug for NftCommand {
@@ -127,6 +197,7 @@ impl Default for NftCommand {
             socket: None,
             generation: None,
             elements_sent: 0,
+            sets_read: 0,
         }
     }
 }
@@ -146,6 +217,11 @@ impl NftCommand {
     /// Elements added or deleted over netlink so far (for tests and benchmarks).
     pub fn elements_sent(&self) -> u64 {
         self.elements_sent
+    }
+
+    /// Sets and maps whose elements were read back so far (each dump counts; for tests).
+    pub fn sets_read(&self) -> u64 {
+        self.sets_read
     }
 
     /// A runner that only validates (`nft --check`), for tests.
@@ -226,19 +302,41 @@ impl NftRunner for NftCommand {
         family: IpFamily,
         maps: &[String],
     ) -> Result<Option<KernelTable>, ProxierError> {
+        let wanted = |name: &str| {
+            if maps.iter().any(|m| m == name) {
+                Want::Digest
+            } else {
+                Want::Skip
+            }
+        };
+        Ok(self.read_table(family, &wanted)?.map(|read| read.table))
+    }
+
+    fn read_table(
+        &mut self,
+        family: IpFamily,
+        want: &dyn Fn(&str) -> Want,
+    ) -> Result<Option<TableRead>, ProxierError> {
         if self.check_only {
             return Ok(None);
         }
-        match self.read_back_over_netlink(family, maps) {
-            Ok(table) => Ok(table),
+        match self.read_table_over_netlink(family, want) {
+            Ok(read) => Ok(read),
             // No table at all: the caller rewrites it.
             Err(netlink::RequestError::Kernel { errno, .. }) if errno == libc::ENOENT => {
-                Ok(Some(KernelTable::default()))
+                Ok(Some(TableRead::default()))
             }
             Err(e) => Err(ProxierError::Other(format!(
                 "reading our nftables table back: {e}"
             ))),
         }
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, ProxierError> {
+        if self.check_only {
+            return Ok(None);
+        }
+        self.read_generation().map(Some)
     }
 
     fn map_elements(
@@ -249,6 +347,7 @@ impl NftRunner for NftCommand {
         if self.check_only {
             return Ok(None);
         }
+        self.sets_read += 1;
         let socket = self.socket()?;
         let request = elements_request(family, map, socket.next_seq());
         let mut out = Vec::new();
@@ -332,36 +431,52 @@ impl NftCommand {
         generation.ok_or_else(|| ProxierError::Other("no nftables generation in the reply".into()))
     }
 
-    fn read_back_over_netlink(
+    /// The objects, then one dump for the rules and one per wanted set: its digest, and
+    /// its elements when kept.
+    fn read_table_over_netlink(
         &mut self,
         family: IpFamily,
-        maps: &[String],
-    ) -> Result<Option<KernelTable>, netlink::RequestError> {
+        want: &dyn Fn(&str) -> Want,
+    ) -> Result<Option<TableRead>, netlink::RequestError> {
         let Some(objects) = self
             .existing_objects(family)
             .map_err(|e| netlink::RequestError::Socket(std::io::Error::other(e.to_string())))?
         else {
             return Ok(None);
         };
+        let (digests, kept) = wanted_sets(&objects, want);
+        self.sets_read += digests.len() as u64;
         let socket = self
             .socket()
             .map_err(|e| netlink::RequestError::Socket(std::io::Error::other(e.to_string())))?;
-        let mut table = KernelTable {
-            objects,
-            ..KernelTable::default()
+        let mut read = TableRead {
+            table: KernelTable {
+                objects,
+                ..KernelTable::default()
+            },
+            elements: BTreeMap::new(),
         };
         let request = rules_request(family, socket.next_seq());
-        socket.request_each(&request, |payload| table.rules.add_reply(payload))?;
-        for map in maps {
-            if !table.objects.iter().any(|o| o.name() == map) {
-                continue; // missing: the objects already tell
-            }
+        socket.request_each(&request, |payload| read.table.rules.add_reply(payload))?;
+        // Only sets that exist: a missing one is told by the objects.
+        for map in digests {
             let mut digest = SetDigest::default();
-            let request = elements_request(family, map, socket.next_seq());
-            socket.request_each(&request, |payload| digest.add_reply(payload))?;
-            table.maps.insert(map.clone(), digest);
+            let request = elements_request(family, &map, socket.next_seq());
+            if kept.contains(&map) {
+                let mut found = Vec::new();
+                socket.request_each(&request, |payload| {
+                    parse_elements(payload, |element| {
+                        digest.add(&element);
+                        found.push(element);
+                    })
+                })?;
+                read.elements.insert(map.clone(), found);
+            } else {
+                socket.request_each(&request, |payload| digest.add_reply(payload))?;
+            }
+            read.table.maps.insert(map, digest);
         }
-        Ok(Some(table))
+        Ok(Some(read))
     }
 
     /// The netlink socket, opened on first use and kept.

@@ -14,11 +14,11 @@ pub mod verify;
 
 use std::collections::BTreeSet;
 
-use proxy_core::model::{IpFamily, ServicePortName};
+use proxy_core::model::ServicePortName;
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
-use crate::adopt::{read_slots, KernelSlots};
-use crate::apply::NftRunner;
+use crate::adopt::Found;
+use crate::apply::{KernelTable, NftRunner};
 use crate::netlink::{ordered_deletions, Deletion, ElementOp, Object, TableOp};
 use crate::plan::{
     counter_names, replan, ClassObject, CounterName, Delta, Element, Elements, FamilyPlan, KeyKind,
@@ -46,6 +46,9 @@ pub struct NftablesProxier<R: NftRunner> {
     expected: Vec<Expected>,
     /// What the last periodic check found differing (see [`SyncOutcome::drift`]).
     drift: u64,
+    /// Our tables as a previous process left them, read by [`Proxier::prepare`] for the
+    /// first sync; dropped by it.
+    found: Vec<Found>,
 }
 
 impl<R: NftRunner> NftablesProxier<R> {
@@ -56,6 +59,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             programmed: None,
             expected: Vec::new(),
             drift: 0,
+            found: Vec::new(),
         }
     }
 
@@ -70,6 +74,7 @@ impl<R: NftRunner> NftablesProxier<R> {
     fn full_plans(
         &mut self,
         request: &SyncRequest,
+        found: &[Found],
         warnings: &mut Vec<String>,
     ) -> (Vec<FamilyPlan>, Vec<Elements>) {
         let families = self.config.families.clone();
@@ -92,32 +97,46 @@ impl<R: NftRunner> NftablesProxier<R> {
                     );
                 }
                 // Nothing programmed by this process: keep the slots the kernel holds.
-                let adopted = self.kernel_slots(family).slots(family, &request.state);
+                let adopted = found
+                    .iter()
+                    .find(|f| f.family == family)
+                    .map(|f| f.slots.slots(family, &request.state))
+                    .unwrap_or_default();
                 let previous = PreviousSlots::Adopted(&adopted);
                 FamilyPlan::full(family, &request.state, &self.config, previous, warnings)
             })
             .unzip()
     }
 
-    /// The slot maps of our table of `family` as the kernel holds them; empty when there
-    /// is no table or it cannot be read (the plan then assigns slots afresh).
-    fn kernel_slots(&mut self, family: IpFamily) -> KernelSlots {
-        let objects = match self.runner.existing_objects(family) {
-            Ok(Some(objects)) => objects,
-            Ok(None) => return KernelSlots::default(),
-            Err(err) => {
-                tracing::debug!(error = %err, "cannot list our nftables objects; slots assigned afresh");
-                return KernelSlots::default();
-            }
+    /// Our tables as the kernel holds them, for a first full sync: what
+    /// [`Proxier::prepare`] read if nothing was committed since, else read now.
+    fn adoption(&mut self) -> Vec<Found> {
+        let mut prepared = std::mem::take(&mut self.found);
+        let now = if prepared.is_empty() {
+            None
+        } else {
+            self.runner.generation().ok().flatten()
         };
-        let slots = read_slots(&mut self.runner, family, &objects);
-        if !slots.is_empty() {
-            tracing::info!(
-                ?family,
-                "adopting the endpoint slots of the existing nftables table"
-            );
-        }
-        slots
+        let families = self.config.families.clone();
+        families
+            .into_iter()
+            .filter_map(|family| {
+                let still = prepared.iter().position(|f| {
+                    f.family == family && f.generation.is_some() && f.generation == now
+                });
+                let found = match still {
+                    Some(i) => Some(prepared.swap_remove(i)),
+                    None => Found::read(&mut self.runner, family),
+                }?;
+                if !found.slots.is_empty() {
+                    tracing::info!(
+                        ?family,
+                        "adopting the endpoint slots of the existing nftables table"
+                    );
+                }
+                Some(found)
+            })
+            .collect()
     }
 
     /// Loads whole tables: in place first, keeping what exists so traffic flows until
@@ -128,12 +147,19 @@ impl<R: NftRunner> NftablesProxier<R> {
         plans: &[FamilyPlan],
         elements: &[Elements],
         expected: &[Expected],
+        found: &[Found],
     ) -> Result<usize, ProxierError> {
         let shared: Vec<Elements> = plans.iter().map(FamilyPlan::shared_elements).collect();
         let unchanged: Vec<BTreeSet<String>> = plans
             .iter()
             .zip(expected)
-            .map(|(plan, expected)| self.maps_already_loaded(plan, expected))
+            .map(|(plan, expected)| {
+                let family = plan.family();
+                match found.iter().find(|f| f.family == family) {
+                    Some(found) => loaded(expected, &found.table),
+                    None => self.maps_already_loaded(plan, expected),
+                }
+            })
             .collect();
         let mut all_ops = Vec::new();
         let mut ops = Vec::new();
@@ -235,12 +261,7 @@ impl<R: NftRunner> NftablesProxier<R> {
     /// instead of reloading every element. Empty when the table cannot be read.
     fn maps_already_loaded(&mut self, plan: &FamilyPlan, expected: &Expected) -> BTreeSet<String> {
         match self.runner.read_back(plan.family(), &checked_maps(plan)) {
-            Ok(Some(kernel)) => expected
-                .maps
-                .iter()
-                .filter(|(name, digest)| kernel.maps.get(*name) == Some(*digest))
-                .map(|(name, _)| name.clone())
-                .collect(),
+            Ok(Some(kernel)) => loaded(expected, &kernel),
             Ok(None) => BTreeSet::new(),
             Err(err) => {
                 tracing::debug!(error = %err, "cannot read our nftables maps back; loading all of them");
@@ -316,6 +337,16 @@ impl<R: NftRunner> NftablesProxier<R> {
     }
 }
 
+/// The maps whose elements `kernel` holds exactly as `expected` (by digest).
+fn loaded(expected: &Expected, kernel: &KernelTable) -> BTreeSet<String> {
+    expected
+        .maps
+        .iter()
+        .filter(|(name, digest)| kernel.maps.get(*name) == Some(*digest))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 /// Whether a counter of our table is a Service port's (`--service-counters`), which a
 /// full sync deletes when no planned element names it.
 fn is_service_counter(name: &str) -> bool {
@@ -388,6 +419,19 @@ fn log_warnings(warnings: &[String]) {
 impl<R: NftRunner + Send + 'static> Proxier for NftablesProxier<R> {
     fn mode(&self) -> &'static str {
         "nftables"
+    }
+
+    /// Reads the tables a previous process left while the sources list: the first sync
+    /// uses the read if nothing was committed since.
+    fn prepare(&mut self) {
+        if self.programmed.is_some() {
+            return;
+        }
+        let families = self.config.families.clone();
+        self.found = families
+            .into_iter()
+            .filter_map(|family| Found::read(&mut self.runner, family))
+            .collect();
     }
 
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
@@ -579,8 +623,15 @@ impl<R: NftRunner> NftablesProxier<R> {
         let plans;
         let mut deltas = Vec::new();
         let mut full_elements = Vec::new();
+        // A first full load adopts the tables a previous process left.
+        let found = if full && self.programmed.is_none() {
+            self.adoption()
+        } else {
+            std::mem::take(&mut self.found);
+            Vec::new()
+        };
         if full {
-            (plans, full_elements) = self.full_plans(request, &mut warnings);
+            (plans, full_elements) = self.full_plans(request, &found, &mut warnings);
         } else {
             // Take the plans out: if the kernel refuses the delta, they no longer describe
             // it, and the next sync must be full.
@@ -607,7 +658,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             std::mem::take(&mut self.expected)
         };
         let transaction_bytes = if full {
-            self.apply_full(&plans, &full_elements, &expected)?
+            self.apply_full(&plans, &full_elements, &expected, &found)?
         } else if deltas.iter().all(Delta::elements_only) {
             // New counters before the elements that name them, gone ones after.
             let counters = |delete: bool| {

@@ -827,6 +827,89 @@ fn restart_adopts_the_table_and_reloads_no_element() {
     assert_eq!(elements_sent, 0, "every map already held its elements");
 }
 
+/// A restarted proxier reads its old table once: at start, while the sources list
+/// (`prepare`), so that its first sync reads no set again; or, without that, in the
+/// first sync, each set once. A commit between the two (here: a map emptied behind its
+/// back) makes the first sync read afresh and load that map again.
+#[test]
+fn restart_reads_the_table_once_and_again_after_another_commit() {
+    if !testkit::root_or_skip("restart_reads_the_table_once_and_again_after_another_commit") {
+        return;
+    }
+    let state = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2"]);
+    let ns = testkit::Netns::new().unwrap();
+    load_fresh(&ns, vec![state.clone()]);
+    // Both families' tables.
+    let sets: u64 = ["ip", "ip6"]
+        .iter()
+        .map(|family| {
+            let table = ns
+                .exec(&["nft", "list", "table", family, "kube-proxy"])
+                .unwrap();
+            table
+                .lines()
+                .filter(|l| l.starts_with("\tmap ") || l.starts_with("\tset "))
+                .count() as u64
+        })
+        .sum();
+    let service_ips = |ns: &testkit::Netns| {
+        ns.exec(&["nft", "list", "map", "ip", "kube-proxy", "service-ips"])
+            .unwrap()
+    };
+    let loaded = service_ips(&ns);
+    assert!(loaded.contains("10.96.0.10"), "{loaded}");
+
+    // No prepare: the first sync reads each set at most once (slots and digests).
+    let (reads, sent) = ns
+        .run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            proxier.sync(&request(state.clone(), &[], true)).unwrap();
+            (
+                proxier.runner().sets_read(),
+                proxier.runner().elements_sent(),
+            )
+        })
+        .unwrap();
+    assert!(reads > 0 && reads <= sets, "{reads} set dumps, {sets} sets");
+    assert_eq!(sent, 0);
+
+    // Prepared: the first sync reads nothing more.
+    let (prepared, synced, sent) = ns
+        .run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            proxier.prepare();
+            let prepared = proxier.runner().sets_read();
+            proxier.sync(&request(state.clone(), &[], true)).unwrap();
+            (
+                prepared,
+                proxier.runner().sets_read(),
+                proxier.runner().elements_sent(),
+            )
+        })
+        .unwrap();
+    assert!(prepared > 0);
+    assert_eq!(synced, prepared, "the first sync used the prepared read");
+    assert_eq!(sent, 0);
+
+    // A commit after the read: the first sync reads again and reloads what differs.
+    let (prepared, synced) = ns
+        .run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            proxier.prepare();
+            let prepared = proxier.runner().sets_read();
+            let flushed = std::process::Command::new("nft")
+                .args(["flush", "map", "ip", "kube-proxy", "service-ips"])
+                .status()
+                .unwrap();
+            assert!(flushed.success());
+            proxier.sync(&request(state.clone(), &[], true)).unwrap();
+            (prepared, proxier.runner().sets_read())
+        })
+        .unwrap();
+    assert_eq!(service_ips(&ns), loaded, "the emptied map is loaded again");
+    assert!(synced > prepared, "read again after another commit");
+}
+
 /// `--service-counters`: new connections to a cluster IP and to a NodePort are counted
 /// in their Service port's named counters, selected through the counter maps; counting
 /// does not make a periodic re-sync see a difference; a restarted proxier adopts the

@@ -194,6 +194,10 @@ impl<P: Proxier> Proxier for WithLocalhostNodePorts<P> {
         self.inner.mode()
     }
 
+    fn prepare(&mut self) {
+        self.inner.prepare();
+    }
+
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
         let kernel = self.inner.sync(request);
         let listeners = self.listeners.reconcile(&request.state);

@@ -123,7 +123,8 @@ pub struct Args {
     /// later flags win over the bench's own).
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_arg: Vec<String>,
-    /// Keep each run's proxy log in this directory (`SOURCE-SERVICES.log`).
+    /// Keep each run's proxy logs in this directory (`SOURCE-SERVICES.log`, and
+    /// `SOURCE-SERVICES-restart.log` for the restarted process).
     #[arg(long)]
     logs: Option<PathBuf>,
     /// Skip the last phase: a SIGTERM restart with one endpoint change made at launch.
@@ -191,6 +192,9 @@ pub struct FirstSync {
     pub method: String,
     /// The proxy's own `took_ms` for the sync.
     pub took_ms: f64,
+    /// Launch → the source delivered its initial state (the log's clock): listing, for
+    /// the API source also the fake server's answering, on the same cores.
+    pub launch_to_state_ms: Option<f64>,
     /// Cluster IPs found in `service-ips` by the check.
     pub kernel_cluster_ips: usize,
     /// CPU the proxy used up to then.
@@ -208,6 +212,10 @@ pub struct Restart {
     pub launch_to_first_sync_ms: f64,
     /// The proxy's own `took_ms` for its first sync.
     pub first_sync_took_ms: f64,
+    /// Launch → the source delivered its initial state (the log's clock).
+    pub launch_to_state_ms: Option<f64>,
+    /// CPU the restarted proxy used up to its first sync.
+    pub proxy_cpu_s: f64,
     /// Launch → the kernel holds the change (the monitor's clock).
     pub launch_to_change_ms: Option<f64>,
     /// Maps the first sync found already loaded and left alone (from the log).
@@ -633,6 +641,10 @@ fn proxy_args(args: &Args, source: Source, dir: &Path) -> Vec<String> {
             out.push(dir.join("kubeconfig").display().to_string());
         }
     }
+    // The proxy refuses a flag given twice: one of `--proxy-arg` replaces the bench's.
+    let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_string();
+    let given: Vec<String> = args.proxy_arg.iter().map(|a| flag(a)).collect();
+    out.retain(|a| !given.contains(&flag(a)));
     out.extend(args.proxy_arg.iter().cloned());
     out
 }
@@ -763,6 +775,9 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
         .duration_since(launched)
         .map_or(0.0, |d| d.as_secs_f64() * 1e3);
     out.first_sync.took_ms = first.took_ms;
+    out.first_sync.launch_to_state_ms = proxylog::initial_state(&read_log(&log_path)?)
+        .and_then(|at| at.duration_since(launched).ok())
+        .map(|d| d.as_secs_f64() * 1e3);
     out.first_sync.kernel_cluster_ips = count_present(&kernel, &cluster);
     out.first_sync.proxy_cpu = proxy_cpu_first;
 
@@ -923,14 +938,25 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
         let (_, seen) = observer.observe(&[probe], || feed.endpoints_changed(&cluster, index))?;
         let seen = seen.into_iter().next().flatten();
         let mut first = None;
+        let restart_pid = restarted.pid().to_string();
+        let mut restart_cpu = Cpu::default();
         while launched_at.elapsed() < timeout && first.is_none() {
             first = proxylog::synced(&read_log(&restart_log)?)
                 .into_iter()
                 .next();
-            std::thread::sleep(Duration::from_millis(20));
+            if first.is_some() {
+                restart_cpu = cpu(&restart_pid)?;
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         let restart_text = read_log(&restart_log)?;
         let _ = restarted.terminate();
+        if let Some(dir) = &args.logs {
+            let path = dir.join(format!("{}-{n}-restart.log", source.label().to_lowercase()));
+            std::fs::write(&path, &restart_text)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         let first =
             first.with_context(|| format!("no sync after the restart; log:\n{restart_text}"))?;
         out.restart = Some(Restart {
@@ -939,6 +965,10 @@ fn run(args: &Args, binary: &Path, source: Source, all: &[SynthService], n: usiz
                 .duration_since(launched)
                 .map_or(0.0, |d| d.as_secs_f64() * 1e3),
             first_sync_took_ms: first.took_ms,
+            launch_to_state_ms: proxylog::initial_state(&restart_text)
+                .and_then(|at| at.duration_since(launched).ok())
+                .map(|d| d.as_secs_f64() * 1e3),
+            proxy_cpu_s: restart_cpu.process_s + restart_cpu.children_s,
             launch_to_change_ms: seen.map(|s| (s.at - launched_at).as_secs_f64() * 1e3),
             maps_kept: proxylog::maps_kept(&restart_text),
         });
@@ -1010,6 +1040,11 @@ fn markdown(report: &Report) -> String {
             )
         },
     );
+    row("… launch → source's initial state", &|r| {
+        r.first_sync
+            .launch_to_state_ms
+            .map_or_else(|| "–".into(), fmt_ms)
+    });
     row("proxy CPU to the first sync", &|r| {
         format!(
             "{:.2} s",
@@ -1081,6 +1116,17 @@ fn markdown(report: &Report) -> String {
                 fmt_ms(x.first_sync_took_ms),
                 x.launch_to_change_ms.map_or_else(|| "lost".into(), fmt_ms),
                 x.maps_kept
+            ),
+            None => "–".into(),
+        },
+    );
+    row(
+        "… restart: launch → source's initial state, proxy CPU to the first sync",
+        &|r| match &r.restart {
+            Some(x) => format!(
+                "{}, {:.2} s",
+                x.launch_to_state_ms.map_or_else(|| "–".into(), fmt_ms),
+                x.proxy_cpu_s
             ),
             None => "–".into(),
         },

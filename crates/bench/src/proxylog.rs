@@ -73,6 +73,15 @@ fn parse_line(line: &str) -> Option<Synced> {
     })
 }
 
+/// When the source delivered its initial state (the runner's line), if it did.
+pub fn initial_state(log: &str) -> Option<SystemTime> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("sources delivered their initial state"))?;
+    let at: jiff::Timestamp = line.split_whitespace().next()?.parse().ok()?;
+    Some(SystemTime::from(at))
+}
+
 /// Maps a full load found already holding their elements and left alone, summed over
 /// the log's "not reloaded" lines.
 pub fn maps_kept(log: &str) -> usize {
@@ -99,6 +108,9 @@ mod tests {
                    2025-12-04T02:55:52.000000Z  INFO proxy_core::runner: synced rules full=false services=1 endpoints=0 bytes=352 service_ports=3 took_ms=0.7\n";
         let lines = synced(log);
         assert_eq!(lines.len(), 2);
+        let delivered: jiff::Timestamp = "2025-12-04T02:55:42.5Z".parse().unwrap();
+        assert_eq!(initial_state(log), Some(SystemTime::from(delivered)));
+        assert_eq!(initial_state("no such line"), None);
         assert!(synced("2025-12-04T02:55:42Z INFO synced rules full=true took_ms=NaN").is_empty());
         assert!(lines[0].full && !lines[1].full);
         assert!(lines[0].periodic() && !lines[1].periodic());

@@ -120,6 +120,11 @@ pub trait Proxier: Send + 'static {
     /// The mode's name as `/proxyMode` reports it (`nftables`, `iptables`, ...).
     fn mode(&self) -> &'static str;
 
+    /// Work that needs no state, run once at start while the sources load theirs (e.g.
+    /// reading back what a previous process programmed), so the first sync is shorter.
+    /// Failures are the backend's to log: the first sync then does without.
+    fn prepare(&mut self) {}
+
     /// Programs the kernel to match `request.state`.
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError>;
 

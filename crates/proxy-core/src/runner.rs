@@ -83,6 +83,11 @@ pub async fn run_observed(
     let mut next_full = Instant::now();
     let mut retry_at: Option<Instant> = None;
     let mut retry_delay = config.retry_delay;
+    // The backend prepares (e.g. reads back its tables) while the sources list.
+    let mut backend = Backend::Preparing(tokio::task::spawn_blocking(move || {
+        proxier.prepare();
+        proxier
+    }));
 
     loop {
         let due = if !have_initial_state {
@@ -143,13 +148,13 @@ pub async fn run_observed(
                 let start = Instant::now();
                 last_start = Some(start);
                 budget.take(start);
-                let (returned, result, request) = tokio::task::spawn_blocking(move || {
+                let mut proxier = backend.ready().await;
+                let (returned, result, request) = joined(tokio::task::spawn_blocking(move || {
                     let result = proxier.sync(&request);
                     (proxier, result, request)
                 })
-                .await
-                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()));
-                proxier = returned;
+                .await);
+                backend = Backend::Ready(returned);
                 let took = start.elapsed();
                 let programmed = if result.is_ok() { std::mem::take(&mut unprogrammed) } else { Vec::new() };
                 observer.sync_finished(&SyncReport {
@@ -193,7 +198,27 @@ pub async fn run_observed(
             }
         }
     }
-    proxier
+    backend.ready().await
+}
+
+/// The backend: preparing in a blocking task at start, then ready.
+enum Backend {
+    Preparing(tokio::task::JoinHandle<Box<dyn Proxier>>),
+    Ready(Box<dyn Proxier>),
+}
+
+impl Backend {
+    async fn ready(self) -> Box<dyn Proxier> {
+        match self {
+            Backend::Preparing(handle) => joined(handle.await),
+            Backend::Ready(proxier) => proxier,
+        }
+    }
+}
+
+/// A blocking task's result; its panic goes on in the caller.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
+    result.unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
 }
 
 /// When syncs may start: upstream's bounded-frequency runner, a token bucket that gains

@@ -174,6 +174,10 @@ impl<C: Conntrack> Proxier for CleaningProxier<C> {
         self.inner.mode()
     }
 
+    fn prepare(&mut self) {
+        self.inner.prepare();
+    }
+
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
         let outcome = self.inner.sync(request)?;
         // On the first sync every UDP Service's endpoints are new, so the table is

@@ -313,13 +313,21 @@ fn not_ready_endpoints_fall_back_to_serving_terminating() {
 struct FakeProxier {
     log: Arc<Mutex<Vec<(Instant, SyncRequest)>>>,
     fail: Arc<Mutex<usize>>,
+    /// Times `prepare` ran, and what that count was at each sync.
+    prepared: Arc<Mutex<usize>>,
+    prepared_at_sync: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Proxier for FakeProxier {
     fn mode(&self) -> &'static str {
         "fake"
     }
+    fn prepare(&mut self) {
+        *self.prepared.lock().unwrap() += 1;
+    }
     fn sync(&mut self, request: &SyncRequest) -> Result<SyncOutcome, ProxierError> {
+        let prepared = *self.prepared.lock().unwrap();
+        self.prepared_at_sync.lock().unwrap().push(prepared);
         self.log
             .lock()
             .unwrap()
@@ -394,6 +402,8 @@ async fn no_sync_before_the_initial_state() {
     let syncs = h.syncs();
     assert_eq!(syncs.len(), 1);
     assert!(syncs[0].1.full);
+    // The backend prepared once, before its first sync (while the source listed).
+    assert_eq!(*h.fake.prepared_at_sync.lock().unwrap(), vec![1]);
 }
 
 #[tokio::test(start_paused = true)]
