@@ -327,6 +327,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         observability: observability_settings(opts),
         serve_external_ips: feature_gates(config)?
             .enabled(options::features::ALLOW_SERVICE_EXTERNAL_IPS),
+        after_full_sync: Some(return_free_pages),
     })
 }
 
@@ -498,3 +499,19 @@ fn keep_large_allocations_returnable() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_large_allocations_returnable() {}
+
+/// After a full sync the heap is full of holes: the initial lists' decoded objects, the
+/// old state, the plan's transient maps were freed between live objects, and glibc
+/// returns a free page to the kernel only from the top of the heap. `malloc_trim` hands
+/// back every whole free page inside it too.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_free_pages() {
+    // SAFETY: malloc_trim takes the allocator's own locks and only releases pages that
+    // hold no allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_free_pages() {}
