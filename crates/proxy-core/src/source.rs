@@ -5,6 +5,7 @@
 //! carries records, converted as the source reads each object: the raw objects of a
 //! whole cluster at once would cost many times more memory than the proxy keeps.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use ipnet::IpNet;
@@ -53,8 +54,9 @@ impl ServiceRecord {
 /// An EndpointSlice as the tracker keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SliceRecord {
-    pub namespace: String,
-    pub name: String,
+    /// Shared with the tracker's keys of the slice.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The Service it belongs to (its `kubernetes.io/service-name` label).
     pub owner: Option<ServiceName>,
     /// Its endpoints per port; `is_local` says whether they run on `node_name`.
@@ -78,12 +80,8 @@ impl SliceRecord {
             .and_then(|text| text.parse::<jiff::Timestamp>().ok())
             .map(SystemTime::from);
         SliceRecord {
-            namespace: slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name: slice.metadata.name.clone().unwrap_or_default(),
+            namespace: Arc::from(slice.metadata.namespace.as_deref().unwrap_or("default")),
+            name: Arc::from(slice.metadata.name.as_deref().unwrap_or_default()),
             owner: convert::slice_service(slice),
             endpoints,
             trigger_time,

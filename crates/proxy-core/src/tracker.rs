@@ -19,8 +19,8 @@ use crate::convert;
 use crate::model::{ProxyState, ServiceName, ServicePort};
 use crate::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 
-/// Key of an EndpointSlice: namespace and slice name.
-type SliceKey = (String, String);
+/// Key of an EndpointSlice: namespace and slice name (shared with its record).
+type SliceKey = (Arc<str>, Arc<str>);
 
 pub use crate::source::LAST_CHANGE_TRIGGER_TIME;
 
@@ -75,7 +75,8 @@ pub struct ChangeTracker {
     /// Each Service's ports, shared with the state (one copy of each port in memory).
     services: HashMap<ServiceName, Vec<Arc<ServicePort>>>,
     slices: HashMap<SliceKey, SliceRecord>,
-    slices_by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
+    /// Sorted; nearly always one slice (a B-tree set's smallest node holds eleven keys).
+    slices_by_service: HashMap<ServiceName, Vec<SliceKey>>,
     node: Option<Node>,
     state: Arc<ProxyState>,
     pending: PendingChanges,
@@ -255,10 +256,7 @@ impl ChangeTracker {
         self.slices_by_service.clear();
         for (key, slice) in &self.slices {
             if let Some(svc) = slice.owner.clone() {
-                self.slices_by_service
-                    .entry(svc)
-                    .or_default()
-                    .insert(key.clone());
+                insert_sorted(self.slices_by_service.entry(svc).or_default(), key.clone());
             }
         }
 
@@ -277,8 +275,8 @@ impl ChangeTracker {
             self.services.remove(&key);
             touched.insert(key);
         }
-        for key in changes.removed_slices {
-            touched.extend(self.take_slice(&key));
+        for (namespace, name) in changes.removed_slices {
+            touched.extend(self.take_slice(&(namespace.into(), name.into())));
         }
         for record in changes.services {
             let ports = shared(record.ports, self.external_ips);
@@ -311,10 +309,10 @@ impl ChangeTracker {
             }
         }
         if let Some(owner) = &new_owner {
-            self.slices_by_service
-                .entry(owner.clone())
-                .or_default()
-                .insert(key);
+            insert_sorted(
+                self.slices_by_service.entry(owner.clone()).or_default(),
+                key,
+            );
         }
         (old_owner, new_owner)
     }
@@ -327,9 +325,9 @@ impl ChangeTracker {
     }
 
     fn unlink_slice(&mut self, owner: &ServiceName, key: &SliceKey) {
-        if let Some(set) = self.slices_by_service.get_mut(owner) {
-            set.remove(key);
-            if set.is_empty() {
+        if let Some(keys) = self.slices_by_service.get_mut(owner) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
                 self.slices_by_service.remove(owner);
             }
         }
@@ -421,6 +419,12 @@ impl ChangeTracker {
             }
         }
         true
+    }
+}
+
+fn insert_sorted(keys: &mut Vec<SliceKey>, key: SliceKey) {
+    if let Err(at) = keys.binary_search(&key) {
+        keys.insert(at, key);
     }
 }
 

@@ -300,7 +300,7 @@ impl Delta {
         match object {
             Object::Service(record) => self.services.set(record.name.clone(), Some(record)),
             Object::Slice(record) => self.slices.set(
-                (record.namespace.clone(), record.name.clone()),
+                (record.namespace.to_string(), record.name.to_string()),
                 Some(record),
             ),
             Object::Node(node) => self.node = Some(Some(node)),

@@ -270,7 +270,10 @@ fn missing_namespace_defaults_and_missing_name_is_a_problem() {
     let file = write(dir.path(), "x.yaml", &text);
     let report = load(&file, "n").unwrap();
     assert_eq!(names(&report), ["default/a", "default/b"]);
-    assert_eq!(report.objects.endpoint_slices[0].namespace, "default");
+    assert_eq!(
+        report.objects.endpoint_slices[0].namespace.as_ref(),
+        "default"
+    );
     let p = only_problem(&report);
     assert_eq!(p.document, 3);
     assert!(p.message.contains("metadata.name"), "{p}");
@@ -467,7 +470,7 @@ fn example_fixture_loads_cleanly() {
         .objects
         .endpoint_slices
         .iter()
-        .map(|s| s.name.clone())
+        .map(|s| &*s.name)
         .collect();
     assert_eq!(slices, ["web-abc12", "dns-xyz"]);
     assert!(report.objects.node.is_some());

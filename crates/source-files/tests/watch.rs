@@ -120,7 +120,7 @@ fn summary(c: &Changes) -> Summary {
             .iter()
             .map(|s| s.name.to_string())
             .collect(),
-        c.slices.iter().map(|s| s.name.clone()).collect(),
+        c.slices.iter().map(|s| s.name.to_string()).collect(),
         c.removed_slices.iter().map(|(_, n)| n.clone()).collect(),
     )
 }
