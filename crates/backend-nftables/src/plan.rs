@@ -510,7 +510,8 @@ pub struct FamilyPlan {
     /// Who owns each destination.
     pub owners: HashMap<Destination, ServicePortName>,
     /// How many Service ports need each shared element (hairpin pairs, cluster IPs).
-    pub shared_refs: BTreeMap<Shared, usize>,
+    /// A hash map: one entry per endpoint IP (~24 bytes each here, ~40 in a B-tree).
+    pub shared_refs: HashMap<Shared, u32>,
     /// Pick classes whose chains exist (only a full rewrite drops unused ones).
     pub classes: BTreeSet<PickClass>,
 }
@@ -551,7 +552,7 @@ impl FamilyPlan {
             node: state.node.clone(),
             ports: BTreeMap::new(),
             owners: HashMap::new(),
-            shared_refs: BTreeMap::new(),
+            shared_refs: HashMap::new(),
             classes: BTreeSet::new(),
         };
         let mut elements = Elements::new();
@@ -635,6 +636,9 @@ impl FamilyPlan {
         for shared in self.shared_refs.keys() {
             let e = shared.element();
             out.entry(e.map).or_default().push(e);
+        }
+        for elements in out.values_mut() {
+            elements.sort_unstable();
         }
         out
     }
@@ -842,7 +846,7 @@ fn source_of(state: &ProxyState, name: &ServicePortName, port: &Arc<ServicePort>
 
 /// Whether a Service port outside `names` needs `shared`.
 fn shared_elsewhere(plan: &FamilyPlan, shared: Shared, names: &BTreeSet<ServicePortName>) -> bool {
-    let refs = plan.shared_refs.get(&shared).copied().unwrap_or(0);
+    let refs = plan.shared_refs.get(&shared).map_or(0, |&n| n as usize);
     let ours = names
         .iter()
         .filter_map(|n| plan.ports.get(n))
