@@ -627,7 +627,8 @@ impl<R: NftRunner> NftablesProxier<R> {
         let found = if full && self.programmed.is_none() {
             self.adoption()
         } else {
-            std::mem::take(&mut self.found);
+            // Only a first full load may use what `prepare` read.
+            self.found = Vec::new();
             Vec::new()
         };
         if full {

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use backend_iptables::apply::{Backend as IptablesBackend, IptablesCommand};
@@ -39,10 +38,6 @@ pub struct RunSettings {
     pub observability: ObservabilitySettings,
     /// The `AllowServiceExternalIPs` feature gate: serve Services' `externalIPs`.
     pub serve_external_ips: bool,
-    /// Run (on a blocking thread) after each successful full sync, when the transient
-    /// peak of listing and rewriting is over: the binary hands the allocator's free
-    /// pages back to the kernel here. None in tests and tools.
-    pub after_full_sync: Option<fn()>,
 }
 
 /// The metrics and health servers (`--metrics-bind-address`, `--healthz-bind-address`,
@@ -315,13 +310,6 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         observer,
         api_requests,
     } = start_observability(&settings).await?;
-    let observer: Arc<dyn SyncObserver> = match settings.after_full_sync {
-        Some(task) => Arc::new(AfterFullSync {
-            inner: observer,
-            task,
-        }),
-        None => observer,
-    };
 
     // A source that cannot start (e.g. a wrong manifests path) ends the proxy with its error.
     let source = match &settings.source {
@@ -390,30 +378,6 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     sync_loop.await.context("sync loop task failed")?;
     Ok(())
-}
-
-/// Passes every report on, then runs `task` on a blocking thread after a successful full
-/// sync (the runner's task must not block).
-struct AfterFullSync {
-    inner: Arc<dyn SyncObserver>,
-    task: fn(),
-}
-
-impl SyncObserver for AfterFullSync {
-    fn changes_applied(&self, changes: &proxy_core::observer::ChangeSummary) {
-        self.inner.changes_applied(changes);
-    }
-
-    fn sync_finished(&self, report: &proxy_core::observer::SyncReport<'_>) {
-        self.inner.sync_finished(report);
-        if report.full && report.result.is_ok() {
-            tokio::task::spawn_blocking(self.task);
-        }
-    }
-
-    fn conntrack_reconciled(&self, family: IpFamily, duration: Duration, deleted: u64) {
-        self.inner.conntrack_reconciled(family, duration, deleted);
-    }
 }
 
 /// Builds the metrics and health state and starts their servers; returns the observer

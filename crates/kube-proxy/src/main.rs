@@ -322,12 +322,12 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         runner: RunnerConfig {
             min_sync_period: min_sync_period.to_std().unwrap_or_default(),
             sync_period: sync_period.to_std().unwrap_or(Duration::from_secs(30)),
+            after_full_sync: Some(return_free_pages),
             ..RunnerConfig::default()
         },
         observability: observability_settings(opts),
         serve_external_ips: feature_gates(config)?
             .enabled(options::features::ALLOW_SERVICE_EXTERNAL_IPS),
-        after_full_sync: Some(return_free_pages),
     })
 }
 

@@ -24,8 +24,8 @@ use crate::source::SourceUpdate;
 use crate::status::SyncStatus;
 use crate::tracker::ChangeTracker;
 
-/// Timing of the sync loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Timing of the sync loop, and what runs after a full sync.
+#[derive(Debug, Clone, Copy)]
 pub struct RunnerConfig {
     /// Minimum time between the starts of two syncs (`--iptables-min-sync-period`).
     pub min_sync_period: Duration,
@@ -33,6 +33,10 @@ pub struct RunnerConfig {
     pub sync_period: Duration,
     /// First retry delay after a failed sync; doubles up to `sync_period`.
     pub retry_delay: Duration,
+    /// Run on a blocking thread after each successful full sync, when the transient
+    /// peak of listing and rewriting is over (the binary returns the allocator's free
+    /// pages to the kernel here).
+    pub after_full_sync: Option<fn()>,
 }
 
 impl Default for RunnerConfig {
@@ -41,6 +45,7 @@ impl Default for RunnerConfig {
             min_sync_period: Duration::from_secs(1),
             sync_period: Duration::from_secs(30),
             retry_delay: Duration::from_secs(1),
+            after_full_sync: None,
         }
     }
 }
@@ -181,6 +186,9 @@ pub async fn run_observed(
                         // found (and repaired) only differences.
                         if outcome.full || request.full {
                             next_full = start + config.sync_period;
+                            if let Some(task) = config.after_full_sync {
+                                tokio::task::spawn_blocking(task);
+                            }
                         }
                         need_full = false;
                         retry_at = None;

@@ -385,6 +385,7 @@ const CONFIG: RunnerConfig = RunnerConfig {
     min_sync_period: Duration::from_secs(1),
     sync_period: Duration::from_secs(30),
     retry_delay: Duration::from_secs(1),
+    after_full_sync: None,
 };
 
 #[tokio::test(start_paused = true)]
