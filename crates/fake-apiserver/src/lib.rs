@@ -128,10 +128,35 @@ struct Change {
     previous: Option<Value>,
 }
 
+/// An object and its JSON as a list item, serialized once when written: a real API
+/// server serves lists from its watch cache, and re-encoding every object for each list
+/// made this stand-in use a core for half a second per 10,000 objects, on the cores the
+/// proxy being measured runs on.
+#[derive(Debug, Clone)]
+struct Stored {
+    object: Value,
+    item: Arc<str>,
+}
+
+impl Stored {
+    fn new(object: Value) -> Stored {
+        // Real lists carry kind and apiVersion on the list only.
+        let mut item = object.clone();
+        if let Some(map) = item.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+        Stored {
+            object,
+            item: item.to_string().into(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Data {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
+    objects: BTreeMap<Key, Stored>,
     log: Vec<Change>,
     /// Changes at or below this resourceVersion are gone ("compacted").
     compacted: u64,
@@ -139,7 +164,7 @@ struct Data {
 
 impl Data {
     /// The objects of `resource` as they were at `rv` (which is not compacted).
-    fn snapshot(&self, resource: Resource, rv: u64) -> BTreeMap<Key, Value> {
+    fn snapshot(&self, resource: Resource, rv: u64) -> BTreeMap<Key, Stored> {
         if rv >= self.rv {
             return self
                 .objects
@@ -156,7 +181,7 @@ impl Data {
             .filter(|c| c.resource == resource)
         {
             match &change.object {
-                Some(obj) => out.insert(change.key.clone(), obj.clone()),
+                Some(obj) => out.insert(change.key.clone(), Stored::new(obj.clone())),
                 None => out.remove(&change.key),
             };
         }
@@ -316,7 +341,10 @@ impl FakeApiServer {
             }
         }
         let key = (resource, namespace, name);
-        let previous = data.objects.insert(key.clone(), object.clone());
+        let previous = data
+            .objects
+            .insert(key.clone(), Stored::new(object.clone()))
+            .map(|s| s.object);
         self.record(
             &mut data,
             Change {
@@ -338,7 +366,11 @@ impl FakeApiServer {
         let namespace = if resource.namespaced() { namespace } else { "" };
         let key = (resource, namespace.to_string(), name.to_string());
         let mut data = lock(&self.shared.data);
-        let Some(mut previous) = data.objects.remove(&key) else {
+        let Some(Stored {
+            object: mut previous,
+            ..
+        }) = data.objects.remove(&key)
+        else {
             return false;
         };
         data.rv += 1;
@@ -666,16 +698,28 @@ fn list_response(shared: &Shared, resource: Resource, p: &Params, filter: &Filte
             metadata["continue"] = json!(format!("{rv}|{ns}|{name}"));
         }
     }
-    let body = json!({
+    let head = json!({
         "kind": format!("{}List", resource.kind()),
         "apiVersion": resource.api_version(),
         "metadata": metadata,
-        "items": items,
-    });
+    })
+    .to_string();
+    // The head's closing brace becomes the items' opening.
+    let mut body =
+        String::with_capacity(head.len() + items.iter().map(|i| i.len() + 1).sum::<usize>() + 16);
+    body.push_str(head.strip_suffix('}').unwrap_or(&head));
+    body.push_str(",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}");
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+        body,
     )
         .into_response()
 }
@@ -683,27 +727,21 @@ fn list_response(shared: &Shared, resource: Resource, p: &Params, filter: &Filte
 /// One page of a list: up to `limit` objects after `after` that match `filter`, the key of
 /// the last, and whether more follow.
 fn page<'a>(
-    objects: impl Iterator<Item = (&'a Key, &'a Value)>,
+    objects: impl Iterator<Item = (&'a Key, &'a Stored)>,
     after: Option<&Key>,
     filter: &Filter,
     limit: u64,
-) -> (Vec<Value>, Option<Key>, bool) {
+) -> (Vec<Arc<str>>, Option<Key>, bool) {
     let mut items = Vec::new();
     let mut last = None;
-    for (key, obj) in objects {
-        if after.is_some_and(|a| key <= a) || !filter.matches(obj) {
+    for (key, stored) in objects {
+        if after.is_some_and(|a| key <= a) || !filter.matches(&stored.object) {
             continue;
         }
         if items.len() as u64 == limit {
             return (items, last, true);
         }
-        // Real lists carry kind and apiVersion on the list only.
-        let mut item = obj.clone();
-        if let Some(map) = item.as_object_mut() {
-            map.remove("kind");
-            map.remove("apiVersion");
-        }
-        items.push(item);
+        items.push(stored.item.clone());
         last = Some(key.clone());
     }
     (items, last, false)
@@ -767,9 +805,9 @@ fn watch_response(shared: Arc<Shared>, resource: Resource, p: Params, filter: Fi
             }
             // No resourceVersion: the current state as ADDED events, then changes.
             None => {
-                for obj in data.snapshot(resource, data.rv).values() {
-                    if filter.matches(obj) {
-                        backlog.push(json!({ "type": "ADDED", "object": obj }));
+                for stored in data.snapshot(resource, data.rv).values() {
+                    if filter.matches(&stored.object) {
+                        backlog.push(json!({ "type": "ADDED", "object": stored.object }));
                     }
                 }
             }
