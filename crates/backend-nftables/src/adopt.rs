@@ -80,6 +80,10 @@ pub struct Found {
     pub generation: Option<u32>,
     pub table: KernelTable,
     pub slots: KernelSlots,
+    /// The elements of the shared sets (hairpin pairs, cluster IPs): the largest sets,
+    /// which one endpoint change alters, so the first sync sends their difference
+    /// without dumping them again.
+    pub shared: BTreeMap<String, Vec<RawElement>>,
 }
 
 impl Found {
@@ -89,8 +93,9 @@ impl Found {
     /// every map loaded.
     pub fn read<R: NftRunner + ?Sized>(runner: &mut R, family: IpFamily) -> Option<Found> {
         let before = runner.generation().ok().flatten();
+        let shared_sets = [MapId::Hairpin.name(), MapId::ClusterIps.name()];
         let want = |name: &str| {
-            if slot_map(name).is_some() {
+            if slot_map(name).is_some() || shared_sets.iter().any(|s| s == name) {
                 Want::Elements
             } else if is_affinity_set(name) {
                 Want::Skip
@@ -108,14 +113,20 @@ impl Found {
         };
         let after = runner.generation().ok().flatten();
         let mut slots = KernelSlots::default();
+        let mut shared = BTreeMap::new();
         for (name, elements) in read.elements {
-            slots.add_map(family, &name, elements);
+            if slot_map(&name).is_some() {
+                slots.add_map(family, &name, elements);
+            } else {
+                shared.insert(name, elements);
+            }
         }
         Some(Found {
             family,
             generation: before.filter(|_| before == after),
             table: read.table,
             slots,
+            shared,
         })
     }
 }

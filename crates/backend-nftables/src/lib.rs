@@ -14,7 +14,7 @@ pub mod verify;
 
 use std::collections::BTreeSet;
 
-use proxy_core::model::ServicePortName;
+use proxy_core::model::{IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::adopt::Found;
@@ -24,12 +24,12 @@ use crate::plan::{
     counter_names, replan, ClassObject, CounterName, Delta, Element, Elements, FamilyPlan, KeyKind,
     MapId, NftConfig, PreviousSlots,
 };
-use crate::readback::{RawElement, SetDigest};
+use crate::readback::SetDigest;
 use crate::render::{
     chain_names, cleanup_ops, counter_ops, delta_ops, skeleton_ops, table_maps, ElementVerb,
     FullMode,
 };
-use crate::resync::{checked_maps, compare, Expected, Finding};
+use crate::resync::{checked_maps, compare, Expected, Finding, MapDiff};
 
 /// At most this many conflict warnings are logged per sync; the rest are counted.
 const MAX_WARNINGS_LOGGED: usize = 20;
@@ -149,7 +149,6 @@ impl<R: NftRunner> NftablesProxier<R> {
         expected: &[Expected],
         found: &[Found],
     ) -> Result<usize, ProxierError> {
-        let shared: Vec<Elements> = plans.iter().map(FamilyPlan::shared_elements).collect();
         let unchanged: Vec<BTreeSet<String>> = plans
             .iter()
             .zip(expected)
@@ -161,38 +160,6 @@ impl<R: NftRunner> NftablesProxier<R> {
                 }
             })
             .collect();
-        let mut all_ops = Vec::new();
-        let mut ops = Vec::new();
-        for (((plan, elements), shared), unchanged) in
-            plans.iter().zip(elements).zip(&shared).zip(&unchanged)
-        {
-            for object in table_maps(plan) {
-                let ClassObject::Map(map) = object else {
-                    continue; // affinity sets keep the clients they remember
-                };
-                let elements: Vec<&Element> = elements
-                    .get(&map)
-                    .or_else(|| shared.get(&map))
-                    .map(|v| v.iter().collect())
-                    .unwrap_or_default();
-                let skip = unchanged.contains(&map.name());
-                for (verb, elements) in [
-                    (ElementVerb::Flush, Vec::new()),
-                    (ElementVerb::Add, elements),
-                ] {
-                    let op = ElementOp {
-                        family: plan.family(),
-                        verb,
-                        map,
-                        elements,
-                    };
-                    if !skip {
-                        ops.push(op.clone());
-                    }
-                    all_ops.push(op);
-                }
-            }
-        }
         let kept: usize = unchanged.iter().map(BTreeSet::len).sum();
         if kept > 0 {
             tracing::info!(
@@ -213,6 +180,13 @@ impl<R: NftRunner> NftablesProxier<R> {
             })
             .collect();
         let (deletions, existing) = self.obsolete_objects(plans, &counters);
+        let shared: Vec<Elements> = plans
+            .iter()
+            .zip(&unchanged)
+            .map(|(plan, unchanged)| plan.shared_elements(|map| !unchanged.contains(&map.name())))
+            .collect();
+        let loads = self.map_loads(plans, elements, &shared, &unchanged, &existing, found);
+        let mut ops = load_ops(&loads);
         // A counter map that goes is emptied first: its elements hold its counters,
         // which could not be deleted in the same transaction otherwise.
         for d in &deletions {
@@ -243,17 +217,83 @@ impl<R: NftRunner> NftablesProxier<R> {
             Err(err) => {
                 tracing::warn!(error = %err, "updating the tables in place failed; replacing them");
                 // A new table is empty: every map is loaded (and counters start at 0).
+                let shared: Vec<Elements> =
+                    plans.iter().map(|p| p.shared_elements(|_| true)).collect();
+                let none = vec![BTreeSet::new(); plans.len()];
+                let loads = whole_loads(plans, elements, &shared, &none);
                 let replace = full_transaction(
                     plans,
                     &existing,
                     &counters,
                     FullMode::Replace,
-                    &all_ops,
+                    &load_ops(&loads),
                     &[],
                 );
                 self.runner.apply(&replace)
             }
         }
+    }
+
+    /// How each map of a full load gets its elements, but those `unchanged` names: a map
+    /// the kernel has gets only the difference from what it holds (as `found` read it,
+    /// or read back now), so a restart after one change sends that change; others are
+    /// loaded whole.
+    fn map_loads<'e>(
+        &mut self,
+        plans: &[FamilyPlan],
+        elements: &'e [Elements],
+        shared: &'e [Elements],
+        unchanged: &[BTreeSet<String>],
+        existing: &[BTreeSet<String>],
+        found: &[Found],
+    ) -> Vec<MapLoad<'e>> {
+        let mut loads = whole_loads(plans, elements, shared, unchanged);
+        for load in &mut loads {
+            let MapLoad::Whole {
+                family,
+                map,
+                elements,
+            } = load
+            else {
+                continue;
+            };
+            let name = map.name();
+            let exists = plans
+                .iter()
+                .position(|p| p.family() == *family)
+                .and_then(|i| existing.get(i))
+                .is_some_and(|e| e.contains(&name));
+            if !exists {
+                continue;
+            }
+            let read = found
+                .iter()
+                .find(|f| f.family == *family)
+                .and_then(|f| f.shared.get(&name));
+            let read_now;
+            let kernel = match read {
+                Some(kernel) => kernel,
+                None => match self.runner.map_elements(*family, &name) {
+                    Ok(Some(kernel)) => {
+                        read_now = kernel;
+                        &read_now
+                    }
+                    Ok(None) => continue,
+                    Err(err) => {
+                        tracing::debug!(error = %err, map = %name, "cannot read a map back; loading it whole");
+                        continue;
+                    }
+                },
+            };
+            if let Some(diff) = MapDiff::of(*family, *map, kernel, elements) {
+                *load = MapLoad::Diff {
+                    family: *family,
+                    map: *map,
+                    diff,
+                };
+            }
+        }
+        loads
     }
 
     /// The maps of `plan`'s table whose elements the kernel already holds exactly (by
@@ -345,6 +385,98 @@ fn loaded(expected: &Expected, kernel: &KernelTable) -> BTreeSet<String> {
         .filter(|(name, digest)| kernel.maps.get(*name) == Some(*digest))
         .map(|(name, _)| name.clone())
         .collect()
+}
+
+/// How one map of a full load or a repair gets its elements.
+enum MapLoad<'e> {
+    /// Emptied, then every planned element added.
+    Whole {
+        family: IpFamily,
+        map: MapId,
+        elements: Vec<&'e Element>,
+    },
+    /// What it holds that is not planned deleted, then what it lacks added.
+    Diff {
+        family: IpFamily,
+        map: MapId,
+        diff: MapDiff<'e>,
+    },
+}
+
+/// Every map of each plan loaded whole (its own elements, or the shared ones), but
+/// those `unchanged` names; affinity sets keep the clients they remember.
+fn whole_loads<'e>(
+    plans: &[FamilyPlan],
+    elements: &'e [Elements],
+    shared: &'e [Elements],
+    unchanged: &[BTreeSet<String>],
+) -> Vec<MapLoad<'e>> {
+    let mut loads = Vec::new();
+    for (((plan, elements), shared), unchanged) in
+        plans.iter().zip(elements).zip(shared).zip(unchanged)
+    {
+        for object in table_maps(plan) {
+            let ClassObject::Map(map) = object else {
+                continue;
+            };
+            if unchanged.contains(&map.name()) {
+                continue;
+            }
+            let elements = elements
+                .get(&map)
+                .or_else(|| shared.get(&map))
+                .map(|v| v.iter().collect())
+                .unwrap_or_default();
+            loads.push(MapLoad::Whole {
+                family: plan.family(),
+                map,
+                elements,
+            });
+        }
+    }
+    loads
+}
+
+/// The element operations of `loads`, in order; within a map deletions come first (a
+/// changed value is deleted and added under the same key).
+fn load_ops<'a>(loads: &'a [MapLoad<'_>]) -> Vec<ElementOp<'a>> {
+    let mut ops = Vec::new();
+    for load in loads {
+        let (family, map, steps) = match load {
+            MapLoad::Whole {
+                family,
+                map,
+                elements,
+            } => (
+                *family,
+                *map,
+                [
+                    (ElementVerb::Flush, Vec::new()),
+                    (ElementVerb::Add, elements.clone()),
+                ],
+            ),
+            MapLoad::Diff { family, map, diff } => (
+                *family,
+                *map,
+                [
+                    (ElementVerb::Delete, diff.extra.iter().collect()),
+                    (ElementVerb::Add, diff.missing.clone()),
+                ],
+            ),
+        };
+        for (verb, elements) in steps {
+            let needed = verb == ElementVerb::Flush || !elements.is_empty();
+            if needed {
+                ops.push(ElementOp {
+                    family,
+                    verb,
+                    map,
+                    elements,
+                });
+            }
+        }
+    }
+    ops
 }
 
 /// Whether a counter of our table is a Service port's (`--service-counters`), which a
@@ -538,57 +670,50 @@ impl<R: NftRunner> NftablesProxier<R> {
                 .flat_map(|port| plan.port_elements(port))
                 .filter(|e| e.map == id)
                 .collect();
-            elements.extend(plan.shared_elements().remove(&id).unwrap_or_default());
+            elements.extend(
+                plan.shared_elements(|m| m == id)
+                    .remove(&id)
+                    .unwrap_or_default(),
+            );
             elements.sort();
             elements.dedup();
             wanted.push((*i, id, elements));
         }
-        let mut ops = Vec::new();
+        let mut loads = Vec::new();
         let mut summary = Vec::new();
         for (i, id, elements) in &wanted {
             let family = plans[*i].family();
-            let kernel: BTreeSet<RawElement> = self
+            let kernel = self
                 .runner
                 .map_elements(family, &id.name())?
-                .unwrap_or_default()
-                .into_iter()
-                .collect();
-            let raw: Vec<RawElement> = elements.iter().map(RawElement::of).collect();
-            let expected: BTreeSet<&RawElement> = raw.iter().collect();
-            let extra = kernel.iter().filter(|e| !expected.contains(e)).count();
-            let missing: Vec<&Element> = elements
-                .iter()
-                .zip(&raw)
-                .filter(|(_, r)| !kernel.contains(*r))
-                .map(|(e, _)| e)
-                .collect();
-            summary.push(format!(
-                "{} (missing {}, extra {extra})",
-                id.name(),
-                missing.len()
-            ));
-            if extra == 0 {
-                ops.push(ElementOp {
-                    family,
-                    verb: ElementVerb::Add,
-                    map: *id,
-                    elements: missing,
-                });
-            } else {
-                ops.push(ElementOp {
-                    family,
-                    verb: ElementVerb::Flush,
-                    map: *id,
-                    elements: Vec::new(),
-                });
-                ops.push(ElementOp {
-                    family,
-                    verb: ElementVerb::Add,
-                    map: *id,
-                    elements: elements.iter().collect(),
-                });
-            }
+                .unwrap_or_default();
+            let planned: Vec<&Element> = elements.iter().collect();
+            let load = match MapDiff::of(family, *id, &kernel, &planned) {
+                Some(diff) => {
+                    summary.push(format!(
+                        "{} (missing {}, extra {})",
+                        id.name(),
+                        diff.missing.len(),
+                        diff.extra.len()
+                    ));
+                    MapLoad::Diff {
+                        family,
+                        map: *id,
+                        diff,
+                    }
+                }
+                None => {
+                    summary.push(format!("{} (foreign elements; reloaded)", id.name()));
+                    MapLoad::Whole {
+                        family,
+                        map: *id,
+                        elements: planned,
+                    }
+                }
+            };
+            loads.push(load);
         }
+        let ops = load_ops(&loads);
         tracing::warn!(maps = %summary.join(", "), "nftables maps differed from what was programmed; repairing them");
         let ops: Vec<TableOp<'_>> = ops.into_iter().map(TableOp::Elements).collect();
         let bytes = self.runner.apply(&ops)?;

@@ -11,7 +11,8 @@ use proxy_core::model::IpFamily;
 use crate::plan::{family_names, Element, Field, Fields, MapId, Value, COUNTER_NAME_MAX, TABLE};
 use crate::render::ElementVerb;
 use crate::rule::{
-    encode_verdict, interval_elements, ip_proto, AnonKind, ExprWriter, Rule, Verdict, NF_ACCEPT,
+    encode_verdict, interval_elements, ip_proto, proto_of, AnonKind, ExprWriter, Rule, Verdict,
+    NF_ACCEPT,
 };
 
 pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -218,32 +219,88 @@ pub(crate) fn nfproto(family: IpFamily) -> u8 {
 /// A concatenation as the kernel holds it: each field in its own 32-bit registers,
 /// zero-padded, in network order.
 pub fn encode_fields(fields: &Fields) -> Vec<u8> {
-    let mut out = Vec::with_capacity(48);
+    field_bytes(fields).to_vec()
+}
+
+/// [`encode_fields`] without a heap allocation: a full load encodes and hashes a few
+/// hundred thousand keys and values.
+#[derive(Clone, Copy)]
+pub struct FieldBytes {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl std::ops::Deref for FieldBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl FieldBytes {
+    fn push(&mut self, bytes: &[u8]) {
+        // Three fields of at most 16 bytes each: never past the end.
+        let end = self.len + bytes.len();
+        if let Some(dst) = self.buf.get_mut(self.len..end) {
+            dst.copy_from_slice(bytes);
+            self.len = end;
+        }
+    }
+}
+
+pub fn field_bytes(fields: &Fields) -> FieldBytes {
+    let mut out = FieldBytes {
+        buf: [0; 48],
+        len: 0,
+    };
     for field in fields.iter() {
         match field {
-            Field::Addr(std::net::IpAddr::V4(ip)) => out.extend_from_slice(&ip.octets()),
-            Field::Addr(std::net::IpAddr::V6(ip)) => out.extend_from_slice(&ip.octets()),
-            Field::Proto(p) => out.extend_from_slice(&[ip_proto(*p), 0, 0, 0]),
+            Field::Addr(std::net::IpAddr::V4(ip)) => out.push(&ip.octets()),
+            Field::Addr(std::net::IpAddr::V6(ip)) => out.push(&ip.octets()),
+            Field::Proto(p) => out.push(&[ip_proto(*p), 0, 0, 0]),
             Field::Port(port) => {
                 let be = port.to_be_bytes();
-                out.extend_from_slice(&[be[0], be[1], 0, 0]);
+                out.push(&[be[0], be[1], 0, 0]);
             }
         }
     }
     out
 }
 
+/// The inverse of [`encode_fields`] for a concatenation of `types`: `None` when the
+/// bytes do not have that shape (not an element we could have written).
+pub fn decode_fields(types: &[DataType], bytes: &[u8]) -> Option<Fields> {
+    let mut fields = Vec::with_capacity(types.len());
+    let mut rest = bytes;
+    for ty in types {
+        let len = match ty {
+            DataType::Ipv6 => 16,
+            DataType::Ipv4 | DataType::InetProto | DataType::InetService => 4,
+        };
+        let (this, tail) = (rest.get(..len)?, rest.get(len..)?);
+        rest = tail;
+        fields.push(match ty {
+            DataType::Ipv4 => Field::Addr(<[u8; 4]>::try_from(this).ok()?.into()),
+            DataType::Ipv6 => Field::Addr(<[u8; 16]>::try_from(this).ok()?.into()),
+            DataType::InetProto => Field::Proto(proto_of(this[0])?),
+            DataType::InetService => Field::Port(u16::from_be_bytes([this[0], this[1]])),
+        });
+    }
+    (rest.is_empty() && fields.len() <= 3).then(|| Fields::new(&fields))
+}
+
 fn encode_element(msg: &mut Message, element: &Element, with_value: bool) {
     msg.begin_nested(NFTA_LIST_ELEM);
     msg.begin_nested(NFTA_SET_ELEM_KEY);
-    msg.attr(NFTA_DATA_VALUE, &encode_fields(&element.key));
+    msg.attr(NFTA_DATA_VALUE, &field_bytes(&element.key));
     msg.end_nested();
     if let (true, Some(Value::Counter(name))) = (with_value, &element.value) {
         msg.str(NFTA_SET_ELEM_OBJREF, name.spell(&mut [0; COUNTER_NAME_MAX]));
     } else if let (true, Some(value)) = (with_value, &element.value) {
         msg.begin_nested(NFTA_SET_ELEM_DATA);
         match value {
-            Value::Data(fields) => msg.attr(NFTA_DATA_VALUE, &encode_fields(fields)),
+            Value::Data(fields) => msg.attr(NFTA_DATA_VALUE, &field_bytes(fields)),
             Value::Goto(chain) => encode_verdict(msg, &Verdict::Goto(chain.clone())),
             Value::Drop => encode_verdict(msg, &Verdict::Drop),
             Value::Counter(_) => {}
@@ -699,7 +756,7 @@ impl BatchWriter<'_> {
                     for key in chunk {
                         msg.begin_nested(NFTA_LIST_ELEM);
                         msg.begin_nested(NFTA_SET_ELEM_KEY);
-                        msg.attr(NFTA_DATA_VALUE, &encode_fields(key));
+                        msg.attr(NFTA_DATA_VALUE, &field_bytes(key));
                         msg.end_nested();
                         msg.end_nested();
                     }
@@ -1036,6 +1093,26 @@ mod tests {
         ]);
         let want = vec![10, 96, 0, 1, 17, 0, 0, 0, 0, 53, 0, 0];
         assert_eq!(encode_fields(&key), want);
+    }
+
+    #[test]
+    fn keys_read_back_decode_to_what_was_encoded() {
+        let v6: std::net::IpAddr = "fd00::1".parse().unwrap();
+        let types = [DataType::Ipv6, DataType::InetProto, DataType::InetService];
+        let key = Fields::new(&[
+            Field::Addr(v6),
+            Field::Proto(Protocol::Sctp),
+            Field::Port(9),
+        ]);
+        assert_eq!(decode_fields(&types, &encode_fields(&key)), Some(key));
+        let v4 = Fields::new(&[Field::Addr("10.0.0.1".parse().unwrap())]);
+        assert_eq!(decode_fields(&types, &encode_fields(&v4)), None, "short");
+        let mut long = encode_fields(&key);
+        long.push(0);
+        assert_eq!(decode_fields(&types, &long), None, "long");
+        let mut unknown = encode_fields(&key);
+        unknown[16] = 1; // ICMP: no Service protocol
+        assert_eq!(decode_fields(&types, &unknown), None);
     }
 
     #[test]

@@ -12,12 +12,12 @@ use netlink::{DecodeError, Message, NLM_F_REQUEST};
 use proxy_core::model::IpFamily;
 
 use crate::netlink::{
-    encode_fields, nfgen_header, nfproto, NFNL_SUBSYS_NFTABLES, NFTA_DATA_VALUE, NFTA_DATA_VERDICT,
-    NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
-    NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_OBJREF, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
-    NFT_GOTO, NF_DROP,
+    encode_fields, field_bytes, nfgen_header, nfproto, NFNL_SUBSYS_NFTABLES, NFTA_DATA_VALUE,
+    NFTA_DATA_VERDICT, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_OBJREF, NFTA_VERDICT_CHAIN,
+    NFTA_VERDICT_CODE, NFT_GOTO, NF_DROP,
 };
-use crate::plan::{Element, Value, TABLE};
+use crate::plan::{Element, Value, COUNTER_NAME_MAX, TABLE};
 
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETGEN: u16 = 16;
@@ -80,7 +80,7 @@ impl RawElement {
         }
     }
 
-    fn hash(&self) -> u64 {
+    pub(crate) fn hash(&self) -> u64 {
         let value = match &self.value {
             RawValue::None => ValueRef::None,
             RawValue::Data(data) => ValueRef::Data(data),
@@ -91,6 +91,25 @@ impl RawElement {
         };
         element_hash(&self.key, value)
     }
+}
+
+/// The hash of our element as the kernel would return it ([`RawElement::of`]'s), without
+/// building that copy: a full load hashes every element for its digests.
+pub(crate) fn planned_hash(element: &Element) -> u64 {
+    let key = field_bytes(&element.key);
+    let data;
+    let mut counter = [0; COUNTER_NAME_MAX];
+    let value = match &element.value {
+        None => ValueRef::None,
+        Some(Value::Data(fields)) => {
+            data = field_bytes(fields);
+            ValueRef::Data(&data)
+        }
+        Some(Value::Goto(chain)) => ValueRef::Verdict(NFT_GOTO, chain.as_bytes()),
+        Some(Value::Drop) => ValueRef::Verdict(NF_DROP, b""),
+        Some(Value::Counter(name)) => ValueRef::Counter(name.spell(&mut counter).as_bytes()),
+    };
+    element_hash(&key, value)
 }
 
 /// An element's value as it lies in a reply (the verdict's chain without its NUL).
@@ -170,15 +189,28 @@ impl SetDigest {
         })
     }
 
-    pub fn remove(&mut self, element: &RawElement) {
+    /// Folds in the elements another digest holds (none of them already here).
+    pub fn merge(&mut self, other: SetDigest) {
+        self.count += other.count;
+        self.xor ^= other.xor;
+    }
+
+    /// Folds in one of our elements.
+    pub fn add_planned(&mut self, element: &Element) {
+        self.count += 1;
+        self.xor ^= planned_hash(element);
+    }
+
+    /// Takes out one of our elements.
+    pub fn remove_planned(&mut self, element: &Element) {
         self.count = self.count.saturating_sub(1);
-        self.xor ^= element.hash();
+        self.xor ^= planned_hash(element);
     }
 
     pub fn of<'a>(elements: impl IntoIterator<Item = &'a Element>) -> SetDigest {
         let mut d = SetDigest::default();
         for e in elements {
-            d.add(&RawElement::of(e));
+            d.add_planned(e);
         }
         d
     }
@@ -387,7 +419,7 @@ mod tests {
         let mut one = SetDigest::of([&a, &b, &c]);
         let other = SetDigest::of([&c, &a, &b]);
         assert_eq!(one, other);
-        one.remove(&RawElement::of(&b));
+        one.remove_planned(&b);
         assert_eq!(one, SetDigest::of([&a, &c]));
         assert_ne!(
             one,
@@ -423,6 +455,7 @@ mod tests {
             let mut got = Vec::new();
             parse_elements(msgs[1].payload, |raw| got.push(raw)).unwrap();
             assert_eq!(got, vec![RawElement::of(e)]);
+            assert_eq!(got[0].hash(), planned_hash(e), "{e:?}");
         }
     }
 }

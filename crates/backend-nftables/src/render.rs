@@ -68,6 +68,11 @@ fn map_decl(id: MapId, family: IpFamily) -> SetDecl {
     }
 }
 
+/// The types of a map's key, to read its elements' keys back.
+pub fn key_types(id: MapId, family: IpFamily) -> Vec<DataType> {
+    map_decl(id, family).key
+}
+
 fn is_map(id: MapId) -> bool {
     map_decl(id, IpFamily::V4).is_map()
 }

@@ -2,12 +2,15 @@
 //! with every change the proxier sends) against what it holds (read back over netlink).
 //! Pure: the comparison decides; [`crate::NftablesProxier`] reads and repairs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use proxy_core::model::IpFamily;
 
 use crate::apply::KernelTable;
-use crate::plan::{ClassObject, Delta, Element, Elements, FamilyPlan};
+use crate::netlink::decode_fields;
+use crate::plan::{ClassObject, Delta, Element, Elements, FamilyPlan, MapId};
 use crate::readback::{RawElement, RulesDigest, SetDigest};
-use crate::render::{chain_names, table_maps};
+use crate::render::{chain_names, key_types, table_maps};
 
 /// What one family's table should hold, beyond the plan itself: a digest of each map's
 /// elements and of the rules as the kernel returned them after we wrote them.
@@ -35,14 +38,20 @@ impl Expected {
             .into_iter()
             .map(|name| (name, SetDigest::default()))
             .collect();
-        let mut add = |e: &Element| {
-            if let Some(digest) = maps.get_mut(&e.map.name()) {
-                digest.add(&RawElement::of(e));
+        // Per map, not per element: a map's name is built on each call.
+        for (map, elements) in elements {
+            if let Some(digest) = maps.get_mut(&map.name()) {
+                elements.iter().for_each(|e| digest.add_planned(e));
             }
-        };
-        elements.values().flatten().for_each(&mut add);
-        for shared in plan.shared_refs.keys() {
-            add(&shared.element());
+        }
+        let mut shared: BTreeMap<MapId, SetDigest> = BTreeMap::new();
+        for element in plan.shared_refs.keys().map(|s| s.element()) {
+            shared.entry(element.map).or_default().add_planned(&element);
+        }
+        for (map, digest) in shared {
+            if let Some(d) = maps.get_mut(&map.name()) {
+                d.merge(digest);
+            }
         }
         Expected { maps, rules: None }
     }
@@ -53,10 +62,10 @@ impl Expected {
             self.maps.entry(name).or_default();
         }
         for e in &delta.deleted {
-            self.digest(e).remove(&RawElement::of(e));
+            self.digest(e).remove_planned(e);
         }
         for e in &delta.added {
-            self.digest(e).add(&RawElement::of(e));
+            self.digest(e).add_planned(e);
         }
         if !delta.elements_only() {
             self.rules = None; // rules changed: read them back again
@@ -65,6 +74,48 @@ impl Expected {
 
     fn digest(&mut self, e: &Element) -> &mut SetDigest {
         self.maps.entry(e.map.name()).or_default()
+    }
+}
+
+/// How one map gets from what the kernel holds to what is planned.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MapDiff<'e> {
+    /// The kernel's elements that are not planned, as keys to delete (sorted).
+    pub extra: Vec<Element>,
+    /// The planned elements the kernel lacks (a changed value is in both lists).
+    pub missing: Vec<&'e Element>,
+}
+
+impl MapDiff<'_> {
+    /// Compares the kernel's elements of `map` with the `planned` ones. `None` when the
+    /// kernel holds a key we could not have written (a map of another layout): the map
+    /// is then emptied and loaded whole.
+    pub fn of<'e>(
+        family: IpFamily,
+        map: MapId,
+        kernel: &[RawElement],
+        planned: &[&'e Element],
+    ) -> Option<MapDiff<'e>> {
+        let raw: Vec<RawElement> = planned.iter().map(|e| RawElement::of(e)).collect();
+        let kernel: HashSet<&RawElement> = kernel.iter().collect();
+        let wanted: HashSet<&RawElement> = raw.iter().collect();
+        let missing = planned
+            .iter()
+            .zip(&raw)
+            .filter(|(_, r)| !kernel.contains(r))
+            .map(|(e, _)| *e)
+            .collect();
+        let types = key_types(map, family);
+        let mut extra = Vec::new();
+        for element in kernel.iter().filter(|e| !wanted.contains(*e)) {
+            extra.push(Element {
+                map,
+                key: decode_fields(&types, &element.key)?,
+                value: None,
+            });
+        }
+        extra.sort_unstable();
+        Some(MapDiff { extra, missing })
     }
 }
 

@@ -724,6 +724,13 @@ pub(crate) fn ip_proto(protocol: Protocol) -> u8 {
     }
 }
 
+/// The protocol of an IP protocol number, among those a Service can use.
+pub(crate) fn proto_of(number: u8) -> Option<Protocol> {
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+        .into_iter()
+        .find(|p| ip_proto(*p) == number)
+}
+
 pub(crate) fn addr_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(ip) => ip.octets().to_vec(),

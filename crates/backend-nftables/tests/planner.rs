@@ -827,6 +827,47 @@ fn restart_adopts_the_table_and_reloads_no_element() {
     assert_eq!(elements_sent, 0, "every map already held its elements");
 }
 
+/// A restart after a change (here an endpoint replaced while the proxy was down): the
+/// maps the change touches get only the difference (the old endpoint's elements
+/// deleted, the new one's added), not emptied and loaded again, and the kernel ends up
+/// holding what a proxier that saw the change live holds.
+#[test]
+fn restart_after_a_change_sends_only_the_difference() {
+    if !testkit::root_or_skip("restart_after_a_change_sends_only_the_difference") {
+        return;
+    }
+    let before = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.2"]);
+    let after = with_sticky(sample_state(), &["10.244.0.1", "10.244.0.3"]);
+    let live = testkit::Netns::new().unwrap();
+    live.run(|| {
+        let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+        proxier.sync(&request(before.clone(), &[], true)).unwrap();
+        proxier
+            .sync(&request(after.clone(), &["default/sticky"], false))
+            .unwrap();
+    })
+    .unwrap();
+    let ns = testkit::Netns::new().unwrap();
+    load_fresh(&ns, vec![before]);
+    let whole = ns
+        .exec(&["nft", "list", "map", "ip", "kube-proxy", "slot-1"])
+        .unwrap()
+        .matches(" : ")
+        .count();
+    let (restart, sent) = ns
+        .run(|| {
+            let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+            let outcome = proxier.sync(&request(after, &[], true)).unwrap();
+            (outcome, proxier.runner().elements_sent())
+        })
+        .unwrap();
+    assert!(restart.full);
+    assert_eq!(kernel_tables(&ns), kernel_tables(&live));
+    // Slot 1 of the sticky Service and its hairpin pair: each deleted and added again.
+    assert!(whole > 1, "the slot map holds other Services too");
+    assert_eq!(sent, 4, "only the replaced endpoint's elements");
+}
+
 /// A restarted proxier reads its old table once: at start, while the sources list
 /// (`prepare`), so that its first sync reads no set again; or, without that, in the
 /// first sync, each set once. A commit between the two (here: a map emptied behind its
