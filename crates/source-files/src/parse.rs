@@ -82,6 +82,35 @@ impl Kind {
     }
 }
 
+/// The kind a document most likely is, from its top-level `apiVersion:` and `kind:`
+/// lines read as text: each must be there once, at the start of a line, with a plain
+/// value. Only a guess (those lines could sit inside a multi-line flow value): the
+/// document is then parsed as that kind, whose type refuses another `apiVersion` or
+/// `kind`, and whatever does not parse is read the careful way, kind first.
+fn guess_kind(text: &str) -> Option<Kind> {
+    let (mut api_version, mut kind) = (None, None);
+    for line in text.lines() {
+        let (field, rest) = if let Some(rest) = line.strip_prefix("apiVersion:") {
+            (&mut api_version, rest)
+        } else if let Some(rest) = line.strip_prefix("kind:") {
+            (&mut kind, rest)
+        } else {
+            continue;
+        };
+        let value = rest.trim();
+        let plain = !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b'-'));
+        if field.is_some() || !plain {
+            return None;
+        }
+        *field = Some(value.to_owned());
+    }
+    let meta = TypeMeta { api_version, kind };
+    classify(&meta, false).ok().flatten()
+}
+
 /// Which kind a document is: `Ok(None)` for kinds this source does not use.
 fn classify(meta: &TypeMeta, allow_list: bool) -> Result<Option<Kind>, String> {
     let kind = meta.kind.as_deref().filter(|k| !k.is_empty());
@@ -229,6 +258,26 @@ impl<'a> Loader<'a> {
     }
 
     fn add_document(&mut self, file: &Path, doc: &Document<'_>) {
+        let place = || Place {
+            file: file.to_owned(),
+            document: doc.index,
+            line: doc.content_line,
+        };
+        // One parse instead of two for the documents that make up nearly all of a large
+        // load; anything the guess or the parse does not settle takes the careful way.
+        match guess_kind(doc.text) {
+            Some(Kind::Service) => {
+                if let Ok(service) = parse::<Service>(doc.text) {
+                    return self.add_service(service, place());
+                }
+            }
+            Some(Kind::EndpointSlice) => {
+                if let Ok(slice) = parse::<EndpointSlice>(doc.text) {
+                    return self.add_endpoint_slice(slice, place());
+                }
+            }
+            _ => {}
+        }
         let meta: TypeMeta = match parse(doc.text) {
             Ok(meta) => meta,
             Err(err) => return self.yaml_problem(file, doc, &err, ""),
@@ -557,5 +606,28 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
 
     fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_is_guessed_only_from_plain_top_level_lines() {
+        let service = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n";
+        assert_eq!(guess_kind(service), Some(Kind::Service));
+        let slice = "---\nkind: EndpointSlice  \napiVersion: discovery.k8s.io/v1\n";
+        assert_eq!(guess_kind(slice), Some(Kind::EndpointSlice));
+        for unsure in [
+            "apiVersion: v1\nkind: \"Service\"\n",
+            "apiVersion: v1\nkind: Service\nkind: Node\n",
+            "apiVersion: v1\nmetadata:\n  kind: Service\n",
+            "apiVersion: v1\nkind: Service # a comment\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: Service\n",
+            "apiVersion: v1\nkind: List\n",
+        ] {
+            assert_eq!(guess_kind(unsure), None, "{unsure:?}");
+        }
     }
 }
