@@ -250,69 +250,54 @@ impl<'a> Loader<'a> {
     }
 
     pub fn add_file(&mut self, file: &Path, text: &str) {
+        self.add_file_on(file, text, parse_workers());
+    }
+
+    /// Documents are parsed a batch at a time on `workers` threads (the YAML parse is
+    /// nearly all the cost of a load), then applied in file order, so problems and
+    /// duplicates come out as a sequential read gives them. Batches bound how many
+    /// parsed objects wait at once.
+    fn add_file_on(&mut self, file: &Path, text: &str, workers: usize) {
         // A UTF-8 byte order mark would hide a `---` on the first line from the splitter.
         let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
-        for doc in split_documents(text) {
-            self.add_document(file, &doc);
+        let docs = split_documents(text);
+        for batch in docs.chunks(PARSE_BATCH) {
+            for (doc, parsed) in batch.iter().zip(parse_documents(batch, workers)) {
+                self.add_document(file, doc, parsed);
+            }
         }
     }
 
-    fn add_document(&mut self, file: &Path, doc: &Document<'_>) {
-        let place = || Place {
-            file: file.to_owned(),
-            document: doc.index,
-            line: doc.content_line,
-        };
-        // One parse instead of two for the documents that make up nearly all of a large
-        // load; anything the guess or the parse does not settle takes the careful way.
-        match guess_kind(doc.text) {
-            Some(Kind::Service) => {
-                if let Ok(service) = parse::<Service>(doc.text) {
-                    return self.add_service(service, place());
-                }
-            }
-            Some(Kind::EndpointSlice) => {
-                if let Ok(slice) = parse::<EndpointSlice>(doc.text) {
-                    return self.add_endpoint_slice(slice, place());
-                }
-            }
-            _ => {}
-        }
-        let meta: TypeMeta = match parse(doc.text) {
-            Ok(meta) => meta,
-            Err(err) => return self.yaml_problem(file, doc, &err, ""),
-        };
+    fn add_document(&mut self, file: &Path, doc: &Document<'_>, parsed: Parsed) {
         let place = Place {
             file: file.to_owned(),
             document: doc.index,
             line: doc.content_line,
         };
-        match classify(&meta, true) {
-            Err(message) => self.problem(&place, message),
-            Ok(None) => tracing::debug!(
+        let (meta, typed) = match parsed {
+            Parsed::Service(service) => return self.add_service(*service, place),
+            Parsed::Slice(slice) => return self.add_endpoint_slice(*slice, place),
+            Parsed::Yaml(err) => return self.yaml_problem(file, doc, &err, ""),
+            Parsed::Meta(meta, typed) => (meta, typed),
+        };
+        match typed {
+            Typed::Invalid(message) => self.problem(&place, message),
+            Typed::Unrelated => tracing::debug!(
                 file = %file.display(),
                 document = doc.index,
                 api_version = meta.api_version.as_deref().unwrap_or_default(),
                 kind = meta.kind.as_deref().unwrap_or_default(),
                 "ignoring object of an unrelated kind"
             ),
-            Ok(Some(Kind::Service)) => match parse::<Service>(doc.text) {
-                Ok(service) => self.add_service(service, place),
-                Err(err) => self.yaml_problem(file, doc, &err, "Service: "),
-            },
-            Ok(Some(Kind::EndpointSlice)) => match parse::<EndpointSlice>(doc.text) {
-                Ok(slice) => self.add_endpoint_slice(slice, place),
-                Err(err) => self.yaml_problem(file, doc, &err, "EndpointSlice: "),
-            },
-            Ok(Some(Kind::Node)) => match parse::<Node>(doc.text) {
-                Ok(node) => self.add_node(node, place),
-                Err(err) => self.yaml_problem(file, doc, &err, "Node: "),
-            },
-            Ok(Some(Kind::ServiceCidr)) => match parse::<ServiceCidrDocument>(doc.text) {
-                Ok(cidr) => self.add_service_cidr(cidr.into(), place),
-                Err(err) => self.yaml_problem(file, doc, &err, "ServiceCIDR: "),
-            },
-            Ok(Some(Kind::List)) => self.add_list(file, doc),
+            Typed::Service(Ok(service)) => self.add_service(*service, place),
+            Typed::Service(Err(err)) => self.yaml_problem(file, doc, &err, "Service: "),
+            Typed::Slice(Ok(slice)) => self.add_endpoint_slice(*slice, place),
+            Typed::Slice(Err(err)) => self.yaml_problem(file, doc, &err, "EndpointSlice: "),
+            Typed::Node(Ok(node)) => self.add_node(*node, place),
+            Typed::Node(Err(err)) => self.yaml_problem(file, doc, &err, "Node: "),
+            Typed::ServiceCidr(Ok(cidr)) => self.add_service_cidr((*cidr).into(), place),
+            Typed::ServiceCidr(Err(err)) => self.yaml_problem(file, doc, &err, "ServiceCIDR: "),
+            Typed::List => self.add_list(file, doc),
         }
     }
 
@@ -490,6 +475,105 @@ impl<'a> Loader<'a> {
     }
 }
 
+/// Documents parsed per batch (see [`Loader::add_file_on`]).
+const PARSE_BATCH: usize = 512;
+
+/// At most this many threads parse one file: past a few, the in-order apply and the
+/// memory of parsed objects waiting for it outweigh the gain.
+const MAX_PARSE_WORKERS: usize = 4;
+
+fn parse_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, MAX_PARSE_WORKERS)
+}
+
+/// One document, parsed but not yet applied.
+enum Parsed {
+    /// Guessed and parsed in one go (see [`guess_kind`]).
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    /// Not YAML, or no mapping with string `apiVersion` and `kind`.
+    Yaml(Box<serde_saphyr::Error>),
+    Meta(TypeMeta, Typed),
+}
+
+/// A parsed document or its error, boxed: both are large, and a batch holds hundreds.
+type Boxed<T> = Result<Box<T>, Box<serde_saphyr::Error>>;
+
+fn parse_boxed<T: DeserializeOwned>(text: &str) -> Boxed<T> {
+    parse(text).map(Box::new).map_err(Box::new)
+}
+
+/// A document as its kind's type.
+enum Typed {
+    /// A kind or API version this source refuses; the message says why.
+    Invalid(String),
+    Unrelated,
+    Service(Boxed<Service>),
+    Slice(Boxed<EndpointSlice>),
+    Node(Boxed<Node>),
+    ServiceCidr(Boxed<ServiceCidrDocument>),
+    /// Parsed when applied: its items' kinds decide how.
+    List,
+}
+
+/// Parses one document: one parse instead of two for the kinds that make up nearly all
+/// of a large load; anything the guess or that parse does not settle takes the careful
+/// way, its kind first, then as that kind's type.
+fn parse_document(doc: &Document<'_>) -> Parsed {
+    match guess_kind(doc.text) {
+        Some(Kind::Service) => {
+            if let Ok(service) = parse(doc.text) {
+                return Parsed::Service(Box::new(service));
+            }
+        }
+        Some(Kind::EndpointSlice) => {
+            if let Ok(slice) = parse(doc.text) {
+                return Parsed::Slice(Box::new(slice));
+            }
+        }
+        _ => {}
+    }
+    let meta: TypeMeta = match parse(doc.text) {
+        Ok(meta) => meta,
+        Err(err) => return Parsed::Yaml(Box::new(err)),
+    };
+    let typed = match classify(&meta, true) {
+        Err(message) => Typed::Invalid(message),
+        Ok(None) => Typed::Unrelated,
+        Ok(Some(Kind::Service)) => Typed::Service(parse_boxed(doc.text)),
+        Ok(Some(Kind::EndpointSlice)) => Typed::Slice(parse_boxed(doc.text)),
+        Ok(Some(Kind::Node)) => Typed::Node(parse_boxed(doc.text)),
+        Ok(Some(Kind::ServiceCidr)) => Typed::ServiceCidr(parse_boxed(doc.text)),
+        Ok(Some(Kind::List)) => Typed::List,
+    };
+    Parsed::Meta(meta, typed)
+}
+
+/// Parses `docs` on up to `workers` threads, each a contiguous share; results in order.
+fn parse_documents(docs: &[Document<'_>], workers: usize) -> Vec<Parsed> {
+    if workers <= 1 || docs.len() < 2 * workers {
+        return docs.iter().map(parse_document).collect();
+    }
+    let share = docs.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = docs
+            .chunks(share)
+            .map(|part| scope.spawn(move || part.iter().map(parse_document).collect::<Vec<_>>()))
+            .collect();
+        let mut out = Vec::with_capacity(docs.len());
+        for handle in handles {
+            match handle.join() {
+                Ok(parsed) => out.extend(parsed),
+                // As if the parse had run on this thread.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
 fn parse<T: DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
     serde_saphyr::from_str_with_options(text, yaml_options())
 }
@@ -612,6 +696,43 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file of many documents, with duplicates, broken documents and problems spread
+    /// over several parse batches: parsed on four threads it gives exactly what a
+    /// sequential read gives (objects, places, problems, their order).
+    #[test]
+    fn parallel_parse_reads_a_file_as_a_sequential_read_does() {
+        let mut text = String::new();
+        for i in 0..1300 {
+            let name = if i % 97 == 0 { 0 } else { i };
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{name}\nspec:\n  clusterIP: 10.96.{}.{}\n  ports:\n  - port: 80\n",
+                i / 250,
+                i % 250
+            ));
+            if i % 211 == 0 {
+                text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: [unclosed\n");
+            }
+            if i % 307 == 0 {
+                text.push_str("---\nkind: Service\nmetadata:\n  name: nokind\n");
+            }
+        }
+        let read = |workers| {
+            let mut loader = Loader::new("node");
+            loader.add_file_on(Path::new("big.yaml"), &text, workers);
+            let (objects, problems) = loader.finish();
+            (
+                format!("{objects:?}"),
+                format!("{problems:?}"),
+                objects.len(),
+                problems.len(),
+            )
+        };
+        let sequential = read(1);
+        assert!(sequential.2 > 1200, "{} objects", sequential.2);
+        assert!(sequential.3 > 20, "{} problems", sequential.3);
+        assert_eq!(read(4), sequential);
+    }
 
     #[test]
     fn kind_is_guessed_only_from_plain_top_level_lines() {
