@@ -62,17 +62,32 @@ impl ProgrammedState {
             Some(p) if p.state.node == state.node => (Some(p.state), p.changed_at),
             _ => (None, HashMap::new()),
         };
-        for (name, port) in &state.services {
-            let same = previous.as_ref().is_some_and(|old| {
-                let eps_same = match (old.endpoints.get(name), state.endpoints.get(name)) {
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    (None, None) => true,
-                    _ => false,
-                };
-                eps_same && old.services.get(name).is_some_and(|o| Arc::ptr_eq(o, port))
-            });
-            if !same || !changed_at.contains_key(name) {
-                changed_at.insert(name.clone(), at);
+        match &previous {
+            // A sync that changed nothing.
+            Some(old) if Arc::ptr_eq(old, state) => {}
+            _ => {
+                // Both states in name order, side by side: one pass, no lookups.
+                let mut old_ports = previous
+                    .iter()
+                    .flat_map(|old| old.ports_with_endpoints())
+                    .peekable();
+                for (name, port, eps) in state.ports_with_endpoints() {
+                    while old_ports.next_if(|(n, ..)| *n < name).is_some() {}
+                    let same = old_ports.next_if(|(n, ..)| *n == name).is_some_and(
+                        |(_, old_port, old_eps)| {
+                            let eps_same = match (old_eps, eps) {
+                                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                                (None, None) => true,
+                                _ => false,
+                            };
+                            eps_same && Arc::ptr_eq(old_port, port)
+                        },
+                    );
+                    // An unchanged port of the previous state has its entry already.
+                    if !same {
+                        changed_at.insert(name.clone(), at);
+                    }
+                }
             }
         }
         // Every port of the state has an entry; more entries means some are gone.

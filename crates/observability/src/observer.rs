@@ -161,16 +161,16 @@ impl ProxyObserver {
 fn no_local_endpoints(state: &ProxyState, family: IpFamily) -> (usize, usize) {
     let mut internal = 0;
     let mut external = 0;
-    for (name, port) in &state.services {
+    for (_, port, eps) in state.ports_with_endpoints() {
         if !port.cluster_ips.iter().any(|ip| IpFamily::of(ip) == family) {
             continue;
         }
-        let eps: Vec<_> = state
-            .endpoints_of(name)
+        let mut eps = eps
+            .map_or(&[][..], |e| e.as_slice())
             .iter()
             .filter(|e| IpFamily::of(&e.ip) == family)
-            .collect();
-        if eps.is_empty() || eps.iter().any(|e| e.is_local && e.ready) {
+            .peekable();
+        if eps.peek().is_none() || eps.any(|e| e.is_local && e.ready) {
             continue;
         }
         if port.internal_traffic_policy == TrafficPolicy::Local {

@@ -203,6 +203,8 @@ pub async fn run_observed(
                         status.failed(err.to_string(), took);
                     }
                 }
+                drop(request);
+                tracker.unshare_state();
             }
         }
     }

@@ -123,6 +123,13 @@ impl ChangeTracker {
         Arc::clone(&self.state)
     }
 
+    /// Copies the state now if others (the last sync's observers) still hold it, so the
+    /// next change is applied without that copy (one pass over every Service port) on
+    /// its way to the kernel.
+    pub fn unshare_state(&mut self) {
+        Arc::make_mut(&mut self.state);
+    }
+
     pub fn pending(&self) -> &PendingChanges {
         &self.pending
     }
