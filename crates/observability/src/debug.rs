@@ -55,16 +55,19 @@ impl Filter {
 impl ProgrammedState {
     /// A successful sync programmed `state` at `at`. On the sync loop: only ports whose
     /// Service or endpoints were replaced get a new time (no copy of unchanged ones).
-    pub fn record(&self, state: &Arc<ProxyState>, at: SystemTime) {
+    /// Whether `state` is the one recorded last (the runner hands the same state on when
+    /// nothing changed).
+    pub fn record(&self, state: &Arc<ProxyState>, at: SystemTime) -> bool {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let (previous, mut changed_at) = match guard.take() {
             // A node change can change every port's selection.
             Some(p) if p.state.node == state.node => (Some(p.state), p.changed_at),
             _ => (None, HashMap::new()),
         };
+        let same_state = previous.as_ref().is_some_and(|old| Arc::ptr_eq(old, state));
         match &previous {
             // A sync that changed nothing.
-            Some(old) if Arc::ptr_eq(old, state) => {}
+            Some(_) if same_state => {}
             _ => {
                 // Both states in name order, side by side: one pass, no lookups.
                 let mut old_ports = previous
@@ -98,6 +101,7 @@ impl ProgrammedState {
             state: Arc::clone(state),
             changed_at,
         });
+        same_state
     }
 
     /// The last programmed state (`None` before the first successful sync).

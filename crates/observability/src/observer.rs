@@ -106,7 +106,7 @@ impl SyncObserver for ProxyObserver {
             return;
         }
         self.health.updated(r.finished_at);
-        self.programmed.record(r.state, r.finished_at);
+        let same_state = self.programmed.record(r.state, r.finished_at);
         if let (Some(localhost), Ok(outcome)) = (&m.localhost_nodeports, r.result) {
             localhost.synced(&outcome.localhost_nodeports);
         }
@@ -124,6 +124,9 @@ impl SyncObserver for ProxyObserver {
                     .with_label_values(&label)
                     .observe(latency.as_secs_f64());
             }
+            if same_state {
+                continue; // the gauges already say it
+            }
             let (internal, external) = no_local_endpoints(r.state, family);
             m.no_local_endpoints_total
                 .with_label_values(&["internal", label[0]])
@@ -131,6 +134,9 @@ impl SyncObserver for ProxyObserver {
             m.no_local_endpoints_total
                 .with_label_values(&["external", label[0]])
                 .set(external as f64);
+        }
+        if same_state {
+            return;
         }
         let targets = service_health::targets(r.state);
         self.targets.send_if_modified(|current| {

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
+use crate::model::ProxyState;
 use crate::observer::{ChangeSummary, NoopObserver, SyncObserver, SyncReport};
 use crate::proxier::{Proxier, SyncRequest};
 use crate::source::SourceUpdate;
@@ -88,6 +89,10 @@ pub async fn run_observed(
     let mut next_full = Instant::now();
     let mut retry_at: Option<Instant> = None;
     let mut retry_delay = config.retry_delay;
+    // The state the last successful sync programmed, with the tracker's version then: a
+    // sync with nothing new hands that same state on, so whoever compares states (the
+    // observers, conntrack cleaning) sees at once that nothing changed.
+    let mut programmed_state: Option<(u64, Arc<ProxyState>)> = None;
     // The backend prepares (e.g. reads back its tables) while the sources list.
     let mut backend = Backend::Preparing(tokio::task::spawn_blocking(move || {
         proxier.prepare();
@@ -143,8 +148,13 @@ pub async fn run_observed(
                 observer.changes_applied(&change_summary(&tracker, SystemTime::now(), false));
                 let periodic = Instant::now() >= next_full;
                 let full = need_full || periodic;
+                let version = tracker.version();
+                let state = match &programmed_state {
+                    Some((programmed, state)) if *programmed == version => Arc::clone(state),
+                    _ => tracker.state(),
+                };
                 let request = SyncRequest {
-                    state: tracker.state(),
+                    state,
                     changed: pending.touched(),
                     node_changed: pending.node,
                     full,
@@ -190,6 +200,7 @@ pub async fn run_observed(
                                 tokio::task::spawn_blocking(task);
                             }
                         }
+                        programmed_state = Some((version, Arc::clone(&request.state)));
                         need_full = false;
                         retry_at = None;
                         retry_delay = config.retry_delay;

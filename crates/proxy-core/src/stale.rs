@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::{IpFamily, Protocol, ProxyState};
+use crate::model::{Endpoint, IpFamily, Protocol, ProxyState, ServicePortName};
 use crate::observer::SyncObserver;
 use crate::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
@@ -54,15 +54,18 @@ pub trait Conntrack: Send + 'static {
 /// Whether a sync from `old` to `new` calls for a reconciliation: some UDP Service port's
 /// endpoints changed (appeared, went, or differ), as upstream's `ConntrackCleanupRequired`.
 pub fn cleanup_required(old: &ProxyState, new: &ProxyState) -> bool {
-    let udp_changed = |a: &ProxyState, b: &ProxyState| {
-        a.endpoints.iter().any(|(name, eps)| {
-            name.protocol == Protocol::Udp
-                && b.endpoints
-                    .get(name)
-                    .is_none_or(|other| !Arc::ptr_eq(eps, other))
-        })
-    };
-    udp_changed(old, new) || udp_changed(new, old)
+    if std::ptr::eq(old, new) {
+        return false;
+    }
+    // Both maps in name order, side by side: any difference in their UDP entries (a
+    // name on one side only, or other endpoints) is a change.
+    fn udp(s: &ProxyState) -> impl Iterator<Item = (&ServicePortName, *const Vec<Endpoint>)> {
+        s.endpoints
+            .iter()
+            .filter(|(name, _)| name.protocol == Protocol::Udp)
+            .map(|(name, eps)| (name, Arc::as_ptr(eps)))
+    }
+    !udp(old).eq(udp(new))
 }
 
 /// The entries of `family` that `state` makes stale (see the module's description).

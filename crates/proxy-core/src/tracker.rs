@@ -79,6 +79,8 @@ pub struct ChangeTracker {
     slices_by_service: HashMap<ServiceName, Vec<SliceKey>>,
     node: Option<Node>,
     state: Arc<ProxyState>,
+    /// Bumped by every change of `state`.
+    version: u64,
     pending: PendingChanges,
     /// Trigger times older than this are ignored, as upstream does: after a restart they
     /// measure the downtime, not programming.
@@ -104,6 +106,7 @@ impl ChangeTracker {
             slices_by_service: HashMap::new(),
             node: None,
             state: Arc::new(state),
+            version: 0,
             pending: PendingChanges::default(),
             started: SystemTime::now(),
             service_changes_total: 0,
@@ -128,6 +131,16 @@ impl ChangeTracker {
     /// its way to the kernel.
     pub fn unshare_state(&mut self) {
         Arc::make_mut(&mut self.state);
+    }
+
+    /// Counts changes of the state: the same version is the same content.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn state_mut(&mut self) -> &mut ProxyState {
+        self.version += 1;
+        Arc::make_mut(&mut self.state)
     }
 
     pub fn pending(&self) -> &PendingChanges {
@@ -211,7 +224,7 @@ impl ChangeTracker {
         if cidrs == self.state.service_cidrs {
             return false;
         }
-        Arc::make_mut(&mut self.state).service_cidrs = cidrs;
+        self.state_mut().service_cidrs = cidrs;
         self.pending.service_cidrs = true;
         true
     }
@@ -348,7 +361,7 @@ impl ChangeTracker {
         if info == self.state.node {
             return false;
         }
-        Arc::make_mut(&mut self.state).node = info;
+        self.state_mut().node = info;
         self.pending.node = true;
         true
     }
@@ -394,7 +407,7 @@ impl ChangeTracker {
             return false;
         }
 
-        let state = Arc::make_mut(&mut self.state);
+        let state = self.state_mut();
         for old in &old_ports {
             state.services.remove(&old.name);
             state.endpoints.remove(&old.name);

@@ -527,3 +527,38 @@ async fn periodic_full_sync_and_retry_with_backoff() {
     assert!(syncs[4].1.periodic, "the timer's sync may only check");
     assert_eq!((syncs[4].0 - syncs[3].0).as_secs(), 30);
 }
+
+/// A sync with nothing new hands on the very state the last successful sync programmed,
+/// so observers and conntrack cleaning see at once that nothing changed; a change gives
+/// a new state.
+#[tokio::test(start_paused = true)]
+async fn a_sync_with_nothing_new_hands_on_the_programmed_state() {
+    let h = start(CONFIG);
+    h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
+        "web",
+        "10.96.0.10",
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 2, "the first and the periodic sync");
+    assert!(syncs[1].1.periodic);
+    assert!(Arc::ptr_eq(&syncs[0].1.state, &syncs[1].1.state));
+    h.tx.send(SourceUpdate::ServiceUpsert(Box::new(service(
+        "api",
+        "10.96.0.11",
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let syncs = h.syncs();
+    assert_eq!(syncs.len(), 3);
+    assert!(!Arc::ptr_eq(&syncs[1].1.state, &syncs[2].1.state));
+    assert_eq!(syncs[2].1.state.services.len(), 2);
+    assert_eq!(
+        syncs[0].1.state.services.len(),
+        1,
+        "what was programmed stays as it was"
+    );
+}
