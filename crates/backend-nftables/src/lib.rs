@@ -24,7 +24,7 @@ use crate::plan::{
     counter_names, replan, ClassObject, CounterName, Delta, Element, Elements, FamilyPlan, KeyKind,
     MapId, NftConfig, PreviousSlots,
 };
-use crate::readback::SetDigest;
+use crate::readback::{RawElement, SetDigest};
 use crate::render::{
     chain_names, cleanup_ops, counter_ops, delta_ops, skeleton_ops, table_maps, ElementVerb,
     FullMode,
@@ -285,13 +285,7 @@ impl<R: NftRunner> NftablesProxier<R> {
                     }
                 },
             };
-            if let Some(diff) = MapDiff::of(*family, *map, kernel, elements) {
-                *load = MapLoad::Diff {
-                    family: *family,
-                    map: *map,
-                    diff,
-                };
-            }
+            *load = MapLoad::against(*family, *map, kernel, std::mem::take(elements));
         }
         loads
     }
@@ -401,6 +395,26 @@ enum MapLoad<'e> {
         map: MapId,
         diff: MapDiff<'e>,
     },
+}
+
+impl<'e> MapLoad<'e> {
+    /// `planned` as the difference from the `kernel`'s elements, or whole when the map
+    /// holds keys we could not have written.
+    fn against(
+        family: IpFamily,
+        map: MapId,
+        kernel: &[RawElement],
+        planned: Vec<&'e Element>,
+    ) -> MapLoad<'e> {
+        match MapDiff::of(family, map, kernel, &planned) {
+            Some(diff) => MapLoad::Diff { family, map, diff },
+            None => MapLoad::Whole {
+                family,
+                map,
+                elements: planned,
+            },
+        }
+    }
 }
 
 /// Every map of each plan loaded whole (its own elements, or the shared ones), but
@@ -687,30 +701,16 @@ impl<R: NftRunner> NftablesProxier<R> {
                 .runner
                 .map_elements(family, &id.name())?
                 .unwrap_or_default();
-            let planned: Vec<&Element> = elements.iter().collect();
-            let load = match MapDiff::of(family, *id, &kernel, &planned) {
-                Some(diff) => {
-                    summary.push(format!(
-                        "{} (missing {}, extra {})",
-                        id.name(),
-                        diff.missing.len(),
-                        diff.extra.len()
-                    ));
-                    MapLoad::Diff {
-                        family,
-                        map: *id,
-                        diff,
-                    }
-                }
-                None => {
-                    summary.push(format!("{} (foreign elements; reloaded)", id.name()));
-                    MapLoad::Whole {
-                        family,
-                        map: *id,
-                        elements: planned,
-                    }
-                }
-            };
+            let load = MapLoad::against(family, *id, &kernel, elements.iter().collect());
+            summary.push(match &load {
+                MapLoad::Diff { diff, .. } => format!(
+                    "{} (missing {}, extra {})",
+                    id.name(),
+                    diff.missing.len(),
+                    diff.extra.len()
+                ),
+                MapLoad::Whole { .. } => format!("{} (foreign elements; reloaded)", id.name()),
+            });
             loads.push(load);
         }
         let ops = load_ops(&loads);

@@ -65,32 +65,10 @@ impl ProgrammedState {
             _ => (None, HashMap::new()),
         };
         let same_state = previous.as_ref().is_some_and(|old| Arc::ptr_eq(old, state));
-        match &previous {
-            // A sync that changed nothing.
-            Some(_) if same_state => {}
-            _ => {
-                // Both states in name order, side by side: one pass, no lookups.
-                let mut old_ports = previous
-                    .iter()
-                    .flat_map(|old| old.ports_with_endpoints())
-                    .peekable();
-                for (name, port, eps) in state.ports_with_endpoints() {
-                    while old_ports.next_if(|(n, ..)| *n < name).is_some() {}
-                    let same = old_ports.next_if(|(n, ..)| *n == name).is_some_and(
-                        |(_, old_port, old_eps)| {
-                            let eps_same = match (old_eps, eps) {
-                                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                                (None, None) => true,
-                                _ => false,
-                            };
-                            eps_same && Arc::ptr_eq(old_port, port)
-                        },
-                    );
-                    // An unchanged port of the previous state has its entry already.
-                    if !same {
-                        changed_at.insert(name.clone(), at);
-                    }
-                }
+        if !same_state {
+            // An unchanged port of the previous state has its entry already.
+            for name in state.ports_replaced_since(previous.as_deref()) {
+                changed_at.insert(name.clone(), at);
             }
         }
         // Every port of the state has an entry; more entries means some are gone.

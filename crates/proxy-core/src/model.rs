@@ -314,6 +314,35 @@ impl ProxyState {
         })
     }
 
+    /// The ports whose Service or endpoints are not the very ones `old` holds (every
+    /// port without `old`): the tracker replaces what changes, so pointers tell.
+    pub fn ports_replaced_since<'a>(
+        &'a self,
+        old: Option<&'a ProxyState>,
+    ) -> impl Iterator<Item = &'a ServicePortName> {
+        let mut old_ports = old
+            .into_iter()
+            .flat_map(ProxyState::ports_with_endpoints)
+            .peekable();
+        self.ports_with_endpoints()
+            .filter(move |(name, port, eps)| {
+                while old_ports.next_if(|(n, ..)| n < name).is_some() {}
+                let same =
+                    old_ports
+                        .next_if(|(n, ..)| n == name)
+                        .is_some_and(|(_, old_port, old_eps)| {
+                            let eps_same = match (old_eps, eps) {
+                                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                                (None, None) => true,
+                                _ => false,
+                            };
+                            eps_same && Arc::ptr_eq(old_port, port)
+                        });
+                !same
+            })
+            .map(|(name, ..)| name)
+    }
+
     pub fn endpoints_of(&self, name: &ServicePortName) -> &[Endpoint] {
         self.endpoints
             .get(name)
