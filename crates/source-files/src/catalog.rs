@@ -18,7 +18,9 @@ use k8s_openapi::api::core::v1::Node;
 use proxy_core::model::ServiceName;
 use proxy_core::source::{Changes, Objects, ServiceRecord, SliceRecord, SourceUpdate};
 
-use crate::parse::{duplicate_message, Defined, Kind, Object, ObjectKey, Place, Spot};
+use crate::parse::{
+    duplicate_message, Defined, Kind, KnownDocuments, Object, ObjectKey, Place, Spot,
+};
 use crate::ManifestProblem;
 
 /// What a file looked like when it was read: a different stamp means read it again.
@@ -34,8 +36,9 @@ pub(crate) struct FileStamp {
 struct FileEntry {
     /// `None` when the file must be read again whatever its stamp (its last read failed).
     stamp: Option<FileStamp>,
-    /// Every object the file defines, whether its definition wins or not.
-    keys: Vec<Arc<ObjectKey>>,
+    /// Every object the file defines, whether its definition wins or not, with its
+    /// document's hash when that document can be skipped next time ([`Defined::document`]).
+    keys: Vec<(Arc<ObjectKey>, Option<u64>)>,
     /// Its ServiceCIDRs' ranges: all ranges are sent whenever one changes.
     service_cidrs: Vec<(Arc<ObjectKey>, Vec<IpNet>)>,
 }
@@ -70,6 +73,24 @@ impl Catalog {
         self.files.get(file).and_then(|e| e.stamp.as_ref())
     }
 
+    /// The documents of `file`'s last read that need no parse if unchanged.
+    pub fn known_documents(&self, file: &Path) -> KnownDocuments<'_> {
+        let keys = self.files.get(file).map_or(&[][..], |e| &e.keys[..]);
+        keys.iter()
+            .filter_map(|(key, document)| Some((document.as_ref().copied()?, &**key)))
+            .collect()
+    }
+
+    /// Makes the next read of `file` parse every document: it now holds the winning
+    /// definition of an object whose record the tracker does not have from it.
+    pub fn forget_documents(&mut self, file: &Path) {
+        if let Some(entry) = self.files.get_mut(file) {
+            for (_, document) in &mut entry.keys {
+                *document = None;
+            }
+        }
+    }
+
     /// Makes the next look at `file` read it whatever its stamp.
     pub fn forget_stamp(&mut self, file: &Path) {
         if let Some(entry) = self.files.get_mut(file) {
@@ -90,7 +111,7 @@ impl Catalog {
             None => (Arc::from(file), FileEntry::default()),
         };
         let kept: HashSet<&ObjectKey> = objects.iter().map(|d| &d.key).collect();
-        for key in &old.keys {
+        for (key, _) in &old.keys {
             if !kept.contains(&**key) {
                 self.undefine(key, &file, delta);
             }
@@ -100,7 +121,13 @@ impl Catalog {
             keys: Vec::with_capacity(objects.len()),
             service_cidrs: Vec::new(),
         };
-        for Defined { key, spot, object } in objects {
+        for Defined {
+            key,
+            spot,
+            object,
+            document,
+        } in objects
+        {
             let key = self.intern(key);
             let defs = self.defs.entry(Arc::clone(&key)).or_default();
             let pos = match defs.binary_search_by(|d| d.file.cmp(&file)) {
@@ -127,11 +154,15 @@ impl Catalog {
                     pos
                 }
             };
-            if let Object::ServiceCidr(ranges) = &object {
+            if let Some(Object::ServiceCidr(ranges)) = &object {
                 entry.service_cidrs.push((Arc::clone(&key), ranges.clone()));
             }
             if pos == 0 {
-                delta.upsert(&key, object);
+                // Without an object the definition is unchanged, and the tracker has it:
+                // this file was already first (a file that becomes first is read whole).
+                if let Some(object) = object {
+                    delta.upsert(&key, object);
+                }
             } else {
                 let first = Place::new(&defs[0].file, defs[0].spot);
                 let here = Place::new(&file, spot);
@@ -139,7 +170,7 @@ impl Catalog {
                     .problems
                     .push(here.problem(duplicate_message(&key, &first)));
             }
-            entry.keys.push(key);
+            entry.keys.push((key, document));
         }
         self.files.insert(file, entry);
     }
@@ -149,7 +180,7 @@ impl Catalog {
         let Some((file, old)) = self.files.remove_entry(file) else {
             return;
         };
-        for key in &old.keys {
+        for (key, _) in &old.keys {
             self.undefine(key, &file, delta);
         }
     }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -223,7 +224,24 @@ pub(crate) enum Object {
 pub(crate) struct Defined {
     pub key: ObjectKey,
     pub spot: Spot,
-    pub object: Object,
+    /// `None`: its document's text is the same as when the file was last read (see
+    /// [`KnownDocuments`]), so the object is the one read then.
+    pub object: Option<Object>,
+    /// Its document's hash, when the document defines this one Service or EndpointSlice
+    /// and nothing is wrong with it: the next read of the file can then skip it.
+    pub document: Option<u64>,
+}
+
+/// The documents of a file as last read, by their text's hash (see
+/// [`Defined::document`]): a document whose text hashes the same when the file is read
+/// again is not parsed again. Hashed with a per-process random key, so no file can be
+/// written to collide with another's document.
+pub(crate) type KnownDocuments<'a> = HashMap<u64, &'a ObjectKey>;
+
+fn document_hash(doc: &Document<'_>) -> u64 {
+    static STATE: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    STATE.get_or_init(Default::default).hash_one(doc.text)
 }
 
 /// Reads the documents of one file: its objects (within the file, the first definition of
@@ -249,22 +267,64 @@ impl<'a> Loader<'a> {
         (self.objects, self.problems)
     }
 
-    pub fn add_file(&mut self, file: &Path, text: &str) {
-        self.add_file_on(file, text, parse_workers());
+    /// Reads `text`, parsing only the documents not `known` from the file's last read.
+    pub fn add_file(&mut self, file: &Path, text: &str, known: &KnownDocuments<'_>) {
+        self.add_file_on(file, text, known, parse_workers());
     }
 
     /// Documents are parsed a batch at a time on `workers` threads (the YAML parse is
     /// nearly all the cost of a load), then applied in file order, so problems and
     /// duplicates come out as a sequential read gives them. Batches bound how many
     /// parsed objects wait at once.
-    fn add_file_on(&mut self, file: &Path, text: &str, workers: usize) {
+    fn add_file_on(&mut self, file: &Path, text: &str, known: &KnownDocuments<'_>, workers: usize) {
         // A UTF-8 byte order mark would hide a `---` on the first line from the splitter.
         let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
         let docs = split_documents(text);
         for batch in docs.chunks(PARSE_BATCH) {
-            for (doc, parsed) in batch.iter().zip(parse_documents(batch, workers)) {
+            let hashes = on_threads(batch, workers, document_hash);
+            let fresh: Vec<Document<'_>> = batch
+                .iter()
+                .zip(&hashes)
+                .filter(|(_, hash)| !known.contains_key(hash))
+                .map(|(doc, _)| doc.clone())
+                .collect();
+            let mut parsed = on_threads(&fresh, workers, parse_document).into_iter();
+            for (doc, hash) in batch.iter().zip(hashes) {
+                if let Some(key) = known.get(&hash) {
+                    self.add_known(file, doc, hash, key);
+                    continue;
+                }
+                // `fresh` holds exactly the documents not known, in order.
+                let Some(parsed) = parsed.next() else { break };
+                let (objects, problems) = (self.objects.len(), self.problems.len());
+                let single = matches!(
+                    parsed,
+                    Parsed::Service(_)
+                        | Parsed::Slice(_)
+                        | Parsed::Meta(_, Typed::Service(Ok(_)) | Typed::Slice(Ok(_)))
+                );
                 self.add_document(file, doc, parsed);
+                if single && self.objects.len() == objects + 1 && self.problems.len() == problems {
+                    self.objects[objects].document = Some(hash);
+                }
             }
+        }
+    }
+
+    /// A document with the same text as in the file's last read, where it defined `key`.
+    fn add_known(&mut self, file: &Path, doc: &Document<'_>, hash: u64, key: &ObjectKey) {
+        let place = Place {
+            file: file.to_owned(),
+            document: doc.index,
+            line: doc.content_line,
+        };
+        if self.claim(key, &place) {
+            self.objects.push(Defined {
+                key: key.clone(),
+                spot: place.spot(),
+                object: None,
+                document: Some(hash),
+            });
         }
     }
 
@@ -414,7 +474,8 @@ impl<'a> Loader<'a> {
         self.objects.push(Defined {
             key,
             spot: place.spot(),
-            object,
+            object: Some(object),
+            document: None,
         });
     }
 
@@ -551,16 +612,21 @@ fn parse_document(doc: &Document<'_>) -> Parsed {
     Parsed::Meta(meta, typed)
 }
 
-/// Parses `docs` on up to `workers` threads, each a contiguous share; results in order.
-fn parse_documents(docs: &[Document<'_>], workers: usize) -> Vec<Parsed> {
+/// `work` over `docs` on up to `workers` threads, each a contiguous share; results in
+/// order.
+fn on_threads<T: Send>(
+    docs: &[Document<'_>],
+    workers: usize,
+    work: fn(&Document<'_>) -> T,
+) -> Vec<T> {
     if workers <= 1 || docs.len() < 2 * workers {
-        return docs.iter().map(parse_document).collect();
+        return docs.iter().map(work).collect();
     }
     let share = docs.len().div_ceil(workers);
     std::thread::scope(|scope| {
         let handles: Vec<_> = docs
             .chunks(share)
-            .map(|part| scope.spawn(move || part.iter().map(parse_document).collect::<Vec<_>>()))
+            .map(|part| scope.spawn(move || part.iter().map(work).collect::<Vec<_>>()))
             .collect();
         let mut out = Vec::with_capacity(docs.len());
         for handle in handles {
@@ -719,7 +785,7 @@ mod tests {
         }
         let read = |workers| {
             let mut loader = Loader::new("node");
-            loader.add_file_on(Path::new("big.yaml"), &text, workers);
+            loader.add_file_on(Path::new("big.yaml"), &text, &HashMap::new(), workers);
             let (objects, problems) = loader.finish();
             (
                 format!("{objects:?}"),

@@ -110,6 +110,7 @@ impl Reloader {
     /// dropped, then the ServiceCIDR ranges.
     fn settle(&mut self, delta: &mut Delta) {
         while let Some(file) = delta.promoted.pop_first() {
+            self.catalog.forget_documents(&file);
             self.refresh_or_keep(&file, None, true, delta);
         }
         self.catalog.finish(delta);
@@ -164,11 +165,13 @@ impl Reloader {
         if !force && self.catalog.stamp(file) == Some(&stamp) {
             return Ok(());
         }
-        delta.promoted.remove(file);
+        if delta.promoted.remove(file) {
+            self.catalog.forget_documents(file);
+        }
         let objects = match read_manifest(file)? {
             FileContent::Text(text) => {
                 let mut loader = Loader::new(&self.node_name);
-                loader.add_file(file, &text);
+                loader.add_file(file, &text, &self.catalog.known_documents(file));
                 let (objects, problems) = loader.finish();
                 delta.problems.extend(problems);
                 objects
@@ -225,4 +228,109 @@ fn inode(meta: &fs::Metadata) -> u64 {
 #[cfg(not(unix))]
 fn inode(_meta: &fs::Metadata) -> u64 {
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_core::source::SourceUpdate;
+
+    fn service(name: &str, port: u16) -> String {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  clusterIP: 10.96.0.1\n  ports:\n  - port: {port}\n")
+    }
+
+    /// The upserted Services (name, port) and the removed ones' names.
+    fn sent(delta: Delta) -> (Vec<(String, u16)>, Vec<String>) {
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for update in delta.into_updates() {
+            if let SourceUpdate::Changes(changes) = update {
+                for record in &changes.services {
+                    let port = record.ports.first().map_or(0, |p| p.port);
+                    upserts.push((record.name.name.to_string(), port));
+                }
+                removed.extend(changes.removed_services.iter().map(|n| n.name.to_string()));
+            }
+        }
+        upserts.sort();
+        removed.sort();
+        (upserts, removed)
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// A file read again parses, and sends, only the documents whose text changed; a
+    /// document that was a duplicate or broken is read again whatever its text, and so
+    /// is a whole file that takes over an object from another, even when it changed in
+    /// the same reload.
+    #[test]
+    fn a_file_read_again_sends_only_its_changed_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        let many: String = (0..40).map(|i| service(&format!("s{i}"), 80)).collect();
+        let dup = service("web", 81);
+        fs::write(
+            &a,
+            format!("{many}{}{}", service("web", 80), service("gone", 80)),
+        )
+        .unwrap();
+        fs::write(&b, format!("{dup}{}", service("x", 80))).unwrap();
+        let mut reloader = Reloader::new(dir.path().to_owned(), "node".into());
+        let first = reloader.load_all().unwrap();
+        assert_eq!(first.summary().services, 43);
+        assert_eq!(first.problems.len(), 1, "{:?}", first.problems);
+
+        // One Service changed, one removed, one added at the top, the rest moved down a
+        // document: only the change and the addition are sent.
+        let moved = format!(
+            "{}{}{}",
+            service("new", 80),
+            many.replace("s7\n", "s7b\n"),
+            service("web", 80)
+        );
+        fs::write(&a, moved).unwrap();
+        let delta = reloader.changed(&BTreeSet::from([a.clone()]));
+        assert_eq!(delta.files_read, 1);
+        assert_eq!(
+            sent(delta),
+            (
+                vec![("new".into(), 80), ("s7b".into(), 80)],
+                names(&["gone", "s7"])
+            )
+        );
+
+        // Written again unchanged: nothing.
+        let same = fs::read_to_string(&a).unwrap();
+        fs::write(&a, &same).unwrap();
+        assert_eq!(
+            sent(reloader.changed(&BTreeSet::from([a.clone()]))),
+            (vec![], vec![])
+        );
+
+        // A duplicate inside a file, not first, is parsed again when the first goes.
+        fs::write(&b, format!("{dup}{}{}", service("x", 80), service("x", 90))).unwrap();
+        let delta = reloader.changed(&BTreeSet::from([b.clone()]));
+        assert_eq!(delta.problems.len(), 2, "{:?}", delta.problems);
+        assert_eq!(sent(delta), (vec![], vec![]));
+        fs::write(&b, format!("{dup}{}", service("x", 90))).unwrap();
+        assert_eq!(
+            sent(reloader.changed(&BTreeSet::from([b.clone()]))),
+            (vec![("x".into(), 90)], vec![])
+        );
+
+        // a drops web while b, whose web was a duplicate until now, changes elsewhere in
+        // the same reload: b's unchanged web document is the definition now, and is sent.
+        fs::write(&a, many.clone()).unwrap();
+        fs::write(&b, format!("{dup}{}", service("x", 91))).unwrap();
+        let delta = reloader.changed(&BTreeSet::from([a.clone(), b.clone()]));
+        assert_eq!(
+            sent(delta),
+            (
+                vec![("s7".into(), 80), ("web".into(), 81), ("x".into(), 91)],
+                names(&["new", "s7b"])
+            )
+        );
+    }
 }

@@ -202,11 +202,12 @@ async fn a_changed_file_sends_only_its_objects_woken_by_inotify() {
     assert!(took < Duration::from_millis(1000), "took {took:?}");
     assert_quiet(&mut rx).await;
 
-    // Written in place (no rename): its close-write event.
+    // Written in place (no rename): its close-write event. Its slice's document is the
+    // same as before, so the slice is not sent again.
     fs::write(&b, docs(&[service("b", 82), slice("b-1", "b")])).unwrap();
     assert_eq!(
         summary(&changes(&mut rx).await),
-        (vec![("b".into(), 82)], vec![], s(&["b-1"]), vec![])
+        (vec![("b".into(), 82)], vec![], vec![], vec![])
     );
 
     // A new file: its objects.
@@ -336,12 +337,9 @@ async fn duplicates_first_file_wins_across_reloads() {
     assert_eq!(names(&first), ["web", "x"]);
     assert_eq!(first.services[0].ports[0].port, 80);
 
-    // The duplicate in b changes: still a duplicate, only x is sent again.
+    // The duplicate in b changes: still a duplicate, and x's document is unchanged.
     replace(&b, &docs(&[service("web", 82), service("x", 80)]));
-    assert_eq!(
-        summary(&changes(&mut rx).await),
-        (vec![("x".into(), 80)], vec![], vec![], vec![])
-    );
+    assert_quiet(&mut rx).await;
 
     // The first definition goes: b's applies now (b is read again for it, so its other
     // objects are sent too).
@@ -581,12 +579,7 @@ async fn watches_a_single_file() {
     replace(&file, &docs(&[service("a", 80), service("b", 80)]));
     assert_eq!(
         summary(&changes(&mut rx).await),
-        (
-            vec![("a".into(), 80), ("b".into(), 80)],
-            vec![],
-            vec![],
-            vec![]
-        )
+        (vec![("b".into(), 80)], vec![], vec![], vec![])
     );
 
     // Gone: its objects stay.
