@@ -152,6 +152,8 @@ pub enum VersionFlag {
     about = "The Kubernetes network proxy (kube-proxy-rs): programs nftables rules on each node so \
              that traffic to Services reaches their endpoints.",
     disable_version_flag = true,
+    // pflag takes a repeated flag: the last value wins, a list or map flag adds to it.
+    args_override_self = true,
     max_term_width = 100
 )]
 pub struct Flags {

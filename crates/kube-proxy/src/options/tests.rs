@@ -237,6 +237,28 @@ fn addresses_lists_and_maps() {
     );
 }
 
+/// A DaemonSet's arguments often gain a flag that an earlier one already sets: as with
+/// upstream's flags, the last value wins and lists and maps add up.
+#[test]
+fn a_repeated_flag_is_taken_as_upstream_takes_it() {
+    let o = ok(&[
+        "--v=2",
+        "--v=4",
+        "--iptables-sync-period=10s",
+        "--iptables-sync-period=20s",
+        "--nodeport-addresses=10.0.0.0/8",
+        "--nodeport-addresses=192.168.0.0/16",
+        "--feature-gates=LoggingBetaOptions=false",
+        "--feature-gates=LoggingAlphaOptions=true",
+    ]);
+    let c = &o.config;
+    assert_eq!(c.logging.verbosity, 4);
+    assert_eq!(c.iptables.sync_period.to_string(), "20s");
+    assert_eq!(c.node_port_addresses, vec!["10.0.0.0/8", "192.168.0.0/16"]);
+    assert_eq!(c.feature_gates.get("LoggingBetaOptions"), Some(&false));
+    assert_eq!(c.feature_gates.get("LoggingAlphaOptions"), Some(&true));
+}
+
 #[test]
 fn deprecated_port_flags() {
     let o = ok(&[
