@@ -18,7 +18,7 @@ pub mod verify;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use proxy_core::model::{IpFamily, ServicePortName};
+use proxy_core::model::{ports_of_service, IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::apply::IptablesRunner;
@@ -191,7 +191,7 @@ fn changed_ports(request: &SyncRequest, plan: &FamilyPlan) -> BTreeSet<ServicePo
     let mut names = BTreeSet::new();
     for service in &request.changed {
         names.extend(request.state.ports_of(service).map(|(n, _)| n.clone()));
-        names.extend(plan.ports.keys().filter(|n| &n.service == service).cloned());
+        names.extend(ports_of_service(&plan.ports, service).map(|(n, _)| n.clone()));
     }
     names
 }

@@ -14,7 +14,7 @@ pub mod verify;
 
 use std::collections::BTreeSet;
 
-use proxy_core::model::{IpFamily, ServicePortName};
+use proxy_core::model::{ports_of_service, IpFamily, ServicePortName};
 use proxy_core::proxier::{Proxier, ProxierError, SyncOutcome, SyncRequest};
 
 use crate::adopt::Found;
@@ -544,7 +544,7 @@ fn changed_ports(request: &SyncRequest, plans: &[FamilyPlan]) -> BTreeSet<Servic
     for service in &request.changed {
         names.extend(request.state.ports_of(service).map(|(n, _)| n.clone()));
         for plan in plans {
-            names.extend(plan.ports.keys().filter(|n| &n.service == service).cloned());
+            names.extend(ports_of_service(&plan.ports, service).map(|(n, _)| n.clone()));
         }
     }
     names

@@ -3,8 +3,10 @@
 //! Built from API objects by the pure functions in [`crate::convert`]; backends never look
 //! at raw Kubernetes objects.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -71,10 +73,53 @@ impl fmt::Display for Protocol {
 /// `namespace/name` of a Service. The strings are shared (`Arc<str>`): a name is held by
 /// the tracker, the state's maps, the planners and the debug state, and copied on every
 /// change of the state, so a clone costs reference counts, not allocations.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Eq)]
 pub struct ServiceName {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
+}
+
+/// Orders two shared strings, equal at once when they are the same string: the maps of
+/// a state and of its copy share their keys, and walks of both side by side compare
+/// tens of thousands of them.
+fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> Ordering {
+    if Arc::ptr_eq(a, b) {
+        Ordering::Equal
+    } else {
+        a.cmp(b)
+    }
+}
+
+/// [`cmp_shared`]'s equality (`Arc<str>`'s own compares the bytes even of one string).
+fn eq_shared(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+impl PartialEq for ServiceName {
+    fn eq(&self, other: &Self) -> bool {
+        eq_shared(&self.name, &other.name) && eq_shared(&self.namespace, &other.namespace)
+    }
+}
+
+// By the strings, as equality goes.
+impl Hash for ServiceName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.namespace.hash(state);
+        self.name.hash(state);
+    }
+}
+
+impl Ord for ServiceName {
+    fn cmp(&self, other: &Self) -> Ordering {
+        cmp_shared(&self.namespace, &other.namespace)
+            .then_with(|| cmp_shared(&self.name, &other.name))
+    }
+}
+
+impl PartialOrd for ServiceName {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl ServiceName {
@@ -93,12 +138,44 @@ impl fmt::Display for ServiceName {
 }
 
 /// One port of one Service: the unit every backend programs.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Eq)]
 pub struct ServicePortName {
     pub service: ServiceName,
     /// The port's name; empty for a Service's single unnamed port.
     pub port: Arc<str>,
     pub protocol: Protocol,
+}
+
+impl PartialEq for ServicePortName {
+    fn eq(&self, other: &Self) -> bool {
+        self.protocol == other.protocol
+            && eq_shared(&self.port, &other.port)
+            && self.service == other.service
+    }
+}
+
+impl Hash for ServicePortName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.service.hash(state);
+        self.port.hash(state);
+        self.protocol.hash(state);
+    }
+}
+
+/// Service, then port name, then protocol (see [`ports_of_service`]).
+impl Ord for ServicePortName {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.service
+            .cmp(&other.service)
+            .then_with(|| cmp_shared(&self.port, &other.port))
+            .then_with(|| self.protocol.cmp(&other.protocol))
+    }
+}
+
+impl PartialOrd for ServicePortName {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl fmt::Display for ServicePortName {
@@ -355,16 +432,25 @@ impl ProxyState {
         &'a self,
         service: &'a ServiceName,
     ) -> impl Iterator<Item = (&'a ServicePortName, &'a Arc<ServicePort>)> + 'a {
-        self.services
-            .range(
-                ServicePortName {
-                    service: service.clone(),
-                    port: "".into(),
-                    protocol: Protocol::Tcp,
-                }..,
-            )
-            .take_while(move |(k, _)| &k.service == service)
+        ports_of_service(&self.services, service)
     }
+}
+
+/// The entries of one Service's ports in a map by port name: a range, not a walk of
+/// the map (a sync looks up the changed Services among tens of thousands of ports).
+pub fn ports_of_service<'a, V>(
+    map: &'a BTreeMap<ServicePortName, V>,
+    service: &'a ServiceName,
+) -> impl Iterator<Item = (&'a ServicePortName, &'a V)> + 'a {
+    // Names sort by Service first; within one, no port name sorts before the empty one
+    // and no protocol before TCP.
+    let first = ServicePortName {
+        service: service.clone(),
+        port: "".into(),
+        protocol: Protocol::Tcp,
+    };
+    map.range(first..)
+        .take_while(move |(k, _)| &k.service == service)
 }
 
 /// How the proxy tells traffic from this cluster's pods apart from everything else
@@ -494,6 +580,54 @@ pub fn nodeport_addresses(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn port_name(namespace: &str, name: &str, port: &str, protocol: u8) -> ServicePortName {
+        ServicePortName {
+            service: ServiceName::new(namespace, name),
+            port: port.into(),
+            protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][usize::from(protocol % 3)],
+        }
+    }
+
+    fn spelled(n: &ServicePortName) -> (String, String, String, Protocol) {
+        let s = &n.service;
+        (
+            s.namespace.to_string(),
+            s.name.to_string(),
+            n.port.to_string(),
+            n.protocol,
+        )
+    }
+
+    proptest! {
+        /// Names order and compare equal as their strings do, whether they share the
+        /// strings or not; a Service's ports are exactly the range `ports_of_service`
+        /// returns.
+        #[test]
+        fn names_order_by_their_strings_and_a_services_ports_are_a_range(
+            names in prop::collection::vec(("[ab]{0,2}", "[ab-]{1,3}", "[ab]{0,2}", 0u8..3), 1..40),
+        ) {
+            let names: Vec<ServicePortName> =
+                names.iter().map(|(ns, n, p, proto)| port_name(ns, n, p, *proto)).collect();
+            for a in &names {
+                prop_assert_eq!(a.cmp(a), Ordering::Equal);
+                for b in &names {
+                    prop_assert_eq!(a.cmp(b), spelled(a).cmp(&spelled(b)), "{} vs {}", a, b);
+                    prop_assert_eq!(a == b, spelled(a) == spelled(b), "{} vs {}", a, b);
+                    prop_assert_eq!(a.cmp(&b.clone()), a.cmp(b));
+                }
+            }
+            let map: BTreeMap<ServicePortName, ()> = names.iter().map(|n| (n.clone(), ())).collect();
+            for a in &names {
+                let found: Vec<&ServicePortName> =
+                    ports_of_service(&map, &a.service).map(|(n, _)| n).collect();
+                let want: Vec<&ServicePortName> =
+                    map.keys().filter(|n| n.service == a.service).collect();
+                prop_assert_eq!(found, want);
+            }
+        }
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()
