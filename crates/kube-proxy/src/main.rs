@@ -1,5 +1,7 @@
 //! `kube-proxy`: flags and config file in, a running proxy out.
 
+mod allocator;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -32,8 +34,6 @@ fn main() -> ExitCode {
             return ExitCode::from(err.exit_code().clamp(1, 255) as u8);
         }
     };
-    // Still the only thread.
-    keep_large_allocations_returnable(opts.manifests.is_some());
     init_logging(opts.config.logging.verbosity);
     for warning in &opts.warnings {
         tracing::warn!("{warning}");
@@ -323,7 +323,7 @@ fn run_settings(opts: &Options) -> anyhow::Result<app::RunSettings> {
         runner: RunnerConfig {
             min_sync_period: min_sync_period.to_std().unwrap_or_default(),
             sync_period: sync_period.to_std().unwrap_or(Duration::from_secs(30)),
-            after_full_sync: Some(return_free_pages),
+            after_full_sync: Some(allocator::return_free_memory),
             ..RunnerConfig::default()
         },
         observability: observability_settings(opts),
@@ -474,48 +474,3 @@ fn userspace_settings(
         },
     ))
 }
-
-/// glibc raises its mmap threshold each time a large mmapped block is freed, so after
-/// the first full sync the next syncs' large transient vectors (every element of the
-/// table, the netlink batch) come from the heap and their pages stay resident. Fixed
-/// thresholds keep them mmapped, so they go back to the kernel when freed (10,000
-/// Services x 10 endpoints: 142 -> 106 MiB resident after the first sync).
-///
-/// One arena: glibc gives each thread that allocates its own arena (up to eight per
-/// core), and the API source decodes the initial lists on tokio's workers, whose arenas
-/// then keep the freed pages of that transient peak. Few of our threads allocate at once,
-/// so there is no contention to avoid (10,000 Services x 10 endpoints through the API:
-/// 184 -> 114 MiB resident after the first sync). The manifests source parses large
-/// files on two or more threads, which one arena serializes (50,000 Services: 4.3 s to
-/// read them on one thread, 10.4 s on two sharing an arena, 2.9 s with two arenas), so it
-/// gets two (10,000 Services x 10 endpoints: 68 -> 75 MiB resident).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_large_allocations_returnable(parsing_threads: bool) {
-    const THRESHOLD: libc::c_int = 128 * 1024;
-    // SAFETY: mallopt only sets allocator parameters; it runs before any other thread
-    // exists and touches no memory of ours.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
-        libc::mallopt(libc::M_ARENA_MAX, if parsing_threads { 2 } else { 1 });
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_large_allocations_returnable(_parsing_threads: bool) {}
-
-/// After a full sync the heap is full of holes: the initial lists' decoded objects, the
-/// old state, the plan's transient maps were freed between live objects, and glibc
-/// returns a free page to the kernel only from the top of the heap. `malloc_trim` hands
-/// back every whole free page inside it too.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_free_pages() {
-    // SAFETY: malloc_trim takes the allocator's own locks and only releases pages that
-    // hold no allocation.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_free_pages() {}
