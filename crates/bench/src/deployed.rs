@@ -641,7 +641,8 @@ fn proxy_args(args: &Args, source: Source, dir: &Path) -> Vec<String> {
             out.push(dir.join("kubeconfig").display().to_string());
         }
     }
-    // The proxy refuses a flag given twice: one of `--proxy-arg` replaces the bench's.
+    // A `--proxy-arg` replaces the bench's flag of the same name (the proxy would take
+    // the later one anyway; this keeps the logged command line plain).
     let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_string();
     let given: Vec<String> = args.proxy_arg.iter().map(|a| flag(a)).collect();
     out.retain(|a| !given.contains(&flag(a)));
