@@ -1882,7 +1882,7 @@ fn load_balancer_ips_pass_source_ranges_that_hold_the_node(mode: Mode) {
         "the client's own address is not listed: {outside:?}"
     );
     assert_eq!(
-        answers(&cluster.topo.node, lb, 10),
+        answers(&cluster.topo.node, lb, 30),
         vec!["be0", "be1"],
         "the node"
     );
@@ -1927,7 +1927,7 @@ fn load_balancer_ips_pass_source_ranges_that_hold_the_node(mode: Mode) {
         "the node itself, not in the ranges: {reply:?}"
     );
     assert_eq!(
-        answers(&cluster.topo.pod_client, lb, 10),
+        answers(&cluster.topo.pod_client, lb, 30),
         vec!["be0", "be1"],
         "a listed source still gets in"
     );
