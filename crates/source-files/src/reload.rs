@@ -109,9 +109,11 @@ impl Reloader {
     /// Reads the files that now hold the winning definition of an object another file
     /// dropped, then the ServiceCIDR ranges.
     fn settle(&mut self, delta: &mut Delta) {
-        while let Some(file) = delta.promoted.pop_first() {
-            self.catalog.forget_documents(&file);
+        // `refresh` takes the file off the list (and reads it whole); the removal after
+        // it covers a read that failed first.
+        while let Some(file) = delta.promoted.first().cloned() {
             self.refresh_or_keep(&file, None, true, delta);
+            delta.promoted.remove(&file);
         }
         self.catalog.finish(delta);
     }
