@@ -184,7 +184,7 @@ impl KernelSlots {
                 port.node_port
                     .map(|np| encode_fields(&nodeport_key(proto, np))),
             );
-            let mut slots: Slots = Vec::new();
+            let mut slots = Vec::new();
             for role in [Role::All, Role::Local] {
                 let Some(found) = keys.iter().find_map(|key| self.0.get(&(key.clone(), role)))
                 else {
@@ -192,7 +192,7 @@ impl KernelSlots {
                 };
                 let mut endpoints = BTreeSet::new();
                 let mut taken = BTreeSet::new();
-                let kept: Vec<SlotOf> = found
+                let kept: Box<[SlotOf]> = found
                     .iter()
                     .filter(|(ep, slot)| endpoints.insert(*ep) && taken.insert(*slot))
                     .copied()
@@ -200,7 +200,7 @@ impl KernelSlots {
                 slots.push((role, kept));
             }
             if !slots.is_empty() {
-                out.insert(name.clone(), slots);
+                out.insert(name.clone(), slots.into_boxed_slice());
             }
         }
         out

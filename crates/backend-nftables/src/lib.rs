@@ -833,7 +833,7 @@ impl<R: NftRunner> NftablesProxier<R> {
             expected
         };
         self.remember_rules(&plans);
-        let service_ports = plans.first().map_or(0, |p| p.ports.len());
+        let service_ports = request.state.services.len();
         self.programmed = Some(plans);
         Ok(SyncOutcome {
             full,

@@ -245,11 +245,12 @@ pub fn affinity_set_name(slot: usize) -> String {
     format!("aff-{slot}")
 }
 
-/// The slots of one port's endpoints (`ip`, `port`), per role; vectors, not maps: there
-/// is one per Service port, and small maps cost several times their contents.
+/// The slots of one port's endpoints (`ip`, `port`), per role; boxed slices, not maps:
+/// there is one per Service port, and small maps (or vectors' spare room) cost several
+/// times their contents.
 /// An endpoint (address, port) and its slot.
 pub type SlotOf = ((IpAddr, u16), usize);
-pub type Slots = Vec<(Role, Vec<SlotOf>)>;
+pub type Slots = Box<[(Role, Box<[SlotOf]>)]>;
 
 /// What a port was planned from: kept (shared with the state, so nearly free) instead of
 /// its elements, which are derived again when needed. At 10,000 Services the elements
@@ -263,23 +264,56 @@ pub struct PortSource {
 /// A table's elements per map.
 pub type Elements = BTreeMap<MapId, Vec<Element>>;
 
-/// What one Service port contributes to one family's table.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What one Service port contributes to one family's table, kept for the next change's
+/// difference. Only ports with a cluster IP of the family have one. Exact-size slices:
+/// a plan holds one per Service port for as long as the port exists.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PortPlan {
-    /// Filled while planning; empty once the port is in a [`FamilyPlan`] (see `source`).
-    pub elements: Vec<Element>,
-    pub source: Option<PortSource>,
-    pub destinations: Vec<Destination>,
-    /// Endpoint IPs, for the shared hairpin set.
-    pub endpoint_ips: BTreeSet<IpAddr>,
+    pub source: PortSource,
+    pub destinations: Box<[Destination]>,
+    /// Endpoint IPs, sorted, for the shared hairpin set.
+    pub endpoint_ips: Box<[IpAddr]>,
     /// Its cluster IP of the family, for the shared `cluster-ips` set.
-    pub cluster_ip: Option<IpAddr>,
+    pub cluster_ip: IpAddr,
     /// Chains of its own (only for `loadBalancerSourceRanges`).
-    pub chains: Vec<Chain>,
+    pub chains: Box<[Chain]>,
     /// The slot of each endpoint, per role.
     pub slots: Slots,
     /// The pick chains its elements send packets to.
-    pub classes: Vec<PickClass>,
+    pub classes: Box<[PickClass]>,
+}
+
+/// A port while it is planned: grows as its elements are found, then is packed into a
+/// [`PortPlan`] (and its elements handed out).
+#[derive(Debug, Default)]
+struct PortDraft {
+    elements: Vec<Element>,
+    destinations: Vec<Destination>,
+    endpoint_ips: Vec<IpAddr>,
+    cluster_ip: Option<IpAddr>,
+    chains: Vec<Chain>,
+    slots: Vec<(Role, Box<[SlotOf]>)>,
+    classes: Vec<PickClass>,
+}
+
+impl PortDraft {
+    /// The port as a plan keeps it; `None` when it has nothing in this family.
+    fn pack(self, source: PortSource) -> Option<PortPlan> {
+        Some(PortPlan {
+            source,
+            destinations: self.destinations.into_boxed_slice(),
+            endpoint_ips: self.endpoint_ips.into_boxed_slice(),
+            cluster_ip: self.cluster_ip?,
+            chains: self.chains.into_boxed_slice(),
+            slots: self.slots.into_boxed_slice(),
+            classes: self.classes.into_boxed_slice(),
+        })
+    }
+
+    /// The elements it shares with other ports, as [`PortPlan::shared`].
+    fn shared(&self) -> impl Iterator<Item = Shared> + '_ {
+        shared_of(&self.endpoint_ips, self.cluster_ip)
+    }
 }
 
 /// One field of an element's key or value, typed so it can be written as `nft` text or
@@ -357,12 +391,19 @@ impl fmt::Display for Value {
 
 impl PortPlan {
     /// The elements it shares with other ports (each stays while one port needs it).
-    fn shared(&self) -> impl Iterator<Item = Shared> + '_ {
-        self.endpoint_ips
-            .iter()
-            .map(|ip| Shared::Hairpin(*ip))
-            .chain(self.cluster_ip.map(Shared::ClusterIp))
+    pub fn shared(&self) -> impl Iterator<Item = Shared> + '_ {
+        shared_of(&self.endpoint_ips, Some(self.cluster_ip))
     }
+}
+
+fn shared_of(
+    endpoint_ips: &[IpAddr],
+    cluster_ip: Option<IpAddr>,
+) -> impl Iterator<Item = Shared> + '_ {
+    endpoint_ips
+        .iter()
+        .map(|ip| Shared::Hairpin(*ip))
+        .chain(cluster_ip.map(Shared::ClusterIp))
 }
 
 /// An element several Service ports may need: counted per port, so it goes with the last.
@@ -514,8 +555,9 @@ pub struct FamilyPlan {
     /// The node the plan was made for (endpoint selection depends on it).
     pub node: NodeInfo,
     pub ports: BTreeMap<ServicePortName, PortPlan>,
-    /// Who owns each destination.
-    pub owners: HashMap<Destination, ServicePortName>,
+    /// Who owns each destination: the port (whose name says who), shared with the state
+    /// rather than a copy of its name.
+    pub owners: HashMap<Destination, Arc<ServicePort>>,
     /// How many Service ports need each shared element (hairpin pairs, cluster IPs).
     /// A hash map: one entry per endpoint IP (~24 bytes each here, ~40 in a B-tree).
     pub shared_refs: HashMap<Shared, u32>,
@@ -573,7 +615,7 @@ impl FamilyPlan {
                 eps,
                 &plan.node,
                 previous_slots,
-                |d| plan.owners.get(d).is_none_or(|o| o == name),
+                |d| plan.owns(d, name),
                 warnings,
             );
             for e in std::mem::take(&mut planned.elements) {
@@ -587,9 +629,7 @@ impl FamilyPlan {
     /// The elements of one port, derived again from what it was planned from: the same
     /// slots and destinations give the same elements.
     pub fn port_elements(&self, port: &PortPlan) -> Vec<Element> {
-        let Some(source) = &port.source else {
-            return Vec::new();
-        };
+        let source = &port.source;
         let endpoints = source.endpoints.as_deref().map_or(&[][..], Vec::as_slice);
         plan_port(
             &self.settings,
@@ -603,11 +643,19 @@ impl FamilyPlan {
         .elements
     }
 
-    fn insert(&mut self, name: ServicePortName, mut planned: PortPlan, source: PortSource) {
-        planned.elements = Vec::new();
-        planned.source = Some(source);
+    /// Whether destination `d` is free or already `name`'s.
+    fn owns(&self, d: &Destination, name: &ServicePortName) -> bool {
+        self.owners.get(d).is_none_or(|o| o.name == *name)
+    }
+
+    /// Keeps a planned port; one with nothing in this family is not kept.
+    fn insert(&mut self, name: ServicePortName, planned: PortDraft, source: PortSource) {
+        let Some(planned) = planned.pack(source) else {
+            return;
+        };
         for d in &planned.destinations {
-            self.owners.insert(d.clone(), name.clone());
+            self.owners
+                .insert(d.clone(), Arc::clone(&planned.source.port));
         }
         for shared in planned.shared() {
             *self.shared_refs.entry(shared).or_default() += 1;
@@ -621,7 +669,7 @@ impl FamilyPlan {
             return;
         };
         for d in &old.destinations {
-            if self.owners.get(d) == Some(name) {
+            if self.owners.get(d).is_some_and(|o| o.name == *name) {
                 self.owners.remove(d);
             }
         }
@@ -778,16 +826,16 @@ pub fn replan(
             continue;
         };
         let eps = state.endpoints_of(name);
-        let planned = plan_port(
+        let mut planned = plan_port(
             &plan.settings,
             port,
             eps,
             &plan.node,
             old_slots.get(name),
-            |d| plan.owners.get(d).is_none_or(|o| o == name),
+            |d| plan.owns(d, name),
             warnings,
         );
-        new_elements.extend(planned.elements.iter().cloned());
+        new_elements.extend(std::mem::take(&mut planned.elements));
         new_chains.extend(planned.chains.iter().map(|c| (c.name.clone(), c.clone())));
         shared_touched.extend(planned.shared());
         plan.insert(name.clone(), planned, source_of(state, name, port));
@@ -1005,9 +1053,9 @@ fn plan_port(
     previous_slots: Option<&Slots>,
     may_claim: impl Fn(&Destination) -> bool,
     warnings: &mut Vec<String>,
-) -> PortPlan {
+) -> PortDraft {
     let family = settings.family;
-    let mut out = PortPlan::default();
+    let mut out = PortDraft::default();
     let Some(cluster_ip) = port.cluster_ip(family) else {
         return out;
     };
@@ -1087,19 +1135,17 @@ fn plan_port(
     }
     plan_firewall(settings, port, &claimed_ips, node, &mut out);
 
-    let used: BTreeSet<IpAddr> = selection
-        .cluster
-        .iter()
-        .chain(selection.local.iter())
-        .map(|e| e.ip)
-        .collect();
     if selection.has_any && !out.destinations.is_empty() {
-        out.endpoint_ips = used;
+        let used: BTreeSet<IpAddr> = selection
+            .cluster
+            .iter()
+            .chain(selection.local.iter())
+            .map(|e| e.ip)
+            .collect();
+        out.endpoint_ips = used.into_iter().collect();
     }
     out.elements.sort();
     out.elements.dedup();
-    // Kept for the life of the port: no spare capacity (10,000 ports hold ~200,000).
-    out.elements.shrink_to_fit();
     out
 }
 
@@ -1109,7 +1155,7 @@ fn plan_port(
 fn assign_slots(
     previous: Option<&[((IpAddr, u16), usize)]>,
     endpoints: &[&Endpoint],
-) -> Vec<((IpAddr, u16), usize)> {
+) -> Box<[SlotOf]> {
     let wanted: BTreeSet<(IpAddr, u16)> = endpoints.iter().map(|e| (e.ip, e.port)).collect();
     let n = wanted.len();
     let mut slots: BTreeMap<(IpAddr, u16), usize> = previous
@@ -1131,7 +1177,7 @@ fn assign_slots(
     slots.into_iter().collect()
 }
 
-fn push_verdict(out: &mut PortPlan, map: MapId, key: &Fields, verdict: Value) {
+fn push_verdict(out: &mut PortDraft, map: MapId, key: &Fields, verdict: Value) {
     out.elements.push(Element {
         map,
         key: *key,
@@ -1148,25 +1194,24 @@ fn pick(
     key: &Fields,
     role: Role,
     previous_slots: Option<&Slots>,
-    out: &mut PortPlan,
+    out: &mut PortDraft,
 ) -> Value {
     if eps.is_empty() {
         return Value::Drop;
     }
-    let known = out
-        .slots
-        .iter()
-        .find(|(r, _)| *r == role)
-        .map(|(_, s)| s.clone());
-    let slots = known.unwrap_or_else(|| {
-        let previous = previous_slots
-            .and_then(|s| s.iter().find(|(r, _)| *r == role))
-            .map(|(_, s)| s.as_slice());
-        let slots = assign_slots(previous, eps);
-        out.slots.push((role, slots.clone()));
-        slots
-    });
-    for ((ip, ep_port), slot) in &slots {
+    let at = match out.slots.iter().position(|(r, _)| *r == role) {
+        Some(at) => at,
+        None => {
+            let previous = previous_slots
+                .and_then(|s| s.iter().find(|(r, _)| *r == role))
+                .map(|(_, s)| &s[..]);
+            out.slots.push((role, assign_slots(previous, eps)));
+            out.slots.len() - 1
+        }
+    };
+    let slots = &out.slots[at].1;
+    let n = slots.len();
+    for ((ip, ep_port), slot) in slots.iter() {
         out.elements.push(Element {
             map: MapId::Slot(kind, role, *slot),
             key: *key,
@@ -1176,7 +1221,7 @@ fn pick(
     let class = PickClass {
         key: kind,
         role,
-        n: slots.len(),
+        n,
         affinity: port.session_affinity_timeout,
     };
     if !out.classes.contains(&class) {
@@ -1193,7 +1238,7 @@ fn plan_picks(
     ips: &[(IpAddr, bool)],
     node_port: Option<u16>,
     previous_slots: Option<&Slots>,
-    out: &mut PortPlan,
+    out: &mut PortDraft,
 ) {
     let proto = port.protocol();
     let internal = Role::of(port.internal_traffic_policy);
@@ -1273,7 +1318,7 @@ fn plan_counters(
     port: &ServicePort,
     ips: &[(IpAddr, bool)],
     node_port: Option<u16>,
-    out: &mut PortPlan,
+    out: &mut PortDraft,
 ) {
     let proto = port.protocol();
     // One hash per port, whatever its number of destinations.
@@ -1307,7 +1352,7 @@ fn plan_firewall(
     port: &ServicePort,
     ips: &[(IpAddr, bool)],
     node: &NodeInfo,
-    out: &mut PortPlan,
+    out: &mut PortDraft,
 ) {
     if port.load_balancer_source_ranges.is_empty() {
         return;

@@ -83,13 +83,7 @@ fn wanted(plan: &FamilyPlan, state: &ProxyState, explanation: &Explanation) -> W
         out.keys.insert(encode_fields(&key), key);
     }
     out.elements = plan.port_elements(port);
-    out.shared = port
-        .cluster_ip
-        .map(Shared::ClusterIp)
-        .into_iter()
-        .chain(port.endpoint_ips.iter().map(|ip| Shared::Hairpin(*ip)))
-        .map(Shared::element)
-        .collect();
+    out.shared = port.shared().map(Shared::element).collect();
     out.chains = port.chains.iter().map(|c| c.name.clone()).collect();
     out
 }

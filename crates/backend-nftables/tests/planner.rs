@@ -525,6 +525,53 @@ fn netlink_element_changes_match_a_full_rewrite() {
     assert_eq!(got, want);
 }
 
+/// A port is kept only in the plans of the families it has a cluster IP of. A Service
+/// that becomes dual-stack and then single-stack again, as changes, must leave the
+/// kernel as a full rewrite of each state would.
+#[test]
+fn a_service_gaining_and_losing_a_family_matches_a_full_rewrite() {
+    if !testkit::root_or_skip("a_service_gaining_and_losing_a_family_matches_a_full_rewrite") {
+        return;
+    }
+    let dns = |cluster_ips: &[&str], eps: Vec<Endpoint>| {
+        let mut state = sample_state();
+        add(
+            &mut state,
+            port("kube-system", "dns", cluster_ips, 53, Protocol::Udp),
+            eps,
+        );
+        state
+    };
+    let single = dns(&["10.96.0.53"], vec![ep("10.244.1.2", 5353)]);
+    let dual = dns(
+        &["10.96.0.53", "fd00:96::53"],
+        vec![ep("10.244.1.2", 5353), ep("fd00:244:1::9", 5353)],
+    );
+    let steps = [dual, single];
+    let incremental = testkit::Netns::new().unwrap();
+    let mut proxier = NftablesProxier::new(config(), NftCommand::default());
+    incremental
+        .run(|| proxier.sync(&request(sample_state(), &[], true)).map(drop))
+        .unwrap()
+        .unwrap();
+    for (i, state) in steps.into_iter().enumerate() {
+        let outcome = incremental
+            .run(|| proxier.sync(&request(state.clone(), &["kube-system/dns"], false)))
+            .unwrap()
+            .unwrap();
+        assert!(!outcome.full, "step {i}");
+        let rewritten = testkit::Netns::new().unwrap();
+        load_fresh(&rewritten, vec![state]);
+        let got = kernel_tables(&incremental);
+        assert_eq!(
+            got.iter().any(|t| t.contains("fd00:96::53 . udp . 53")),
+            i == 0,
+            "step {i}: {got:?}"
+        );
+        assert_eq!(got, kernel_tables(&rewritten), "step {i}");
+    }
+}
+
 /// A new process (nothing programmed yet) finds the table of an earlier one: it loads its
 /// own in place, and what the earlier state needed and this one does not (classes,
 /// affinity maps and sets) is gone afterwards.
