@@ -243,7 +243,7 @@ impl<R: IptablesRunner + Send + 'static> Proxier for IptablesProxier<R> {
             c.rules_total = total.iter().map(|(t, n)| (t.name(), *n)).collect();
             c.rules_last = last.iter().map(|(t, n)| (t.name(), *n)).collect();
         }
-        let service_ports = programmed.first().map_or(0, |p| p.plan.ports.len());
+        let service_ports = request.state.services.len();
         self.programmed = Some(programmed);
         Ok(SyncOutcome {
             full,

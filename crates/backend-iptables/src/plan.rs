@@ -220,7 +220,13 @@ impl FamilyPlan {
                 &state.node,
             ),
         };
-        for (name, port) in &state.services {
+        // A port without a cluster IP of the family has nothing here: not kept (an
+        // IPv4-only cluster would otherwise hold an empty entry per port in IPv6).
+        for (name, port) in state
+            .services
+            .iter()
+            .filter(|(_, p)| p.cluster_ip(family).is_some())
+        {
             plan.ports.insert(
                 name.clone(),
                 plan_port(family, port, state.endpoints_of(name), &state.node, config),
@@ -237,7 +243,8 @@ impl FamilyPlan {
         config: &IptConfig,
     ) -> (Option<PortPlan>, Option<&PortPlan>) {
         let old = self.ports.remove(name);
-        if let Some(port) = state.services.get(name) {
+        let port = state.services.get(name);
+        if let Some(port) = port.filter(|p| p.cluster_ip(self.family).is_some()) {
             let planned = plan_port(
                 self.family,
                 port,

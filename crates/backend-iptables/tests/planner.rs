@@ -274,6 +274,40 @@ fn ipv6_rules_use_ipv6_addresses_only() {
     );
 }
 
+/// A port is kept only in the plans of the families it has a cluster IP of (an IPv4-only
+/// cluster holds no IPv6 entry per port); changes that add and remove a family leave the
+/// plan as a full plan of the new state.
+#[test]
+fn a_service_gaining_and_losing_a_family_replans_as_a_full_plan() {
+    let cfg = IptConfig {
+        families: vec![IpFamily::V4, IpFamily::V6],
+        ..IptConfig::default()
+    };
+    let state_of = |cluster_ips: &[&str]| {
+        let mut state = ProxyState::default();
+        add(
+            &mut state,
+            port("ns", "dns", cluster_ips, 53, Protocol::Udp),
+            vec![ep("10.244.1.2", 53, false), ep("fd00:244::2", 53, false)],
+        );
+        state
+    };
+    let single = state_of(&["10.96.0.53"]);
+    let dual = state_of(&["10.96.0.53", "fd00::53"]);
+    let mut plan = FamilyPlan::full(IpFamily::V6, &single, &cfg);
+    assert!(plan.ports.is_empty(), "{:?}", plan.ports);
+    for (i, state) in [dual, single].into_iter().enumerate() {
+        let name = state.services.keys().next().unwrap().clone();
+        plan.replan(&name, &state, &cfg);
+        assert_eq!(plan.ports.len(), 1 - i, "step {i}");
+        assert_eq!(
+            plan,
+            FamilyPlan::full(IpFamily::V6, &state, &cfg),
+            "step {i}"
+        );
+    }
+}
+
 #[test]
 fn kernel_accepts_the_generated_rules() {
     if !testkit::root_or_skip("kernel_accepts_the_generated_rules") {
