@@ -167,27 +167,30 @@ impl ProxyObserver {
 fn no_local_endpoints(state: &ProxyState, family: IpFamily) -> (usize, usize) {
     let mut internal = 0;
     let mut external = 0;
-    for (_, port, eps) in state.ports_with_endpoints() {
-        if !port.cluster_ips.iter().any(|ip| IpFamily::of(ip) == family) {
+    for (name, port) in &state.services {
+        // Policies first: this runs after every sync, and most ports are `Cluster`, so
+        // their endpoints are not read at all.
+        let internal_local = port.internal_traffic_policy == TrafficPolicy::Local;
+        let externally_reachable = port.node_port.is_some()
+            || !port.external_ips.is_empty()
+            || !port.load_balancer_ips.is_empty();
+        let external_local =
+            port.external_traffic_policy == TrafficPolicy::Local && externally_reachable;
+        if !(internal_local || external_local)
+            || !port.cluster_ips.iter().any(|ip| IpFamily::of(ip) == family)
+        {
             continue;
         }
-        let mut eps = eps
-            .map_or(&[][..], |e| e.as_slice())
+        let mut eps = state
+            .endpoints_of(name)
             .iter()
             .filter(|e| IpFamily::of(&e.ip) == family)
             .peekable();
         if eps.peek().is_none() || eps.any(|e| e.is_local && e.ready) {
             continue;
         }
-        if port.internal_traffic_policy == TrafficPolicy::Local {
-            internal += 1;
-        }
-        let externally_reachable = port.node_port.is_some()
-            || !port.external_ips.is_empty()
-            || !port.load_balancer_ips.is_empty();
-        if port.external_traffic_policy == TrafficPolicy::Local && externally_reachable {
-            external += 1;
-        }
+        internal += usize::from(internal_local);
+        external += usize::from(external_local);
     }
     (internal, external)
 }
@@ -272,6 +275,87 @@ mod tests {
             );
         }
         assert_eq!(health.check(now).last_updated, Some(now));
+    }
+
+    /// Upstream's `sync_proxy_rules_no_local_endpoints_total`, per family: ports of the
+    /// family with a `Local` policy (external only when reachable from outside) that have
+    /// endpoints of the family, none of them ready on this node.
+    #[test]
+    fn ports_with_local_policies_and_no_local_endpoints_are_counted_per_family() {
+        use proxy_core::model::Protocol;
+        use proxy_core::model::{Endpoint, ServiceName, ServicePort, ServicePortName};
+        let mut state = ProxyState::default();
+        let mut add =
+            |name: &str, ips: &[&str], eps: &[(&str, bool, bool)], set: fn(&mut ServicePort)| {
+                let port_name = ServicePortName {
+                    service: ServiceName::new("ns", name),
+                    port: "".into(),
+                    protocol: Protocol::Tcp,
+                };
+                let ips = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+                let mut port = ServicePort::new(port_name.clone(), ips, 80);
+                set(&mut port);
+                let eps: Vec<Endpoint> = eps
+                    .iter()
+                    .map(|(ip, local, ready)| Endpoint {
+                        is_local: *local,
+                        ready: *ready,
+                        ..Endpoint::ready(ip.parse().unwrap(), 8080)
+                    })
+                    .collect();
+                if !eps.is_empty() {
+                    state.endpoints.insert(port_name.clone(), Arc::new(eps));
+                }
+                state.services.insert(port_name, Arc::new(port));
+            };
+        let internal_local = |p: &mut ServicePort| p.internal_traffic_policy = TrafficPolicy::Local;
+        let external_local = |p: &mut ServicePort| {
+            p.external_traffic_policy = TrafficPolicy::Local;
+            p.node_port = Some(30080);
+        };
+        let both_local = |p: &mut ServicePort| {
+            p.internal_traffic_policy = TrafficPolicy::Local;
+            p.external_traffic_policy = TrafficPolicy::Local;
+            p.load_balancer_ips = vec!["192.0.2.1".parse().unwrap()];
+        };
+        let remote = [("10.244.1.2", false, true)];
+        // Counted: internal (v4); external (v4); both (v4 and v6, remote endpoints in each).
+        add("int", &["10.96.0.1"], &remote, internal_local);
+        add("ext", &["10.96.0.2"], &remote, external_local);
+        add(
+            "both",
+            &["10.96.0.3", "fd00::3"],
+            &[("10.244.1.3", false, true), ("fd00:244::3", false, true)],
+            both_local,
+        );
+        // Not counted: Cluster policies; a ready local endpoint; no endpoints; only a
+        // local endpoint that is not ready (counted: none ready here); external Local but
+        // not reachable from outside; endpoints of the other family only.
+        add("cluster", &["10.96.0.4"], &remote, |_| {});
+        add(
+            "has-local",
+            &["10.96.0.5"],
+            &[("10.244.1.5", true, true), ("10.244.2.5", false, true)],
+            internal_local,
+        );
+        add("no-eps", &["10.96.0.6"], &[], internal_local);
+        add(
+            "local-not-ready",
+            &["10.96.0.7"],
+            &[("10.244.1.7", true, false)],
+            internal_local,
+        );
+        add("ext-unreachable", &["10.96.0.8"], &remote, |p| {
+            p.external_traffic_policy = TrafficPolicy::Local
+        });
+        add(
+            "v6-eps-only",
+            &["10.96.0.9", "fd00::9"],
+            &[("fd00:244::9", true, true)],
+            internal_local,
+        );
+        assert_eq!(no_local_endpoints(&state, IpFamily::V4), (3, 2));
+        assert_eq!(no_local_endpoints(&state, IpFamily::V6), (1, 1));
     }
 
     #[test]
