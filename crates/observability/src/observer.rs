@@ -113,6 +113,8 @@ impl SyncObserver for ProxyObserver {
         if let Ok(outcome) = r.result {
             m.rules_drift_total.inc_by(outcome.drift);
         }
+        // One walk of the state for every family (it runs after each sync).
+        let no_local = (!same_state).then(|| no_local_endpoints(r.state));
         for &family in &self.families {
             let label = [ip_family(family)];
             m.sync_proxy_rules_last_timestamp
@@ -124,10 +126,10 @@ impl SyncObserver for ProxyObserver {
                     .with_label_values(&label)
                     .observe(latency.as_secs_f64());
             }
-            if same_state {
-                continue; // the gauges already say it
-            }
-            let (internal, external) = no_local_endpoints(r.state, family);
+            let Some(no_local) = &no_local else {
+                continue; // the same state: the gauges already say it
+            };
+            let (internal, external) = no_local.of(family);
             m.no_local_endpoints_total
                 .with_label_values(&["internal", label[0]])
                 .set(internal as f64);
@@ -161,12 +163,26 @@ impl ProxyObserver {
     }
 }
 
-/// Service ports of `family` (a cluster IP of it) with a `Local` traffic policy that
-/// have endpoints of it, none of them on this node: (internal policy count, external
-/// policy count), as that family's upstream proxier counts them.
-fn no_local_endpoints(state: &ProxyState, family: IpFamily) -> (usize, usize) {
-    let mut internal = 0;
-    let mut external = 0;
+/// Per family, Service ports of the family (a cluster IP of it) with a `Local` traffic
+/// policy that have endpoints of it, none of them ready on this node: (internal policy
+/// count, external policy count), as that family's upstream proxier counts them.
+#[derive(Debug, Default)]
+struct NoLocalEndpoints {
+    v4: (usize, usize),
+    v6: (usize, usize),
+}
+
+impl NoLocalEndpoints {
+    fn of(&self, family: IpFamily) -> (usize, usize) {
+        match family {
+            IpFamily::V4 => self.v4,
+            IpFamily::V6 => self.v6,
+        }
+    }
+}
+
+fn no_local_endpoints(state: &ProxyState) -> NoLocalEndpoints {
+    let mut out = NoLocalEndpoints::default();
     for (name, port) in &state.services {
         // Policies first: this runs after every sync, and most ports are `Cluster`, so
         // their endpoints are not read at all.
@@ -176,23 +192,26 @@ fn no_local_endpoints(state: &ProxyState, family: IpFamily) -> (usize, usize) {
             || !port.load_balancer_ips.is_empty();
         let external_local =
             port.external_traffic_policy == TrafficPolicy::Local && externally_reachable;
-        if !(internal_local || external_local)
-            || !port.cluster_ips.iter().any(|ip| IpFamily::of(ip) == family)
-        {
+        if !(internal_local || external_local) {
             continue;
         }
-        let mut eps = state
-            .endpoints_of(name)
-            .iter()
-            .filter(|e| IpFamily::of(&e.ip) == family)
-            .peekable();
-        if eps.peek().is_none() || eps.any(|e| e.is_local && e.ready) {
-            continue;
+        let endpoints = state.endpoints_of(name);
+        for (family, counts) in [(IpFamily::V4, &mut out.v4), (IpFamily::V6, &mut out.v6)] {
+            if !port.cluster_ips.iter().any(|ip| IpFamily::of(ip) == family) {
+                continue;
+            }
+            let mut eps = endpoints
+                .iter()
+                .filter(|e| IpFamily::of(&e.ip) == family)
+                .peekable();
+            if eps.peek().is_none() || eps.any(|e| e.is_local && e.ready) {
+                continue;
+            }
+            counts.0 += usize::from(internal_local);
+            counts.1 += usize::from(external_local);
         }
-        internal += usize::from(internal_local);
-        external += usize::from(external_local);
     }
-    (internal, external)
+    out
 }
 
 #[cfg(test)]
@@ -354,8 +373,9 @@ mod tests {
             &[("fd00:244::9", true, true)],
             internal_local,
         );
-        assert_eq!(no_local_endpoints(&state, IpFamily::V4), (3, 2));
-        assert_eq!(no_local_endpoints(&state, IpFamily::V6), (1, 1));
+        let counted = no_local_endpoints(&state);
+        assert_eq!(counted.of(IpFamily::V4), (3, 2));
+        assert_eq!(counted.of(IpFamily::V6), (1, 1));
     }
 
     #[test]
