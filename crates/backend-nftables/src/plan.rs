@@ -299,11 +299,12 @@ struct PortDraft {
 impl PortDraft {
     /// The port as a plan keeps it; `None` when it has nothing in this family.
     fn pack(self, source: PortSource) -> Option<PortPlan> {
+        let cluster_ip = self.cluster_ip?;
         Some(PortPlan {
             source,
             destinations: self.destinations.into_boxed_slice(),
             endpoint_ips: self.endpoint_ips.into_boxed_slice(),
-            cluster_ip: self.cluster_ip?,
+            cluster_ip,
             chains: self.chains.into_boxed_slice(),
             slots: self.slots.into_boxed_slice(),
             classes: self.classes.into_boxed_slice(),
@@ -1136,13 +1137,15 @@ fn plan_port(
     plan_firewall(settings, port, &claimed_ips, node, &mut out);
 
     if selection.has_any && !out.destinations.is_empty() {
-        let used: BTreeSet<IpAddr> = selection
+        let mut used: Vec<IpAddr> = selection
             .cluster
             .iter()
             .chain(selection.local.iter())
             .map(|e| e.ip)
             .collect();
-        out.endpoint_ips = used.into_iter().collect();
+        used.sort_unstable();
+        used.dedup();
+        out.endpoint_ips = used;
     }
     out.elements.sort();
     out.elements.dedup();
